@@ -1,0 +1,42 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The pinned CPU torch lies on local disk (/opt/wheels); an unpinned torch would pull CUDA builds.
+TORCH_VERSION ?= 2.13.0
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install test lint format demo bench bench-quick clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(FIND_LINKS) "torch==$(TORCH_VERSION)"
+	$(PIP) install -q $(FIND_LINKS) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: install lint
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/krona demo
+
+bench: install
+	$(PY) benchmarks/adapter_ops.py --json benchmarks/results/adapter_ops.json
+
+bench-quick: install
+	$(PY) benchmarks/adapter_ops.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

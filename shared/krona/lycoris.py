@@ -1,0 +1,251 @@
+"""Conversion to and from the kohya/LyCORIS LoKr file layout that ComfyUI, A1111 and Forge load.
+
+A LoKr module in those files is ``lora_unet_<module path with '_' for '.'>`` with tensors
+``.lokr_w1`` and ``.lokr_w2`` (or low-rank halves ``.lokr_w1_a/_b``, ``.lokr_w2_a/_b``) and
+``.alpha``. The tools apply ΔW = kron(w1, w2) * scale, where scale = alpha / rank when a factor is
+low-rank and 1 when both factors are full. DiffuseKronA's A and B are exactly full w1 and w2, so
+the export is exact and the alpha value does not matter; it is still written because LyCORIS's own
+loader refuses a LoKr module without it.
+
+LyCORIS's library loader (``lycoris.kohya.create_network_from_weights``) does not read factor
+shapes from the file: it re-derives them from the layer size and a single "factor" it guesses from
+the tensors, and assumes w1 is the smaller factor. It therefore rebuilds square-ish factors such
+as A = 4x4 or 8x8 but not the paper's (64, 8). ``lycoris_can_rebuild`` predicts this (a port of
+its ``factorization`` rule, Apache-2.0), and ``to_lycoris`` warns when it cannot.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .model import KRONA_A_SUFFIX, KRONA_B_SUFFIX, group_factors
+
+__all__ = [
+    "LyCORISCompatibilityWarning",
+    "from_lycoris",
+    "kohya_name",
+    "lycoris_can_rebuild",
+    "lycoris_factorization",
+    "to_lycoris",
+]
+
+UNET_PREFIX = "lora_unet_"
+
+
+class LyCORISCompatibilityWarning(UserWarning):
+    """The exported file is exact for ComfyUI/A1111/Forge, but LyCORIS's own loader cannot rebuild it."""
+
+
+def kohya_name(module_path: str) -> str:
+    """``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``lora_unet_down_blocks_0_…_to_q``."""
+    return UNET_PREFIX + module_path.replace(".", "_")
+
+
+def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """LyCORIS's split of a dimension into (m, n), m <= n (port of lycoris.functional.factorization)."""
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (n, m) if m > n else (m, n)
+    if factor < 0:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+    return (n, m) if m > n else (m, n)
+
+
+def lycoris_can_rebuild(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
+    """Whether LyCORIS's kohya loader rebuilds a module with full w1 = A (a_shape) and w2 = B (b_shape).
+
+    Mirrors LokrModule.make_module_from_state_dict: it picks one ``factor`` and rebuilds
+    w1 = (factorization(d_out, factor)[0], factorization(d_in, factor)[0]); the copy succeeds only
+    if that equals A's shape.
+    """
+    (a1, a2), (b1, b2) = a_shape, b_shape
+    d_out, d_in = a1 * b1, a2 * b2
+    if a1 == lycoris_factorization(d_out)[0] and a2 == lycoris_factorization(d_in)[0]:
+        factor = -1
+    else:
+        group_out, group_in = (a1, b1), (a2, b2)
+        factor1, factor2 = max(a_shape), max(b_shape)
+        factor = min(factor1, factor2)
+        for f in (factor1, factor2):
+            if d_out % f == 0 and d_in % f == 0 and f in group_out and f in group_in:
+                factor = f
+                break
+    rebuilt = (lycoris_factorization(d_out, factor)[0], lycoris_factorization(d_in, factor)[0])
+    return rebuilt == (a1, a2)
+
+
+def to_lycoris(state_dict: Mapping[str, torch.Tensor], *, warn: bool = True) -> dict[str, torch.Tensor]:
+    """Native factors -> kohya/LyCORIS LoKr tensors (full ``lokr_w1`` = A, ``lokr_w2`` = B, ``alpha``).
+
+    ComfyUI, A1111 and Forge apply these at scale 1 for every factor shape. Warns with
+    LyCORISCompatibilityWarning when LyCORIS's own loader could not rebuild some layers.
+    """
+    out: dict[str, torch.Tensor] = {}
+    not_rebuildable: list[str] = []
+    for path, (a, b) in sorted(group_factors(state_dict).items()):
+        name = kohya_name(path)
+        out[name + ".lokr_w1"] = a.detach().clone().contiguous()
+        out[name + ".lokr_w2"] = b.detach().clone().contiguous()
+        # With both factors full every loader applies scale 1 whatever alpha says.
+        out[name + ".alpha"] = torch.tensor(1.0, dtype=torch.float32)
+        if not lycoris_can_rebuild(tuple(a.shape), tuple(b.shape)):
+            not_rebuildable.append(f"{path} (A {tuple(a.shape)}, B {tuple(b.shape)})")
+    if warn and not_rebuildable:
+        warnings.warn(
+            f"{len(not_rebuildable)} of {len(out) // 3} layers use factor shapes that LyCORIS's own loader "
+            f"(lycoris.kohya) cannot rebuild, e.g. {not_rebuildable[0]}; ComfyUI, A1111 and Forge load "
+            "the file exactly. For LyCORIS-library compatibility use square-ish A, e.g. a1 = a2 = 8.",
+            LyCORISCompatibilityWarning,
+            stacklevel=2,
+        )
+    return out
+
+
+# Names of diffusers UNet modules that contain '_' (so that '_'-joined kohya names can be split again).
+_COMPOUND_NAMES = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "transformer_blocks",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "proj_in",
+    "proj_out",
+    "time_emb_proj",
+    "conv_shortcut",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    "add_embedding",
+    "class_embedding",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+)
+_COMPOUND_TOKENS = sorted((tuple(n.split("_")) for n in _COMPOUND_NAMES), key=len, reverse=True)
+# The original Stable Diffusion (LDM/SGM) names that kohya uses for SDXL files: the attention of
+# input block i is down_blocks[(i-1)//3].attentions[(i-1)%3], the same rule for SD 1.x/2.x and SDXL.
+_LDM_INPUT = re.compile(r"^input_blocks_(\d+)_1_(.+)$")
+_LDM_MIDDLE = re.compile(r"^middle_block_1_(.+)$")
+_LDM_OUTPUT = re.compile(r"^output_blocks_(\d+)_1_(.+)$")
+
+
+def _split_diffusers_name(flat: str) -> str:
+    tokens = flat.split("_")
+    parts: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for compound in _COMPOUND_TOKENS:
+            if tuple(tokens[i : i + len(compound)]) == compound:
+                parts.append("_".join(compound))
+                i += len(compound)
+                break
+        else:
+            parts.append(tokens[i])
+            i += 1
+    return ".".join(parts)
+
+
+def _module_path_from_kohya(name: str, known_paths: Mapping[str, str] | None) -> str:
+    flat = name[len(UNET_PREFIX) :]
+    if known_paths is not None:
+        if flat not in known_paths:
+            raise ValueError(f"{name} names no linear layer of the given model")
+        return known_paths[flat]
+    for pattern, build in (
+        (_LDM_INPUT, lambda m: f"down_blocks_{(int(m[1]) - 1) // 3}_attentions_{(int(m[1]) - 1) % 3}_{m[2]}"),
+        (_LDM_MIDDLE, lambda m: f"mid_block_attentions_0_{m[1]}"),
+        (_LDM_OUTPUT, lambda m: f"up_blocks_{int(m[1]) // 3}_attentions_{int(m[1]) % 3}_{m[2]}"),
+    ):
+        match = pattern.match(flat)
+        if match:
+            flat = build(match)
+            break
+    else:
+        if flat.startswith(("input_blocks", "middle_block", "output_blocks")):
+            raise ValueError(f"{name}: only attention layers of LDM-named files are supported")
+    return _split_diffusers_name(flat)
+
+
+def from_lycoris(
+    state_dict: Mapping[str, torch.Tensor],
+    module_paths: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """kohya/LyCORIS LoKr tensors -> native factors (``<module path>.krona_a`` / ``.krona_b``).
+
+    Accepts full or low-rank factors (``lokr_w1_a @ lokr_w1_b``), with the alpha/rank scale folded
+    into B so that A ⊗ B equals what ComfyUI/A1111 apply at strength 1. Module names may be
+    diffusers-style (``lora_unet_down_blocks_0_…``) or original-SD style (``lora_unet_input_blocks_4_1_…``).
+    Pass ``module_paths`` (e.g. the names of ``unet.named_modules()``) to resolve names exactly.
+    Text-encoder modules, conv (Tucker) factors and DoRA scales are refused with a ValueError.
+    """
+    known = None if module_paths is None else {p.replace(".", "_"): p for p in module_paths}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        name, _, field = key.partition(".")
+        if not field:
+            raise ValueError(f"unexpected key {key!r} in a LoKr file")
+        modules.setdefault(name, {})[field] = tensor
+    out: dict[str, torch.Tensor] = {}
+    for name, fields in sorted(modules.items()):
+        if not name.startswith(UNET_PREFIX):
+            raise ValueError(
+                f"{name}: only UNet modules ({UNET_PREFIX}…) are supported, not text-encoder or other modules"
+            )
+        unsupported = set(fields) - {
+            "lokr_w1",
+            "lokr_w1_a",
+            "lokr_w1_b",
+            "lokr_w2",
+            "lokr_w2_a",
+            "lokr_w2_b",
+            "alpha",
+        }
+        if unsupported:
+            raise ValueError(f"{name}: unsupported LoKr tensors {sorted(unsupported)} (Tucker/DoRA/other algorithms)")
+        rank = None
+        if "lokr_w1" in fields:
+            w1 = fields["lokr_w1"].float()
+        elif {"lokr_w1_a", "lokr_w1_b"} <= set(fields):
+            w1 = fields["lokr_w1_a"].float() @ fields["lokr_w1_b"].float()
+            rank = fields["lokr_w1_b"].shape[0]
+        else:
+            raise ValueError(f"{name}: has neither lokr_w1 nor lokr_w1_a/lokr_w1_b (is it a LoKr module?)")
+        if "lokr_w2" in fields:
+            w2 = fields["lokr_w2"].float()
+        elif {"lokr_w2_a", "lokr_w2_b"} <= set(fields):
+            w2 = fields["lokr_w2_a"].float() @ fields["lokr_w2_b"].float()
+            rank = fields["lokr_w2_b"].shape[0]
+        else:
+            raise ValueError(f"{name}: has neither lokr_w2 nor lokr_w2_a/lokr_w2_b")
+        if w1.dim() != 2 or w2.dim() != 2:
+            raise ValueError(f"{name}: only linear (2-D) LoKr factors are supported, got {tuple(w2.shape)}")
+        scale = 1.0
+        if rank is not None and "alpha" in fields:
+            scale = float(fields["alpha"]) / rank
+        path = _module_path_from_kohya(name, known)
+        dtype = fields.get("lokr_w1", fields.get("lokr_w1_a")).dtype
+        out[path + KRONA_A_SUFFIX] = w1.to(dtype)
+        out[path + KRONA_B_SUFFIX] = (w2 * scale).to(dtype)
+    group_factors(out)  # same checks as a native file: pairs, 2-D, finite
+    return out

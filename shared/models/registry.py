@@ -1,0 +1,116 @@
+"""Base models by name: the built-in tiny models, a local diffusers folder, or a Hugging Face Hub id.
+
+`resolve_base_model` and `unet_config` import neither torch nor diffusers when the model is a folder
+(or an already built tiny model), so the gateway can validate adapter factor sizes against a base model
+without loading it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from shared.models.tiny import TINY_MODELS, ensure_tiny_model
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MODELS: tuple[str, ...] = TINY_MODELS
+
+# "org/name" as the Hub accepts it: word characters, "-" and "."; no leading "." or "-".
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]{0,95}/[A-Za-z0-9_][\w.-]{0,95}$")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and ".." not in name and "--" not in name and not name.endswith(".")
+
+
+def resolve_base_model(name_or_path: str | Path) -> str:
+    """A local folder path or Hub id that `DiffusionPipeline.from_pretrained` can load.
+
+    Built-in names (`tiny-sd`, `tiny-sdxl`) are built into the model cache on first use and resolve to
+    that folder; a folder with `model_index.json` resolves to itself; a Hub-style id (`org/name`) that is
+    not a local folder is returned unchanged (not looked up online). Anything else raises `ValueError`.
+    """
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return str(ensure_tiny_model(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return str(path)
+        raise ValueError(
+            f"base model folder {name!r} has no model_index.json; give a diffusers pipeline folder "
+            f"(saved with save_pretrained), a Hub id such as 'org/name', or one of the built-in models: "
+            f"{', '.join(BUILTIN_MODELS)}"
+        )
+    if path.exists():
+        raise ValueError(
+            f"base model {name!r} is a file (single-file checkpoints are not supported); give a diffusers "
+            f"pipeline folder, a Hub id such as 'org/name', or one of the built-in models: "
+            f"{', '.join(BUILTIN_MODELS)}"
+        )
+    if _looks_like_hub_id(name):
+        return name
+    raise ValueError(
+        f"unknown base model {name!r}: it is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
+        f"nor a local folder with model_index.json, nor a Hub id such as 'org/name'"
+    )
+
+
+def load_pipeline(name_or_path: str | Path, *, torch_dtype: Any = None, device: Any = None) -> Any:
+    """Load a base model as a diffusers pipeline through `DiffusionPipeline.from_pretrained`.
+
+    Hub ids go through the Hugging Face cache as usual (and stay offline when `HF_HUB_OFFLINE=1`).
+    `torch_dtype` (e.g. `torch.float16`) and `device` (e.g. `"cuda"`) are applied when given.
+    """
+    from diffusers import DiffusionPipeline
+
+    source = resolve_base_model(name_or_path)
+    if str(name_or_path) in BUILTIN_MODELS:
+        logger.warning("base model %s has random weights: generated images are noise", name_or_path)
+    kwargs = {} if torch_dtype is None else {_dtype_keyword(): torch_dtype}
+    pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
+    if device is not None:
+        pipeline = pipeline.to(device)
+    return pipeline
+
+
+def _dtype_keyword() -> str:
+    # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (huggingface/diffusers#14205) and warns
+    # on the old name; 0.42 is the first release known here to take `dtype`, older ones need `torch_dtype`.
+    from packaging.version import Version
+
+    return "dtype" if Version(metadata.version("diffusers")) >= Version("0.42") else "torch_dtype"
+
+
+def is_sdxl(pipe: Any) -> bool:
+    """Whether `pipe` (a pipeline, or a UNet config dict from `unet_config`) is SDXL-shaped.
+
+    SDXL's UNet is the one conditioned on pooled text and size ids ("text_time"); this also holds for
+    SDXL's img2img/inpainting pipelines and for fine-tunes saved under other class names.
+    """
+    config = pipe if isinstance(pipe, Mapping) else pipe.unet.config
+    return config.get("addition_embed_type") == "text_time"
+
+
+def unet_config(name_or_path: str | Path) -> dict[str, Any]:
+    """The base model's `unet/config.json` as a dict, read without loading any weights.
+
+    For a Hub id the file is fetched through `huggingface_hub` (and its cache).
+    """
+    source = resolve_base_model(name_or_path)
+    local = Path(source)
+    if local.is_dir():
+        config_path = local / "unet" / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"base model folder {source!r} has no unet/config.json")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        config_path = Path(hf_hub_download(source, "unet/config.json"))
+    return json.loads(config_path.read_text(encoding="utf-8"))
