@@ -70,7 +70,8 @@ def test_layer_output_and_gradients_match_oracle(d_out, d_in, a1, a2):
 
 
 def test_gradcheck_both_product_orders():
-    for a1, a2, b1, b2 in [(4, 2, 3, 5), (2, 5, 4, 2)]:
+    # B first with the dense A-step (b1 <= 8), B first with batched A-step (b1 > 8), and A first.
+    for a1, a2, b1, b2 in [(4, 2, 3, 5), (3, 2, 10, 6), (2, 5, 4, 2)]:
         a = torch.randn(a1, a2, dtype=torch.float64, requires_grad=True)
         b = torch.randn(b1, b2, dtype=torch.float64, requires_grad=True)
         x = torch.randn(3, a2 * b2, dtype=torch.float64, requires_grad=True)
