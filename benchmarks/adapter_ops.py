@@ -36,8 +36,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.krona import KronaLinear, kron_delta, kron_delta_macs  # noqa: E402
-from shared.krona.lycoris import lycoris_factorization  # noqa: E402
+from shared.krona import KronaLinear, kron_delta, kron_delta_macs
+from shared.krona.lycoris import lycoris_factorization
 
 # (label, tokens, d_in, d_out): SD 1.5 at 512 px has 4096 tokens at width 320, 1024 at 640; SDXL at
 # 1024 px has 4096 at 640 and 1024 at 1280. Cross-attention k/v read the 77 text tokens.

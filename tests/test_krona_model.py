@@ -20,30 +20,10 @@ from shared.krona import (
     set_adapter_scale,
     unmerge_adapter,
 )
+from shared.models import REFERENCE_UNET_CONFIGS
 
-SDXL_UNET = dict(
-    sample_size=128,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[320, 640, 1280],
-    layers_per_block=2,
-    transformer_layers_per_block=[1, 2, 10],
-    attention_head_dim=[5, 10, 20],
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-SD15_UNET = dict(
-    sample_size=64,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+SDXL_UNET = REFERENCE_UNET_CONFIGS["sdxl"]
+SD15_UNET = REFERENCE_UNET_CONFIGS["sd15"]
 
 
 def _unet_out(unet):

@@ -24,12 +24,19 @@ __all__ = [
     "merge_adapter",
     "set_active_adapters",
     "set_adapter_scale",
+    "short_name",
     "split_state_dict_key",
     "unmerge_adapter",
 ]
 
 KRONA_A_SUFFIX = ".krona_a"
 KRONA_B_SUFFIX = ".krona_b"
+
+
+def short_name(path: str) -> str:
+    """The name a target list uses for a module path: ``…attn1.to_q`` -> ``to_q``, ``…to_out.0`` -> ``to_out.0``."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def _matches(path: str, target: str) -> bool:
@@ -58,8 +65,7 @@ def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> di
             candidate = module
         else:
             continue
-        last = path.rsplit(".", 2)
-        linear_names.add(last[-1] if not last[-1].isdigit() or len(last) < 2 else ".".join(last[-2:]))
+        linear_names.add(short_name(path))
         for target in target_modules:
             if _matches(path, target):
                 found[path] = candidate

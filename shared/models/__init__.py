@@ -4,6 +4,7 @@ Importing this package is cheap: torch, diffusers and transformers are imported 
 that need them.
 """
 
+from shared.models.reference import REFERENCE_UNET_CONFIGS
 from shared.models.registry import BUILTIN_MODELS, is_sdxl, load_pipeline, resolve_base_model, unet_config
 from shared.models.tiny import (
     TINY_MODEL_CONFIGS,
@@ -16,6 +17,7 @@ from shared.models.tokenizer import build_clip_tokenizer, write_clip_tokenizer_f
 
 __all__ = [
     "BUILTIN_MODELS",
+    "REFERENCE_UNET_CONFIGS",
     "TINY_MODEL_CONFIGS",
     "build_clip_tokenizer",
     "build_tiny_pipeline",
