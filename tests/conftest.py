@@ -1,5 +1,8 @@
 """Shared fixtures: tiny models built from config with fixed seeds (never downloaded)."""
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +46,21 @@ def randomize_adapter(model, name: str = "default", seed: int = 0, std: float = 
             for factors in (layer.krona_a, layer.krona_b):
                 p = factors[name]
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One model cache for the session, so each tiny model is built once."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        from shared.models import tiny
+
+        patch.setenv(tiny.CACHE_ENV_VAR, str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(model_cache: Path) -> dict[str, Path]:
+    from shared.models import BUILTIN_MODELS, resolve_base_model
+
+    return {name: Path(resolve_base_model(name)) for name in BUILTIN_MODELS}

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,20 +32,6 @@ def _run_fresh_python(script: str) -> str:
         check=True,
     )
     return result.stdout
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One model cache for the session, so each tiny model is built once."""
-    cache = tmp_path_factory.mktemp("model-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(tiny.CACHE_ENV_VAR, str(cache))
-        yield cache
-
-
-@pytest.fixture(scope="session")
-def tiny_folders(model_cache: Path) -> dict[str, Path]:
-    return {name: Path(models.resolve_base_model(name)) for name in models.BUILTIN_MODELS}
 
 
 @pytest.fixture(scope="session")
