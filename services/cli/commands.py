@@ -129,3 +129,116 @@ def demo(args: argparse.Namespace) -> int:
     run_demo(Path(args.out), args.base)
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from workers.training import (
+        TrainingCanceled,
+        TrainingSpec,
+        check_factors_fit_base_model,
+        load_components,
+        load_subject_images,
+    )
+    from workers.training import (
+        train as run_training,
+    )
+
+    # Everything that can be wrong with the job is checked before the model is loaded.
+    spec = TrainingSpec(
+        instance_prompt=args.prompt,
+        steps=args.steps,
+        learning_rate=args.lr,
+        a1=args.a1,
+        a2=args.a2,
+        target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        gradient_accumulation=args.grad_accum,
+        seed=args.seed,
+        random_flip=args.flip,
+        prior_preservation=args.prior_preservation,
+        class_prompt=args.class_prompt,
+        num_class_images=args.num_class_images,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        use_8bit_adam=args.use_8bit_adam,
+        checkpoint_every=args.checkpoint_every,
+        validation_prompt=args.validation_prompt,
+        validation_every=args.validation_every,
+    )
+    images = load_subject_images(args.images)
+    n_params = check_factors_fit_base_model(spec, args.base)
+    print(f"{len(images)} images, KronA a1={spec.a1} a2={spec.a2}: {n_params:,} trainable parameters")
+    components = load_components(args.base, device=args.device, mixed_precision=spec.mixed_precision)
+    checkpoint_dir = args.resume or args.checkpoint_dir or f"{args.out}.checkpoints"
+    total = spec.resolved_steps(components.sdxl)
+    bar = tqdm(total=total, unit="step", desc="training", dynamic_ncols=True)
+
+    def on_progress(p) -> None:
+        bar.n = p.step
+        bar.set_postfix(loss=f"{p.loss:.4f}", lr=f"{p.learning_rate:g}", eta=f"{p.eta_seconds:.0f}s")
+        bar.refresh()
+
+    try:
+        result = run_training(
+            spec,
+            components,
+            images,
+            args.out,
+            checkpoint_dir=checkpoint_dir,
+            resume=bool(args.resume),
+            validation_dir=args.validation_dir,
+            on_progress=on_progress,
+        )
+    except TrainingCanceled as exc:
+        bar.close()
+        print(f"canceled at step {exc.step}; checkpoint {exc.checkpoint}")
+        return 1
+    bar.close()
+    if result.resumed_from_step:
+        print(f"resumed from step {result.resumed_from_step}")
+    last = result.losses[-1] if result.losses else float("nan")
+    print(f"wrote {result.adapter_path} after {result.steps} steps in {result.seconds:.1f} s (last loss {last:.4f})")
+    for image in result.validation_images:
+        print(f"validation image {image}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from shared.krona import load_into_pipeline
+    from shared.models import load_pipeline
+
+    if not 0 <= args.scale <= 2:
+        raise ValueError(f"--scale must be between 0 and 2, got {args.scale}")
+    if not 1 <= args.num_images <= 8:
+        raise ValueError(f"--num-images must be between 1 and 8, got {args.num_images}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(args.base, device=device)
+    if args.adapter:
+        layers = load_into_pipeline(pipe, args.adapter, scale=args.scale)
+        print(f"adapter {args.adapter}: {len(layers)} layers at scale {args.scale}")
+    generator = torch.Generator().manual_seed(args.seed)
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.num_images,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        width=args.width,
+        height=args.height,
+        generator=generator,
+        output_type="np",
+    ).images
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}")
+        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        print(f"wrote {path} ({image.shape[1]}x{image.shape[0]})")
+    return 0

@@ -50,8 +50,13 @@ _DENSE_A_STEP_MAX_B1 = 8
 
 
 def _a_kron_eye(a: torch.Tensor, b1: int) -> torch.Tensor:
-    """A ⊗ I_b1, (a1*b1) x (a2*b1): applying it to z.view(n, a2*b1) is the A-step of the B-first order."""
-    return torch.kron(a, torch.eye(b1, dtype=a.dtype, device=a.device))
+    """A ⊗ I_b1, (a1*b1) x (a2*b1): applying it to z.view(n, a2*b1) is the A-step of the B-first order.
+
+    One broadcast multiply; ``torch.kron`` does the same with more dispatch overhead.
+    """
+    a1, a2 = a.shape
+    eye = torch.eye(b1, dtype=a.dtype, device=a.device)
+    return (a[:, None, :, None] * eye[None, :, None, :]).reshape(a1 * b1, a2 * b1)
 
 
 def _contract_tokens(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -84,25 +89,27 @@ class _KronDeltaBFirst(torch.autograd.Function):
         z = (x3.reshape(n * a2, b2) @ b.t()).view(n, a2, b1)
         if b1 <= _DENSE_A_STEP_MAX_B1:
             # (A ⊗ I_b1) as one dense GEMM: more multiply-adds, but far faster than n tiny GEMMs.
-            y = (z.view(n, a2 * b1) @ _a_kron_eye(a, b1).t()).view(n, a1, b1)
+            k = _a_kron_eye(a, b1)
+            y = (z.view(n, a2 * b1) @ k.t()).view(n, a1, b1)
         else:
+            k = None
             y = _left_multiply(a, z)  # (a1, a2) @ (n, a2, b1) -> (n, a1, b1)
         # Z is kept for A's gradient: a2*b1 values per token, 1/8 of the input at the paper's
         # factors on a square layer, and recomputing it costs ~10% of the step.
-        ctx.save_for_backward(x3, a, b, z)
+        ctx.save_for_backward(x3, a, b, z, k)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x3, a, b, z = ctx.saved_tensors
+        x3, a, b, z, k = ctx.saved_tensors
         n, a2, b2 = x3.shape
         b1 = b.shape[0]
         a1 = a.shape[0]
         grad_y = grad_y.contiguous()
         grad_x = grad_a = grad_b = None
-        dense = b1 <= _DENSE_A_STEP_MAX_B1
+        dense = k is not None
         if dense:
-            grad_z = (grad_y.view(n, a1 * b1) @ _a_kron_eye(a, b1)).view(n, a2, b1)
+            grad_z = (grad_y.view(n, a1 * b1) @ k).view(n, a2, b1)
         else:
             grad_z = _left_multiply(a.t(), grad_y)  # (n, a2, b1)
         if ctx.needs_input_grad[1]:
