@@ -69,13 +69,14 @@ def test_layer_output_and_gradients_match_oracle(d_out, d_in, a1, a2):
         assert ((ours - ref).norm() / ref.norm()).item() < 1e-10
 
 
-def test_gradcheck_both_product_orders():
+@pytest.mark.parametrize("keep", [True, False])
+def test_gradcheck_both_product_orders(keep):
     # B first with the dense A-step (b1 <= 8), B first with batched A-step (b1 > 8), and A first.
     for a1, a2, b1, b2 in [(4, 2, 3, 5), (3, 2, 10, 6), (2, 5, 4, 2)]:
         a = torch.randn(a1, a2, dtype=torch.float64, requires_grad=True)
         b = torch.randn(b1, b2, dtype=torch.float64, requires_grad=True)
         x = torch.randn(3, a2 * b2, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(kron_delta, (x, a, b))
+        assert torch.autograd.gradcheck(lambda x, a, b: kron_delta(x, a, b, keep_intermediate=keep), (x, a, b))
 
 
 def test_cheaper_order_is_chosen_and_paper_count_holds():
@@ -137,3 +138,33 @@ def test_config_validation_messages():
     assert KronaConfig.from_metadata(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown adapter config fields"):
         KronaConfig.from_metadata({"a1": 4, "rank": 3})
+
+
+def test_bf16_autocast_forward_and_backward_reach_float32_factors():
+    torch.manual_seed(0)
+    layer = KronaLinear(nn.Linear(128, 256))
+    layer.add_adapter("default", (64, 8), dtype=torch.float32)
+    with torch.no_grad():
+        layer.krona_b["default"].normal_(0, 0.1)
+    x = torch.randn(3, 10, 128)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    for factor in (layer.krona_a["default"], layer.krona_b["default"]):
+        assert factor.grad is not None and factor.grad.dtype == torch.float32
+        assert torch.isfinite(factor.grad).all() and factor.grad.abs().sum() > 0
+
+
+def test_config_and_keys_import_without_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from shared.krona.config import KronaConfig; from shared.krona.keys import module_path_from_kohya;"
+        "import shared.krona; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -179,3 +179,32 @@ def test_count_on_a_module_equals_real_injection(tiny_unet):
     inject_adapter(tiny_unet, cfg)
     real = sum(p.numel() for n, p in tiny_unet.named_parameters() if "krona_" in n)
     assert real == expected
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21", "sdxl"])
+def test_config_derived_shapes_match_the_real_unet(name):
+    from shared.models.shapes import attention_projection_shapes
+
+    config = REFERENCE_UNET_CONFIGS[name]
+    unet = meta_unet(config)
+    real = {
+        p: (m.out_features, m.in_features)
+        for p, m in unet.named_modules()
+        if isinstance(m, nn.Linear) and p.endswith(("to_q", "to_k", "to_v", "to_out.0"))
+    }
+    assert attention_projection_shapes(config) == real
+
+
+def test_config_derived_shapes_match_the_tiny_models(tiny_folders):
+    from shared.models import unet_config
+    from shared.models.shapes import attention_projection_shapes
+
+    for folder in tiny_folders.values():
+        config = unet_config(str(folder))
+        unet = meta_unet(config)
+        real = {
+            p: (m.out_features, m.in_features)
+            for p, m in unet.named_modules()
+            if isinstance(m, nn.Linear) and p.endswith(("to_q", "to_k", "to_v", "to_out.0"))
+        }
+        assert attention_projection_shapes(config) == real

@@ -79,7 +79,8 @@ def export(args: argparse.Namespace) -> int:
 def import_lycoris(args: argparse.Namespace) -> int:
     from shared.krona import KronaConfig, from_lycoris, save_adapter
     from shared.krona.io import read_safetensors
-    from shared.krona.model import group_factors, short_name
+    from shared.krona.keys import short_name
+    from shared.krona.model import group_factors
 
     tensors, _ = read_safetensors(args.file)
     state_dict = from_lycoris(tensors)
@@ -163,6 +164,7 @@ def train(args: argparse.Namespace) -> int:
         num_class_images=args.num_class_images,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        keep_intermediate=args.keep_intermediate,
         use_8bit_adam=args.use_8bit_adam,
         checkpoint_every=args.checkpoint_every,
         validation_prompt=args.validation_prompt,

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-class-images", type=int, default=50)
     train.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument(
+        "--keep-intermediate",
+        action="store_true",
+        help="keep X@B.T for backward: slightly faster, ~2%% more activation memory than LoRA r4",
+    )
     train.add_argument("--8bit-adam", dest="use_8bit_adam", action="store_true", help="needs bitsandbytes")
     train.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: never)")
     train.add_argument("--checkpoint-dir", help="where checkpoints go (default: <out>.checkpoints)")

@@ -119,6 +119,24 @@ def check_divides(a1: int, a2: int, d_out: int, d_in: int, module_path: str) -> 
         )
 
 
+def check_factors_fit_shapes(shapes: Mapping[str, tuple[int, int]], config: KronaConfig) -> None:
+    """ValueError naming the first layer (path -> (d_out, d_in)) that a1 or a2 does not divide, with the valid values.
+
+    Torch-free: the gateway checks requests against shapes read from the base model's UNet config.
+    """
+    for index, (name, value) in enumerate((("a1", config.a1), ("a2", config.a2))):
+        label = ("d_out", "d_in")[index]
+        bad = [(path, dims[index]) for path, dims in shapes.items() if dims[index] % value]
+        if bad:
+            path, dim = bad[0]
+            others = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+            valid = common_divisors(dims[index] for dims in shapes.values())
+            raise ValueError(
+                f"{name}={value} does not divide {label}={dim} of {path}{others}; "
+                f"{name} values that divide every targeted layer: {', '.join(map(str, valid))}"
+            )
+
+
 def common_divisors(values: Iterable[int]) -> list[int]:
     """Divisors shared by all values (what a1 or a2 may be for a whole model)."""
     g = 0

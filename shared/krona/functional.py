@@ -81,35 +81,38 @@ class _KronDeltaBFirst(torch.autograd.Function):
     """Y = A @ (X @ B.T) per token; X (n, a2, b2) -> Y (n, a1, b1)."""
 
     @staticmethod
-    def forward(ctx, x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep_z: bool) -> torch.Tensor:
         n, a2, b2 = x3.shape
         b1 = b.shape[0]
         a1 = a.shape[0]
         # One GEMM over all n*a2 rows: (n*a2, b2) @ (b2, b1).
         z = (x3.reshape(n * a2, b2) @ b.t()).view(n, a2, b1)
-        if b1 <= _DENSE_A_STEP_MAX_B1:
+        ctx.dense = b1 <= _DENSE_A_STEP_MAX_B1
+        if ctx.dense:
             # (A ⊗ I_b1) as one dense GEMM: more multiply-adds, but far faster than n tiny GEMMs.
-            k = _a_kron_eye(a, b1)
-            y = (z.view(n, a2 * b1) @ k.t()).view(n, a1, b1)
+            # It is rebuilt in backward (microseconds) rather than kept.
+            y = (z.view(n, a2 * b1) @ _a_kron_eye(a, b1).t()).view(n, a1, b1)
         else:
-            k = None
             y = _left_multiply(a, z)  # (a1, a2) @ (n, a2, b1) -> (n, a1, b1)
-        # Z is kept for A's gradient: a2*b1 values per token, 1/8 of the input at the paper's
-        # factors on a square layer, and recomputing it costs ~10% of the step.
-        ctx.save_for_backward(x3, a, b, z, k)
+        # Z (a2*b1 values per token, 1/8 of the input at the paper's factors on a square layer) is
+        # needed for A's gradient: kept, or recomputed in backward (one extra GEMM) so that the
+        # adapter keeps nothing of its own for backward.
+        ctx.save_for_backward(x3, a, b, z if keep_z else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x3, a, b, z, k = ctx.saved_tensors
+        x3, a, b, z = ctx.saved_tensors
         n, a2, b2 = x3.shape
         b1 = b.shape[0]
         a1 = a.shape[0]
+        if z is None and ctx.needs_input_grad[1]:
+            z = (x3.reshape(n * a2, b2) @ b.t()).view(n, a2, b1)
         grad_y = grad_y.contiguous()
         grad_x = grad_a = grad_b = None
-        dense = k is not None
+        dense = ctx.dense
         if dense:
-            grad_z = (grad_y.view(n, a1 * b1) @ k).view(n, a2, b1)
+            grad_z = (grad_y.view(n, a1 * b1) @ _a_kron_eye(a, b1)).view(n, a2, b1)
         else:
             grad_z = _left_multiply(a.t(), grad_y)  # (n, a2, b1)
         if ctx.needs_input_grad[1]:
@@ -123,14 +126,14 @@ class _KronDeltaBFirst(torch.autograd.Function):
             grad_x = (grad_z.view(n * a2, b1) @ b).view(n, a2, b2)
         if ctx.needs_input_grad[2]:
             grad_b = grad_z.view(n * a2, b1).t() @ x3.reshape(n * a2, b2)  # (b1, b2)
-        return grad_x, grad_a, grad_b
+        return grad_x, grad_a, grad_b, None
 
 
 class _KronDeltaAFirst(torch.autograd.Function):
     """Y = (A @ X) @ B.T per token; X (n, a2, b2) -> Y (n, a1, b1)."""
 
     @staticmethod
-    def forward(ctx, x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x3: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep_z: bool) -> torch.Tensor:
         n = x3.shape[0]
         a1 = a.shape[0]
         b1, b2 = b.shape
@@ -156,14 +159,16 @@ class _KronDeltaAFirst(torch.autograd.Function):
             grad_a = _contract_tokens(grad_t, x3)  # (a1, a2)
         if ctx.needs_input_grad[0]:
             grad_x = _left_multiply(a.t(), grad_t)  # (n, a2, b2)
-        return grad_x, grad_a, grad_b
+        return grad_x, grad_a, grad_b, None
 
 
-def kron_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def kron_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, keep_intermediate: bool = True) -> torch.Tensor:
     """(A ⊗ B) applied to the last dimension of x, without building A ⊗ B.
 
     x: (..., a2*b2); a: (a1, a2); b: (b1, b2) -> (..., a1*b1).
     Equals ``x @ torch.kron(a, b).T`` (the tests check this in float64).
+    ``keep_intermediate=False`` recomputes X @ B.T in backward instead of keeping it: one more
+    GEMM, and the adapter then keeps less for backward than LoRA rank 4 does.
     """
     a1, a2 = a.shape
     b1, b2 = b.shape
@@ -172,5 +177,5 @@ def kron_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     lead = x.shape[:-1]
     x3 = x.reshape(-1, a2, b2)
     fn = _KronDeltaBFirst if kron_first_factor((a1, a2), (b1, b2)) else _KronDeltaAFirst
-    y = fn.apply(x3, a, b)
+    y = fn.apply(x3, a, b, keep_intermediate)
     return y.reshape(*lead, a1 * b1)

@@ -34,6 +34,8 @@ class KronaLinear(nn.Module):
         self.active_adapters: list[str] = []
         # name -> the scale it was merged with, so that unmerge subtracts exactly what merge added.
         self.merged_adapters: dict[str, float] = {}
+        # False: recompute X @ B.T in backward (less activation memory, one more GEMM); see kron_delta.
+        self.keep_intermediate = True
 
     @property
     def in_features(self) -> int:
@@ -128,6 +130,8 @@ class KronaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue  # already inside the base weight
@@ -136,7 +140,11 @@ class KronaLinear(nn.Module):
                 continue
             a = self.krona_a[name]
             b = self.krona_b[name]
-            delta = kron_delta(x.to(a.dtype), a, b)
+            # Under autocast the update runs in the autocast dtype, with autocast off inside so that
+            # the hand-written backward sees one dtype; gradients still reach float32 factors.
+            dtype = torch.get_autocast_dtype(device_type) if autocast else a.dtype
+            with torch.autocast(device_type, enabled=False):
+                delta = kron_delta(x.to(dtype), a.to(dtype), b.to(dtype), keep_intermediate=self.keep_intermediate)
             out = out + (delta * scale).to(out.dtype)
         return out
 

@@ -16,33 +16,25 @@ its ``factorization`` rule, Apache-2.0), and ``to_lycoris`` warns when it cannot
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 
-from .model import KRONA_A_SUFFIX, KRONA_B_SUFFIX, group_factors
+from .keys import KRONA_A_SUFFIX, KRONA_B_SUFFIX, UNET_PREFIX, kohya_name, module_path_from_kohya
+from .model import group_factors
 
 __all__ = [
     "LyCORISCompatibilityWarning",
     "from_lycoris",
-    "kohya_name",
     "lycoris_can_rebuild",
     "lycoris_factorization",
     "to_lycoris",
 ]
 
-UNET_PREFIX = "lora_unet_"
-
 
 class LyCORISCompatibilityWarning(UserWarning):
     """The exported file is exact for ComfyUI/A1111/Forge, but LyCORIS's own loader cannot rebuild it."""
-
-
-def kohya_name(module_path: str) -> str:
-    """``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``lora_unet_down_blocks_0_…_to_q``."""
-    return UNET_PREFIX + module_path.replace(".", "_")
 
 
 def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -115,78 +107,6 @@ def to_lycoris(state_dict: Mapping[str, torch.Tensor], *, warn: bool = True) -> 
     return out
 
 
-# Names of diffusers UNet modules that contain '_' (so that '_'-joined kohya names can be split again).
-_COMPOUND_NAMES = (
-    "down_blocks",
-    "up_blocks",
-    "mid_block",
-    "transformer_blocks",
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "proj_in",
-    "proj_out",
-    "time_emb_proj",
-    "conv_shortcut",
-    "time_embedding",
-    "linear_1",
-    "linear_2",
-    "add_embedding",
-    "class_embedding",
-    "conv_in",
-    "conv_out",
-    "conv_norm_out",
-)
-_COMPOUND_TOKENS = sorted((tuple(n.split("_")) for n in _COMPOUND_NAMES), key=len, reverse=True)
-# The original Stable Diffusion (LDM/SGM) names that kohya uses for SDXL files: the attention of
-# input block i is down_blocks[(i-1)//3].attentions[(i-1)%3], the same rule for SD 1.x/2.x and SDXL.
-_LDM_INPUT = re.compile(r"^input_blocks_(\d+)_1_(.+)$")
-_LDM_MIDDLE = re.compile(r"^middle_block_1_(.+)$")
-_LDM_OUTPUT = re.compile(r"^output_blocks_(\d+)_1_(.+)$")
-
-
-def _split_diffusers_name(flat: str) -> str:
-    tokens = flat.split("_")
-    parts: list[str] = []
-    i = 0
-    while i < len(tokens):
-        for compound in _COMPOUND_TOKENS:
-            if tuple(tokens[i : i + len(compound)]) == compound:
-                parts.append("_".join(compound))
-                i += len(compound)
-                break
-        else:
-            parts.append(tokens[i])
-            i += 1
-    return ".".join(parts)
-
-
-def _module_path_from_kohya(name: str, known_paths: Mapping[str, str] | None) -> str:
-    flat = name[len(UNET_PREFIX) :]
-    if known_paths is not None:
-        if flat not in known_paths:
-            raise ValueError(f"{name} names no linear layer of the given model")
-        return known_paths[flat]
-    for pattern, build in (
-        (_LDM_INPUT, lambda m: f"down_blocks_{(int(m[1]) - 1) // 3}_attentions_{(int(m[1]) - 1) % 3}_{m[2]}"),
-        (_LDM_MIDDLE, lambda m: f"mid_block_attentions_0_{m[1]}"),
-        (_LDM_OUTPUT, lambda m: f"up_blocks_{int(m[1]) // 3}_attentions_{int(m[1]) % 3}_{m[2]}"),
-    ):
-        match = pattern.match(flat)
-        if match:
-            flat = build(match)
-            break
-    else:
-        if flat.startswith(("input_blocks", "middle_block", "output_blocks")):
-            raise ValueError(f"{name}: only attention layers of LDM-named files are supported")
-    return _split_diffusers_name(flat)
-
-
 def from_lycoris(
     state_dict: Mapping[str, torch.Tensor],
     module_paths: Iterable[str] | None = None,
@@ -243,7 +163,7 @@ def from_lycoris(
         scale = 1.0
         if rank is not None and "alpha" in fields:
             scale = float(fields["alpha"]) / rank
-        path = _module_path_from_kohya(name, known)
+        path = module_path_from_kohya(name, known)
         dtype = fields.get("lokr_w1", fields.get("lokr_w1_a")).dtype
         out[path + KRONA_A_SUFFIX] = w1.to(dtype)
         out[path + KRONA_B_SUFFIX] = (w2 * scale).to(dtype)

@@ -8,12 +8,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .config import KronaConfig, common_divisors
+from .config import KronaConfig, check_factors_fit_shapes
+from .keys import KRONA_A_SUFFIX, KRONA_B_SUFFIX, short_name, split_state_dict_key
 from .layer import KronaLinear
 
 __all__ = [
-    "KRONA_A_SUFFIX",
-    "KRONA_B_SUFFIX",
     "adapter_state_dict",
     "check_factors_fit",
     "delete_adapter",
@@ -24,19 +23,9 @@ __all__ = [
     "merge_adapter",
     "set_active_adapters",
     "set_adapter_scale",
-    "short_name",
-    "split_state_dict_key",
+    "set_keep_intermediate",
     "unmerge_adapter",
 ]
-
-KRONA_A_SUFFIX = ".krona_a"
-KRONA_B_SUFFIX = ".krona_b"
-
-
-def short_name(path: str) -> str:
-    """The name a target list uses for a module path: ``…attn1.to_q`` -> ``to_q``, ``…to_out.0`` -> ``to_out.0``."""
-    parts = path.split(".")
-    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
 
 
 def _matches(path: str, target: str) -> bool:
@@ -86,24 +75,8 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def check_factors_fit(layers: Mapping[str, nn.Module], config: KronaConfig) -> None:
-    bad_out = [(p, m.out_features) for p, m in layers.items() if m.out_features % config.a1]
-    if bad_out:
-        path, d_out = bad_out[0]
-        others = f" (and {len(bad_out) - 1} more layers)" if len(bad_out) > 1 else ""
-        valid = common_divisors(m.out_features for m in layers.values())
-        raise ValueError(
-            f"a1={config.a1} does not divide d_out={d_out} of {path}{others}; "
-            f"a1 values that divide every targeted layer: {', '.join(map(str, valid))}"
-        )
-    bad_in = [(p, m.in_features) for p, m in layers.items() if m.in_features % config.a2]
-    if bad_in:
-        path, d_in = bad_in[0]
-        others = f" (and {len(bad_in) - 1} more layers)" if len(bad_in) > 1 else ""
-        valid = common_divisors(m.in_features for m in layers.values())
-        raise ValueError(
-            f"a2={config.a2} does not divide d_in={d_in} of {path}{others}; "
-            f"a2 values that divide every targeted layer: {', '.join(map(str, valid))}"
-        )
+    """ValueError naming the first layer a1/a2 does not divide, and the values that divide every layer."""
+    check_factors_fit_shapes({p: (m.out_features, m.in_features) for p, m in layers.items()}, config)
 
 
 def inject_adapter(
@@ -161,14 +134,6 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         state[path + KRONA_A_SUFFIX] = layer.krona_a[name].detach().clone()
         state[path + KRONA_B_SUFFIX] = layer.krona_b[name].detach().clone()
     return state
-
-
-def split_state_dict_key(key: str) -> tuple[str, str]:
-    """``"a.b.to_q.krona_a"`` -> ``("a.b.to_q", "krona_a")``; ValueError for any other suffix."""
-    for suffix in (KRONA_A_SUFFIX, KRONA_B_SUFFIX):
-        if key.endswith(suffix):
-            return key[: -len(suffix)], suffix[1:]
-    raise ValueError(f"unexpected key {key!r}: adapter keys end in {KRONA_A_SUFFIX} or {KRONA_B_SUFFIX}")
 
 
 def group_factors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -266,6 +231,12 @@ def set_adapter_scale(model: nn.Module, scale: float, name: str = "default") -> 
         if name in layer.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged on {path}; unmerge it before changing its scale")
         layer.scales[name] = float(scale)
+
+
+def set_keep_intermediate(model: nn.Module, keep: bool) -> None:
+    """Trade speed for memory in training: False recomputes X @ B.T in backward on every wrapped layer."""
+    for layer in krona_layers(model).values():
+        layer.keep_intermediate = bool(keep)
 
 
 def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:

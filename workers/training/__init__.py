@@ -6,8 +6,10 @@ checkpoints and validation images. `check_factors_fit_base_model` validates a jo
 model's UNet config (no weights) before anything heavy starts.
 """
 
+from shared.images import ImageLimits, SubjectImage, decode_image, list_image_files, load_subject_images
+
 from .components import Components, encode_prompt, load_components, native_resolution
-from .data import ImageLimits, SubjectImage, decode_image, list_image_files, load_subject_images, to_training_tensor
+from .data import to_training_tensor
 from .spec import TrainingSpec
 from .trainer import (
     PreparedData,

@@ -25,6 +25,8 @@ class TrainingSpec:
     resolution: training image size (square, center-cropped); ``None`` means the UNet's native size.
     prior_preservation: add a class-prior loss on images the base model generates for ``class_prompt``.
     mixed_precision: "no" (float32), "fp16" or "bf16" autocast for the frozen model; factors stay float32.
+    keep_intermediate: keep X @ B.T of every adapted layer for backward instead of recomputing it:
+        slightly faster steps, but ~2% more activation memory than LoRA rank 4 (off: at or below LoRA's).
     checkpoint_every: save factors, optimizer and RNG state every N steps (0: only at the end).
     validation_every: also render validation images every N steps (0: only at the end).
     """
@@ -52,6 +54,7 @@ class TrainingSpec:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    keep_intermediate: bool = False
     checkpoint_every: int = 0
     validation_prompt: str | None = None
     validation_every: int = 0

@@ -30,16 +30,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from shared.images import SubjectImage
 from shared.krona import (
     adapter_state_dict,
     inject_adapter,
     krona_layers,
     load_adapter_state_dict,
     save_adapter,
+    set_keep_intermediate,
 )
 
-from .components import Components, encode_prompt, native_resolution
-from .data import SubjectImage, to_training_tensor
+from .components import Components, encode_prompt, native_resolution, weight_dtype_for
+from .data import to_training_tensor
 from .spec import TrainingSpec
 
 __all__ = [
@@ -244,6 +246,7 @@ def build_adapter(components: Components, spec: TrainingSpec) -> list[torch.nn.P
     unet.requires_grad_(False)
     generator = torch.Generator().manual_seed(spec.seed)
     inject_adapter(unet, spec.krona_config(), ADAPTER_NAME, dtype=torch.float32, generator=generator)
+    set_keep_intermediate(unet, spec.keep_intermediate)
     params = []
     for _, layer in sorted(krona_layers(unet).items()):
         for factor in (layer.krona_a[ADAPTER_NAME], layer.krona_b[ADAPTER_NAME]):
@@ -488,6 +491,11 @@ def train(
     asked between steps; on True a checkpoint is written and TrainingCanceled raised.
     """
     start = time.perf_counter()
+    if components.weight_dtype != weight_dtype_for(spec.mixed_precision):
+        raise ValueError(
+            f"components were loaded in {components.weight_dtype} but mixed_precision={spec.mixed_precision!r}; "
+            "pass mixed_precision to load_components too"
+        )
     total_steps = spec.resolved_steps(components.sdxl)
     class_images = generate_class_images(components, spec) if spec.prior_preservation else None
     data = prepare_data(components, images, spec, class_images=class_images)

@@ -1,0 +1,36 @@
+"""Database: SQLAlchemy 2 models and sessions. One schema for PostgreSQL and SQLite, migrated by Alembic."""
+
+from .models import (
+    ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
+    Adapter,
+    ApiKey,
+    Base,
+    Batch,
+    Generation,
+    IdempotencyKey,
+    Tenant,
+    Training,
+    new_id,
+    utcnow,
+)
+from .session import DatabaseNotMigrated, check_migrated, make_engine, make_session_factory
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "TERMINAL_STATUSES",
+    "Adapter",
+    "ApiKey",
+    "Base",
+    "Batch",
+    "DatabaseNotMigrated",
+    "Generation",
+    "IdempotencyKey",
+    "Tenant",
+    "Training",
+    "check_migrated",
+    "make_engine",
+    "make_session_factory",
+    "new_id",
+    "utcnow",
+]

@@ -1,0 +1,112 @@
+"""Key and module-path conventions, torch-free (the gateway validates uploaded files with them)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+__all__ = [
+    "KRONA_A_SUFFIX",
+    "KRONA_B_SUFFIX",
+    "UNET_PREFIX",
+    "kohya_name",
+    "module_path_from_kohya",
+    "short_name",
+    "split_state_dict_key",
+]
+
+KRONA_A_SUFFIX = ".krona_a"
+KRONA_B_SUFFIX = ".krona_b"
+UNET_PREFIX = "lora_unet_"
+
+
+def short_name(path: str) -> str:
+    """The name a target list uses for a module path: ``…attn1.to_q`` -> ``to_q``, ``…to_out.0`` -> ``to_out.0``."""
+    parts = path.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def split_state_dict_key(key: str) -> tuple[str, str]:
+    """``"a.b.to_q.krona_a"`` -> ``("a.b.to_q", "krona_a")``; ValueError for any other suffix."""
+    for suffix in (KRONA_A_SUFFIX, KRONA_B_SUFFIX):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix[1:]
+    raise ValueError(f"unexpected key {key!r}: adapter keys end in {KRONA_A_SUFFIX} or {KRONA_B_SUFFIX}")
+
+
+def kohya_name(module_path: str) -> str:
+    """``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` -> ``lora_unet_down_blocks_0_…_to_q``."""
+    return UNET_PREFIX + module_path.replace(".", "_")
+
+
+# Names of diffusers UNet modules that contain '_' (so that '_'-joined kohya names can be split again).
+_COMPOUND_NAMES = (
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "transformer_blocks",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "proj_in",
+    "proj_out",
+    "time_emb_proj",
+    "conv_shortcut",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    "add_embedding",
+    "class_embedding",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+)
+_COMPOUND_TOKENS = sorted((tuple(n.split("_")) for n in _COMPOUND_NAMES), key=len, reverse=True)
+# The original Stable Diffusion (LDM/SGM) names that kohya uses for SDXL files: the attention of
+# input block i is down_blocks[(i-1)//3].attentions[(i-1)%3], the same rule for SD 1.x/2.x and SDXL.
+_LDM_INPUT = re.compile(r"^input_blocks_(\d+)_1_(.+)$")
+_LDM_MIDDLE = re.compile(r"^middle_block_1_(.+)$")
+_LDM_OUTPUT = re.compile(r"^output_blocks_(\d+)_1_(.+)$")
+
+
+def _split_diffusers_name(flat: str) -> str:
+    tokens = flat.split("_")
+    parts: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for compound in _COMPOUND_TOKENS:
+            if tuple(tokens[i : i + len(compound)]) == compound:
+                parts.append("_".join(compound))
+                i += len(compound)
+                break
+        else:
+            parts.append(tokens[i])
+            i += 1
+    return ".".join(parts)
+
+
+def module_path_from_kohya(name: str, known_paths: Mapping[str, str] | None = None) -> str:
+    """``lora_unet_down_blocks_0_…_to_q`` (diffusers or original-SD naming) -> the diffusers module path."""
+    flat = name[len(UNET_PREFIX) :]
+    if known_paths is not None:
+        if flat not in known_paths:
+            raise ValueError(f"{name} names no linear layer of the given model")
+        return known_paths[flat]
+    for pattern, build in (
+        (_LDM_INPUT, lambda m: f"down_blocks_{(int(m[1]) - 1) // 3}_attentions_{(int(m[1]) - 1) % 3}_{m[2]}"),
+        (_LDM_MIDDLE, lambda m: f"mid_block_attentions_0_{m[1]}"),
+        (_LDM_OUTPUT, lambda m: f"up_blocks_{int(m[1]) // 3}_attentions_{int(m[1]) % 3}_{m[2]}"),
+    ):
+        match = pattern.match(flat)
+        if match:
+            flat = build(match)
+            break
+    else:
+        if flat.startswith(("input_blocks", "middle_block", "output_blocks")):
+            raise ValueError(f"{name}: only attention layers of LDM-named files are supported")
+    return _split_diffusers_name(flat)

@@ -1,0 +1,73 @@
+"""The broker side both the gateway and the workers agree on: queue names, task names, the Celery app.
+
+The gateway only sends tasks by name (it never imports ``workers``, torch or diffusers); the workers
+register the tasks under these names. The database row is the source of truth: a message is only a
+wake-up call, so losing one costs latency (the reaper re-enqueues), never a job.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from shared.settings import Settings
+
+__all__ = [
+    "GENERATE_TASK",
+    "INFER_QUEUE",
+    "REAP_TASK",
+    "TRAIN_QUEUE",
+    "TRAIN_TASK",
+    "WEBHOOK_TASK",
+    "celery_app",
+    "make_celery",
+]
+
+TRAIN_QUEUE = "train"
+INFER_QUEUE = "infer"
+TRAIN_TASK = "krona.train"
+GENERATE_TASK = "krona.generate"
+WEBHOOK_TASK = "krona.webhook"
+REAP_TASK = "krona.reap"
+
+TASK_ROUTES = {
+    TRAIN_TASK: {"queue": TRAIN_QUEUE},
+    GENERATE_TASK: {"queue": INFER_QUEUE},
+    WEBHOOK_TASK: {"queue": INFER_QUEUE},
+    REAP_TASK: {"queue": INFER_QUEUE},
+}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app with the reliability policy of DESIGN.md."""
+    from celery import Celery
+
+    broker = settings.resolved_broker_url
+    app = Celery("krona", broker=broker)
+    transport_options = {}
+    if broker.startswith(("redis://", "rediss://")):
+        # Longer than the longest job, or Redis hands a running task to a second worker.
+        transport_options = {"visibility_timeout": settings.visibility_timeout_seconds}
+    app.conf.update(
+        task_routes=TASK_ROUTES,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+@lru_cache
+def celery_app() -> Celery:
+    from shared.settings import get_settings
+
+    return make_celery(get_settings())

@@ -1,0 +1,93 @@
+"""Settings: one pydantic-settings class, read from KRONA_* environment variables, validated at start.
+
+The defaults are the embedded mode of DESIGN.md (SQLite, a local blob folder, Celery over kombu's
+SQLAlchemy transport on SQLite, the built-in tiny-sd model), all under ``KRONA_DATA_DIR``. Production
+sets ``KRONA_DATABASE_URL`` (PostgreSQL), ``KRONA_BROKER_URL`` (Redis), ``KRONA_S3_ENDPOINT`` and the
+``KRONA_S3_*`` credentials, and ``KRONA_BASE_MODEL``; nothing else in the code path changes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["PLACEHOLDER_SECRET", "Settings", "get_settings"]
+
+PLACEHOLDER_SECRET = "change-me"
+
+
+class Settings(BaseSettings):
+    """Every setting the gateway, the workers and the CLI read. Env var = ``KRONA_`` + upper-case name."""
+
+    model_config = SettingsConfigDict(env_prefix="KRONA_", extra="ignore")
+
+    env: Literal["dev", "prod"] = Field("dev", description="prod refuses placeholder secrets and embedded backends")
+    data_dir: Path = Field(Path(".krona"), description="embedded mode: database, broker, blobs, api-key file")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/krona.db")
+    broker_url: str | None = Field(None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db")
+    base_model: str = Field("tiny-sd", description="base model: tiny-sd, tiny-sdxl, a folder or a hub id")
+
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; unset = local blob folder")
+    s3_bucket: str = "krona"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_region: str = "us-east-1"
+    blob_dir: Path | None = Field(None, description="local storage folder; default <data_dir>/blobs")
+
+    public_url: str = Field("http://127.0.0.1:8000", description="base URL used in links the API returns")
+    webhook_secret: str = Field(PLACEHOLDER_SECRET, description="HMAC-SHA256 key for webhook signatures")
+    allow_private_webhooks: bool = Field(False, description="allow webhook targets on loopback/private networks")
+    webhook_max_attempts: int = 5
+
+    max_images: int = 20
+    min_images: int = 2
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_request_bytes: int = 200 * 1024 * 1024
+    max_train_steps: int = 5000
+    default_train_steps: int | None = None
+    checkpoint_every: int = 50
+    max_batch_generations: int = 1000
+
+    lease_seconds: int = Field(120, description="a job's lease; a worker renews it every lease_seconds / 4")
+    reaper_interval_seconds: int = 30
+    enqueue_grace_seconds: int = Field(60, description="queued this long with no worker: enqueue again")
+    visibility_timeout_seconds: int = Field(6 * 3600, description="Redis broker; longer than the longest job")
+    worker_device: str | None = Field(None, description="cpu or cuda; default cuda when available")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.env == "prod":
+            if self.webhook_secret == PLACEHOLDER_SECRET:
+                raise ValueError("KRONA_WEBHOOK_SECRET must be set to a real secret when KRONA_ENV=prod")
+            if self.s3_endpoint and (self.s3_secret_key in (None, "", PLACEHOLDER_SECRET)):
+                raise ValueError("KRONA_S3_SECRET_KEY must be set when KRONA_ENV=prod")
+        if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key):
+            raise ValueError("KRONA_S3_ENDPOINT needs KRONA_S3_ACCESS_KEY and KRONA_S3_SECRET_KEY")
+        if not 1 <= self.min_images <= self.max_images:
+            raise ValueError("need 1 <= KRONA_MIN_IMAGES <= KRONA_MAX_IMAGES")
+        if self.lease_seconds < 8:
+            raise ValueError("KRONA_LEASE_SECONDS must be at least 8")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'krona.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

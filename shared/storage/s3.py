@@ -1,0 +1,114 @@
+"""Storage in an S3-compatible bucket (AWS S3, MinIO, SeaweedFS): path-style addressing, SigV4."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from .base import BlobNotFound, Storage, StorageError, check_key
+
+__all__ = ["S3Storage"]
+
+
+class S3Storage(Storage):
+    def __init__(self, *, endpoint: str, bucket: str, access_key: str, secret_key: str, region: str = "us-east-1"):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key,
+            region_name=region,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+            ),
+        )
+        # Objects over 16 MiB go up in 16 MiB parts (adapters are smaller; checkpoints may not be).
+        self.transfer = TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
+
+    def _call(self, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise BlobNotFound(kwargs.get("Key", "")) from None
+            raise StorageError(f"S3 {code}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 unreachable: {exc}") from exc
+
+    def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self._call(self.client.create_bucket, Bucket=self.bucket)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._call(self.client.put_object, Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type)
+
+    def put_file(self, key: str, fileobj: BinaryIO, content_type: str = "application/octet-stream") -> None:
+        self._call(
+            self.client.upload_fileobj,
+            fileobj,
+            self.bucket,
+            check_key(key),
+            ExtraArgs={"ContentType": content_type},
+            Config=self.transfer,
+        )
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=check_key(key))
+        return response["Body"].read()
+
+    def download(self, key: str, path: str) -> None:
+        if not self.exists(key):
+            raise BlobNotFound(key)
+        self._call(self.client.download_file, self.bucket, check_key(key), path, Config=self.transfer)
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=check_key(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(self.client.head_object, Bucket=self.bucket, Key=check_key(key))
+            return True
+        except BlobNotFound:
+            return False
+
+    def list(self, prefix: str) -> Iterator[str]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"]
+        except Exception as exc:
+            raise StorageError(f"S3 list failed: {exc}") from exc
+
+    def copy(self, source: str, dest: str) -> None:
+        self._call(
+            self.client.copy,
+            {"Bucket": self.bucket, "Key": check_key(source)},
+            self.bucket,
+            check_key(dest),
+            Config=self.transfer,
+        )
+
+    def check(self) -> None:
+        self._call(self.client.head_bucket, Bucket=self.bucket)
+
+    def presigned_url(self, key: str, expires_seconds: int = 3600) -> str | None:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": check_key(key)}, ExpiresIn=expires_seconds
+        )

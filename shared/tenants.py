@@ -1,0 +1,49 @@
+"""Tenants and API keys: keys are 256-bit random strings, stored only as SHA-256 and compared in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.db import ApiKey, Tenant
+
+__all__ = ["KEY_PREFIX", "create_api_key", "create_tenant", "hash_key", "tenant_for_key"]
+
+KEY_PREFIX = "krona_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_api_key(session: Session, tenant: Tenant) -> str:
+    """Add a new key for ``tenant``; returns the key itself (shown once, never stored)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[: len(KEY_PREFIX) + 6]))
+    return key
+
+
+def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
+    """A new tenant and its first API key; ValueError if the name is taken or malformed."""
+    name = name.strip()
+    if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError("tenant names are 1-100 letters, digits, '-', '_' or '.'")
+    if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
+        raise ValueError(f"tenant {name!r} already exists")
+    tenant = Tenant(name=name)
+    session.add(tenant)
+    session.flush()
+    return tenant, create_api_key(session, tenant)
+
+
+def tenant_for_key(session: Session, key: str) -> Tenant | None:
+    """The tenant owning an unrevoked ``key``, or None. The lookup is by hash; the final comparison is constant-time."""
+    digest = hash_key(key)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        return None
+    return session.get(Tenant, row.tenant_id)
