@@ -40,10 +40,11 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class SubjectImage:
-    """A decoded RGB image (H, W, 3) uint8 and the name it came from (for error messages)."""
+    """A decoded RGB image (H, W, 3) uint8, the name it came from (for error messages) and its file format."""
 
     name: str
     pixels: np.ndarray
+    format: str = "PNG"
 
 
 def decode_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) -> SubjectImage:
@@ -74,7 +75,7 @@ def decode_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) ->
             rgb = img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{name}: the image data is damaged ({exc})") from None
-    return SubjectImage(name=name, pixels=np.asarray(rgb, dtype=np.uint8).copy())
+    return SubjectImage(name=name, pixels=np.asarray(rgb, dtype=np.uint8).copy(), format=fmt)
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:

@@ -14,7 +14,7 @@ from .models import (
     new_id,
     utcnow,
 )
-from .session import DatabaseNotMigrated, check_migrated, make_engine, make_session_factory
+from .session import DatabaseNotMigrated, check_migrated, make_engine, make_session_factory, upgrade_to_head
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -32,5 +32,6 @@ __all__ = [
     "make_engine",
     "make_session_factory",
     "new_id",
+    "upgrade_to_head",
     "utcnow",
 ]

@@ -7,7 +7,14 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["DatabaseNotMigrated", "check_migrated", "head_revision", "make_engine", "make_session_factory"]
+__all__ = [
+    "DatabaseNotMigrated",
+    "check_migrated",
+    "head_revision",
+    "make_engine",
+    "make_session_factory",
+    "upgrade_to_head",
+]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -63,3 +70,14 @@ def check_migrated(engine: Engine) -> None:
             f"database {where} is at migration {current or 'none'}, the code needs {head}; "
             "run `krona migrate` (or `alembic upgrade head`) first"
         )
+
+
+def upgrade_to_head(url: str) -> None:
+    """Apply every migration (alembic upgrade head) to the database at ``url``."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "head")

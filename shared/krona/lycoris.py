@@ -21,7 +21,15 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .keys import KRONA_A_SUFFIX, KRONA_B_SUFFIX, UNET_PREFIX, kohya_name, module_path_from_kohya
+from .keys import (
+    KRONA_A_SUFFIX,
+    KRONA_B_SUFFIX,
+    UNET_PREFIX,
+    kohya_name,
+    lycoris_can_rebuild,
+    lycoris_factorization,
+    module_path_from_kohya,
+)
 from .model import group_factors
 
 __all__ = [
@@ -35,49 +43,6 @@ __all__ = [
 
 class LyCORISCompatibilityWarning(UserWarning):
     """The exported file is exact for ComfyUI/A1111/Forge, but LyCORIS's own loader cannot rebuild it."""
-
-
-def lycoris_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
-    """LyCORIS's split of a dimension into (m, n), m <= n (port of lycoris.functional.factorization)."""
-    if factor > 0 and dimension % factor == 0:
-        m, n = factor, dimension // factor
-        return (n, m) if m > n else (m, n)
-    if factor < 0:
-        factor = dimension
-    m, n = 1, dimension
-    length = m + n
-    while m < n:
-        new_m = m + 1
-        while dimension % new_m != 0:
-            new_m += 1
-        new_n = dimension // new_m
-        if new_m + new_n > length or new_m > factor:
-            break
-        m, n = new_m, new_n
-    return (n, m) if m > n else (m, n)
-
-
-def lycoris_can_rebuild(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> bool:
-    """Whether LyCORIS's kohya loader rebuilds a module with full w1 = A (a_shape) and w2 = B (b_shape).
-
-    Mirrors LokrModule.make_module_from_state_dict: it picks one ``factor`` and rebuilds
-    w1 = (factorization(d_out, factor)[0], factorization(d_in, factor)[0]); the copy succeeds only
-    if that equals A's shape.
-    """
-    (a1, a2), (b1, b2) = a_shape, b_shape
-    d_out, d_in = a1 * b1, a2 * b2
-    if a1 == lycoris_factorization(d_out)[0] and a2 == lycoris_factorization(d_in)[0]:
-        factor = -1
-    else:
-        group_out, group_in = (a1, b1), (a2, b2)
-        factor1, factor2 = max(a_shape), max(b_shape)
-        factor = min(factor1, factor2)
-        for f in (factor1, factor2):
-            if d_out % f == 0 and d_in % f == 0 and f in group_out and f in group_in:
-                factor = f
-                break
-    rebuilt = (lycoris_factorization(d_out, factor)[0], lycoris_factorization(d_in, factor)[0])
-    return rebuilt == (a1, a2)
 
 
 def to_lycoris(state_dict: Mapping[str, torch.Tensor], *, warn: bool = True) -> dict[str, torch.Tensor]:

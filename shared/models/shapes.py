@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["attention_projection_shapes", "target_shapes"]
+__all__ = ["attention_projection_shapes", "select_targets"]
 
 _CROSS_DOWN = {"CrossAttnDownBlock2D"}
 _CROSS_UP = {"CrossAttnUpBlock2D"}
@@ -78,12 +78,13 @@ def attention_projection_shapes(config: Mapping[str, Any]) -> dict[str, tuple[in
     return shapes
 
 
-def target_shapes(config: Mapping[str, Any], target_modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """The subset of attention_projection_shapes that ``target_modules`` select (dotted-suffix match).
+def select_targets(
+    shapes: Mapping[str, tuple[int, int]], target_modules: tuple[str, ...]
+) -> dict[str, tuple[int, int]]:
+    """The subset of ``shapes`` (from attention_projection_shapes) that ``target_modules`` select (dotted suffix).
 
     ValueError for a target that matches none of the attention projections.
     """
-    shapes = attention_projection_shapes(config)
     selected = {p: s for p, s in shapes.items() if any(p == t or p.endswith("." + t) for t in target_modules)}
     missing = [t for t in target_modules if not any(p == t or p.endswith("." + t) for p in shapes)]
     if missing:

@@ -7,10 +7,10 @@ model's UNet config (no weights) before anything heavy starts.
 """
 
 from shared.images import ImageLimits, SubjectImage, decode_image, list_image_files, load_subject_images
+from shared.training_spec import TrainingSpec
 
 from .components import Components, encode_prompt, load_components, native_resolution
 from .data import to_training_tensor
-from .spec import TrainingSpec
 from .trainer import (
     PreparedData,
     Progress,

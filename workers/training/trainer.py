@@ -39,10 +39,10 @@ from shared.krona import (
     save_adapter,
     set_keep_intermediate,
 )
+from shared.training_spec import TrainingSpec
 
 from .components import Components, encode_prompt, native_resolution, weight_dtype_for
 from .data import to_training_tensor
-from .spec import TrainingSpec
 
 __all__ = [
     "PreparedData",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from shared.krona import count_adapter_parameters
 from shared.models import resolve_base_model, unet_config
-
-from .spec import TrainingSpec
+from shared.training_spec import TrainingSpec
 
 
 def check_factors_fit_base_model(spec: TrainingSpec, base_model: str) -> int:

@@ -1,4 +1,7 @@
-"""TrainingSpec: every knob of a DreamBooth-KronA run, validated before any work starts."""
+"""TrainingSpec: every knob of a DreamBooth-KronA run, validated before any work starts.
+
+Torch-free: the gateway validates a request's params with it; the trainer runs it.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,100 @@
+"""The FastAPI application: `create_app()` wires settings, database, storage and the broker.
+
+Run it with ``uvicorn --factory services.gateway.app:create_app`` (``krona up`` does). It refuses to
+start on a database that is not at the migration head.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
+
+from shared.db import check_migrated, make_engine, make_session_factory
+from shared.settings import Settings, get_settings
+from shared.storage import Storage, storage_from_settings
+
+from .context import AppContext, CeleryEnqueuer, Enqueuer
+from .errors import error_body, install_error_handlers
+from .routes import adapters, generations, health, trainings
+
+log = logging.getLogger("krona.gateway")
+
+REQUESTS = Counter("krona_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram("krona_http_request_seconds", "HTTP request latency", ["method", "route"])
+
+DESCRIPTION = """
+Personalize Stable Diffusion with DiffuseKronA (Kronecker-product) adapters.
+
+Authenticate with `Authorization: Bearer <api key>`. Errors are
+`{"error": {"code": "...", "message": "...", "details": ...}}`. Creating routes accept an
+`Idempotency-Key` header: the same key from the same tenant returns the first answer (24 h).
+A resource of another tenant answers 404.
+"""
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def create_app(
+    settings: Settings | None = None, *, enqueuer: Enqueuer | None = None, storage: Storage | None = None
+) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    check_migrated(engine)
+    context = AppContext(
+        settings=settings,
+        engine=engine,
+        sessions=make_session_factory(engine),
+        storage=storage or storage_from_settings(settings),
+        enqueuer=enqueuer or CeleryEnqueuer(settings),
+    )
+    app = FastAPI(title="Krona", version="1.0.0", description=DESCRIPTION)
+    app.state.context = context
+    install_error_handlers(app)
+    for router in (trainings.router, adapters.router, generations.router, health.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_request_bytes:
+            response = JSONResponse(
+                error_body("payload_too_large", f"request body over {settings.max_request_bytes:,} bytes"),
+                status_code=413,
+            )
+        else:
+            start = time.perf_counter()
+            response = await call_next(request)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+        response.headers["X-Request-ID"] = request_id
+        log.info(
+            "%s %s %s",
+            request.method,
+            request.url.path,
+            response.status_code,
+            extra={"fields": {"request_id": request_id, "status": response.status_code, "route": route}},
+        )
+        return response
+
+    return app

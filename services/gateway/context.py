@@ -1,0 +1,70 @@
+"""What the app holds for its lifetime: settings, database, storage, the enqueuer, the base model's shapes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.settings import Settings
+from shared.storage import Storage
+
+log = logging.getLogger("krona.gateway")
+
+
+class Enqueuer(Protocol):
+    def send(self, task: str, job_id: str) -> None: ...
+
+    def check(self) -> None: ...
+
+
+class CeleryEnqueuer:
+    """Sends tasks by name to the broker; never imports the worker code."""
+
+    def __init__(self, settings: Settings) -> None:
+        from shared.queue import make_celery
+
+        self.app = make_celery(settings)
+
+    def send(self, task: str, job_id: str) -> None:
+        from shared.queue import TASK_ROUTES
+
+        self.app.send_task(task, args=[job_id], queue=TASK_ROUTES[task]["queue"])
+
+    def check(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    storage: Storage
+    enqueuer: Enqueuer
+    _shapes: dict[str, tuple[int, int]] | None = field(default=None)
+    _native_size: int | None = field(default=None)
+
+    def base_model_shapes(self) -> dict[str, tuple[int, int]]:
+        """Attention projections of the configured base model, read once from its unet/config.json."""
+        if self._shapes is None:
+            self._load_base_model_config()
+        return self._shapes or {}
+
+    def native_size(self) -> int:
+        if self._native_size is None:
+            self._load_base_model_config()
+        return self._native_size or 512
+
+    def _load_base_model_config(self) -> None:
+        from shared.models import resolve_base_model, unet_config
+        from shared.models.shapes import attention_projection_shapes
+
+        config: dict[str, Any] = unet_config(resolve_base_model(self.settings.base_model))
+        self._shapes = attention_projection_shapes(config)
+        # The VAE downsamples by 8 in every SD-family model.
+        self._native_size = int(config.get("sample_size", 64)) * 8

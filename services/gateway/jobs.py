@@ -1,0 +1,208 @@
+"""Service functions behind the routes: presenting rows, idempotent creation, pagination, enqueueing."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from shared.db import Adapter, Generation, IdempotencyKey, Tenant, Training, utcnow
+
+from .context import AppContext
+from .errors import ApiError
+from .schemas import AdapterPublic, GenerationPublic, TrainingPublic
+
+log = logging.getLogger("krona.gateway")
+
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+# Presenting rows -----------------------------------------------------------------------------------
+
+
+def _error(row) -> dict[str, str] | None:
+    if row.error_code is None:
+        return None
+    return {"code": row.error_code, "message": row.error_message or ""}
+
+
+def training_public(row: Training) -> dict[str, Any]:
+    return TrainingPublic(
+        id=row.id,
+        name=row.name,
+        status=row.status,
+        base_model=row.base_model,
+        instance_prompt=row.instance_prompt,
+        progress={"step": row.step, "total_steps": row.total_steps, "loss": row.loss, "eta_seconds": row.eta_seconds},
+        adapter_id=row.adapter_id,
+        error=_error(row),
+        params=row.params,
+        num_images=len(row.image_keys),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    ).model_dump(mode="json")
+
+
+def adapter_public(row: Adapter) -> dict[str, Any]:
+    config = row.config
+    return AdapterPublic(
+        id=row.id,
+        name=row.name,
+        base_model=row.base_model,
+        config={"a1": config["a1"], "a2": config["a2"], "targets": config.get("targets", [])},
+        num_parameters=row.num_parameters,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        training_id=row.training_id,
+        created_at=row.created_at,
+    ).model_dump(mode="json")
+
+
+def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
+    base = public_url.rstrip("/")
+    images = [
+        {
+            "index": image["index"],
+            "url": f"{base}/v1/generations/{row.id}/images/{image['index']}",
+            "seed": image["seed"],
+        }
+        for image in row.images
+    ]
+    return GenerationPublic(
+        id=row.id,
+        status=row.status,
+        prompt=row.prompt,
+        adapter_id=row.adapter_id,
+        adapter_scale=row.adapter_scale,
+        num_images=row.num_images,
+        steps=row.steps,
+        width=row.width,
+        height=row.height,
+        seed=row.seed,
+        batch_id=row.batch_id,
+        images=images,
+        error=_error(row),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    ).model_dump(mode="json")
+
+
+# Loading a tenant's resources (another tenant's answers 404, never 403) ------------------------------
+
+
+def get_owned(session: Session, model, resource_id: str, tenant: Tenant, label: str):
+    row = session.get(model, resource_id)
+    if row is None or row.tenant_id != tenant.id:
+        raise ApiError(404, f"{label}_not_found", f"no {label} {resource_id!r}")
+    return row
+
+
+# Pagination: newest first, cursor = the last row's (created_at, id) --------------------------------
+
+
+def encode_cursor(row) -> str:
+    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def page(
+    session: Session, model, tenant: Tenant, *, limit: int, cursor: str | None, filters=()
+) -> tuple[list, str | None]:
+    query = select(model).where(model.tenant_id == tenant.id, *filters)
+    if cursor:
+        try:
+            created, last_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+            created_at = datetime.fromisoformat(created)
+        except (ValueError, TypeError):
+            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
+        query = query.where(
+            or_(model.created_at < created_at, and_(model.created_at == created_at, model.id < last_id))
+        )
+    rows = list(session.scalars(query.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+# Idempotency ---------------------------------------------------------------------------------------
+
+
+def request_hash(*parts: bytes | str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def replay(session: Session, tenant: Tenant, key: str | None, route: str, fingerprint: str) -> tuple[int, dict] | None:
+    """The stored (status, body) for a repeated Idempotency-Key, or None; 409 if reused for another request."""
+    if not key:
+        return None
+    if len(key) > 200:
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key is limited to 200 characters")
+    row = session.get(IdempotencyKey, (tenant.id, key))
+    if row is None:
+        return None
+    if row.created_at.replace(tzinfo=row.created_at.tzinfo or utcnow().tzinfo) < utcnow() - IDEMPOTENCY_TTL:
+        session.delete(row)
+        session.flush()
+        return None
+    if row.route != route or row.request_hash != fingerprint:
+        raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used for a different request")
+    return row.status_code, row.body
+
+
+def commit_created(
+    session: Session,
+    tenant: Tenant,
+    key: str | None,
+    route: str,
+    fingerprint: str,
+    status_code: int,
+    body: dict,
+    on_conflict: Callable[[], None] | None = None,
+) -> tuple[int, dict]:
+    """Commit the new rows together with the idempotency record; a concurrent twin loses and gets the first answer."""
+    if key:
+        session.add(
+            IdempotencyKey(
+                tenant_id=tenant.id, key=key, route=route, request_hash=fingerprint, status_code=status_code, body=body
+            )
+        )
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if on_conflict is not None:
+            on_conflict()
+        stored = replay(session, tenant, key, route, fingerprint)
+        if stored is None:
+            raise
+        return stored
+    return status_code, body
+
+
+# Enqueueing: the row is committed first; a failed send is repaired by the reaper -------------------
+
+
+def enqueue(context: AppContext, session: Session, model, job_id: str, task: str) -> None:
+    try:
+        context.enqueuer.send(task, job_id)
+    except Exception:  # the broker is down: the row stays queued and the reaper sends it later
+        log.warning("could not enqueue %s %s; the reaper will retry", task, job_id, exc_info=True)
+        return
+    session.execute(update(model).where(model.id == job_id).values(enqueued_at=utcnow()))
+    session.commit()

@@ -1,0 +1,152 @@
+"""/v1/generations and /v1/batches: image requests, with or without an adapter."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from shared.db import Adapter, Batch, Generation, Tenant, new_id
+from shared.queue import GENERATE_TASK
+from shared.storage import BlobNotFound
+from shared.webhooks import check_webhook_url
+
+from ..context import AppContext
+from ..deps import ContextDep, CurrentTenant, SessionDep
+from ..errors import ApiError
+from ..jobs import commit_created, enqueue, generation_public, get_owned, replay, request_hash
+from ..schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic
+
+router = APIRouter(tags=["generations"])
+
+
+def _new_generation(
+    context: AppContext, session: Session, tenant: Tenant, spec: GenerationCreate, batch_id: str | None, where: str
+) -> Generation:
+    """Validate one request against this tenant's data and build its row (not yet added)."""
+    if spec.adapter_id is not None:
+        adapter = session.get(Adapter, spec.adapter_id)
+        if adapter is None or adapter.tenant_id != tenant.id:
+            raise ApiError(404, "adapter_not_found", f"{where}no adapter {spec.adapter_id!r}")
+    if spec.webhook_url:
+        try:
+            check_webhook_url(spec.webhook_url, allow_private=context.settings.allow_private_webhooks)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_webhook_url", f"{where}{exc}") from None
+    size = context.native_size()
+    return Generation(
+        id=new_id("gen"),
+        tenant_id=tenant.id,
+        batch_id=batch_id,
+        adapter_id=spec.adapter_id,
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        adapter_scale=spec.adapter_scale,
+        num_images=spec.num_images,
+        steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        width=spec.width or size,
+        height=spec.height or size,
+        seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
+        webhook_url=spec.webhook_url,
+    )
+
+
+@router.post("/v1/generations", status_code=202, response_model=GenerationPublic, summary="Ask for images")
+def create_generation(
+    body: GenerationCreate,
+    context: ContextDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    idempotency_key: Annotated[str | None, Header()] = None,
+):
+    fingerprint = request_hash(json.dumps(body.model_dump(mode="json"), sort_keys=True))
+    stored = replay(session, tenant, idempotency_key, "generations", fingerprint)
+    if stored is not None:
+        return JSONResponse(stored[1], status_code=stored[0])
+    row = _new_generation(context, session, tenant, body, None, "")
+    session.add(row)
+    session.flush()
+    public = generation_public(row, context.settings.public_url)
+    status_code, public = commit_created(session, tenant, idempotency_key, "generations", fingerprint, 202, public)
+    if public.get("id") == row.id:
+        enqueue(context, session, Generation, row.id, GENERATE_TASK)
+    return JSONResponse(public, status_code=status_code)
+
+
+@router.get("/v1/generations/{generation_id}", response_model=GenerationPublic, summary="One generation")
+def get_generation(generation_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    row = get_owned(session, Generation, generation_id, tenant, "generation")
+    return generation_public(row, context.settings.public_url)
+
+
+@router.get(
+    "/v1/generations/{generation_id}/images/{index}",
+    summary="One generated image",
+    responses={200: {"content": {"image/png": {}}}},
+)
+def get_generation_image(
+    generation_id: str, index: int, context: ContextDep, session: SessionDep, tenant: CurrentTenant
+):
+    row = get_owned(session, Generation, generation_id, tenant, "generation")
+    image = next((i for i in row.images if i["index"] == index), None)
+    if image is None:
+        raise ApiError(404, "image_not_found", f"generation {generation_id} has no image {index} (status {row.status})")
+    try:
+        data = context.storage.get_bytes(image["key"])
+    except BlobNotFound:
+        raise ApiError(404, "image_not_found", f"image {index} of {generation_id} is missing from storage") from None
+    return Response(data, media_type="image/png")
+
+
+def _batch_public(session: Session, batch: Batch) -> dict:
+    counts = {s: 0 for s in ("queued", "running", "succeeded", "failed", "canceled")}
+    for status, count in session.execute(
+        select(Generation.status, func.count()).where(Generation.batch_id == batch.id).group_by(Generation.status)
+    ):
+        counts[status] = count
+    ids = list(session.scalars(select(Generation.id).where(Generation.batch_id == batch.id).order_by(Generation.id)))
+    return BatchPublic(
+        id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=batch.created_at
+    ).model_dump(mode="json")
+
+
+@router.post("/v1/batches", status_code=202, response_model=BatchPublic, summary="Up to 1000 generations at once")
+def create_batch(
+    body: BatchCreate,
+    context: ContextDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    idempotency_key: Annotated[str | None, Header()] = None,
+):
+    if len(body.generations) > context.settings.max_batch_generations:
+        raise ApiError(413, "batch_too_large", f"at most {context.settings.max_batch_generations} generations")
+    fingerprint = request_hash(json.dumps(body.model_dump(mode="json"), sort_keys=True))
+    stored = replay(session, tenant, idempotency_key, "batches", fingerprint)
+    if stored is not None:
+        return JSONResponse(stored[1], status_code=stored[0])
+    batch = Batch(id=new_id("bat"), tenant_id=tenant.id, total=len(body.generations))
+    rows = [
+        _new_generation(context, session, tenant, spec, batch.id, f"generations[{i}]: ")
+        for i, spec in enumerate(body.generations)
+    ]
+    session.add(batch)
+    session.flush()
+    session.add_all(rows)
+    session.flush()
+    public = _batch_public(session, batch)
+    status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
+    if public.get("id") == batch.id:
+        for row in rows:
+            enqueue(context, session, Generation, row.id, GENERATE_TASK)
+    return JSONResponse(public, status_code=status_code)
+
+
+@router.get("/v1/batches/{batch_id}", response_model=BatchPublic, summary="A batch with counts per status")
+def get_batch(batch_id: str, session: SessionDep, tenant: CurrentTenant):
+    return _batch_public(session, get_owned(session, Batch, batch_id, tenant, "batch"))

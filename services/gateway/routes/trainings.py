@@ -1,0 +1,290 @@
+"""/v1/trainings: upload subject photos, follow the fine-tune, cancel it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import update
+
+from shared.db import TERMINAL_STATUSES, Training, new_id, utcnow
+from shared.images import ImageLimits, decode_image
+from shared.krona.config import check_factors_fit_shapes
+from shared.models.shapes import select_targets
+from shared.queue import TRAIN_TASK
+from shared.training_spec import TrainingSpec
+from shared.webhooks import check_webhook_url
+
+from ..deps import ContextDep, CurrentTenant, SessionDep
+from ..errors import ApiError
+from ..jobs import commit_created, enqueue, get_owned, page, replay, request_hash, training_public
+from ..schemas import Page, TrainingPublic
+
+router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
+
+# Parameters a client may set; the rest of TrainingSpec is the worker's business (precision, etc.).
+CLIENT_PARAMS = {
+    "steps",
+    "learning_rate",
+    "a1",
+    "a2",
+    "target_modules",
+    "resolution",
+    "seed",
+    "prior_preservation",
+    "class_prompt",
+    "num_class_images",
+    "prior_loss_weight",
+    "random_flip",
+    "gradient_accumulation",
+    "validation_prompt",
+}
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+
+MULTIPART_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images", "instance_prompt"],
+                    "properties": {
+                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 2},
+                        "instance_prompt": {"type": "string", "example": "a photo of sks dog"},
+                        "params": {
+                            "type": "string",
+                            "description": "JSON object: " + ", ".join(sorted(CLIENT_PARAMS)),
+                            "example": '{"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8}',
+                        },
+                        "name": {"type": "string"},
+                        "webhook_url": {"type": "string"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _parse_params(raw: str | None, instance_prompt: str, max_steps: int) -> TrainingSpec:
+    params: dict[str, Any] = {}
+    if raw:
+        try:
+            params = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiError(422, "invalid_params", f"params is not valid JSON: {exc.msg}") from None
+        if not isinstance(params, dict):
+            raise ApiError(422, "invalid_params", "params must be a JSON object")
+    unknown = sorted(set(params) - CLIENT_PARAMS)
+    if unknown:
+        raise ApiError(
+            422, "invalid_params", f"unknown params: {', '.join(unknown)}", {"allowed": sorted(CLIENT_PARAMS)}
+        )
+    if "target_modules" in params and isinstance(params["target_modules"], list):
+        params["target_modules"] = tuple(params["target_modules"])
+    try:
+        spec = TrainingSpec(instance_prompt=instance_prompt, **params)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(422, "invalid_params", str(exc)) from None
+    if spec.steps is not None and spec.steps > max_steps:
+        raise ApiError(422, "invalid_params", f"steps must be at most {max_steps} on this server")
+    return spec
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=TrainingPublic,
+    openapi_extra=MULTIPART_SCHEMA,
+    summary="Start a fine-tune on 2-20 photos of a subject",
+    responses={
+        413: {"description": "too many or too large images"},
+        415: {"description": "not multipart, or not an image"},
+    },
+)
+async def create_training(
+    request: Request,
+    context: ContextDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    idempotency_key: Annotated[str | None, Header()] = None,
+):
+    settings = context.settings
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with images and instance_prompt")
+    try:
+        form = await request.form(max_files=settings.max_images + 1, max_fields=20, max_part_size=1024 * 1024)
+    except Exception as exc:  # starlette raises for too many files/fields or a malformed body
+        message = str(getattr(exc, "detail", exc))
+        status = 413 if "Too many files" in message else 400
+        raise ApiError(status, "invalid_multipart", f"could not read the form: {message}") from None
+    uploads = [item for item in form.getlist("images") if hasattr(item, "read")]
+    instance_prompt = form.get("instance_prompt")
+    if not isinstance(instance_prompt, str) or not instance_prompt.strip():
+        raise ApiError(422, "invalid_request", "instance_prompt is required, e.g. 'a photo of sks dog'")
+    if len(instance_prompt) > 1000:
+        raise ApiError(422, "invalid_request", "instance_prompt is limited to 1000 characters")
+    if len(uploads) < settings.min_images:
+        raise ApiError(422, "too_few_images", f"send at least {settings.min_images} images (got {len(uploads)})")
+    if len(uploads) > settings.max_images:
+        raise ApiError(413, "too_many_images", f"at most {settings.max_images} images are accepted")
+    name = form.get("name") if isinstance(form.get("name"), str) else None
+    webhook_url = form.get("webhook_url") if isinstance(form.get("webhook_url"), str) else None
+    raw_params = form.get("params") if isinstance(form.get("params"), str) else None
+    spec = _parse_params(raw_params, instance_prompt, settings.max_train_steps)
+
+    # Everything below reads or checks; nothing is written until all of it passed.
+    limits = ImageLimits(
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
+    )
+    images: list[tuple[bytes, str]] = []
+    for index, upload in enumerate(uploads):
+        data = await upload.read(settings.max_image_bytes + 1)
+        label = upload.filename or f"image {index}"
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
+        try:
+            decoded = decode_image(data, label, limits)
+        except ValueError as exc:
+            message = str(exc)
+            if "not a readable image" in message or "is not accepted" in message:
+                raise ApiError(415, "unsupported_image", message) from None
+            status = 413 if "over the limit" in message else 422
+            raise ApiError(status, "invalid_image", message) from None
+        images.append((data, _EXTENSIONS[decoded.format]))
+    try:
+        check_factors_fit_shapes(select_targets(context.base_model_shapes(), spec.target_modules), spec.krona_config())
+    except ValueError as exc:
+        raise ApiError(422, "invalid_factors", str(exc)) from None
+    if webhook_url:
+        try:
+            check_webhook_url(webhook_url, allow_private=settings.allow_private_webhooks)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_webhook_url", str(exc)) from None
+
+    fingerprint = request_hash(
+        instance_prompt,
+        raw_params or "",
+        name or "",
+        webhook_url or "",
+        *[hashlib.sha256(d).digest() for d, _ in images],
+    )
+    stored = replay(session, tenant, idempotency_key, "trainings", fingerprint)
+    if stored is not None:
+        return JSONResponse(stored[1], status_code=stored[0])
+
+    training_id = new_id("trn")
+    keys = [f"tenants/{tenant.id}/trainings/{training_id}/images/{i:02d}.{ext}" for i, (_, ext) in enumerate(images)]
+    try:
+        for key, (data, ext) in zip(keys, images, strict=True):
+            context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
+    except Exception:
+        context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+        raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
+    total_steps = spec.steps or settings.default_train_steps or spec.resolved_steps(False)
+    row = Training(
+        id=training_id,
+        tenant_id=tenant.id,
+        name=name,
+        base_model=settings.base_model,
+        instance_prompt=instance_prompt,
+        params={k: v for k, v in spec.to_dict().items() if k in CLIENT_PARAMS or k == "steps"} | {"steps": total_steps},
+        image_keys=keys,
+        total_steps=total_steps,
+        webhook_url=webhook_url,
+    )
+    session.add(row)
+    session.flush()
+    body = training_public(row)
+
+    def remove_images() -> None:
+        context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+
+    try:
+        status_code, body = commit_created(
+            session, tenant, idempotency_key, "trainings", fingerprint, 202, body, on_conflict=remove_images
+        )
+    except Exception:
+        remove_images()
+        raise
+    if body.get("id") == training_id:
+        enqueue(context, session, Training, training_id, TRAIN_TASK)
+    return JSONResponse(body, status_code=status_code)
+
+
+@router.get("", response_model=Page[TrainingPublic], summary="List trainings, newest first")
+def list_trainings(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|canceled)$")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+):
+    filters = (Training.status == status,) if status else ()
+    rows, next_cursor = page(session, Training, tenant, limit=limit, cursor=cursor, filters=filters)
+    return {"data": [training_public(r) for r in rows], "next_cursor": next_cursor}
+
+
+@router.get("/{training_id}", response_model=TrainingPublic, summary="One training with its progress")
+def get_training(training_id: str, session: SessionDep, tenant: CurrentTenant):
+    return training_public(get_owned(session, Training, training_id, tenant, "training"))
+
+
+@router.post("/{training_id}/cancel", status_code=202, response_model=TrainingPublic, summary="Stop a training")
+def cancel_training(training_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    row = get_owned(session, Training, training_id, tenant, "training")
+    if row.status in TERMINAL_STATUSES:
+        raise ApiError(409, "not_cancelable", f"training {training_id} is already {row.status}")
+    now = utcnow()
+    # A queued job is canceled at once; a running one at its next step (the worker reads the flag).
+    session.execute(
+        update(Training)
+        .where(Training.id == row.id, Training.status == "queued")
+        .values(status="canceled", finished_at=now, updated_at=now, cancel_requested=True)
+    )
+    session.execute(
+        update(Training)
+        .where(Training.id == row.id, Training.status == "running")
+        .values(cancel_requested=True, updated_at=now)
+    )
+    session.commit()
+    session.refresh(row)
+    if row.status == "canceled" and row.webhook_url:
+        from shared.queue import WEBHOOK_TASK
+
+        with contextlib.suppress(Exception):  # the reaper delivers pending webhooks
+            context.enqueuer.send(WEBHOOK_TASK, f"training:{row.id}")
+    return training_public(row)
+
+
+@router.get(
+    "/{training_id}/events",
+    summary="Server-sent events of progress until a terminal state",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def training_events(training_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    get_owned(session, Training, training_id, tenant, "training")
+
+    async def stream():
+        last = None
+        while True:
+            with context.sessions() as s:
+                row = s.get(Training, training_id)
+                body = training_public(row)
+            state = (body["status"], body["progress"]["step"], body["progress"]["loss"])
+            if state != last:
+                last = state
+                event = "done" if body["status"] in TERMINAL_STATUSES else "progress"
+                yield f"event: {event}\ndata: {json.dumps(body)}\n\n"
+            if body["status"] in TERMINAL_STATUSES:
+                return
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
