@@ -93,6 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 
+    up = sub.add_parser("up", help="run the embedded service: gateway + worker, SQLite, local blobs, tiny-sd")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--data-dir", default=".krona", help="database, broker, blobs and api-key (default .krona)")
+
+    migrate = sub.add_parser(
+        "migrate", help="bring the database (KRONA_DATABASE_URL or the embedded one) to the schema head"
+    )
+    migrate.add_argument("--data-dir", help="embedded data folder (default .krona)")
+
+    admin = sub.add_parser("admin", help="administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    tenant = admin_sub.add_parser("create-tenant", help="create a tenant and print its API key once")
+    tenant.add_argument("name")
+    tenant.add_argument("--data-dir", help="embedded data folder (default .krona; ignored with KRONA_DATABASE_URL)")
+
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway alone (production: behind a proxy)")
+    gateway.add_argument("--host", default="127.0.0.1")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--data-dir")
+
+    worker = sub.add_parser("worker", help="run a Celery worker (one job at a time) for the given queues")
+    worker.add_argument("--queues", default="train,infer", help="train, infer or both (default)")
+    worker.add_argument("--data-dir")
+
+    from services.cli.client import build_client_parsers
+
+    build_client_parsers(sub)
+
     models = sub.add_parser("models", help="built-in tiny base models")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     path = models_sub.add_parser("path", help="build (once) and print the folder of a built-in model")
@@ -102,9 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from services.cli import commands
+    from services.cli import client, commands, stack
 
     handler = {
+        "up": stack.up,
+        "migrate": stack.migrate,
+        "admin": stack.create_tenant_command,
+        "gateway": stack.gateway,
+        "worker": stack.worker,
+        "trainings": client.trainings,
+        "adapters": client.adapters,
+        "generations": client.generations,
+        "batches": client.batches,
         "demo": commands.demo,
         "inspect": commands.inspect,
         "export": commands.export,
@@ -116,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[args.command]
     try:
         return handler(args) or 0
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, client.ClientError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"krona {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -7,96 +7,20 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import Adapter, Generation, IdempotencyKey, Tenant, Training, utcnow
+from shared.db import IdempotencyKey, Tenant, utcnow
 
 from .context import AppContext
 from .errors import ApiError
-from .schemas import AdapterPublic, GenerationPublic, TrainingPublic
 
 log = logging.getLogger("krona.gateway")
 
 IDEMPOTENCY_TTL = timedelta(hours=24)
-
-
-# Presenting rows -----------------------------------------------------------------------------------
-
-
-def _error(row) -> dict[str, str] | None:
-    if row.error_code is None:
-        return None
-    return {"code": row.error_code, "message": row.error_message or ""}
-
-
-def training_public(row: Training) -> dict[str, Any]:
-    return TrainingPublic(
-        id=row.id,
-        name=row.name,
-        status=row.status,
-        base_model=row.base_model,
-        instance_prompt=row.instance_prompt,
-        progress={"step": row.step, "total_steps": row.total_steps, "loss": row.loss, "eta_seconds": row.eta_seconds},
-        adapter_id=row.adapter_id,
-        error=_error(row),
-        params=row.params,
-        num_images=len(row.image_keys),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-    ).model_dump(mode="json")
-
-
-def adapter_public(row: Adapter) -> dict[str, Any]:
-    config = row.config
-    return AdapterPublic(
-        id=row.id,
-        name=row.name,
-        base_model=row.base_model,
-        config={"a1": config["a1"], "a2": config["a2"], "targets": config.get("targets", [])},
-        num_parameters=row.num_parameters,
-        size_bytes=row.size_bytes,
-        sha256=row.sha256,
-        training_id=row.training_id,
-        created_at=row.created_at,
-    ).model_dump(mode="json")
-
-
-def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
-    base = public_url.rstrip("/")
-    images = [
-        {
-            "index": image["index"],
-            "url": f"{base}/v1/generations/{row.id}/images/{image['index']}",
-            "seed": image["seed"],
-        }
-        for image in row.images
-    ]
-    return GenerationPublic(
-        id=row.id,
-        status=row.status,
-        prompt=row.prompt,
-        adapter_id=row.adapter_id,
-        adapter_scale=row.adapter_scale,
-        num_images=row.num_images,
-        steps=row.steps,
-        width=row.width,
-        height=row.height,
-        seed=row.seed,
-        batch_id=row.batch_id,
-        images=images,
-        error=_error(row),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-    ).model_dump(mode="json")
 
 
 # Loading a tenant's resources (another tenant's answers 404, never 403) ------------------------------
@@ -156,7 +80,8 @@ def replay(session: Session, tenant: Tenant, key: str | None, route: str, finger
     row = session.get(IdempotencyKey, (tenant.id, key))
     if row is None:
         return None
-    if row.created_at.replace(tzinfo=row.created_at.tzinfo or utcnow().tzinfo) < utcnow() - IDEMPOTENCY_TTL:
+    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    if created < utcnow() - IDEMPOTENCY_TTL:
         session.delete(row)
         session.flush()
         return None

@@ -201,6 +201,11 @@ def prepare_data(
     """Encode the subject images (and class images for prior preservation) and the prompts once."""
     if not images:
         raise ValueError("no subject images")
+    # A worker reuses components across jobs; the encoders may have been parked on the CPU by the last one.
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        module = getattr(components.pipe, name, None)
+        if module is not None:
+            module.to(components.device)
     resolution = spec.resolution or native_resolution(components)
     data = _prepare_set(components, images, spec.instance_prompt, resolution, spec.random_flip)
     if spec.prior_preservation:

@@ -10,12 +10,12 @@ from fastapi.responses import JSONResponse
 
 from shared.db import Adapter, new_id
 from shared.krona.convert import adapter_bytes, lycoris_arrays, native_arrays_from_upload, read_safetensors_bytes
+from shared.schemas import AdapterPublic, Page, adapter_public
 from shared.storage import BlobNotFound
 
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import adapter_public, get_owned, page
-from ..schemas import AdapterPublic, Page
+from ..jobs import get_owned, page
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 

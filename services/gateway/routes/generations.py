@@ -13,14 +13,14 @@ from sqlalchemy.orm import Session
 
 from shared.db import Adapter, Batch, Generation, Tenant, new_id
 from shared.queue import GENERATE_TASK
+from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, generation_public
 from shared.storage import BlobNotFound
 from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import commit_created, enqueue, generation_public, get_owned, replay, request_hash
-from ..schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic
+from ..jobs import commit_created, enqueue, get_owned, replay, request_hash
 
 router = APIRouter(tags=["generations"])
 

@@ -17,13 +17,13 @@ from shared.images import ImageLimits, decode_image
 from shared.krona.config import check_factors_fit_shapes
 from shared.models.shapes import select_targets
 from shared.queue import TRAIN_TASK
+from shared.schemas import Page, TrainingPublic, training_public
 from shared.training_spec import TrainingSpec
 from shared.webhooks import check_webhook_url
 
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import commit_created, enqueue, get_owned, page, replay, request_hash, training_public
-from ..schemas import Page, TrainingPublic
+from ..jobs import commit_created, enqueue, get_owned, page, replay, request_hash
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
 

@@ -1,11 +1,17 @@
-"""Request and response bodies (pydantic), kept apart from the database models."""
+"""Request and response bodies of the HTTP API (pydantic), kept apart from the database models.
+
+In `shared` because the workers send the same bodies in webhooks.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from shared.db import Adapter, Generation, Training
 
 T = TypeVar("T")
 
@@ -139,3 +145,86 @@ class BatchPublic(BaseModel):
 class Page(BaseModel, Generic[T]):
     data: list[T]
     next_cursor: str | None = None
+
+
+# Presenting rows (the gateway's answers and the workers' webhook bodies) ----------------------------
+
+
+def _utc(value):
+    """SQLite hands back naive datetimes; every timestamp the API shows is UTC with an offset."""
+    from datetime import UTC
+
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def _error(row) -> dict[str, str] | None:
+    if row.error_code is None:
+        return None
+    return {"code": row.error_code, "message": row.error_message or ""}
+
+
+def training_public(row: Training) -> dict[str, Any]:
+    return TrainingPublic(
+        id=row.id,
+        name=row.name,
+        status=row.status,
+        base_model=row.base_model,
+        instance_prompt=row.instance_prompt,
+        progress={"step": row.step, "total_steps": row.total_steps, "loss": row.loss, "eta_seconds": row.eta_seconds},
+        adapter_id=row.adapter_id,
+        error=_error(row),
+        params=row.params,
+        num_images=len(row.image_keys),
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+        started_at=_utc(row.started_at),
+        finished_at=_utc(row.finished_at),
+    ).model_dump(mode="json")
+
+
+def adapter_public(row: Adapter) -> dict[str, Any]:
+    config = row.config
+    return AdapterPublic(
+        id=row.id,
+        name=row.name,
+        base_model=row.base_model,
+        config={"a1": config["a1"], "a2": config["a2"], "targets": config.get("targets", [])},
+        num_parameters=row.num_parameters,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        training_id=row.training_id,
+        created_at=_utc(row.created_at),
+    ).model_dump(mode="json")
+
+
+def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
+    base = public_url.rstrip("/")
+    images = [
+        {
+            "index": image["index"],
+            "url": f"{base}/v1/generations/{row.id}/images/{image['index']}",
+            "seed": image["seed"],
+        }
+        for image in row.images
+    ]
+    return GenerationPublic(
+        id=row.id,
+        status=row.status,
+        prompt=row.prompt,
+        adapter_id=row.adapter_id,
+        adapter_scale=row.adapter_scale,
+        num_images=row.num_images,
+        steps=row.steps,
+        width=row.width,
+        height=row.height,
+        seed=row.seed,
+        batch_id=row.batch_id,
+        images=images,
+        error=_error(row),
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+        started_at=_utc(row.started_at),
+        finished_at=_utc(row.finished_at),
+    ).model_dump(mode="json")

@@ -1,0 +1,150 @@
+"""`krona up`, `krona migrate`, `krona admin create-tenant`, `krona gateway`, `krona worker`.
+
+`krona up` is the embedded default of DESIGN.md: SQLite, a local blob folder, Celery over kombu's
+SQLAlchemy transport on SQLite, the tiny-sd model, with the gateway and one worker as child
+processes. The same commands with KRONA_DATABASE_URL / KRONA_BROKER_URL / KRONA_S3_* set run against
+PostgreSQL, Redis and S3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TENANT = "default"
+
+
+def _settings(data_dir: str | None = None):
+    from shared.settings import Settings
+
+    if data_dir:
+        os.environ["KRONA_DATA_DIR"] = str(Path(data_dir).resolve())
+    return Settings()
+
+
+def migrate(args: argparse.Namespace) -> int:
+    from shared.db import upgrade_to_head
+
+    settings = _settings(getattr(args, "data_dir", None))
+    upgrade_to_head(settings.resolved_database_url)
+    print(f"database at migration head: {settings.resolved_database_url.split('@')[-1]}")
+    return 0
+
+
+def create_tenant_command(args: argparse.Namespace) -> int:
+    from shared.db import make_engine, make_session_factory
+    from shared.tenants import create_tenant
+
+    settings = _settings(args.data_dir)
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    with sessions() as session:
+        tenant, key = create_tenant(session, args.name)
+        session.commit()
+    print(f"tenant {tenant.name} ({tenant.id}) created; its API key (shown once):")
+    print(key)
+    return 0
+
+
+def _ensure_default_tenant(settings) -> Path:
+    """First start: create tenant 'default' and write its key to <data_dir>/api-key (mode 600)."""
+    from sqlalchemy import select
+
+    from shared.db import Tenant, make_engine, make_session_factory
+    from shared.tenants import create_api_key, create_tenant
+
+    key_file = settings.data_dir.resolve() / "api-key"
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    with sessions() as session:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == DEFAULT_TENANT))
+        if tenant is not None and key_file.is_file():
+            return key_file
+        if tenant is None:
+            tenant, key = create_tenant(session, DEFAULT_TENANT)
+        else:  # the key file was removed: issue a new key
+            key = create_api_key(session, tenant)
+        session.commit()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    os.chmod(key_file, 0o600)
+    return key_file
+
+
+def gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    _settings(getattr(args, "data_dir", None))
+    uvicorn.run("services.gateway.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def worker_command(queues: str, hostname: str) -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", queues, "--pool", "solo",
+        "--concurrency", "1", "--hostname", hostname, "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+
+
+def worker(args: argparse.Namespace) -> int:
+    _settings(getattr(args, "data_dir", None))
+    os.execv(sys.executable, worker_command(args.queues, f"krona-{args.queues.replace(',', '-')}@%h"))
+    return 0  # not reached
+
+
+def up(args: argparse.Namespace) -> int:
+    settings = _settings(args.data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from shared.db import upgrade_to_head
+    from shared.models import resolve_base_model
+
+    upgrade_to_head(settings.resolved_database_url)
+    # Build (once) or resolve the base model here, so that the gateway can read its UNet config.
+    resolve_base_model(settings.base_model)
+    key_file = _ensure_default_tenant(settings)
+    env = {**os.environ, "KRONA_DATA_DIR": str(settings.data_dir.resolve())}
+    env.setdefault("KRONA_PUBLIC_URL", f"http://{args.host}:{args.port}")
+    gateway_cmd = [sys.executable, "-m", "services.cli.main", "gateway", "--host", args.host, "--port", str(args.port)]
+    children = [
+        subprocess.Popen(gateway_cmd, env=env),
+        subprocess.Popen(worker_command("train,infer", "krona-embedded@%h"), env=env),
+    ]
+    print(f"Krona is up at http://{args.host}:{args.port} (data in {settings.data_dir.resolve()})")
+    print(f"API key of tenant '{DEFAULT_TENANT}': {key_file.read_text().strip()}  (also in {key_file})")
+    if settings.base_model.startswith("tiny-"):
+        print(f"base model {settings.base_model}: random weights built offline, so images are noise")
+    print("Ctrl-C stops it.", flush=True)
+
+    stopping = False
+
+    def stop(_signum=None, _frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    exit_code = 0
+    while not stopping:
+        for child in children:
+            if child.poll() is not None:
+                print(f"krona up: a child process exited with {child.returncode}; stopping", file=sys.stderr)
+                exit_code = 1
+                stopping = True
+        time.sleep(0.3)
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + 20
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    print("Krona stopped.")
+    return exit_code

@@ -1,0 +1,81 @@
+"""Leased jobs: every state change is a guarded UPDATE on the row (the row is the source of truth).
+
+claim      queued -> running, or take over a running job whose lease expired (crashed worker)
+renew      extend the lease; False means another worker owns the job now: stop
+finish     running -> succeeded/failed/canceled, only by the lease owner
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, update
+from sqlalchemy.orm import Session
+
+from shared.db import utcnow
+
+__all__ = ["MAX_ATTEMPTS", "claim", "finish", "renew", "worker_identity"]
+
+MAX_ATTEMPTS = 3
+
+
+def worker_identity() -> str:
+    """Unique per process: host, pid and a random part (pids are reused across restarts)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def claim(session: Session, model, job_id: str, owner: str, lease_seconds: int) -> bool:
+    """Take the job if it is queued, or running with an expired lease and attempts left; commit; True if taken."""
+    now = utcnow()
+    result = session.execute(
+        update(model)
+        .where(
+            model.id == job_id,
+            model.attempts < MAX_ATTEMPTS,
+            or_(model.status == "queued", and_(model.status == "running", model.lease_expires_at < now)),
+        )
+        .values(
+            status="running",
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=model.attempts + 1,
+            started_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def renew(session: Session, model, job_id: str, owner: str, lease_seconds: int, **values: Any) -> bool:
+    """Extend the lease (and write progress ``values``) if this worker still owns the running job."""
+    now = utcnow()
+    result = session.execute(
+        update(model)
+        .where(model.id == job_id, model.status == "running", model.lease_owner == owner)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now, **values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return result.rowcount == 1
+
+
+def finish(
+    session: Session, model, job_id: str, owner: str, status: str, *, commit: bool = True, **values: Any
+) -> bool:
+    """Move an owned running job to a terminal ``status``; False if this worker no longer owns it."""
+    now = utcnow()
+    result = session.execute(
+        update(model)
+        .where(model.id == job_id, model.status == "running", model.lease_owner == owner)
+        .values(status=status, finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    if commit:
+        session.commit()
+    return result.rowcount == 1

@@ -1,0 +1,85 @@
+"""Celery tasks: thin. Each takes an id, and calls the domain code with the process's runtime.
+
+Start a worker with ``celery -A workers.tasks worker -Q train,infer --pool solo -c 1`` (``krona worker``
+does, and ``krona up`` starts one). The reaper runs in a thread of every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_ready, worker_shutdown
+
+from shared.queue import GENERATE_TASK, REAP_TASK, TRAIN_TASK, WEBHOOK_TASK, celery_app
+
+log = logging.getLogger("krona.worker")
+
+app = celery_app()
+
+
+@app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+def train_task(training_id: str) -> str:
+    from workers.runtime import runtime
+    from workers.training.job import run_training_job
+
+    return run_training_job(runtime(), training_id)
+
+
+@app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)
+def generate_task(generation_id: str) -> str:
+    from workers.inference.job import run_generation_job
+    from workers.runtime import runtime
+
+    return run_generation_job(runtime(), generation_id)
+
+
+@app.task(bind=True, name=WEBHOOK_TASK, acks_late=True, max_retries=None)
+def webhook_task(self, ref: str) -> str:
+    from workers.runtime import runtime
+    from workers.webhooks import WebhookFailed, deliver_webhook
+
+    rt = runtime()
+    try:
+        return deliver_webhook(rt, ref)
+    except WebhookFailed as exc:
+        if self.request.retries + 1 >= rt.settings.webhook_max_attempts:
+            log.warning("webhook %s given up after %d attempts: %s", ref, self.request.retries + 1, exc)
+            return "given_up"
+        raise self.retry(exc=exc, countdown=min(300, 2 ** (self.request.retries + 1))) from None
+
+
+@app.task(name=REAP_TASK)
+def reap_task() -> dict:
+    from workers.reaper import reap_once
+    from workers.runtime import runtime
+
+    return reap_once(runtime())
+
+
+_stop = threading.Event()
+
+
+def _reaper_loop() -> None:
+    from workers.reaper import reap_once
+    from workers.runtime import runtime
+
+    rt = runtime()
+    while not _stop.wait(rt.settings.reaper_interval_seconds):
+        try:
+            reap_once(rt)
+        except Exception:
+            log.exception("reaper pass failed")
+
+
+@worker_ready.connect
+def _start(**_kwargs) -> None:
+    from workers.runtime import runtime
+
+    runtime()  # fails fast on an unmigrated database
+    threading.Thread(target=_reaper_loop, name="krona-reaper", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_kwargs) -> None:
+    _stop.set()

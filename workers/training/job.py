@@ -1,0 +1,222 @@
+"""A training job of the service: claim the row, train with progress/cancel/checkpoints in storage, store the adapter.
+
+Called by the Celery task with an id; everything it needs is re-read from the row and storage, so a
+second delivery of the same message, or a delivery after a crash, does the right thing: it resumes
+from the last checkpoint in storage, or does nothing if the job is owned or finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from shared.db import Adapter, Training, new_id
+from shared.images import ImageLimits, decode_image
+from shared.training_spec import TrainingSpec
+
+from ..lease import claim, finish, renew
+from ..runtime import Runtime
+
+log = logging.getLogger("krona.worker.training")
+
+__all__ = ["run_training_job"]
+
+
+def _checkpoint_archive(folder: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(folder, arcname=folder.name)
+    return buffer.getvalue()
+
+
+def _restore_checkpoint(data: bytes, into: Path) -> None:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+        tar.extractall(into, filter="data")
+
+
+def _components(rt: Runtime, base_model: str, spec: TrainingSpec):
+    from workers.training import load_components
+
+    key = f"train:{base_model}:{spec.mixed_precision}"
+    if key not in rt.pipelines:
+        rt.pipelines[key] = load_components(
+            base_model, device=rt.settings.worker_device, mixed_precision=spec.mixed_precision
+        )
+    return rt.pipelines[key]
+
+
+def run_training_job(rt: Runtime, training_id: str) -> str:
+    """Run (or resume) training ``training_id``; returns the final status, or 'skipped' if not ours to run."""
+    from shared.krona import delete_adapter, krona_layers
+    from workers.training import TrainingCanceled, train
+
+    settings = rt.settings
+    lease = settings.lease_seconds
+    with rt.sessions() as session:
+        if not claim(session, Training, training_id, rt.owner, lease):
+            log.info("training %s not claimable (owned, finished or out of attempts)", training_id)
+            return "skipped"
+        row = session.get(Training, training_id)
+        tenant_id, image_keys, checkpoint_key = row.tenant_id, list(row.image_keys), row.checkpoint_key
+        spec = TrainingSpec.from_dict({**row.params, "instance_prompt": row.instance_prompt})
+        spec = TrainingSpec.from_dict({**spec.to_dict(), "checkpoint_every": settings.checkpoint_every})
+        base_model = row.base_model
+
+    def fail(code: str, message: str) -> str:
+        with rt.sessions() as session:
+            finish(session, Training, training_id, rt.owner, "failed", error_code=code, error_message=message[:2000])
+        _notify(rt, training_id)
+        return "failed"
+
+    work = Path(tempfile.mkdtemp(prefix=f"krona-{training_id}-"))
+    components = None
+    try:
+        limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+        try:
+            images = [decode_image(rt.storage.get_bytes(k), Path(k).name, limits) for k in image_keys]
+        except Exception as exc:
+            return fail("images_unreadable", f"could not read the training images: {exc}")
+        checkpoint_dir = work / "checkpoints"
+        resume = False
+        if checkpoint_key:
+            try:
+                _restore_checkpoint(rt.storage.get_bytes(checkpoint_key), checkpoint_dir)
+                resume = True
+                log.info("training %s resumes from %s", training_id, checkpoint_key)
+            except Exception:
+                log.warning("checkpoint %s unreadable; starting over", checkpoint_key, exc_info=True)
+        components = _components(rt, base_model, spec)
+        last_write = [0.0]
+
+        def on_progress(p) -> None:
+            # Progress doubles as the heartbeat; written at most twice a second.
+            now = time.monotonic()
+            if now - last_write[0] < 0.5 and p.step < p.total_steps:
+                return
+            last_write[0] = now
+            with rt.sessions() as session:
+                if not renew(
+                    session,
+                    Training,
+                    training_id,
+                    rt.owner,
+                    lease,
+                    step=p.step,
+                    total_steps=p.total_steps,
+                    loss=p.loss,
+                    eta_seconds=round(p.eta_seconds, 1),
+                ):
+                    raise LeaseLost(training_id)
+
+        def should_cancel() -> bool:
+            with rt.sessions() as session:
+                return bool(session.scalar(select(Training.cancel_requested).where(Training.id == training_id)))
+
+        def on_checkpoint(folder: Path) -> None:
+            key = f"tenants/{tenant_id}/trainings/{training_id}/checkpoint.tar"
+            temporary = rt.storage.temporary_key(key)
+            rt.storage.put_bytes(temporary, _checkpoint_archive(folder))
+            rt.storage.commit(temporary, key)
+            with rt.sessions() as session:
+                if not renew(session, Training, training_id, rt.owner, lease, checkpoint_key=key):
+                    raise LeaseLost(training_id)
+
+        try:
+            result = train(
+                spec,
+                components,
+                images,
+                work / "adapter.safetensors",
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                on_progress=on_progress,
+                should_cancel=should_cancel,
+                on_checkpoint=on_checkpoint,
+            )
+        except TrainingCanceled:
+            with rt.sessions() as session:
+                finish(session, Training, training_id, rt.owner, "canceled")
+            _notify(rt, training_id)
+            return "canceled"
+        except LeaseLost:
+            log.warning("training %s: lease lost to another worker; stopping", training_id)
+            return "lease_lost"
+        except (ValueError, FloatingPointError) as exc:
+            return fail("training_failed", str(exc))
+        return _store_adapter(rt, training_id, tenant_id, base_model, spec, result.adapter_path)
+    finally:
+        if components is not None and any(
+            "default" in layer.krona_a for layer in krona_layers(components.unet).values()
+        ):
+            delete_adapter(components.unet, "default")
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class LeaseLost(Exception):
+    pass
+
+
+def _store_adapter(
+    rt: Runtime, training_id: str, tenant_id: str, base_model: str, spec: TrainingSpec, path: Path
+) -> str:
+    from shared.krona import load_adapter
+
+    data = Path(path).read_bytes()
+    state, config, _ = load_adapter(path)
+    adapter_id = new_id("adp")
+    key = f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors"
+    temporary = rt.storage.temporary_key(key)
+    rt.storage.put_bytes(temporary, data)
+    with rt.sessions() as session:
+        session.add(
+            Adapter(
+                id=adapter_id,
+                tenant_id=tenant_id,
+                name=None,
+                base_model=base_model,
+                config=config.to_metadata(),
+                num_parameters=int(sum(t.numel() for t in state.values())),
+                size_bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                storage_key=key,
+                training_id=training_id,
+            )
+        )
+        # The adapter row and the terminal state commit together, and only by the lease owner;
+        # adapters.training_id is unique, so a training never gets two adapters.
+        try:
+            owned = finish(session, Training, training_id, rt.owner, "succeeded", commit=False, adapter_id=adapter_id)
+            if not owned:
+                session.rollback()
+                rt.storage.delete(temporary)
+                return "lease_lost"
+            rt.storage.commit(temporary, key)
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            rt.storage.delete(key)
+            return "lease_lost"
+    _notify(rt, training_id)
+    return "succeeded"
+
+
+def _notify(rt: Runtime, training_id: str) -> None:
+    from shared.queue import WEBHOOK_TASK
+
+    with rt.sessions() as session:
+        url = session.scalar(select(Training.webhook_url).where(Training.id == training_id))
+    if url:
+        try:
+            rt.send(WEBHOOK_TASK, f"training:{training_id}")
+        except Exception:
+            log.warning("could not enqueue the webhook of %s; the reaper will", training_id)
