@@ -60,6 +60,8 @@ def decode_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) ->
         with Image.open(io.BytesIO(data)) as probe:
             fmt = probe.format
             width, height = probe.size
+    except Image.DecompressionBombError:
+        raise ValueError(f"{name}: the image is over the limit of {limits.max_pixels:,} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"{name}: not a readable image ({exc})") from None
     if fmt not in limits.formats:

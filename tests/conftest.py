@@ -208,3 +208,30 @@ def s3_storage(s3_server):
     )
     storage.ensure_bucket()
     return storage
+
+
+@pytest.fixture
+def api(postgres_url, tiny_folders, tmp_path):
+    """The gateway on the session's PostgreSQL, local storage, a recording enqueuer, two fresh tenants."""
+    import uuid
+
+    from api_helpers import Api, RecordingEnqueuer
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from shared.db import make_engine, make_session_factory
+    from shared.settings import Settings
+    from shared.storage import LocalStorage
+    from shared.tenants import create_tenant
+
+    settings = Settings(database_url=postgres_url, data_dir=tmp_path, blob_dir=tmp_path / "blobs", base_model="tiny-sd")
+    enqueuer = RecordingEnqueuer()
+    app = create_app(settings, enqueuer=enqueuer, storage=LocalStorage(tmp_path / "blobs"))
+    sessions = make_session_factory(make_engine(postgres_url))
+    keys = {}
+    with sessions() as session:
+        for name in ("acme", "globex"):
+            _, keys[name] = create_tenant(session, f"{name}-{uuid.uuid4().hex[:6]}")
+        session.commit()
+    with TestClient(app) as client:
+        yield Api(client=client, context=app.state.context, enqueuer=enqueuer, keys=keys)

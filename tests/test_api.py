@@ -1,39 +1,17 @@
 """Every route of the HTTP API against PostgreSQL: auth, tenancy, idempotency, pagination, cancel, adapters."""
 
-import uuid
-
 import numpy as np
 import pytest
-from api_helpers import Api, RecordingEnqueuer, image_files, png
-from fastapi.testclient import TestClient
+from api_helpers import RecordingEnqueuer, image_files, png
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy import update
 
-from shared.db import Generation, Training, make_engine, make_session_factory
+from shared.db import Generation, Training
 from shared.krona.config import KronaConfig
 from shared.krona.convert import adapter_bytes
 from shared.models.shapes import attention_projection_shapes
 from shared.settings import Settings
-from shared.storage import LocalStorage
-from shared.tenants import create_tenant
-
-
-@pytest.fixture
-def api(postgres_url, tiny_folders, tmp_path):
-    settings = Settings(database_url=postgres_url, data_dir=tmp_path, blob_dir=tmp_path / "blobs", base_model="tiny-sd")
-    from services.gateway.app import create_app
-
-    enqueuer = RecordingEnqueuer()
-    app = create_app(settings, enqueuer=enqueuer, storage=LocalStorage(tmp_path / "blobs"))
-    sessions = make_session_factory(make_engine(postgres_url))
-    keys = {}
-    with sessions() as session:
-        for name in ("acme", "globex"):
-            _, keys[name] = create_tenant(session, f"{name}-{uuid.uuid4().hex[:6]}")
-        session.commit()
-    with TestClient(app) as client:
-        yield Api(client=client, context=app.state.context, enqueuer=enqueuer, keys=keys)
 
 
 def _create_training(api, tenant="acme", **extra):
