@@ -90,7 +90,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
             try:
                 _restore_checkpoint(rt.storage.get_bytes(checkpoint_key), checkpoint_dir)
                 resume = True
-                log.info("training %s resumes from %s", training_id, checkpoint_key)
+                log.warning("training %s resumes from its checkpoint %s", training_id, checkpoint_key)
             except Exception:
                 log.warning("checkpoint %s unreadable; starting over", checkpoint_key, exc_info=True)
         components = _components(rt, base_model, spec)
