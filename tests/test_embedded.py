@@ -1,0 +1,119 @@
+"""The embedded default: `krona up` and the CLI flow with no PostgreSQL, Redis or S3 at all."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import _free_port
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _krona(*args, env, timeout=300):
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"krona {' '.join(args)}: {result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_krona_up_and_the_cli_flow(tiny_folders, tmp_path):
+    data_dir = tmp_path / "krona-data"
+    port = _free_port()
+    # Only the embedded settings: nothing points at a database, broker or S3 server.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
+    env["KRONA_DATA_DIR"] = str(data_dir)
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        import httpx
+
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "krona up did not become ready"
+            time.sleep(0.5)
+        key_file = data_dir / "api-key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        assert key_file.read_text().strip() in (tmp_path / "up.log").read_text()
+        images = tmp_path / "images"
+        images.mkdir()
+        for i, color in enumerate(("red", "blue")):
+            Image.new("RGB", (96, 96), color).save(images / f"{i}.png")
+        client = ["--url", f"http://127.0.0.1:{port}", "--data-dir", str(data_dir)]
+        training = json.loads(
+            _krona(
+                "trainings",
+                "create",
+                *client,
+                "--images",
+                str(images),
+                "--prompt",
+                "a photo of sks toy",
+                "--params",
+                '{"steps": 3, "gradient_accumulation": 1}',
+                "--wait",
+                env=env,
+            )
+        )
+        assert training["status"] == "succeeded" and training["adapter_id"]
+        out = tmp_path / "out"
+        generation = json.loads(
+            _krona(
+                "generations",
+                "create",
+                *client,
+                "--prompt",
+                "a photo of sks toy",
+                "--adapter-id",
+                training["adapter_id"],
+                "--num-images",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                env=env,
+            )
+        )
+        assert generation["status"] == "succeeded"
+        assert sorted(p.name for p in out.iterdir()) == [f"{generation['id']}-0.png", f"{generation['id']}-1.png"]
+        lyco = tmp_path / "a.safetensors"
+        _krona(
+            "adapters", "download", training["adapter_id"], *client, "--format", "lycoris", "--out", str(lyco), env=env
+        )
+        assert "LyCORIS LoKr" in _krona("inspect", str(lyco), env=env)
+        listed = json.loads(_krona("trainings", "list", *client, env=env))
+        assert [t["id"] for t in listed["data"]] == [training["id"]]
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            code = up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
+        log.close()
+    assert code == 0
+    assert "Krona stopped." in (tmp_path / "up.log").read_text()
