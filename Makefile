@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install test lint format demo bench bench-quick clean
+.PHONY: install test lint format demo bench bench-quick clean services
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,18 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: install lint
+# The integration tests need PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379); start
+# them if they are down. SeaweedFS (S3) is started by the tests themselves (tests/conftest.py).
+services:
+	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
+	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""
+	@pg_isready -h 127.0.0.1 -p 5432 -t 30 >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
+
+test: install lint services
 	$(PY) -m pytest -q
 
 demo: install
-	$(VENV)/bin/krona demo
+	$(VENV)/bin/krona demo --out out/demo
 
 bench: install
 	$(PY) benchmarks/adapter_ops.py --json benchmarks/results/adapter_ops.json

@@ -93,7 +93,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
 def test_demo_runs_end_to_end(model_cache, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "demo", "--out", str(tmp_path / "demo")],
+        [sys.executable, "-m", "services.cli.main", "demo", "--local", "--out", str(tmp_path / "demo")],
         capture_output=True,
         text=True,
         env=env,

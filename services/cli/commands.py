@@ -124,10 +124,15 @@ def models(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from services.cli.demo import run_demo
-
     start = time.perf_counter()
-    run_demo(Path(args.out), args.base)
+    if args.local:
+        from services.cli.demo import run_demo
+
+        run_demo(Path(args.out), args.base)
+    else:
+        from services.cli.demo_service import run_service_demo
+
+        run_service_demo(Path(args.out))
     print(f"demo finished in {time.perf_counter() - start:.1f} s")
     return 0
 

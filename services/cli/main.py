@@ -14,9 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="local adapter demo on the built-in tiny-sd model (no servers, no GPU)")
+    demo = sub.add_parser("demo", help="the service end to end on the embedded stack and tiny-sd (no servers, no GPU)")
     demo.add_argument("--out", default="out/demo", help="folder for the demo's files (default: out/demo)")
-    demo.add_argument("--base", default="tiny-sd", help="base model: tiny-sd, tiny-sdxl, a folder or a hub id")
+    demo.add_argument("--local", action="store_true", help="the adapter-only demo in this process (no service)")
+    demo.add_argument("--base", default="tiny-sd", help="with --local: tiny-sd, tiny-sdxl, a folder or a hub id")
 
     inspect = sub.add_parser("inspect", help="describe an adapter file (native or LyCORIS LoKr)")
     inspect.add_argument("file")
