@@ -262,3 +262,34 @@ def test_generated_image_is_served(api):
     assert body["images"][0]["url"].endswith(f"/v1/generations/{gen['id']}/images/0")
     image = api.client.get(f"/v1/generations/{gen['id']}/images/0", headers=api.headers())
     assert image.headers["content-type"] == "image/png" and image.content == png(1)
+
+
+def test_gateway_imports_neither_torch_nor_workers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import services.gateway.app, shared.krona.convert, shared.models.shapes, shared.training_spec;"
+        "print(sorted(m for m in ('torch', 'diffusers', 'workers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_numpy_conversion_matches_the_torch_one():
+    import torch
+
+    from shared.krona import from_lycoris, to_lycoris
+    from shared.krona.convert import lycoris_arrays, native_arrays_from_upload
+
+    native = load_safetensors(_native_adapter_file(a1=8, a2=8))
+    lyco_np, not_rebuildable = lycoris_arrays(native)
+    lyco_torch = to_lycoris({k: torch.from_numpy(v) for k, v in native.items()})
+    assert lyco_np.keys() == lyco_torch.keys() and not not_rebuildable
+    for key in lyco_np:
+        assert np.array_equal(lyco_np[key], lyco_torch[key].numpy())
+    back, config, source = native_arrays_from_upload(lyco_np, {})
+    assert source == "lycoris" and (config.a1, config.a2) == (8, 8)
+    expected = from_lycoris({k: torch.from_numpy(v) for k, v in lyco_np.items()})
+    for key in back:
+        assert np.array_equal(back[key], expected[key].numpy())
