@@ -19,12 +19,16 @@ from pathlib import Path
 DEFAULT_TENANT = "default"
 
 
-def _settings(data_dir: str | None = None):
+def _settings(data_dir: str | None = None, *, export: bool = False):
+    """Settings with ``--data-dir`` applied; ``export`` also puts it in the environment for child processes."""
     from shared.settings import Settings
 
-    if data_dir:
-        os.environ["KRONA_DATA_DIR"] = str(Path(data_dir).resolve())
-    return Settings()
+    if not data_dir:
+        return Settings()
+    resolved = str(Path(data_dir).resolve())
+    if export:
+        os.environ["KRONA_DATA_DIR"] = resolved
+    return Settings(data_dir=resolved)
 
 
 def migrate(args: argparse.Namespace) -> int:
@@ -79,7 +83,10 @@ def _ensure_default_tenant(settings) -> Path:
 def gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    _settings(getattr(args, "data_dir", None))
+    from services.gateway.app import configure_logging
+
+    _settings(getattr(args, "data_dir", None), export=True)
+    configure_logging()
     uvicorn.run("services.gateway.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning")
     return 0
 
@@ -92,7 +99,7 @@ def worker_command(queues: str, hostname: str) -> list[str]:
 
 
 def worker(args: argparse.Namespace) -> int:
-    _settings(getattr(args, "data_dir", None))
+    _settings(getattr(args, "data_dir", None), export=True)
     os.execv(sys.executable, worker_command(args.queues, f"krona-{args.queues.replace(',', '-')}@%h"))
     return 0  # not reached
 

@@ -52,6 +52,16 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """One JSON object per line on stderr, with the request id on request lines."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    logger = logging.getLogger("krona")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+
+
 def create_app(
     settings: Settings | None = None, *, enqueuer: Enqueuer | None = None, storage: Storage | None = None
 ) -> FastAPI:
