@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(6 * 3600, description="Redis broker; longer than the longest job")
     worker_device: str | None = Field(None, description="cpu or cuda; default cuda when available")
 
+    engine_slots: int = Field(8, description="adapters resident on the device at once (the device cache tier)")
+    engine_host_cache_mb: int = Field(512, description="host-memory tier of the adapter cache, in MiB")
+    engine_max_batch: int = Field(8, description="images per UNet batch; compatible requests are gathered")
+    batch_wait_ms: int = Field(50, description="how long a generation waits for compatible requests")
+    engine_a1: int = Field(64, description="A's rows in the engine's adapter slots (adapters must match)")
+    engine_a2: int = Field(8, description="A's columns in the engine's adapter slots")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.env == "prod":

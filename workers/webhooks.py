@@ -13,7 +13,7 @@ from .runtime import Runtime
 
 log = logging.getLogger("krona.worker.webhooks")
 
-__all__ = ["WebhookFailed", "deliver_webhook"]
+__all__ = ["WebhookFailed", "deliver_webhook", "notify"]
 
 
 class WebhookFailed(Exception):
@@ -62,3 +62,18 @@ def _mark_delivered(rt: Runtime, model, job_id: str) -> None:
     with rt.sessions() as session:
         session.execute(update(model).where(model.id == job_id).values(webhook_delivered_at=utcnow()))
         session.commit()
+
+
+def notify(rt: Runtime, model, kind: str, job_id: str) -> None:
+    """After a terminal state: send the webhook task if the job has a webhook (the reaper retries a failed send)."""
+    from sqlalchemy import select
+
+    from shared.queue import WEBHOOK_TASK
+
+    with rt.sessions() as session:
+        url = session.scalar(select(model.webhook_url).where(model.id == job_id))
+    if url:
+        try:
+            rt.send(WEBHOOK_TASK, f"{kind}:{job_id}")
+        except Exception:
+            log.warning("could not enqueue the webhook of %s; the reaper will", job_id)

@@ -1,11 +1,17 @@
-"""A generation job: claim the row, load the adapter (if any) into the worker's pipeline, render, store PNGs."""
+"""Generation jobs on the resident engine, gathered into mixed-adapter batches.
+
+A task claims its row, waits ``KRONA_BATCH_WAIT_MS`` for company, claims up to
+``KRONA_ENGINE_MAX_BATCH - 1`` more queued generations with the same size, steps and guidance, and
+runs them as one batch on the worker's engine (each sample with its own adapter and scale). The
+other rows' own messages later find them claimed and do nothing. After a batch, the adapters of the
+next queued requests are prefetched into the host tier of the cache.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
-import tempfile
-from pathlib import Path
+import time
 
 from sqlalchemy import select
 
@@ -13,121 +19,167 @@ from shared.db import Adapter, Generation
 
 from ..lease import claim, finish, renew
 from ..runtime import Runtime
+from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.inference")
 
-__all__ = ["run_generation_job"]
+__all__ = ["engine_for", "run_generation_job"]
 
 
-def _pipeline(rt: Runtime):
-    import torch
-
-    from shared.models import load_pipeline
-
-    key = f"infer:{rt.settings.base_model}"
+def engine_for(rt: Runtime):
+    """The process's engine: the base pipeline loaded once, with adapter slots on every target layer."""
+    key = f"engine:{rt.settings.base_model}"
     if key not in rt.pipelines:
-        device = rt.settings.worker_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        import torch
+
+        from shared.models import load_pipeline
+
+        from .engine import Engine
+
+        settings = rt.settings
+        device = settings.worker_device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if device.startswith("cuda") else None
-        pipe = load_pipeline(rt.settings.base_model, torch_dtype=dtype, device=device)
+        pipe = load_pipeline(settings.base_model, torch_dtype=dtype, device=device)
         pipe.set_progress_bar_config(disable=True)
-        rt.pipelines[key] = pipe
+
+        def fetch(adapter_id: str) -> bytes:
+            with rt.sessions() as session:
+                storage_key = session.scalar(select(Adapter.storage_key).where(Adapter.id == adapter_id))
+            if storage_key is None:
+                raise KeyError(adapter_id)
+            return rt.storage.get_bytes(storage_key)
+
+        rt.pipelines[key] = Engine(
+            pipe,
+            fetch=fetch,
+            a_shape=(settings.engine_a1, settings.engine_a2),
+            slots=settings.engine_slots,
+            host_budget_bytes=settings.engine_host_cache_mb * 1024 * 1024,
+            max_batch=settings.engine_max_batch,
+        )
     return rt.pipelines[key]
+
+
+def _gather(rt: Runtime, first: Generation) -> list[str]:
+    """Claim queued generations compatible with ``first`` (same size, steps, guidance), oldest first."""
+    settings = rt.settings
+    if settings.engine_max_batch <= 1:
+        return []
+    time.sleep(settings.batch_wait_ms / 1000)
+    with rt.sessions() as session:
+        candidates = session.scalars(
+            select(Generation.id)
+            .where(
+                Generation.status == "queued",
+                Generation.width == first.width,
+                Generation.height == first.height,
+                Generation.steps == first.steps,
+                Generation.guidance_scale == first.guidance_scale,
+                Generation.id != first.id,
+            )
+            .order_by(Generation.created_at)
+            .limit(4 * settings.engine_max_batch)
+        ).all()
+        taken, images = [], first.num_images
+        for job_id in candidates:
+            row = session.get(Generation, job_id)
+            if images + row.num_images > settings.engine_max_batch:
+                continue
+            if claim(session, Generation, job_id, rt.owner, settings.lease_seconds):
+                taken.append(job_id)
+                images += row.num_images
+            if images >= settings.engine_max_batch:
+                break
+    return taken
 
 
 def run_generation_job(rt: Runtime, generation_id: str) -> str:
     import numpy as np
-    import torch
     from PIL import Image
 
-    from shared.krona import delete_adapter, krona_layers, load_into_pipeline
+    from .engine import AdapterShapeError, Request
 
     lease = rt.settings.lease_seconds
     with rt.sessions() as session:
         if not claim(session, Generation, generation_id, rt.owner, lease):
             return "skipped"
-        row = session.get(Generation, generation_id)
-        job = {
-            c: getattr(row, c)
-            for c in (
-                "tenant_id",
-                "prompt",
-                "negative_prompt",
-                "adapter_id",
-                "adapter_scale",
-                "num_images",
-                "steps",
-                "guidance_scale",
-                "width",
-                "height",
-                "seed",
-            )
-        }
-        adapter_key = None
-        if job["adapter_id"]:
-            adapter_key = session.scalar(
-                select(Adapter.storage_key).where(
-                    Adapter.id == job["adapter_id"], Adapter.tenant_id == job["tenant_id"]
-                )
-            )
-
-    def fail(code: str, message: str) -> str:
-        with rt.sessions() as session:
-            finish(
-                session, Generation, generation_id, rt.owner, "failed", error_code=code, error_message=message[:2000]
-            )
-        _notify(rt, generation_id)
-        return "failed"
-
-    if job["adapter_id"] and adapter_key is None:
-        return fail("adapter_not_found", f"adapter {job['adapter_id']} was deleted")
-    pipe = _pipeline(rt)
-    try:
-        if any("default" in layer.krona_a for layer in krona_layers(pipe.unet).values()):
-            delete_adapter(pipe.unet, "default")
-        if adapter_key:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "adapter.safetensors"
-                path.write_bytes(rt.storage.get_bytes(adapter_key))
-                load_into_pipeline(pipe, path, scale=job["adapter_scale"])
-        generators = [torch.Generator().manual_seed(job["seed"] + i) for i in range(job["num_images"])]
-        output = pipe(
-            job["prompt"],
-            negative_prompt=job["negative_prompt"],
-            num_images_per_prompt=job["num_images"],
-            num_inference_steps=job["steps"],
-            guidance_scale=job["guidance_scale"],
-            width=job["width"],
-            height=job["height"],
-            generator=generators,
-            output_type="np",
-        ).images
-    except (ValueError, RuntimeError) as exc:
-        return fail("generation_failed", str(exc))
-    finally:
-        if any("default" in layer.krona_a for layer in krona_layers(pipe.unet).values()):
-            delete_adapter(pipe.unet, "default")
-    images = []
-    for index, array in enumerate(output):
-        buffer = io.BytesIO()
-        Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
-        key = f"tenants/{job['tenant_id']}/generations/{generation_id}/{index}.png"
-        rt.storage.put_bytes(key, buffer.getvalue(), content_type="image/png")
-        images.append({"index": index, "key": key, "seed": job["seed"] + index})
+        first = session.get(Generation, generation_id)
+    ids = [generation_id, *_gather(rt, first)]
+    engine = engine_for(rt)
+    rows: dict[str, Generation] = {}
     with rt.sessions() as session:
-        if not renew(session, Generation, generation_id, rt.owner, lease):
-            return "lease_lost"
-        finish(session, Generation, generation_id, rt.owner, "succeeded", images=images)
-    _notify(rt, generation_id)
+        for job_id in ids:
+            rows[job_id] = session.get(Generation, job_id)
+            session.expunge(rows[job_id])
+
+    def fail(job_id: str, code: str, message: str) -> None:
+        with rt.sessions() as session:
+            finish(session, Generation, job_id, rt.owner, "failed", error_code=code, error_message=message[:2000])
+        notify(rt, Generation, "generation", job_id)
+
+    runnable = []
+    for job_id, row in rows.items():
+        if row.adapter_id:
+            with rt.sessions() as session:
+                owner = session.scalar(select(Adapter.tenant_id).where(Adapter.id == row.adapter_id))
+            if owner != row.tenant_id:
+                fail(job_id, "adapter_not_found", f"adapter {row.adapter_id} was deleted")
+                continue
+            try:
+                engine.slot_for(row.adapter_id)
+            except AdapterShapeError as exc:
+                fail(job_id, "adapter_unsupported", str(exc))
+                continue
+        runnable.append(job_id)
+    if not runnable:
+        return "failed"
+    requests = [
+        Request(
+            prompt=rows[j].prompt,
+            adapter_id=rows[j].adapter_id,
+            adapter_scale=rows[j].adapter_scale,
+            negative_prompt=rows[j].negative_prompt,
+            num_images=rows[j].num_images,
+            seed=rows[j].seed,
+        )
+        for j in runnable
+    ]
+    try:
+        outputs = engine.run(
+            requests, steps=first.steps, guidance_scale=first.guidance_scale, width=first.width, height=first.height
+        )
+    except (ValueError, RuntimeError) as exc:
+        for job_id in runnable:
+            fail(job_id, "generation_failed", str(exc))
+        return "failed"
+    for job_id, images in zip(runnable, outputs, strict=True):
+        row = rows[job_id]
+        stored = []
+        for index, array in enumerate(images):
+            buffer = io.BytesIO()
+            Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+            key = f"tenants/{row.tenant_id}/generations/{job_id}/{index}.png"
+            rt.storage.put_bytes(key, buffer.getvalue(), content_type="image/png")
+            stored.append({"index": index, "key": key, "seed": row.seed + index})
+        with rt.sessions() as session:
+            if renew(session, Generation, job_id, rt.owner, lease):
+                finish(session, Generation, job_id, rt.owner, "succeeded", images=stored)
+        notify(rt, Generation, "generation", job_id)
+    _prefetch(rt, engine)
+    log.info("batch of %d generations (%d images); cache %s", len(runnable), sum(map(len, outputs)), engine.stats())
     return "succeeded"
 
 
-def _notify(rt: Runtime, generation_id: str) -> None:
-    from shared.queue import WEBHOOK_TASK
-
+def _prefetch(rt: Runtime, engine) -> None:
+    """Load the adapters of the next queued requests into the host tier while the queue waits."""
     with rt.sessions() as session:
-        url = session.scalar(select(Generation.webhook_url).where(Generation.id == generation_id))
-    if url:
-        try:
-            rt.send(WEBHOOK_TASK, f"generation:{generation_id}")
-        except Exception:
-            log.warning("could not enqueue the webhook of %s; the reaper will", generation_id)
+        upcoming = session.scalars(
+            select(Generation.adapter_id)
+            .where(Generation.status == "queued", Generation.adapter_id.is_not(None))
+            .order_by(Generation.created_at)
+            .limit(rt.settings.engine_slots)
+        ).all()
+    try:
+        engine.cache.prefetch(list(dict.fromkeys(upcoming)))
+    except Exception:
+        log.warning("prefetch failed", exc_info=True)

@@ -24,6 +24,7 @@ from shared.training_spec import TrainingSpec
 
 from ..lease import claim, finish, renew
 from ..runtime import Runtime
+from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.training")
 
@@ -73,7 +74,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
     def fail(code: str, message: str) -> str:
         with rt.sessions() as session:
             finish(session, Training, training_id, rt.owner, "failed", error_code=code, error_message=message[:2000])
-        _notify(rt, training_id)
+        notify(rt, Training, "training", training_id)
         return "failed"
 
     work = Path(tempfile.mkdtemp(prefix=f"krona-{training_id}-"))
@@ -144,7 +145,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
         except TrainingCanceled:
             with rt.sessions() as session:
                 finish(session, Training, training_id, rt.owner, "canceled")
-            _notify(rt, training_id)
+            notify(rt, Training, "training", training_id)
             return "canceled"
         except LeaseLost:
             log.warning("training %s: lease lost to another worker; stopping", training_id)
@@ -206,17 +207,5 @@ def _store_adapter(
             session.rollback()
             rt.storage.delete(key)
             return "lease_lost"
-    _notify(rt, training_id)
+    notify(rt, Training, "training", training_id)
     return "succeeded"
-
-
-def _notify(rt: Runtime, training_id: str) -> None:
-    from shared.queue import WEBHOOK_TASK
-
-    with rt.sessions() as session:
-        url = session.scalar(select(Training.webhook_url).where(Training.id == training_id))
-    if url:
-        try:
-            rt.send(WEBHOOK_TASK, f"training:{training_id}")
-        except Exception:
-            log.warning("could not enqueue the webhook of %s; the reaper will", training_id)

@@ -1,0 +1,277 @@
+"""The resident inference engine: one base pipeline, adapter slots, a tiered adapter cache, mixed batches.
+
+    engine = Engine(pipe, fetch=lambda adapter_id: bytes_of_its_file)
+    images = engine.run([Request(prompt=..., adapter_id="adp_1", seed=1), Request(..., adapter_id="adp_2")])
+
+- Every target layer is wrapped once, at construction, in a ``KronaBankLinear`` with ``slots`` factor
+  slots (slot 0 = no adapter). Switching adapters copies factors into a slot: no module is created or
+  replaced, and after warm-up nothing is allocated per swap (the slots' storage never moves).
+- Cache tiers: device slots (LRU), host memory (LRU under a byte budget), then storage (``fetch``).
+  Counters: ``stats()``.
+- Mixed batches: requests with different adapters (and scales, and none) run in one UNet batch, each
+  sample with its own factors; the result equals running each request alone (tests check).
+- Merged mode: ``merge(adapter_id)`` fuses one adapter into the base weights for a worker dedicated to
+  it (no per-token adapter cost); ``unmerge()`` restores the weights exactly (kept copies).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from shared.krona.bank import KronaBankLinear, Routing
+from shared.krona.config import DEFAULT_TARGET_MODULES
+from shared.krona.model import find_target_linears, group_factors
+
+__all__ = ["AdapterCache", "AdapterShapeError", "Engine", "Request"]
+
+
+class AdapterShapeError(ValueError):
+    """The adapter's factor shapes do not match the engine's slots."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    adapter_id: str | None = None
+    adapter_scale: float = 1.0
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int = 0
+
+
+@dataclass
+class CacheStats:
+    device_hits: int = 0
+    host_hits: int = 0
+    storage_fetches: int = 0
+    device_evictions: int = 0
+    host_evictions: int = 0
+
+
+class AdapterCache:
+    """Host tier: adapter id -> factors on the CPU (LRU under ``host_budget_bytes``); misses go to ``fetch``."""
+
+    def __init__(self, fetch: Callable[[str], bytes], host_budget_bytes: int) -> None:
+        self.fetch = fetch
+        self.budget = host_budget_bytes
+        self.entries: OrderedDict[str, tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]] = OrderedDict()
+        self.bytes = 0
+        self.stats = CacheStats()
+        self.lock = threading.Lock()
+
+    def get(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        with self.lock:
+            if adapter_id in self.entries:
+                self.entries.move_to_end(adapter_id)
+                self.stats.host_hits += 1
+                return self.entries[adapter_id][0]
+        from safetensors.torch import load
+
+        data = self.fetch(adapter_id)
+        pairs = group_factors(load(data))
+        size = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pairs.values())
+        with self.lock:
+            self.stats.storage_fetches += 1
+            self.entries[adapter_id] = (pairs, size)
+            self.bytes += size
+            while self.bytes > self.budget and len(self.entries) > 1:
+                _, (_, evicted) = self.entries.popitem(last=False)
+                self.bytes -= evicted
+                self.stats.host_evictions += 1
+        return pairs
+
+    def prefetch(self, adapter_ids: Sequence[str]) -> None:
+        for adapter_id in adapter_ids:
+            if adapter_id not in self.entries:
+                self.get(adapter_id)
+
+    def discard(self, adapter_id: str) -> None:
+        with self.lock:
+            entry = self.entries.pop(adapter_id, None)
+            if entry is not None:
+                self.bytes -= entry[1]
+
+
+class Engine:
+    def __init__(
+        self,
+        pipe,
+        *,
+        fetch: Callable[[str], bytes],
+        a_shape: tuple[int, int] = (64, 8),
+        target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES,
+        slots: int = 8,
+        host_budget_bytes: int = 512 * 1024 * 1024,
+        max_batch: int = 8,
+    ) -> None:
+        if slots < 1:
+            raise ValueError("the engine needs at least one adapter slot")
+        self.pipe = pipe
+        self.a_shape = a_shape
+        self.max_batch = max_batch
+        self.routing = Routing()
+        self.layers: dict[str, KronaBankLinear] = {}
+        for path, linear in sorted(find_target_linears(pipe.unet, target_modules).items()):
+            layer = KronaBankLinear(linear, a_shape, slots + 1, self.routing)
+            parent_path, _, child = path.rpartition(".")
+            setattr(pipe.unet.get_submodule(parent_path) if parent_path else pipe.unet, child, layer)
+            self.layers[path] = layer
+        self.cache = AdapterCache(fetch, host_budget_bytes)
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # device tier: adapter id -> slot (LRU)
+        self.free_slots = list(range(1, slots + 1))
+        self.merged: tuple[str, float, dict[str, torch.Tensor]] | None = None
+        self.lock = threading.Lock()
+
+    # Device tier ---------------------------------------------------------------------------------
+
+    def slot_for(self, adapter_id: str, pinned: set[int] = frozenset()) -> int:
+        """The slot holding ``adapter_id``, loading it (host tier, then storage) into a free or LRU slot."""
+        if adapter_id in self.slot_of:
+            self.slot_of.move_to_end(adapter_id)
+            self.cache.stats.device_hits += 1
+            return self.slot_of[adapter_id]
+        pairs = self.cache.get(adapter_id)
+        self._check(adapter_id, pairs)
+        if self.free_slots:
+            slot = self.free_slots.pop(0)
+        else:
+            victim = next((a for a, s in self.slot_of.items() if s not in pinned), None)
+            if victim is None:
+                raise RuntimeError("every slot is in use by the current batch; raise the slot count")
+            slot = self.slot_of.pop(victim)
+            self.cache.stats.device_evictions += 1
+        for path, layer in self.layers.items():
+            a, b = pairs[path]
+            layer.load_slot(slot, a, b)
+        self.slot_of[adapter_id] = slot
+        return slot
+
+    def _check(self, adapter_id: str, pairs) -> None:
+        if set(pairs) != set(self.layers):
+            missing = sorted(set(self.layers) - set(pairs))[:2]
+            extra = sorted(set(pairs) - set(self.layers))[:2]
+            raise AdapterShapeError(f"adapter {adapter_id} covers other layers (missing {missing}, extra {extra})")
+        for path, (a, b) in pairs.items():
+            layer = self.layers[path]
+            if tuple(a.shape) != tuple(layer.bank_a.shape[1:]) or tuple(b.shape) != tuple(layer.bank_b.shape[1:]):
+                raise AdapterShapeError(
+                    f"adapter {adapter_id} has A {tuple(a.shape)} on {path}; this engine's slots hold "
+                    f"A {tuple(layer.bank_a.shape[1:])}"
+                )
+
+    def evict(self, adapter_id: str) -> None:
+        """Forget an adapter everywhere (after it was deleted)."""
+        slot = self.slot_of.pop(adapter_id, None)
+        if slot is not None:
+            self.free_slots.append(slot)
+        self.cache.discard(adapter_id)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.cache.stats.__dict__, device_resident=len(self.slot_of), host_bytes=self.cache.bytes)
+
+    # Merged mode ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self, adapter_id: str, scale: float = 1.0) -> None:
+        """Fuse one adapter into the base weights (a worker dedicated to it); requests for it skip the slots."""
+        if self.merged is not None:
+            raise ValueError(f"adapter {self.merged[0]} is merged; unmerge it first")
+        pairs = self.cache.get(adapter_id)
+        self._check(adapter_id, pairs)
+        originals = {}
+        for path, layer in self.layers.items():
+            weight = layer.base_layer.weight
+            a, b = pairs[path]
+            merged = weight.float() + scale * torch.kron(a.float(), b.float()).to(weight.device)
+            if not torch.isfinite(merged).all():
+                for p, w in originals.items():
+                    self.layers[p].base_layer.weight.copy_(w)
+                raise ValueError(f"merging {adapter_id} gives non-finite weights")
+            originals[path] = weight.detach().clone()
+            weight.copy_(merged.to(weight.dtype))
+        self.merged = (adapter_id, scale, originals)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weights (the originals were kept, so half precision loses nothing)."""
+        if self.merged is None:
+            return
+        for path, original in self.merged[2].items():
+            self.layers[path].base_layer.weight.copy_(original)
+        self.merged = None
+
+    # Running requests ----------------------------------------------------------------------------
+
+    def run(
+        self,
+        requests: Sequence[Request],
+        *,
+        steps: int = 25,
+        guidance_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> list[list]:
+        """Images (numpy HWC float in [0, 1]) for each request, all in as few UNet batches as ``max_batch`` allows."""
+        samples = [(i, r, k) for i, r in enumerate(requests) for k in range(r.num_images)]
+        results: list[list] = [[] for _ in requests]
+        with self.lock:
+            for start in range(0, len(samples), self.max_batch):
+                chunk = samples[start : start + self.max_batch]
+                images = self._run_chunk(chunk, steps, guidance_scale, width, height)
+                for (index, _, _), image in zip(chunk, images, strict=True):
+                    results[index].append(image)
+        return results
+
+    def _run_chunk(self, chunk, steps, guidance_scale, width, height):
+        pinned: set[int] = set()
+        slots, scales = [], []
+        for _, request, _ in chunk:
+            if request.adapter_id is None or request.adapter_scale == 0.0:
+                slot = 0
+            elif self.merged is not None and request.adapter_id == self.merged[0]:
+                if request.adapter_scale != self.merged[1]:
+                    raise ValueError("a merged adapter runs only at the scale it was merged with")
+                slot = 0
+            else:
+                if self.merged is not None:
+                    raise ValueError(f"this engine serves merged adapter {self.merged[0]} only")
+                slot = self.slot_for(request.adapter_id, pinned)
+            pinned.add(slot)
+            slots.append(slot)
+            scales.append(float(request.adapter_scale) if slot else 0.0)
+        device = next(iter(self.layers.values())).bank_a.device
+        cfg = guidance_scale > 1.0
+        factor = 2 if cfg else 1  # classifier-free guidance runs [uncond; cond] in one batch
+        if len(set(zip(slots, scales, strict=True))) == 1:
+            self.routing.uniform_slot, self.routing.uniform_scale = slots[0], scales[0]
+            self.routing.slots = self.routing.scales = None
+        else:
+            self.routing.uniform_slot = None
+            self.routing.slots = torch.tensor(slots * factor, device=device)
+            self.routing.scales = torch.tensor(scales * factor, device=device)
+        try:
+            generators = [torch.Generator().manual_seed(r.seed + k) for _, r, k in chunk]
+            negative = [r.negative_prompt or "" for _, r, _ in chunk]
+            output = self.pipe(
+                [r.prompt for _, r, _ in chunk],
+                negative_prompt=negative if any(negative) else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                width=width,
+                height=height,
+                generator=generators,
+                output_type="np",
+            )
+        finally:
+            self.routing.clear()
+        return list(output.images)
+
+
+def is_engine_layer(module: nn.Module) -> bool:
+    return isinstance(module, KronaBankLinear)
