@@ -1,0 +1,207 @@
+"""Adapter swap latency and memory growth: Krona's engine vs diffusers' LoRA loading vs PEFT LoKr.
+
+On a full-size UNet (SD 1.5, and SDXL unless --quick) with random weights on the CPU:
+
+  krona      Engine.slot_for with three adapters rotating through two slots: every call copies an
+             adapter's factors into a slot (host tier -> device slots), the real swap of the engine
+  diffusers  pipe.load_lora_weights(state_dict) + pipe.unload_lora_weights(), LoRA rank 4 on the same
+             layers (what a diffusers server does per request)
+  peft_lokr  unet.add_adapter(LoKrConfig) + unet.delete_adapters(), same layers
+
+and the resident-set growth over the swaps. Prints a table, writes JSON with summary fields
+krona_swap_ms_median, diffusers_swap_ms_median, speedup_vs_diffusers, rss_growth_mb.
+
+    python benchmarks/adapter_swap.py [--quick] [--json PATH] [--swaps 1000] [--peer-swaps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared.krona import KronaConfig, adapter_state_dict, inject_adapter, save_adapter
+from shared.models import REFERENCE_UNET_CONFIGS, load_pipeline
+from workers.inference.engine import Engine
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def _rss_mb() -> float:
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _pipeline_with_unet(model: str):
+    """A tiny pipeline whose UNet is replaced by a full-size one from the real config (random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    pipe = load_pipeline("tiny-sdxl" if model == "sdxl" else "tiny-sd")
+    torch.manual_seed(0)
+    pipe.unet = UNet2DConditionModel(**REFERENCE_UNET_CONFIGS[model]).eval().requires_grad_(False)
+    return pipe
+
+
+def _krona_files(pipe, count: int, folder: Path) -> dict[str, bytes]:
+    unet = pipe.unet
+    inject_adapter(unet, KronaConfig())
+    files = {}
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if "krona_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+        path = save_adapter(folder / f"{i}.safetensors", adapter_state_dict(unet), KronaConfig())
+        files[f"adp_{i}"] = path.read_bytes()
+    from shared.krona import delete_adapter
+
+    delete_adapter(unet, "default")
+    return files
+
+
+def bench_krona(pipe, files: dict[str, bytes], swaps: int) -> dict:
+    engine = Engine(pipe, fetch=files.__getitem__, slots=2)
+    ids = sorted(files)
+    for adapter_id in ids * 3:  # warm-up: host tier filled, slots allocated at construction
+        engine.slot_for(adapter_id)
+    rss = _rss_mb()
+    times = []
+    for i in range(swaps):
+        start = time.perf_counter()
+        engine.slot_for(ids[i % len(ids)])
+        times.append((time.perf_counter() - start) * 1e3)
+    growth = _rss_mb() - rss
+    assert engine.stats()["device_evictions"] >= swaps
+    # Unwrap, so that the peers below see plain Linear layers again.
+    for path, layer in engine.layers.items():
+        parent, _, child = path.rpartition(".")
+        setattr(pipe.unet.get_submodule(parent), child, layer.base_layer)
+    return {"ms": times, "rss_growth_mb": growth}
+
+
+def _lora_state_dict(unet, rank: int = 4) -> dict[str, torch.Tensor]:
+    state = {}
+    g = torch.Generator().manual_seed(0)
+    for path, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and path.endswith(tuple(TARGETS)):
+            state[f"unet.{path}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) * 0.01
+            state[f"unet.{path}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.01
+    return state
+
+
+def bench_diffusers(pipe, swaps: int) -> dict:
+    state = _lora_state_dict(pipe.unet)
+    pipe.load_lora_weights(dict(state), adapter_name="warmup")
+    pipe.unload_lora_weights()
+    rss = _rss_mb()
+    times = []
+    for i in range(swaps):
+        start = time.perf_counter()
+        pipe.load_lora_weights(dict(state), adapter_name=f"a{i}")
+        pipe.unload_lora_weights()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"ms": times, "rss_growth_mb": _rss_mb() - rss}
+
+
+def bench_peft_lokr(pipe, swaps: int) -> dict:
+    from peft import LoKrConfig
+
+    config = LoKrConfig(r=8, target_modules=TARGETS)
+    pipe.unet.add_adapter(config, adapter_name="warmup")
+    pipe.unet.delete_adapters("warmup")
+    rss = _rss_mb()
+    times = []
+    for i in range(swaps):
+        start = time.perf_counter()
+        pipe.unet.add_adapter(config, adapter_name=f"a{i}")
+        pipe.unet.delete_adapters(f"a{i}")
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"ms": times, "rss_growth_mb": _rss_mb() - rss}
+
+
+def p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="SD 1.5 only, 200 Krona swaps, 5 peer swaps")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--swaps", type=int, help="Krona swaps (default 1000; 200 with --quick)")
+    parser.add_argument("--peer-swaps", type=int, help="diffusers and PEFT swaps (default 20; 5 with --quick)")
+    args = parser.parse_args(argv)
+    swaps = args.swaps or (200 if args.quick else 1000)
+    peer = args.peer_swaps or (5 if args.quick else 20)
+    models = ["sd15"] if args.quick else ["sd15", "sdxl"]
+    import tempfile
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    rows = []
+    print(f"# adapter_swap on the CPU ({torch.get_num_threads()} threads); Krona {swaps} swaps, peers {peer}")
+    print(f"{'model':<6} {'method':<10} {'median ms':>10} {'p99 ms':>9} {'RSS growth MB':>14} {'swaps':>6}")
+    for model in models:
+        pipe = _pipeline_with_unet(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = _krona_files(pipe, 3, Path(tmp))
+        results = {
+            "krona": bench_krona(pipe, files, swaps),
+            "diffusers": bench_diffusers(pipe, peer),
+            "peft_lokr": bench_peft_lokr(pipe, peer),
+        }
+        for method, result in results.items():
+            row = {
+                "model": model,
+                "method": method,
+                "median_ms": statistics.median(result["ms"]),
+                "p99_ms": p99(result["ms"]),
+                "rss_growth_mb": result["rss_growth_mb"],
+                "swaps": len(result["ms"]),
+            }
+            rows.append(row)
+            print(
+                f"{model:<6} {method:<10} {row['median_ms']:>10.2f} {row['p99_ms']:>9.2f} "
+                f"{row['rss_growth_mb']:>14.1f} {row['swaps']:>6}",
+                flush=True,
+            )
+        del pipe
+        gc.collect()
+    by = {(r["model"], r["method"]): r for r in rows}
+    summary = {
+        "krona_swap_ms_median": round(by[("sd15", "krona")]["median_ms"], 3),
+        "diffusers_swap_ms_median": round(by[("sd15", "diffusers")]["median_ms"], 1),
+        "speedup_vs_diffusers": round(by[("sd15", "diffusers")]["median_ms"] / by[("sd15", "krona")]["median_ms"], 1),
+        "speedup_vs_peft_lokr": round(by[("sd15", "peft_lokr")]["median_ms"] / by[("sd15", "krona")]["median_ms"], 1),
+        "rss_growth_mb": round(max(r["rss_growth_mb"] for r in rows if r["method"] == "krona"), 1),
+    }
+    if ("sdxl", "krona") in by:
+        summary["sdxl_krona_swap_ms_median"] = round(by[("sdxl", "krona")]["median_ms"], 3)
+        summary["sdxl_speedup_vs_diffusers"] = round(
+            by[("sdxl", "diffusers")]["median_ms"] / by[("sdxl", "krona")]["median_ms"], 1
+        )
+    print("summary:", json.dumps(summary, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        args.json.write_text(json.dumps({"rows": rows, "summary": summary, "machine": machine}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
