@@ -162,3 +162,39 @@ def test_500_swaps_keep_memory_flat(tiny_folders, adapter_files):
     growth = psutil.Process().memory_info().rss - rss
     assert engine.stats()["device_evictions"] >= 500
     assert growth < 20 * 1024 * 1024, f"RSS grew {growth / 2**20:.1f} MiB over 500 swaps"
+
+
+def test_worker_gathers_compatible_queued_requests_into_one_batch(tiny_folders, adapter_files, tmp_path):
+    """Three queued generations with three adapters: the first task runs all three; the others find them done."""
+    from shared.db import Adapter, Generation, upgrade_to_head
+    from shared.settings import Settings
+    from shared.storage import LocalStorage
+    from shared.tenants import create_tenant
+    from workers.inference.job import run_generation_job
+    from workers.runtime import build_runtime
+
+    settings = Settings(data_dir=tmp_path, base_model="tiny-sd", batch_wait_ms=0, engine_slots=4)
+    upgrade_to_head(settings.resolved_database_url)
+    rt = build_runtime(settings, storage=LocalStorage(tmp_path / "blobs"))
+    with rt.sessions() as session:
+        tenant, _ = create_tenant(session, "batching")
+        ids = []
+        for i in range(3):
+            key = f"tenants/{tenant.id}/adapters/adp_{i}.safetensors"
+            rt.storage.put_bytes(key, adapter_files[f"adp_{i}"])
+            session.add(Adapter(id=f"adp_{i}", tenant_id=tenant.id, base_model="tiny-sd", config={"a1": 64, "a2": 8},
+                                num_parameters=1, size_bytes=1, sha256="x", storage_key=key))  # fmt: skip
+            row = Generation(tenant_id=tenant.id, prompt="a photo of sks dog", adapter_id=f"adp_{i}", steps=2,
+                             width=64, height=64, seed=i, guidance_scale=5.0)  # fmt: skip
+            session.add(row)
+            session.flush()
+            ids.append(row.id)
+        session.commit()
+    assert run_generation_job(rt, ids[0]) == "succeeded"
+    assert [run_generation_job(rt, job_id) for job_id in ids[1:]] == ["skipped", "skipped"]
+    with rt.sessions() as session:
+        rows = [session.get(Generation, job_id) for job_id in ids]
+        assert all(r.status == "succeeded" and len(r.images) == 1 for r in rows)
+        assert all(r.attempts == 1 for r in rows)
+    engine = rt.pipelines["engine:tiny-sd"]
+    assert engine.stats()["storage_fetches"] == 3

@@ -47,7 +47,15 @@ def kron_delta_per_sample(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
 
 
 class KronaBankLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, a_shape: tuple[int, int], num_slots: int, routing: Routing) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        a_shape: tuple[int, int],
+        num_slots: int,
+        routing: Routing,
+        storage: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """``storage``: optional (bank_a, bank_b) views into a bank shared by all layers (one copy per swap)."""
         super().__init__()
         a1, a2 = a_shape
         d_out, d_in = base_layer.out_features, base_layer.in_features
@@ -55,10 +63,14 @@ class KronaBankLinear(nn.Module):
             raise ValueError(f"A {a_shape} does not fit a {d_out}x{d_in} layer")
         self.base_layer = base_layer
         weight = base_layer.weight
-        self.register_buffer("bank_a", torch.zeros(num_slots, a1, a2, dtype=weight.dtype, device=weight.device))
-        self.register_buffer(
-            "bank_b", torch.zeros(num_slots, d_out // a1, d_in // a2, dtype=weight.dtype, device=weight.device)
-        )
+        if storage is None:
+            storage = (
+                torch.zeros(num_slots, a1, a2, dtype=weight.dtype, device=weight.device),
+                torch.zeros(num_slots, d_out // a1, d_in // a2, dtype=weight.dtype, device=weight.device),
+            )
+        # Not persistent: the slots are serving state, not part of the model's weights.
+        self.register_buffer("bank_a", storage[0], persistent=False)
+        self.register_buffer("bank_b", storage[1], persistent=False)
         self.routing = routing
 
     @property

@@ -55,36 +55,39 @@ class CacheStats:
 
 
 class AdapterCache:
-    """Host tier: adapter id -> factors on the CPU (LRU under ``host_budget_bytes``); misses go to ``fetch``."""
+    """Host tier: adapter id -> prepared factors on the CPU (LRU under ``host_budget_bytes``); misses go to ``fetch``.
 
-    def __init__(self, fetch: Callable[[str], bytes], host_budget_bytes: int) -> None:
+    ``prepare`` turns a file's bytes into what the device tier copies from (the engine: one flat vector
+    in its layer order) and its size in bytes.
+    """
+
+    def __init__(
+        self, fetch: Callable[[str], bytes], host_budget_bytes: int, prepare: Callable[[str, bytes], tuple[object, int]]
+    ) -> None:
         self.fetch = fetch
+        self.prepare = prepare
         self.budget = host_budget_bytes
-        self.entries: OrderedDict[str, tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[object, int]] = OrderedDict()
         self.bytes = 0
         self.stats = CacheStats()
         self.lock = threading.Lock()
 
-    def get(self, adapter_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def get(self, adapter_id: str):
         with self.lock:
             if adapter_id in self.entries:
                 self.entries.move_to_end(adapter_id)
                 self.stats.host_hits += 1
                 return self.entries[adapter_id][0]
-        from safetensors.torch import load
-
-        data = self.fetch(adapter_id)
-        pairs = group_factors(load(data))
-        size = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in pairs.values())
+        value, size = self.prepare(adapter_id, self.fetch(adapter_id))
         with self.lock:
             self.stats.storage_fetches += 1
-            self.entries[adapter_id] = (pairs, size)
+            self.entries[adapter_id] = (value, size)
             self.bytes += size
             while self.bytes > self.budget and len(self.entries) > 1:
                 _, (_, evicted) = self.entries.popitem(last=False)
                 self.bytes -= evicted
                 self.stats.host_evictions += 1
-        return pairs
+        return value
 
     def prefetch(self, adapter_ids: Sequence[str]) -> None:
         for adapter_id in adapter_ids:
@@ -117,12 +120,30 @@ class Engine:
         self.max_batch = max_batch
         self.routing = Routing()
         self.layers: dict[str, KronaBankLinear] = {}
-        for path, linear in sorted(find_target_linears(pipe.unet, target_modules).items()):
-            layer = KronaBankLinear(linear, a_shape, slots + 1, self.routing)
+        targets = sorted(find_target_linears(pipe.unet, target_modules).items())
+        a1, a2 = a_shape
+        # One bank for all layers: slot k of every layer is a view into row k of `flat`, so loading an
+        # adapter into a slot is a single copy of one contiguous vector.
+        self.offsets: dict[str, tuple[int, int, tuple[int, int], tuple[int, int]]] = {}
+        total = 0
+        for path, linear in targets:
+            d_out, d_in = linear.out_features, linear.in_features
+            if d_out % a1 or d_in % a2:
+                raise ValueError(f"engine factors A {a_shape} do not fit {path} ({d_out}x{d_in})")
+            b_shape = (d_out // a1, d_in // a2)
+            self.offsets[path] = (total, total + a1 * a2, a_shape, b_shape)
+            total += a1 * a2 + b_shape[0] * b_shape[1]
+        weight = targets[0][1].weight
+        self.flat = torch.zeros(slots + 1, total, dtype=weight.dtype, device=weight.device)
+        for path, linear in targets:
+            start, middle, (a1_, a2_), (b1, b2) = self.offsets[path]
+            bank_a = self.flat[:, start:middle].view(slots + 1, a1_, a2_)
+            bank_b = self.flat[:, middle : middle + b1 * b2].view(slots + 1, b1, b2)
+            layer = KronaBankLinear(linear, a_shape, slots + 1, self.routing, storage=(bank_a, bank_b))
             parent_path, _, child = path.rpartition(".")
             setattr(pipe.unet.get_submodule(parent_path) if parent_path else pipe.unet, child, layer)
             self.layers[path] = layer
-        self.cache = AdapterCache(fetch, host_budget_bytes)
+        self.cache = AdapterCache(fetch, host_budget_bytes, self._prepare)
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # device tier: adapter id -> slot (LRU)
         self.free_slots = list(range(1, slots + 1))
         self.merged: tuple[str, float, dict[str, torch.Tensor]] | None = None
@@ -130,14 +151,25 @@ class Engine:
 
     # Device tier ---------------------------------------------------------------------------------
 
+    def _prepare(self, adapter_id: str, data: bytes) -> tuple[torch.Tensor, int]:
+        """File bytes -> one flat CPU vector in the engine's layer order (checked against the slots' shapes)."""
+        from safetensors.torch import load
+
+        pairs = group_factors(load(data))
+        self._check(adapter_id, pairs)
+        flat = torch.cat([torch.cat([pairs[p][0].reshape(-1), pairs[p][1].reshape(-1)]) for p in self.offsets])
+        flat = flat.to(self.flat.dtype)
+        if self.flat.device.type == "cuda":
+            flat = flat.pin_memory()  # so that the copy into the slot is one fast DMA
+        return flat, flat.numel() * flat.element_size()
+
     def slot_for(self, adapter_id: str, pinned: set[int] = frozenset()) -> int:
         """The slot holding ``adapter_id``, loading it (host tier, then storage) into a free or LRU slot."""
         if adapter_id in self.slot_of:
             self.slot_of.move_to_end(adapter_id)
             self.cache.stats.device_hits += 1
             return self.slot_of[adapter_id]
-        pairs = self.cache.get(adapter_id)
-        self._check(adapter_id, pairs)
+        flat = self.cache.get(adapter_id)
         if self.free_slots:
             slot = self.free_slots.pop(0)
         else:
@@ -146,23 +178,25 @@ class Engine:
                 raise RuntimeError("every slot is in use by the current batch; raise the slot count")
             slot = self.slot_of.pop(victim)
             self.cache.stats.device_evictions += 1
-        for path, layer in self.layers.items():
-            a, b = pairs[path]
-            layer.load_slot(slot, a, b)
+        self.flat[slot].copy_(flat, non_blocking=True)
         self.slot_of[adapter_id] = slot
         return slot
 
+    def _factors(self, flat: torch.Tensor, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        start, middle, a_shape, (b1, b2) = self.offsets[path]
+        return flat[start:middle].view(a_shape), flat[middle : middle + b1 * b2].view(b1, b2)
+
     def _check(self, adapter_id: str, pairs) -> None:
-        if set(pairs) != set(self.layers):
-            missing = sorted(set(self.layers) - set(pairs))[:2]
-            extra = sorted(set(pairs) - set(self.layers))[:2]
+        if set(pairs) != set(self.offsets):
+            expected = set(self.offsets)
+            missing = sorted(expected - set(pairs))[:2]
+            extra = sorted(set(pairs) - expected)[:2]
             raise AdapterShapeError(f"adapter {adapter_id} covers other layers (missing {missing}, extra {extra})")
         for path, (a, b) in pairs.items():
-            layer = self.layers[path]
-            if tuple(a.shape) != tuple(layer.bank_a.shape[1:]) or tuple(b.shape) != tuple(layer.bank_b.shape[1:]):
+            _, _, a_shape, b_shape = self.offsets[path]
+            if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
                 raise AdapterShapeError(
-                    f"adapter {adapter_id} has A {tuple(a.shape)} on {path}; this engine's slots hold "
-                    f"A {tuple(layer.bank_a.shape[1:])}"
+                    f"adapter {adapter_id} has A {tuple(a.shape)} on {path}; this engine's slots hold A {a_shape}"
                 )
 
     def evict(self, adapter_id: str) -> None:
@@ -182,12 +216,11 @@ class Engine:
         """Fuse one adapter into the base weights (a worker dedicated to it); requests for it skip the slots."""
         if self.merged is not None:
             raise ValueError(f"adapter {self.merged[0]} is merged; unmerge it first")
-        pairs = self.cache.get(adapter_id)
-        self._check(adapter_id, pairs)
+        flat = self.cache.get(adapter_id)
         originals = {}
         for path, layer in self.layers.items():
             weight = layer.base_layer.weight
-            a, b = pairs[path]
+            a, b = self._factors(flat, path)
             merged = weight.float() + scale * torch.kron(a.float(), b.float()).to(weight.device)
             if not torch.isfinite(merged).all():
                 for p, w in originals.items():
