@@ -32,6 +32,7 @@ services:
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""
 	@pg_isready -h 127.0.0.1 -p 5432 -t 30 >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
+	@command -v kubectl >/dev/null || apt-get install -y -q kubernetes-client
 
 test: install lint services
 	$(PY) -m pytest -q

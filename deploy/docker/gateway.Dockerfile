@@ -1,0 +1,17 @@
+# The gateway: slim CPU image, no torch (the gateway never imports it).
+FROM python:3.11.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+RUN groupadd --system --gid 10001 krona && useradd --system --uid 10001 --gid krona --home /app krona
+COPY deploy/docker/requirements-gateway.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
+COPY shared /app/shared
+COPY services /app/services
+COPY migrations /app/migrations
+COPY alembic.ini /app/alembic.ini
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+CMD ["python", "-m", "uvicorn", "--factory", "services.gateway.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
