@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(50, description="how long a generation waits for compatible requests")
     engine_a1: int = Field(64, description="A's rows in the engine's adapter slots (adapters must match)")
     engine_a2: int = Field(8, description="A's columns in the engine's adapter slots")
+    worker_metrics_port: int | None = Field(None, description="serve the worker's Prometheus metrics on this port")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

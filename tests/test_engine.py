@@ -198,3 +198,18 @@ def test_worker_gathers_compatible_queued_requests_into_one_batch(tiny_folders, 
         assert all(r.attempts == 1 for r in rows)
     engine = rt.pipelines["engine:tiny-sd"]
     assert engine.stats()["storage_fetches"] == 3
+
+
+def test_cache_counters_are_exported_as_prometheus_metrics(engine):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from workers.metrics import EngineCollector
+
+    engine.slot_for("adp_0")
+    engine.slot_for("adp_0")
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(lambda: [engine]))
+    text = generate_latest(registry).decode()
+    assert "krona_adapter_cache_storage_fetches_total 1.0" in text
+    assert "krona_adapter_cache_device_hits_total 1.0" in text
+    assert "krona_adapter_cache_device_resident 1.0" in text

@@ -76,8 +76,12 @@ def _reaper_loop() -> None:
 def _start(**_kwargs) -> None:
     from workers.runtime import runtime
 
-    runtime()  # fails fast on an unmigrated database
+    rt = runtime()  # fails fast on an unmigrated database
     threading.Thread(target=_reaper_loop, name="krona-reaper", daemon=True).start()
+    if rt.settings.worker_metrics_port:
+        from workers.metrics import start_metrics_server
+
+        start_metrics_server(rt.settings.worker_metrics_port)
 
 
 @worker_shutdown.connect
