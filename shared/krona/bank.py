@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .functional import kron_delta
+from .layer import WrapsLinear
 
 __all__ = ["KronaBankLinear", "Routing", "kron_delta_per_sample"]
 
@@ -46,7 +47,7 @@ def kron_delta_per_sample(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     return y.reshape(n, t, a1 * b1)
 
 
-class KronaBankLinear(nn.Module):
+class KronaBankLinear(WrapsLinear):
     def __init__(
         self,
         base_layer: nn.Linear,
@@ -72,22 +73,6 @@ class KronaBankLinear(nn.Module):
         self.register_buffer("bank_a", storage[0], persistent=False)
         self.register_buffer("bank_b", storage[1], persistent=False)
         self.routing = routing
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:

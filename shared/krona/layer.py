@@ -8,10 +8,33 @@ from torch import nn
 from .config import check_divides
 from .functional import kron_delta
 
-__all__ = ["KronaLinear"]
+__all__ = ["KronaLinear", "WrapsLinear"]
 
 
-class KronaLinear(nn.Module):
+class WrapsLinear(nn.Module):
+    """A module around a frozen ``base_layer`` (nn.Linear) that still looks like it to other code."""
+
+    base_layer: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code that reads `module.weight` of the original Linear (diffusers does) keeps working.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+
+class KronaLinear(WrapsLinear):
     """Wraps a frozen ``nn.Linear`` (kept as ``base_layer``) and holds any number of named adapters.
 
     Each adapter ``name`` has factors ``krona_a[name]`` (a1 x a2) and ``krona_b[name]`` (b1 x b2) with
@@ -36,23 +59,6 @@ class KronaLinear(nn.Module):
         self.merged_adapters: dict[str, float] = {}
         # False: recompute X @ B.T in backward (less activation memory, one more GEMM); see kron_delta.
         self.keep_intermediate = True
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # Code that reads `module.weight` of the original Linear (diffusers does) keeps working.
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
 
     def add_adapter(
         self,
