@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import utcnow
 
-__all__ = ["MAX_ATTEMPTS", "claim", "finish", "renew", "worker_identity"]
+__all__ = ["MAX_ATTEMPTS", "Heartbeat", "claim", "finish", "renew", "worker_identity"]
 
 MAX_ATTEMPTS = 3
 
@@ -79,3 +79,37 @@ def finish(
     if commit:
         session.commit()
     return result.rowcount == 1
+
+
+class Heartbeat:
+    """Renews a job's lease every ``lease_seconds / 4`` from a thread, for phases without progress writes
+    (loading the model, generating class images, a long batch). ``lost`` turns True if another worker
+    took the job over; the job then stops at its next check."""
+
+    def __init__(self, sessions, model, job_id: str, owner: str, lease_seconds: int) -> None:
+        import threading
+
+        self.lost = False
+        self._args = (model, job_id, owner, lease_seconds)
+        self._sessions = sessions
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        model, job_id, owner, lease_seconds = self._args
+        while not self._stop.wait(lease_seconds / 4):
+            try:
+                with self._sessions() as session:
+                    if not renew(session, model, job_id, owner, lease_seconds):
+                        self.lost = True
+                        return
+            except Exception:  # a database hiccup: try again at the next beat
+                continue
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

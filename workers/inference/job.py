@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from shared.db import Adapter, Generation
 
-from ..lease import claim, finish, renew
+from ..lease import Heartbeat, claim, finish, renew
 from ..runtime import Runtime
 from ..webhooks import notify
 
@@ -144,6 +144,9 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
         )
         for j in runnable
     ]
+    beats = [Heartbeat(rt.sessions, Generation, j, rt.owner, lease) for j in runnable]
+    for beat in beats:
+        beat.__enter__()
     try:
         outputs = engine.run(
             requests, steps=first.steps, guidance_scale=first.guidance_scale, width=first.width, height=first.height
@@ -152,6 +155,9 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
         for job_id in runnable:
             fail(job_id, "generation_failed", str(exc))
         return "failed"
+    finally:
+        for beat in beats:
+            beat.__exit__(None, None, None)
     for job_id, images in zip(runnable, outputs, strict=True):
         row = rows[job_id]
         stored = []

@@ -22,7 +22,7 @@ from shared.db import Adapter, Training, new_id
 from shared.images import ImageLimits, decode_image
 from shared.training_spec import TrainingSpec
 
-from ..lease import claim, finish, renew
+from ..lease import Heartbeat, claim, finish, renew
 from ..runtime import Runtime
 from ..webhooks import notify
 
@@ -79,6 +79,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
 
     work = Path(tempfile.mkdtemp(prefix=f"krona-{training_id}-"))
     components = None
+    heartbeat = Heartbeat(rt.sessions, Training, training_id, rt.owner, lease).__enter__()
     try:
         limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
         try:
@@ -98,7 +99,9 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
         last_write = [0.0]
 
         def on_progress(p) -> None:
-            # Progress doubles as the heartbeat; written at most twice a second.
+            # Progress is written at most twice a second; the heartbeat thread keeps the lease between.
+            if heartbeat.lost:
+                raise LeaseLost(training_id)
             now = time.monotonic()
             if now - last_write[0] < 0.5 and p.step < p.total_steps:
                 return
@@ -154,6 +157,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
             return fail("training_failed", str(exc))
         return _store_adapter(rt, training_id, tenant_id, base_model, spec, result.adapter_path)
     finally:
+        heartbeat.__exit__(None, None, None)
         if components is not None and any(
             "default" in layer.krona_a for layer in krona_layers(components.unet).values()
         ):
