@@ -8,7 +8,7 @@ LyCORIS export without importing torch. Tests check both paths give identical fi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -20,6 +20,8 @@ from .keys import (
     kohya_name,
     lycoris_can_rebuild,
     module_path_from_kohya,
+    plan_lokr_module,
+    scalar_alpha,
     short_name,
     split_state_dict_key,
 )
@@ -80,46 +82,49 @@ def validate_native_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[
     return pairs
 
 
-def _lycoris_to_native(arrays: Mapping[str, np.ndarray], module_paths: Iterable[str] | None) -> dict[str, np.ndarray]:
-    known = None if module_paths is None else {p.replace(".", "_"): p for p in module_paths}
+def _lycoris_to_native(
+    arrays: Mapping[str, np.ndarray], layer_shapes: Mapping[str, tuple[int, int]] | None
+) -> dict[str, np.ndarray]:
+    """LoKr arrays -> native factors. Names, dtypes and shapes are all checked before any product is formed."""
+    known = None if layer_shapes is None else {p.replace(".", "_"): p for p in layer_shapes}
     modules: dict[str, dict[str, np.ndarray]] = {}
     for key, array in arrays.items():
         name, _, field = key.partition(".")
+        if not field:
+            raise ValueError(f"unexpected key {key!r} in a LoKr file")
         modules.setdefault(name, {})[field] = array
-    allowed = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}
-    out: dict[str, np.ndarray] = {}
+    plans = {}
     for name, fields in sorted(modules.items()):
         if not name.startswith(UNET_PREFIX):
             raise ValueError(f"{name}: only UNet modules ({UNET_PREFIX}…) are supported")
-        unsupported = set(fields) - allowed
-        if unsupported:
-            raise ValueError(f"{name}: unsupported LoKr tensors {sorted(unsupported)}")
-        rank = None
-        if "lokr_w1" in fields:
-            w1 = fields["lokr_w1"].astype(np.float32)
-        elif {"lokr_w1_a", "lokr_w1_b"} <= set(fields):
-            w1 = fields["lokr_w1_a"].astype(np.float32) @ fields["lokr_w1_b"].astype(np.float32)
-            rank = fields["lokr_w1_b"].shape[0]
-        else:
-            raise ValueError(f"{name}: has neither lokr_w1 nor lokr_w1_a/lokr_w1_b")
-        if "lokr_w2" in fields:
-            w2 = fields["lokr_w2"].astype(np.float32)
-        elif {"lokr_w2_a", "lokr_w2_b"} <= set(fields):
-            w2 = fields["lokr_w2_a"].astype(np.float32) @ fields["lokr_w2_b"].astype(np.float32)
-            rank = fields["lokr_w2_b"].shape[0]
-        else:
-            raise ValueError(f"{name}: has neither lokr_w2 nor lokr_w2_a/lokr_w2_b")
-        scale = float(fields["alpha"]) / rank if (rank is not None and "alpha" in fields) else 1.0
-        flat = name[len(UNET_PREFIX) :]
         if known is not None:
+            flat = name[len(UNET_PREFIX) :]
             if flat not in known:
-                raise ValueError(f"{name} names no linear layer of the base model")
+                raise ValueError(f"{name} names no attention projection of the base model")
             path = known[flat]
         else:
             path = module_path_from_kohya(name)
+        for field, array in fields.items():
+            if field != "alpha" and array.dtype.type not in _FLOAT_DTYPES:
+                raise ValueError(f"{name}.{field} must be a floating-point tensor, got {array.dtype}")
+        alpha = scalar_alpha(name, fields["alpha"]) if "alpha" in fields else None
+        shapes = {field: tuple(array.shape) for field, array in fields.items()}
+        layer_shape = None if layer_shapes is None else layer_shapes[path]
+        plans[name] = (path, plan_lokr_module(name, shapes, alpha, layer_shape))
+    out: dict[str, np.ndarray] = {}
+    for name, (path, (_, _, scale)) in plans.items():
+        fields = modules[name]
+        w1 = _factor(fields, "w1")
+        w2 = _factor(fields, "w2")
         out[path + KRONA_A_SUFFIX] = w1
         out[path + KRONA_B_SUFFIX] = (w2 * scale).astype(np.float32)
     return out
+
+
+def _factor(fields: Mapping[str, np.ndarray], which: str) -> np.ndarray:
+    if f"lokr_{which}" in fields:
+        return fields[f"lokr_{which}"].astype(np.float32)
+    return fields[f"lokr_{which}_a"].astype(np.float32) @ fields[f"lokr_{which}_b"].astype(np.float32)
 
 
 def native_arrays_from_upload(
@@ -136,7 +141,7 @@ def native_arrays_from_upload(
         native = dict(arrays)
         source = "krona"
     elif any(".lokr_w" in key for key in arrays):
-        native = _lycoris_to_native(arrays, None if layer_shapes is None else list(layer_shapes))
+        native = _lycoris_to_native(arrays, layer_shapes)
         source = "lycoris"
     else:
         raise ValueError("the file is neither a Krona adapter (format krona/1) nor a LyCORIS LoKr file")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
 __all__ = [
     "KRONA_A_SUFFIX",
     "KRONA_B_SUFFIX",
+    "LOKR_FIELDS",
+    "MAX_FACTOR_ELEMENTS",
     "UNET_PREFIX",
     "kohya_name",
     "lycoris_can_rebuild",
     "lycoris_factorization",
     "module_path_from_kohya",
+    "plan_lokr_module",
+    "scalar_alpha",
     "short_name",
     "split_state_dict_key",
 ]
@@ -155,3 +160,76 @@ def lycoris_can_rebuild(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> b
                 break
     rebuilt = (lycoris_factorization(d_out, factor)[0], lycoris_factorization(d_in, factor)[0])
     return rebuilt == (a1, a2)
+
+
+# LoKr modules from untrusted files ----------------------------------------------------------------
+
+LOKR_FIELDS = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"})
+# No factor of a real attention projection comes near this (SDXL's largest layer, 1280 x 2048, has 2.6M
+# weights); it bounds what a low-rank pair may expand to before anything is multiplied.
+MAX_FACTOR_ELEMENTS = 1 << 22
+
+
+def _full_shape(name: str, fields: Mapping[str, tuple[int, ...]], which: str) -> tuple[tuple[int, int], int | None]:
+    """(shape of w1 or w2, rank or None) from the tensors' shapes alone: nothing is multiplied here."""
+    full, down, up = f"lokr_{which}", f"lokr_{which}_a", f"lokr_{which}_b"
+    if full in fields:
+        shape = fields[full]
+        if len(shape) != 2:
+            raise ValueError(f"{name}.{full} must be 2-D (linear layers only), got shape {shape}")
+        return (shape[0], shape[1]), None
+    if down in fields and up in fields:
+        a, b = fields[down], fields[up]
+        if len(a) != 2 or len(b) != 2:
+            raise ValueError(f"{name}.{down}/{up} must be 2-D (linear layers only), got shapes {a} and {b}")
+        if a[1] != b[0]:
+            raise ValueError(f"{name}.{down} {a} and {up} {b} cannot be multiplied (inner sizes differ)")
+        if a[1] < 1:
+            raise ValueError(f"{name}.{down}/{up} have rank 0; a low-rank factor needs rank >= 1")
+        return (a[0], b[1]), a[1]
+    raise ValueError(f"{name}: has neither {full} nor {down}/{up} (is it a LoKr module?)")
+
+
+def plan_lokr_module(
+    name: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    alpha: float | None,
+    layer_shape: tuple[int, int] | None = None,
+) -> tuple[tuple[int, int], tuple[int, int], float]:
+    """Check one LoKr module of an untrusted file by its tensors' shapes, before any arithmetic.
+
+    ``shapes`` maps the module's fields (``lokr_w1``, ``lokr_w2_a``, ``alpha``…) to tensor shapes;
+    ``alpha`` is its value (already checked to be a finite scalar) or None. Returns (w1 shape,
+    w2 shape, scale), where scale = alpha / rank when a factor is low-rank, else 1. With
+    ``layer_shape`` = (d_out, d_in) of the target layer, w1 ⊗ w2 must have exactly that shape.
+    ValueError for anything else, so that a crafted file cannot make the reader allocate a huge product.
+    """
+    unsupported = set(shapes) - LOKR_FIELDS
+    if unsupported:
+        raise ValueError(f"{name}: unsupported LoKr tensors {sorted(unsupported)} (Tucker/DoRA/other algorithms)")
+    w1, rank1 = _full_shape(name, shapes, "w1")
+    w2, rank2 = _full_shape(name, shapes, "w2")
+    for which, shape in (("w1", w1), ("w2", w2)):
+        if min(shape) < 1:
+            raise ValueError(f"{name}: {which} has an empty shape {shape}")
+        if math.prod(shape) > MAX_FACTOR_ELEMENTS:
+            raise ValueError(f"{name}: {which} {shape} is larger than any attention layer's factor")
+    if layer_shape is not None and (w1[0] * w2[0], w1[1] * w2[1]) != tuple(layer_shape):
+        raise ValueError(
+            f"{name}: w1 {w1} ⊗ w2 {w2} gives {w1[0] * w2[0]}x{w1[1] * w2[1]}, the layer is "
+            f"{layer_shape[0]}x{layer_shape[1]}"
+        )
+    rank = rank2 if rank2 is not None else rank1
+    scale = alpha / rank if (rank is not None and alpha is not None) else 1.0
+    return w1, w2, scale
+
+
+def scalar_alpha(name: str, value) -> float:
+    """A module's ``alpha`` tensor (numpy or torch) as a float; ValueError unless it is one finite number."""
+    shape = tuple(value.shape)
+    if math.prod(shape) != 1 or len(shape) > 1:
+        raise ValueError(f"{name}.alpha must be a single number, got shape {shape}")
+    number = float(value.reshape(()))
+    if not math.isfinite(number):
+        raise ValueError(f"{name}.alpha must be finite, got {number}")
+    return number

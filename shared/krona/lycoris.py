@@ -29,6 +29,8 @@ from .keys import (
     lycoris_can_rebuild,
     lycoris_factorization,
     module_path_from_kohya,
+    plan_lokr_module,
+    scalar_alpha,
 )
 from .model import group_factors
 
@@ -91,44 +93,29 @@ def from_lycoris(
         if not field:
             raise ValueError(f"unexpected key {key!r} in a LoKr file")
         modules.setdefault(name, {})[field] = tensor
-    out: dict[str, torch.Tensor] = {}
+    plans = {}
     for name, fields in sorted(modules.items()):
         if not name.startswith(UNET_PREFIX):
             raise ValueError(
                 f"{name}: only UNet modules ({UNET_PREFIX}…) are supported, not text-encoder or other modules"
             )
-        unsupported = set(fields) - {
-            "lokr_w1",
-            "lokr_w1_a",
-            "lokr_w1_b",
-            "lokr_w2",
-            "lokr_w2_a",
-            "lokr_w2_b",
-            "alpha",
-        }
-        if unsupported:
-            raise ValueError(f"{name}: unsupported LoKr tensors {sorted(unsupported)} (Tucker/DoRA/other algorithms)")
-        rank = None
-        if "lokr_w1" in fields:
-            w1 = fields["lokr_w1"].float()
-        elif {"lokr_w1_a", "lokr_w1_b"} <= set(fields):
-            w1 = fields["lokr_w1_a"].float() @ fields["lokr_w1_b"].float()
-            rank = fields["lokr_w1_b"].shape[0]
-        else:
-            raise ValueError(f"{name}: has neither lokr_w1 nor lokr_w1_a/lokr_w1_b (is it a LoKr module?)")
-        if "lokr_w2" in fields:
-            w2 = fields["lokr_w2"].float()
-        elif {"lokr_w2_a", "lokr_w2_b"} <= set(fields):
-            w2 = fields["lokr_w2_a"].float() @ fields["lokr_w2_b"].float()
-            rank = fields["lokr_w2_b"].shape[0]
-        else:
-            raise ValueError(f"{name}: has neither lokr_w2 nor lokr_w2_a/lokr_w2_b")
-        if w1.dim() != 2 or w2.dim() != 2:
-            raise ValueError(f"{name}: only linear (2-D) LoKr factors are supported, got {tuple(w2.shape)}")
-        scale = 1.0
-        if rank is not None and "alpha" in fields:
-            scale = float(fields["alpha"]) / rank
         path = module_path_from_kohya(name, known)
+        alpha = scalar_alpha(name, fields["alpha"]) if "alpha" in fields else None
+        # Shapes are checked before anything is multiplied (a crafted low-rank pair could be huge).
+        plans[name] = (path, plan_lokr_module(name, {f: tuple(t.shape) for f, t in fields.items()}, alpha))
+    out: dict[str, torch.Tensor] = {}
+    for name, (path, (_, _, scale)) in plans.items():
+        fields = modules[name]
+        w1 = (
+            fields["lokr_w1"].float()
+            if "lokr_w1" in fields
+            else fields["lokr_w1_a"].float() @ fields["lokr_w1_b"].float()
+        )
+        w2 = (
+            fields["lokr_w2"].float()
+            if "lokr_w2" in fields
+            else fields["lokr_w2_a"].float() @ fields["lokr_w2_b"].float()
+        )
         dtype = fields.get("lokr_w1", fields.get("lokr_w1_a")).dtype
         out[path + KRONA_A_SUFFIX] = w1.to(dtype)
         out[path + KRONA_B_SUFFIX] = (w2 * scale).to(dtype)

@@ -7,12 +7,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from shared.db import Adapter, new_id
 from shared.krona.convert import adapter_bytes, lycoris_arrays, native_arrays_from_upload, read_safetensors_bytes
 from shared.schemas import AdapterPublic, Page, adapter_public
 from shared.storage import BlobNotFound
 
+from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..jobs import get_owned, page
@@ -89,6 +91,19 @@ def download_adapter(
     return Response(save(lokr, metadata=meta), media_type="application/octet-stream", headers=headers)
 
 
+def _convert_upload(context: AppContext, data: bytes, label: str):
+    """(stored native file, its arrays, config) for an uploaded file; ValueError if it is not a valid adapter.
+
+    Names and shapes are checked against the base model before any arithmetic (see plan_lokr_module).
+    """
+    arrays, metadata = read_safetensors_bytes(data, label)
+    native, config, source = native_arrays_from_upload(arrays, metadata, context.base_model_shapes())
+    stored = adapter_bytes(
+        native, config, {"base_model": context.settings.base_model, "created_by": f"upload ({source})"}
+    )
+    return stored, native, config
+
+
 @router.post(
     "", status_code=201, response_model=AdapterPublic, openapi_extra=UPLOAD_SCHEMA, summary="Upload an adapter"
 )
@@ -111,15 +126,12 @@ async def upload_adapter(request: Request, context: ContextDep, session: Session
             422, "base_model_mismatch", f"this server serves {context.settings.base_model!r}, not {base_model!r}"
         )
     name = form.get("name") if isinstance(form.get("name"), str) else None
+    # Parsing and converting is CPU work on untrusted bytes: off the event loop.
     try:
-        arrays, metadata = read_safetensors_bytes(data, upload.filename or "file")
-        native, config, source = native_arrays_from_upload(arrays, metadata, context.base_model_shapes())
+        stored, native, config = await run_in_threadpool(_convert_upload, context, data, upload.filename or "file")
     except ValueError as exc:
         raise ApiError(422, "invalid_adapter", str(exc)) from None
     adapter_id = new_id("adp")
-    stored = adapter_bytes(
-        native, config, {"base_model": context.settings.base_model, "created_by": f"upload ({source})"}
-    )
     key = f"tenants/{tenant.id}/adapters/{adapter_id}.safetensors"
     try:
         context.storage.put_bytes(key, stored)
