@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,14 +67,47 @@ class Settings(BaseSettings):
     engine_a1: int = Field(64, description="A's rows in the engine's adapter slots (adapters must match)")
     engine_a2: int = Field(8, description="A's columns in the engine's adapter slots")
     worker_metrics_port: int | None = Field(None, description="serve the worker's Prometheus metrics on this port")
+    metrics_token: str | None = Field(
+        None, description="Bearer token GET /metrics requires; unset = open in dev, disabled (404) in prod"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.env == "prod":
-            if self.webhook_secret == PLACEHOLDER_SECRET:
-                raise ValueError("KRONA_WEBHOOK_SECRET must be set to a real secret when KRONA_ENV=prod")
-            if self.s3_endpoint and (self.s3_secret_key in (None, "", PLACEHOLDER_SECRET)):
-                raise ValueError("KRONA_S3_SECRET_KEY must be set when KRONA_ENV=prod")
+            # Production refuses dev's embedded backends and placeholder secrets; every problem is listed.
+            problems = []
+            database = (self.database_url or "").split(":", 1)[0].lower()
+            if not self.database_url or database.split("+")[0] == "sqlite":
+                problems.append("set KRONA_DATABASE_URL to a database server (PostgreSQL); SQLite is for dev")
+            broker = (self.broker_url or "").split(":", 1)[0].lower()
+            embedded = broker in ("memory", "filesystem") or (
+                broker.split("+")[0] in ("sqla", "sqlalchemy") and "sqlite" in broker
+            )
+            if not self.broker_url or embedded:
+                problems.append(
+                    "set KRONA_BROKER_URL to a broker server (Redis); embedded brokers (SQLite, filesystem, memory) "
+                    "are for dev"
+                )
+            for variable, url in (("KRONA_DATABASE_URL", self.database_url), ("KRONA_BROKER_URL", self.broker_url)):
+                try:
+                    password = urlsplit(url or "").password
+                except ValueError:
+                    problems.append(f"{variable} is not a valid URL")
+                    continue
+                if password is not None and unquote(password) in ("", PLACEHOLDER_SECRET):
+                    problems.append(f"{variable} has a placeholder password; set the real one")
+            if not self.s3_endpoint:
+                problems.append("set KRONA_S3_ENDPOINT (S3-compatible storage); the local blob folder is for dev")
+            elif self.s3_secret_key in (None, "", PLACEHOLDER_SECRET):
+                problems.append("set KRONA_S3_SECRET_KEY to the real secret")
+            elif self.s3_access_key == PLACEHOLDER_SECRET:
+                problems.append("set KRONA_S3_ACCESS_KEY to the real access key")
+            if self.allow_private_webhooks:
+                problems.append("unset KRONA_ALLOW_PRIVATE_WEBHOOKS: webhooks to private networks are for dev")
+            if self.metrics_token is not None and self.metrics_token.strip() in ("", PLACEHOLDER_SECRET):
+                problems.append("set KRONA_METRICS_TOKEN to a real secret, or unset it to disable /metrics")
+            if problems:
+                raise ValueError("KRONA_ENV=prod refuses this configuration: " + "; ".join(problems))
         if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key):
             raise ValueError("KRONA_S3_ENDPOINT needs KRONA_S3_ACCESS_KEY and KRONA_S3_SECRET_KEY")
         if not 1 <= self.min_images <= self.max_images:

@@ -11,9 +11,13 @@ from typing import Any
 
 from shared.krona import DEFAULT_TARGET_MODULES, KronaConfig
 
-__all__ = ["MIXED_PRECISION", "TrainingSpec"]
+__all__ = ["MAX_PROMPT_CHARS", "MAX_TARGET_MODULES", "MAX_TARGET_MODULE_CHARS", "MIXED_PRECISION", "TrainingSpec"]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Caps on the free text a client sends in a training's params.
+MAX_PROMPT_CHARS = 1000
+MAX_TARGET_MODULES = 16
+MAX_TARGET_MODULE_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,26 @@ class TrainingSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
             raise ValueError("instance_prompt must be a non-empty string, e.g. 'a photo of sks dog'")
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("instance_prompt", "class_prompt", "validation_prompt"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+            if value is not None and len(value) > MAX_PROMPT_CHARS:
+                raise ValueError(f"{name} is limited to {MAX_PROMPT_CHARS} characters (got {len(value):,})")
+            if value is not None and "\x00" in value:
+                raise ValueError(f"{name} must not contain NUL characters")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            targets = (targets,)
+        if not isinstance(targets, list | tuple):
+            raise ValueError(f"target_modules must be a list of module names, got {type(targets).__name__}")
+        if len(targets) > MAX_TARGET_MODULES:
+            raise ValueError(f"target_modules: at most {MAX_TARGET_MODULES} entries, got {len(targets)}")
+        if not all(isinstance(t, str) for t in targets):
+            raise ValueError("target_modules entries must be strings (module names such as 'to_q')")
+        if any(len(t) > MAX_TARGET_MODULE_CHARS for t in targets):
+            raise ValueError(f"target_modules entries are limited to {MAX_TARGET_MODULE_CHARS} characters")
+        object.__setattr__(self, "target_modules", tuple(targets))
         _check_int("steps", self.steps, 1, 100_000, optional=True)
         _check_int("resolution", self.resolution, 64, 4096, optional=True)
         if self.resolution is not None and self.resolution % 8:

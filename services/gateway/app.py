@@ -27,6 +27,19 @@ log = logging.getLogger("krona.gateway")
 
 REQUESTS = Counter("krona_http_requests_total", "HTTP requests", ["method", "route", "status"])
 LATENCY = Histogram("krona_http_request_seconds", "HTTP request latency", ["method", "route"])
+METRIC_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def metric_labels(request: Request) -> tuple[str, str]:
+    """(method, route) labels from fixed sets, so no client can add series to /metrics.
+
+    Any other method name is ``other``; the route is the matched route's path template (never the raw
+    path), else ``unmatched``.
+    """
+    method = request.method if request.method in METRIC_METHODS else "other"
+    route = getattr(request.scope.get("route"), "path", None)
+    return method, route if isinstance(route, str) else "unmatched"
+
 
 DESCRIPTION = """
 Personalize Stable Diffusion with DiffuseKronA (Kronecker-product) adapters.
@@ -93,10 +106,10 @@ def create_app(
         else:
             start = time.perf_counter()
             response = await call_next(request)
-            route = getattr(request.scope.get("route"), "path", "unmatched")
-            LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        REQUESTS.labels(request.method, route, str(response.status_code)).inc()
+            method, route = metric_labels(request)
+            LATENCY.labels(method, route).observe(time.perf_counter() - start)
+        method, route = metric_labels(request)
+        REQUESTS.labels(method, route, str(response.status_code)).inc()
         response.headers["X-Request-ID"] = request_id
         log.info(
             "%s %s %s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,11 +47,23 @@ def page(
 ) -> tuple[list, str | None]:
     query = select(model).where(model.tenant_id == tenant.id, *filters)
     if cursor:
-        try:
-            created, last_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-            created_at = datetime.fromisoformat(created)
-        except (ValueError, TypeError):
-            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned") from None
+        # Only what encode_cursor writes: base64url of [ISO datetime string, id string]. The length cap keeps
+        # json.loads shallow; every element is type-checked before it reaches SQL.
+        created_at = last_id = None
+        if len(cursor) <= 512:
+            try:
+                value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+            except (ValueError, TypeError, RecursionError):
+                value = None
+            if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+                with contextlib.suppress(ValueError):
+                    created_at = datetime.fromisoformat(value[0])
+                if 0 < len(value[1]) <= 64 and value[1].isprintable():
+                    last_id = value[1]
+        if created_at is None or last_id is None:
+            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned; list again without it")
+        if created_at.tzinfo is None:
+            created_at = created_at.replace(tzinfo=UTC)
         query = query.where(
             or_(model.created_at < created_at, and_(model.created_at == created_at, model.id < last_id))
         )

@@ -22,6 +22,9 @@ from ..jobs import get_owned, page
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 MAX_ADAPTER_BYTES = 256 * 1024 * 1024
+# Caps on the free-text form fields (String(200) and String(300) columns).
+MAX_NAME_CHARS = 200
+MAX_BASE_MODEL_CHARS = 300
 
 UPLOAD_SCHEMA = {
     "requestBody": {
@@ -114,6 +117,12 @@ async def upload_adapter(request: Request, context: ContextDep, session: Session
         form = await request.form(max_files=1, max_fields=5, max_part_size=1024 * 1024)
     except Exception as exc:
         raise ApiError(400, "invalid_multipart", f"could not read the form: {getattr(exc, 'detail', exc)}") from None
+    for field, limit in (("name", MAX_NAME_CHARS), ("base_model", MAX_BASE_MODEL_CHARS)):
+        value = form.get(field)
+        if isinstance(value, str) and len(value) > limit:
+            raise ApiError(422, "invalid_request", f"{field} is limited to {limit} characters (got {len(value):,})")
+        if isinstance(value, str) and "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ApiError(422, "invalid_request", f"{field} must not contain NUL characters")
     upload = form.get("file")
     if upload is None or not hasattr(upload, "read"):
         raise ApiError(422, "invalid_request", "the 'file' field is required")

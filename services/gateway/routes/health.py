@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import hmac
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from ..deps import ContextDep
-from ..errors import error_body
+from ..errors import ApiError, error_body
 
 router = APIRouter(tags=["health"])
 
@@ -41,8 +44,29 @@ def readyz(context: ContextDep):
     return JSONResponse(error_body("not_ready", "a dependency is unreachable", checks), status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics():
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description="With KRONA_METRICS_TOKEN set, send `Authorization: Bearer <token>`. Without it the route is "
+    "open in dev and disabled (404) in prod.",
+    response_class=Response,
+    responses={401: {"description": "missing or wrong metrics token"}, 404: {"description": "disabled in prod"}},
+)
+def metrics(context: ContextDep, authorization: Annotated[str | None, Header()] = None):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    token = context.settings.metrics_token
+    if not token:
+        if context.settings.env == "prod":
+            raise ApiError(
+                404,
+                "metrics_disabled",
+                "/metrics is disabled in production until KRONA_METRICS_TOKEN is set "
+                "(then scrape it with 'Authorization: Bearer <token>')",
+            )
+    else:
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <KRONA_METRICS_TOKEN>'")
 
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

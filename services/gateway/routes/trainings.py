@@ -45,6 +45,10 @@ CLIENT_PARAMS = {
     "validation_prompt",
 }
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+# Caps on the free-text form fields (name is a String(200) column).
+MAX_NAME_CHARS = 200
+MAX_WEBHOOK_URL_CHARS = 2000
+MAX_PARAMS_BYTES = 64 * 1024
 
 MULTIPART_SCHEMA = {
     "requestBody": {
@@ -137,6 +141,13 @@ async def create_training(
     name = form.get("name") if isinstance(form.get("name"), str) else None
     webhook_url = form.get("webhook_url") if isinstance(form.get("webhook_url"), str) else None
     raw_params = form.get("params") if isinstance(form.get("params"), str) else None
+    for field, value, limit in (("name", name, MAX_NAME_CHARS), ("webhook_url", webhook_url, MAX_WEBHOOK_URL_CHARS)):
+        if value is not None and len(value) > limit:
+            raise ApiError(422, "invalid_request", f"{field} is limited to {limit} characters (got {len(value):,})")
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ApiError(422, "invalid_request", f"{field} must not contain NUL characters")
+    if raw_params is not None and len(raw_params.encode()) > MAX_PARAMS_BYTES:
+        raise ApiError(422, "invalid_params", f"params is limited to {MAX_PARAMS_BYTES:,} bytes of JSON")
     spec = _parse_params(raw_params, instance_prompt, settings.max_train_steps)
 
     # Everything below reads or checks; nothing is written until all of it passed.
