@@ -21,6 +21,7 @@ __all__ = [
     "REAP_TASK",
     "TRAIN_QUEUE",
     "TRAIN_TASK",
+    "WEBHOOK_QUEUE",
     "WEBHOOK_TASK",
     "celery_app",
     "make_celery",
@@ -28,6 +29,8 @@ __all__ = [
 
 TRAIN_QUEUE = "train"
 INFER_QUEUE = "infer"
+# Deliveries wait on other people's servers: their own queue and worker pool, never a GPU worker's.
+WEBHOOK_QUEUE = "webhooks"
 TRAIN_TASK = "krona.train"
 GENERATE_TASK = "krona.generate"
 WEBHOOK_TASK = "krona.webhook"
@@ -36,7 +39,7 @@ REAP_TASK = "krona.reap"
 TASK_ROUTES = {
     TRAIN_TASK: {"queue": TRAIN_QUEUE},
     GENERATE_TASK: {"queue": INFER_QUEUE},
-    WEBHOOK_TASK: {"queue": INFER_QUEUE},
+    WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
     REAP_TASK: {"queue": INFER_QUEUE},
 }
 

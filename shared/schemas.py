@@ -101,6 +101,13 @@ class GenerationCreate(BaseModel):
             raise ValueError("prompt must not be blank")
         return value
 
+    @field_validator("prompt", "negative_prompt", "webhook_url", "adapter_id")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ValueError("must not contain NUL characters")
+        return value
+
 
 class ImagePublic(BaseModel):
     index: int

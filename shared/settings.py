@@ -40,9 +40,14 @@ class Settings(BaseSettings):
     blob_dir: Path | None = Field(None, description="local storage folder; default <data_dir>/blobs")
 
     public_url: str = Field("http://127.0.0.1:8000", description="base URL used in links the API returns")
-    webhook_secret: str = Field(PLACEHOLDER_SECRET, description="HMAC-SHA256 key for webhook signatures")
     allow_private_webhooks: bool = Field(False, description="allow webhook targets on loopback/private networks")
-    webhook_max_attempts: int = 5
+    webhook_max_attempts: int = Field(5, ge=1, le=50, description="deliveries tried per event before giving up")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=120, description="total deadline of one delivery")
+    webhook_retry_base_seconds: float = Field(
+        2.0, gt=0, le=3600, description="backoff before retry n is base * 2^(n-1) seconds, at most 300"
+    )
+    webhook_max_response_bytes: int = Field(4096, ge=0, description="how much of a receiver's answer is read")
+    webhook_concurrency: int = Field(8, ge=1, le=256, description="deliveries in flight per webhook worker")
 
     max_images: int = 20
     min_images: int = 2
@@ -53,6 +58,11 @@ class Settings(BaseSettings):
     default_train_steps: int | None = None
     checkpoint_every: int = 50
     max_batch_generations: int = 1000
+
+    max_event_streams_per_tenant: int = Field(100, ge=1, description="open progress streams per tenant per gateway")
+    event_poll_interval_seconds: float = Field(
+        0.5, gt=0, le=60, description="how often a followed training's row is read (once per gateway process)"
+    )
 
     lease_seconds: int = Field(120, description="a job's lease; a worker renews it every lease_seconds / 4")
     reaper_interval_seconds: int = 30

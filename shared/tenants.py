@@ -10,8 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import ApiKey, Tenant
+from shared.webhooks import new_webhook_secret
 
-__all__ = ["KEY_PREFIX", "create_api_key", "create_tenant", "hash_key", "tenant_for_key"]
+__all__ = ["KEY_PREFIX", "create_api_key", "create_tenant", "hash_key", "rotate_webhook_secret", "tenant_for_key"]
 
 KEY_PREFIX = "krona_"
 
@@ -28,13 +29,16 @@ def create_api_key(session: Session, tenant: Tenant) -> str:
 
 
 def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
-    """A new tenant and its first API key; ValueError if the name is taken or malformed."""
+    """A new tenant and its first API key; ValueError if the name is taken or malformed.
+
+    The tenant's webhook signing secret is ``tenant.webhook_secret``: show it once, with the key.
+    """
     name = name.strip()
     if not name or len(name) > 100 or not all(c.isalnum() or c in "-_." for c in name):
         raise ValueError("tenant names are 1-100 letters, digits, '-', '_' or '.'")
     if session.scalar(select(Tenant).where(Tenant.name == name)) is not None:
         raise ValueError(f"tenant {name!r} already exists")
-    tenant = Tenant(name=name)
+    tenant = Tenant(name=name, webhook_secret=new_webhook_secret())
     session.add(tenant)
     session.flush()
     return tenant, create_api_key(session, tenant)
@@ -47,3 +51,10 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
     return session.get(Tenant, row.tenant_id)
+
+
+def rotate_webhook_secret(session: Session, tenant: Tenant) -> str:
+    """Give ``tenant`` a new webhook signing secret (deliveries from now on use it); returns it, to show once."""
+    tenant.webhook_secret = new_webhook_secret()
+    session.add(tenant)
+    return tenant.webhook_secret

@@ -43,3 +43,17 @@ class Api:
 
     def headers(self, tenant: str = "acme", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[tenant]}", **extra}
+
+
+def wait_for(client, path, headers, until, timeout=240):
+    """GET ``path`` every 0.5 s until ``until(body)``; AssertionError with the last body after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    body = None
+    while time.monotonic() < deadline:
+        body = client.get(path, headers=headers).json()
+        if until(body):
+            return body
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting on {path}: {body}")

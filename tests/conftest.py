@@ -235,3 +235,96 @@ def api(postgres_url, tiny_folders, tmp_path):
         session.commit()
     with TestClient(app) as client:
         yield Api(client=client, context=app.state.context, enqueuer=enqueuer, keys=keys)
+
+
+# The whole service: the gateway in-process, real worker processes, Redis, PostgreSQL, SeaweedFS.
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def stack(postgres_url, redis_url, s3_server, tiny_folders, tmp_path, monkeypatch):
+    """The gateway (TestClient) on PostgreSQL, Redis and SeaweedFS, one tenant, and ``start_worker(name, queues)``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import uuid
+
+    from fastapi.testclient import TestClient
+
+    from shared.db import make_engine, make_session_factory
+    from shared.storage import S3Storage
+    from shared.tenants import create_tenant
+
+    bucket = f"e2e{uuid.uuid4().hex[:10]}"
+    S3Storage(
+        endpoint=s3_server["endpoint"],
+        bucket=bucket,
+        access_key=s3_server["access_key"],
+        secret_key=s3_server["secret_key"],
+    ).ensure_bucket()
+    env = {
+        "KRONA_DATABASE_URL": postgres_url,
+        "KRONA_BROKER_URL": redis_url,
+        "KRONA_S3_ENDPOINT": s3_server["endpoint"],
+        "KRONA_S3_ACCESS_KEY": s3_server["access_key"],
+        "KRONA_S3_SECRET_KEY": s3_server["secret_key"],
+        "KRONA_S3_BUCKET": bucket,
+        "KRONA_BASE_MODEL": "tiny-sd",
+        "KRONA_DATA_DIR": str(tmp_path),
+        "KRONA_LEASE_SECONDS": "8",
+        "KRONA_REAPER_INTERVAL_SECONDS": "1",
+        "KRONA_ENQUEUE_GRACE_SECONDS": "600",
+        "KRONA_CHECKPOINT_EVERY": "2",
+        "KRONA_WORKER_DEVICE": "cpu",
+        # Webhook receivers in tests listen on 127.0.0.1; short deadlines and backoff keep the tests brief.
+        "KRONA_ALLOW_PRIVATE_WEBHOOKS": "1",
+        "KRONA_WEBHOOK_MAX_ATTEMPTS": "3",
+        "KRONA_WEBHOOK_RETRY_BASE_SECONDS": "0.3",
+        "KRONA_WEBHOOK_TIMEOUT_SECONDS": "3",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from shared.queue import celery_app
+    from shared.settings import Settings, get_settings
+
+    get_settings.cache_clear()
+    celery_app.cache_clear()
+    from services.gateway.app import create_app
+
+    app = create_app(Settings())
+    sessions = make_session_factory(make_engine(postgres_url))
+    with sessions() as session:
+        tenant, key = create_tenant(session, f"e2e-{uuid.uuid4().hex[:6]}")
+        session.commit()
+        webhook_secret = tenant.webhook_secret
+    workers: list[subprocess.Popen] = []
+
+    def start_worker(name: str, queues: str = "train,infer") -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "services.cli.main", "worker", "--queues", queues]
+        process = subprocess.Popen(
+            cmd, cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        workers.append(process)
+        return process
+
+    with TestClient(app) as client:
+        yield {
+            "client": client,
+            "headers": {"Authorization": f"Bearer {key}"},
+            "sessions": sessions,
+            "start_worker": start_worker,
+            "webhook_secret": webhook_secret,
+            "logs": tmp_path,
+        }
+    for process in workers:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+    get_settings.cache_clear()
+    celery_app.cache_clear()

@@ -38,6 +38,7 @@ def test_overlay_renders_and_validates_against_the_kubernetes_schemas(overlay):
         ("Deployment", "krona-worker-train"), ("Deployment", "krona-worker-infer"), ("Job", "krona-migrate"),
         ("ConfigMap", "krona-config"), ("Secret", "krona-secrets"), ("ScaledObject", "krona-worker-train"),
         ("ScaledObject", "krona-worker-infer"), ("NetworkPolicy", "datastores-from-krona-only"),
+        ("Deployment", "krona-webhooks"),
     ]:  # fmt: skip
         assert expected in kinds, expected
     for obj in objects:
@@ -106,6 +107,7 @@ def test_compose_file_validates_and_wires_the_stack():
         "worker-train",
         "worker-infer",
         "worker-cpu",
+        "worker-webhooks",
     } <= set(services)
     assert "healthcheck" in services["postgres"] and "postgres-data" in compose["volumes"]
     for name in ("gateway", "worker-train", "worker-infer"):
@@ -116,6 +118,12 @@ def test_compose_file_validates_and_wires_the_stack():
         assert device["driver"] == "nvidia" and device["count"] == 1 and device["capabilities"] == ["gpu"]
         assert any(v.startswith("hf-cache:") for v in services[name]["volumes"])
     assert services["worker-cpu"]["profiles"] == ["cpu"]
+    # Webhook deliveries have their own worker (a thread pool on the slim image), never a GPU worker's queue.
+    hooks = services["worker-webhooks"]
+    assert hooks["image"].startswith("krona-gateway") and "webhooks" in hooks["command"]
+    assert "deploy" not in hooks
+    for name in ("worker-train", "worker-infer", "worker-cpu"):
+        assert "webhooks" not in services[name]["command"][services[name]["command"].index("-Q") + 1]
 
 
 def test_dockerfiles_pass_hadolint_and_run_as_non_root():
@@ -150,5 +158,5 @@ def test_deploy_files_set_exactly_settings_the_code_reads():
         assert not unknown, f"{name} sets variables no code reads: {sorted(unknown)}"
     # What production must set is set in the Kubernetes config and secret.
     required = {"KRONA_DATABASE_URL", "KRONA_BROKER_URL", "KRONA_S3_ENDPOINT", "KRONA_S3_ACCESS_KEY",
-                "KRONA_S3_SECRET_KEY", "KRONA_WEBHOOK_SECRET", "KRONA_BASE_MODEL", "KRONA_ENV"}  # fmt: skip
+                "KRONA_S3_SECRET_KEY", "KRONA_BASE_MODEL", "KRONA_ENV"}  # fmt: skip
     assert required <= _variables(sources["kubernetes"])

@@ -3,7 +3,8 @@
 - running jobs whose lease expired (their worker died): sent again, so a live worker claims and resumes
   them; after MAX_ATTEMPTS claims they are marked failed;
 - queued jobs never sent (broker down at creation) or sent long ago without a claim: sent again;
-- finished jobs whose webhook was not delivered: the delivery is sent again.
+- webhook deliveries that are due but were not sent (a lost message, a crashed webhook worker): sent
+  again; a delivery whose last allowed attempt's lease expired is given up.
 
 Every action is idempotent (claims are guarded updates), so several reapers may run at once.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import or_, select, update
 
 from shared.db import Generation, Training, utcnow
 from shared.queue import GENERATE_TASK, TRAIN_TASK, WEBHOOK_TASK
 
 from .lease import MAX_ATTEMPTS
 from .runtime import Runtime
+from .webhooks import due_condition
 
 log = logging.getLogger("krona.worker.reaper")
 
@@ -62,20 +64,7 @@ def reap_once(rt: Runtime) -> dict[str, int]:
             for job_id in stale:
                 _send(rt, session, model, task, job_id)
                 counts["requeued"] += 1
-            undelivered = session.scalars(
-                select(model.id).where(
-                    model.webhook_url.is_not(None),
-                    model.webhook_delivered_at.is_(None),
-                    model.finished_at.is_not(None),
-                    and_(model.finished_at < now - timedelta(seconds=30), model.finished_at > now - timedelta(days=1)),
-                )
-            ).all()
-            for job_id in undelivered:
-                try:
-                    rt.send(WEBHOOK_TASK, f"{kind}:{job_id}")
-                    counts["webhooks"] += 1
-                except Exception:
-                    log.warning("reaper could not enqueue webhook %s:%s", kind, job_id)
+            counts["webhooks"] += _reap_webhooks(rt, session, model, kind, now)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     return counts
@@ -89,3 +78,44 @@ def _send(rt: Runtime, session, model, task: str, job_id: str) -> None:
         return
     session.execute(update(model).where(model.id == job_id).values(enqueued_at=utcnow()))
     session.commit()
+
+
+# A delivery's own message normally claims it; the reaper steps in only once it is this late.
+WEBHOOK_REAP_AFTER = timedelta(seconds=30)
+
+
+def _reap_webhooks(rt: Runtime, session, model, kind: str, now) -> int:
+    """Send overdue deliveries; give up those whose last attempt's claim expired. Returns how many were sent."""
+    max_attempts = rt.settings.webhook_max_attempts
+    session.execute(
+        update(model)
+        .where(
+            model.webhook_state == "sending",
+            model.webhook_lease_expires_at < now,
+            model.webhook_attempts >= max_attempts,
+        )
+        .values(
+            webhook_state="given_up", webhook_lease_expires_at=None, webhook_last_error="the delivering worker stopped"
+        )
+    )
+    session.commit()
+    late = now - WEBHOOK_REAP_AFTER
+    overdue = session.scalars(
+        select(model.id).where(
+            due_condition(model, now),
+            model.webhook_attempts < max_attempts,
+            or_(
+                model.webhook_state != "pending",
+                model.webhook_next_attempt_at < late,
+            ),
+            or_(model.webhook_state != "waiting", model.finished_at < late),
+        )
+    ).all()
+    sent = 0
+    for job_id in overdue:
+        try:
+            rt.send(WEBHOOK_TASK, f"{kind}:{job_id}")
+            sent += 1
+        except Exception:
+            log.warning("reaper could not enqueue the webhook of %s %s", kind, job_id)
+    return sent

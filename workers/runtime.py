@@ -26,10 +26,10 @@ class Runtime:
     pipelines: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def send(self, task: str, job_id: str) -> None:
+    def send(self, task: str, job_id: str, *, countdown: float | None = None) -> None:
         from shared.queue import TASK_ROUTES, celery_app
 
-        celery_app().send_task(task, args=[job_id], queue=TASK_ROUTES[task]["queue"])
+        celery_app().send_task(task, args=[job_id], queue=TASK_ROUTES[task]["queue"], countdown=countdown)
 
 
 def build_runtime(settings: Settings | None = None, storage: Storage | None = None) -> Runtime:

@@ -1,7 +1,8 @@
 """Celery tasks: thin. Each takes an id, and calls the domain code with the process's runtime.
 
 Start a worker with ``celery -A workers.tasks worker -Q train,infer --pool solo -c 1`` (``krona worker``
-does, and ``krona up`` starts one). The reaper runs in a thread of every worker.
+does, and ``krona up`` starts one), and a webhook worker with ``-Q webhooks --pool threads -c 8``
+(``krona worker --queues webhooks``). The reaper runs in a thread of every worker.
 """
 
 from __future__ import annotations
@@ -34,19 +35,13 @@ def generate_task(generation_id: str) -> str:
     return run_generation_job(runtime(), generation_id)
 
 
-@app.task(bind=True, name=WEBHOOK_TASK, acks_late=True, max_retries=None)
-def webhook_task(self, ref: str) -> str:
+@app.task(name=WEBHOOK_TASK, acks_late=True)
+def webhook_task(ref: str) -> str:
+    # One attempt; the schedule of the next one is kept on the job's row (workers/webhooks.py), not in Celery.
     from workers.runtime import runtime
-    from workers.webhooks import WebhookFailed, deliver_webhook
+    from workers.webhooks import deliver_webhook
 
-    rt = runtime()
-    try:
-        return deliver_webhook(rt, ref)
-    except WebhookFailed as exc:
-        if self.request.retries + 1 >= rt.settings.webhook_max_attempts:
-            log.warning("webhook %s given up after %d attempts: %s", ref, self.request.retries + 1, exc)
-            return "given_up"
-        raise self.retry(exc=exc, countdown=min(300, 2 ** (self.request.retries + 1))) from None
+    return deliver_webhook(runtime(), ref)
 
 
 @app.task(name=REAP_TASK)

@@ -1,73 +1,161 @@
-"""Webhook delivery on terminal states: HMAC-signed POST, retried with backoff, marked delivered on a 2xx."""
+"""Webhook delivery on terminal states: one signed POST per attempt, its state kept on the job's row.
+
+The row is the truth, as for jobs. A delivery is claimed with a guarded update (``waiting`` or a due
+``pending`` -> ``sending``, attempts + 1, a lease longer than the request's deadline), so it is never in
+flight twice however many messages or reapers ask for it, and it stops at ``webhook_max_attempts``.
+After the attempt: ``delivered`` (2xx), ``rejected`` (another 4xx: retrying would not help),
+``pending`` with the next attempt's time (network error, deadline, 5xx, 429), or ``given_up``. The
+task is sent again with a countdown for the next attempt; the reaper sends overdue ones (a lost
+message or a crashed worker) and gives up leases that expired on the last attempt.
+
+Deliveries run on their own queue (``webhooks``) and worker pool, so a slow receiver never holds a
+GPU worker.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 
-from shared.db import Generation, Training, utcnow
+from sqlalchemy import and_, or_, select, update
+
+from shared.db import Generation, Tenant, Training, utcnow
 from shared.schemas import generation_public, training_public
-from shared.webhooks import SIGNATURE_HEADER, check_webhook_url, sign
+from shared.webhooks import SIGNATURE_HEADER, DeliveryError, post, resolve_webhook_target, sign
 
 from .runtime import Runtime
 
 log = logging.getLogger("krona.worker.webhooks")
 
-__all__ = ["WebhookFailed", "deliver_webhook", "notify"]
+__all__ = ["JOB_KINDS", "deliver_webhook", "notify", "retry_delay"]
+
+JOB_KINDS = {"training": Training, "generation": Generation}
+# A claim outlives the request's deadline by this much before another worker may take it over.
+LEASE_MARGIN_SECONDS = 30
 
 
-class WebhookFailed(Exception):
-    """A delivery that may succeed later (network error, 5xx, 429); the task retries it."""
+def retry_delay(attempt: int, base_seconds: float) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1-based): base * 2^(attempt-1), at most 300."""
+    return min(300.0, base_seconds * 2 ** (attempt - 1))
+
+
+def due_condition(model, now):
+    """SQL condition: the delivery may be claimed now."""
+    return and_(
+        model.finished_at.is_not(None),
+        model.webhook_url.is_not(None),
+        or_(
+            model.webhook_state == "waiting",
+            and_(model.webhook_state == "pending", model.webhook_next_attempt_at <= now),
+            and_(model.webhook_state == "sending", model.webhook_lease_expires_at < now),
+        ),
+    )
+
+
+def _claim(rt: Runtime, model, job_id: str) -> int | None:
+    """Take the delivery for one attempt; its attempt number, or None if it is not due or not ours to take."""
+    now = utcnow()
+    lease = timedelta(seconds=rt.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
+    with rt.sessions() as session:
+        result = session.execute(
+            update(model)
+            .where(
+                model.id == job_id,
+                due_condition(model, now),
+                model.webhook_attempts < rt.settings.webhook_max_attempts,
+            )
+            .values(
+                webhook_state="sending",
+                webhook_attempts=model.webhook_attempts + 1,
+                webhook_lease_expires_at=now + lease,
+            )
+            .returning(model.webhook_attempts)
+        )
+        attempt = result.scalar()
+        session.commit()
+    return attempt
+
+
+def _finish(rt: Runtime, model, job_id: str, attempt: int, **values) -> bool:
+    """Record an attempt's outcome, only if the claim is still ours (guarded by state and attempt number)."""
+    with rt.sessions() as session:
+        result = session.execute(
+            update(model)
+            .where(model.id == job_id, model.webhook_state == "sending", model.webhook_attempts == attempt)
+            .values(webhook_lease_expires_at=None, **values)
+        )
+        session.commit()
+    return result.rowcount == 1
 
 
 def deliver_webhook(rt: Runtime, ref: str) -> str:
-    """``ref`` is "training:<id>" or "generation:<id>". Returns delivered/skipped/refused; raises WebhookFailed."""
-    import httpx
+    """One attempt for ``ref`` ("training:<id>" or "generation:<id>").
 
+    Returns delivered, rejected, refused, retrying, given_up or skipped (not due: delivered already,
+    in flight elsewhere, or its next attempt is not yet due).
+    """
     kind, _, job_id = ref.partition(":")
-    model = {"training": Training, "generation": Generation}.get(kind)
+    model = JOB_KINDS.get(kind)
     if model is None:
         return "skipped"
+    attempt = _claim(rt, model, job_id)
+    if attempt is None:
+        return "skipped"
+    settings = rt.settings
     with rt.sessions() as session:
         row = session.get(model, job_id)
-        if row is None or not row.webhook_url or row.webhook_delivered_at is not None or row.finished_at is None:
-            return "skipped"
-        if kind == "training":
-            body = training_public(row)
-        else:
-            body = generation_public(row, rt.settings.public_url)
+        secret = session.scalar(select(Tenant.webhook_secret).where(Tenant.id == row.tenant_id))
+        body = training_public(row) if kind == "training" else generation_public(row, settings.public_url)
         url = row.webhook_url
-    event = {"type": f"{kind}.{body['status']}", "data": body}
-    payload = json.dumps(event, separators=(",", ":")).encode()
+    payload = json.dumps({"type": f"{kind}.{body['status']}", "data": body}, separators=(",", ":")).encode()
     try:
-        check_webhook_url(url, allow_private=rt.settings.allow_private_webhooks)  # again: DNS may have changed
-    except ValueError as exc:
+        target = resolve_webhook_target(url, allow_private=settings.allow_private_webhooks)
+    except ValueError as exc:  # refused now (DNS changed, or the setting did): never retried
         log.warning("webhook of %s refused: %s", ref, exc)
-        _mark_delivered(rt, model, job_id)  # never retried
+        _finish(rt, model, job_id, attempt, webhook_state="refused", webhook_last_error=str(exc)[:1000])
         return "refused"
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(payload, rt.settings.webhook_secret)}
+    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(payload, secret)}
     try:
-        response = httpx.post(url, content=payload, headers=headers, timeout=10.0, follow_redirects=False)
-    except httpx.HTTPError as exc:
-        raise WebhookFailed(f"{ref}: {exc}") from exc
-    if response.status_code >= 500 or response.status_code == 429:
-        raise WebhookFailed(f"{ref}: HTTP {response.status_code}")
-    _mark_delivered(rt, model, job_id)
-    return "delivered" if response.is_success else f"rejected ({response.status_code})"
+        status = post(
+            target,
+            payload,
+            headers,
+            deadline_seconds=settings.webhook_timeout_seconds,
+            max_response_bytes=settings.webhook_max_response_bytes,
+        )
+        error = None if status < 500 and status != 429 else f"HTTP {status}"
+    except DeliveryError as exc:
+        status, error = None, str(exc)
+    now = utcnow()
+    if error is None:
+        state = "delivered" if 200 <= status < 300 else "rejected"
+        _finish(
+            rt, model, job_id, attempt, webhook_state=state, webhook_delivered_at=now,
+            webhook_last_error=None if state == "delivered" else f"HTTP {status}",
+        )  # fmt: skip
+        return state
+    if attempt >= settings.webhook_max_attempts:
+        _finish(rt, model, job_id, attempt, webhook_state="given_up", webhook_last_error=error[:1000])
+        log.warning("webhook of %s given up after %d attempts: %s", ref, attempt, error)
+        return "given_up"
+    delay = retry_delay(attempt, settings.webhook_retry_base_seconds)
+    _finish(
+        rt, model, job_id, attempt, webhook_state="pending", webhook_last_error=error[:1000],
+        webhook_next_attempt_at=now + timedelta(seconds=delay),
+    )  # fmt: skip
+    log.info("webhook of %s failed (attempt %d): %s; next in %.1f s", ref, attempt, error, delay)
+    from shared.queue import WEBHOOK_TASK
 
-
-def _mark_delivered(rt: Runtime, model, job_id: str) -> None:
-    from sqlalchemy import update
-
-    with rt.sessions() as session:
-        session.execute(update(model).where(model.id == job_id).values(webhook_delivered_at=utcnow()))
-        session.commit()
+    try:
+        rt.send(WEBHOOK_TASK, ref, countdown=delay)
+    except Exception:
+        log.warning("could not schedule the next webhook attempt of %s; the reaper will", ref)
+    return "retrying"
 
 
 def notify(rt: Runtime, model, kind: str, job_id: str) -> None:
     """After a terminal state: send the webhook task if the job has a webhook (the reaper retries a failed send)."""
-    from sqlalchemy import select
-
     from shared.queue import WEBHOOK_TASK
 
     with rt.sessions() as session:

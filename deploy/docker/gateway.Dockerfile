@@ -1,4 +1,4 @@
-# The gateway: slim CPU image, no torch (the gateway never imports it).
+# The gateway and the webhook worker: slim CPU image, no torch (neither imports it).
 FROM python:3.11.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -8,6 +8,7 @@ COPY deploy/docker/requirements-gateway.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
 COPY shared /app/shared
 COPY services /app/services
+COPY workers /app/workers
 COPY migrations /app/migrations
 COPY alembic.ini /app/alembic.ini
 USER 10001

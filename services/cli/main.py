@@ -106,17 +106,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin = sub.add_parser("admin", help="administration")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
-    tenant = admin_sub.add_parser("create-tenant", help="create a tenant and print its API key once")
+    tenant = admin_sub.add_parser(
+        "create-tenant", help="create a tenant and print its API key and webhook signing secret once"
+    )
     tenant.add_argument("name")
     tenant.add_argument("--data-dir", help="embedded data folder (default .krona; ignored with KRONA_DATABASE_URL)")
+    rotate = admin_sub.add_parser(
+        "rotate-webhook-secret", help="give a tenant a new webhook signing secret and print it once"
+    )
+    rotate.add_argument("name")
+    rotate.add_argument("--data-dir", help="embedded data folder (default .krona; ignored with KRONA_DATABASE_URL)")
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway alone (production: behind a proxy)")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
     gateway.add_argument("--data-dir")
 
-    worker = sub.add_parser("worker", help="run a Celery worker (one job at a time) for the given queues")
-    worker.add_argument("--queues", default="train,infer", help="train, infer or both (default)")
+    worker = sub.add_parser(
+        "worker",
+        help="run a Celery worker for the given queues: train/infer one job at a time, webhooks on a thread pool",
+    )
+    worker.add_argument(
+        "--queues",
+        default="train,infer",
+        help="train, infer, both (default), or webhooks (deliveries only, KRONA_WEBHOOK_CONCURRENCY at once)",
+    )
     worker.add_argument("--data-dir")
 
     from services.cli.client import build_client_parsers
@@ -137,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "up": stack.up,
         "migrate": stack.migrate,
-        "admin": stack.create_tenant_command,
+        "admin": stack.admin,
         "gateway": stack.gateway,
         "worker": stack.worker,
         "trainings": client.trainings,

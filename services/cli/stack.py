@@ -1,9 +1,9 @@
-"""`krona up`, `krona migrate`, `krona admin create-tenant`, `krona gateway`, `krona worker`.
+"""`krona up`, `krona migrate`, `krona admin create-tenant|rotate-webhook-secret`, `krona gateway`, `krona worker`.
 
 `krona up` is the embedded default of DESIGN.md: SQLite, a local blob folder, Celery over kombu's
-SQLAlchemy transport on SQLite, the tiny-sd model, with the gateway and one worker as child
-processes. The same commands with KRONA_DATABASE_URL / KRONA_BROKER_URL / KRONA_S3_* set run against
-PostgreSQL, Redis and S3.
+SQLAlchemy transport on SQLite, the tiny-sd model, with three child processes: the gateway, a job
+worker (train and infer) and a webhook worker. The same commands with KRONA_DATABASE_URL /
+KRONA_BROKER_URL / KRONA_S3_* set run against PostgreSQL, Redis and S3.
 """
 
 from __future__ import annotations
@@ -40,17 +40,30 @@ def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def create_tenant_command(args: argparse.Namespace) -> int:
-    from shared.db import make_engine, make_session_factory
-    from shared.tenants import create_tenant
+def admin(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from shared.db import Tenant, make_engine, make_session_factory
+    from shared.tenants import create_tenant, rotate_webhook_secret
 
     settings = _settings(args.data_dir)
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
     with sessions() as session:
-        tenant, key = create_tenant(session, args.name)
+        if args.admin_command == "create-tenant":
+            tenant, key = create_tenant(session, args.name)
+            session.commit()
+            print(f"tenant {tenant.name} ({tenant.id}) created; its webhook signing secret (shown once):")
+            print(tenant.webhook_secret)
+            print("its API key (shown once):")
+            print(key)
+            return 0
+        tenant = session.scalar(select(Tenant).where(Tenant.name == args.name))
+        if tenant is None:
+            raise ValueError(f"no tenant {args.name!r}")
+        secret = rotate_webhook_secret(session, tenant)
         session.commit()
-    print(f"tenant {tenant.name} ({tenant.id}) created; its API key (shown once):")
-    print(key)
+    print(f"tenant {args.name}: new webhook signing secret (shown once; deliveries from now on use it):")
+    print(secret)
     return 0
 
 
@@ -62,6 +75,7 @@ def _ensure_default_tenant(settings) -> Path:
     from shared.tenants import create_api_key, create_tenant
 
     key_file = settings.data_dir.resolve() / "api-key"
+    secret_file = settings.data_dir.resolve() / "webhook-secret"
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
     with sessions() as session:
         tenant = session.scalar(select(Tenant).where(Tenant.name == DEFAULT_TENANT))
@@ -71,13 +85,19 @@ def _ensure_default_tenant(settings) -> Path:
             tenant, key = create_tenant(session, DEFAULT_TENANT)
         else:  # the key file was removed: issue a new key
             key = create_api_key(session, tenant)
+        secret = tenant.webhook_secret
         session.commit()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    os.chmod(key_file, 0o600)
+    _write_private(key_file, key)
+    _write_private(secret_file, secret)
     return key_file
+
+
+def _write_private(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    os.chmod(path, 0o600)
 
 
 def gateway(args: argparse.Namespace) -> int:
@@ -91,16 +111,27 @@ def gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def worker_command(queues: str, hostname: str) -> list[str]:
+def worker_command(queues: str, hostname: str, *, webhook_concurrency: int = 8) -> list[str]:
+    """The Celery worker for ``queues``: jobs one at a time (solo pool); webhook deliveries on a thread pool."""
+    from shared.queue import WEBHOOK_QUEUE
+
+    names = set(queues.split(","))
+    if WEBHOOK_QUEUE in names and names != {WEBHOOK_QUEUE}:
+        raise ValueError(f"the {WEBHOOK_QUEUE} queue needs a worker of its own (--queues {WEBHOOK_QUEUE})")
+    pool = ["threads", str(webhook_concurrency)] if names == {WEBHOOK_QUEUE} else ["solo", "1"]
     return [
-        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", queues, "--pool", "solo",
-        "--concurrency", "1", "--hostname", hostname, "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker", "-Q", queues, "--pool", pool[0],
+        "--concurrency", pool[1], "--hostname", hostname, "--loglevel", "WARNING", "--without-gossip",
+        "--without-mingle",
     ]  # fmt: skip
 
 
 def worker(args: argparse.Namespace) -> int:
-    _settings(getattr(args, "data_dir", None), export=True)
-    os.execv(sys.executable, worker_command(args.queues, f"krona-{args.queues.replace(',', '-')}@%h"))
+    settings = _settings(getattr(args, "data_dir", None), export=True)
+    command = worker_command(
+        args.queues, f"krona-{args.queues.replace(',', '-')}@%h", webhook_concurrency=settings.webhook_concurrency
+    )
+    os.execv(sys.executable, command)
     return 0  # not reached
 
 
@@ -120,9 +151,13 @@ def up(args: argparse.Namespace) -> int:
     children = [
         subprocess.Popen(gateway_cmd, env=env),
         subprocess.Popen(worker_command("train,infer", "krona-embedded@%h"), env=env),
+        subprocess.Popen(
+            worker_command("webhooks", "krona-webhooks@%h", webhook_concurrency=settings.webhook_concurrency), env=env
+        ),
     ]
     print(f"Krona is up at http://{args.host}:{args.port} (data in {settings.data_dir.resolve()})")
     print(f"API key of tenant '{DEFAULT_TENANT}': {key_file.read_text().strip()}  (also in {key_file})")
+    print(f"webhook signing secret of tenant '{DEFAULT_TENANT}' is in {key_file.parent / 'webhook-secret'}")
     if settings.base_model.startswith("tiny-"):
         print(f"base model {settings.base_model}: random weights built offline, so images are noise")
     print("Ctrl-C stops it.", flush=True)

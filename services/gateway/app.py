@@ -21,7 +21,8 @@ from shared.storage import Storage, storage_from_settings
 
 from .context import AppContext, CeleryEnqueuer, Enqueuer
 from .errors import error_body, install_error_handlers
-from .routes import adapters, generations, health, trainings
+from .events import ProgressHub
+from .routes import adapters, generations, health, trainings, webhooks
 
 log = logging.getLogger("krona.gateway")
 
@@ -75,6 +76,14 @@ def configure_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def _training_snapshot(context: AppContext, training_id: str) -> dict:
+    from shared.db import Training
+    from shared.schemas import training_public
+
+    with context.sessions() as session:
+        return training_public(session.get(Training, training_id))
+
+
 def create_app(
     settings: Settings | None = None, *, enqueuer: Enqueuer | None = None, storage: Storage | None = None
 ) -> FastAPI:
@@ -88,10 +97,15 @@ def create_app(
         storage=storage or storage_from_settings(settings),
         enqueuer=enqueuer or CeleryEnqueuer(settings),
     )
+    context.progress = ProgressHub(
+        lambda training_id: _training_snapshot(context, training_id),
+        interval=settings.event_poll_interval_seconds,
+        max_streams_per_tenant=settings.max_event_streams_per_tenant,
+    )
     app = FastAPI(title="Krona", version="1.0.0", description=DESCRIPTION)
     app.state.context = context
     install_error_handlers(app)
-    for router in (trainings.router, adapters.router, generations.router, health.router):
+    for router in (trainings.router, adapters.router, generations.router, webhooks.router, health.router):
         app.include_router(router)
 
     @app.middleware("http")

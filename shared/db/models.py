@@ -56,6 +56,8 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(String(100), unique=True)
+    # Signs this tenant's webhook deliveries (shared.webhooks.sign); shown once, rotatable.
+    webhook_secret: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -84,6 +86,13 @@ class _Job:
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Delivery state (workers/webhooks.py): waiting (job not finished or not yet sent), sending (claimed,
+    # with a lease), pending (failed, next attempt scheduled), delivered, rejected (4xx), refused, given_up.
+    webhook_state: Mapped[str | None] = mapped_column(String(16), default=None, index=True)
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    webhook_lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    webhook_last_error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)

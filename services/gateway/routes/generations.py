@@ -54,6 +54,7 @@ def _new_generation(
         height=spec.height or size,
         seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
         webhook_url=spec.webhook_url,
+        webhook_state="waiting" if spec.webhook_url else None,
     )
 
 

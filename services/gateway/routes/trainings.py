@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import update
 
 from shared.db import TERMINAL_STATUSES, Training, new_id, utcnow
@@ -23,6 +24,7 @@ from shared.webhooks import check_webhook_url
 
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
+from ..events import TooManyStreams
 from ..jobs import commit_created, enqueue, get_owned, page, replay, request_hash
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
@@ -196,7 +198,8 @@ async def create_training(
         for key, (data, ext) in zip(keys, images, strict=True):
             context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
     except Exception:
-        context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+        with contextlib.suppress(Exception):  # storage is down: the cleanup may fail too; the 503 must not
+            context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
         raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
     total_steps = spec.steps or settings.default_train_steps or spec.resolved_steps(False)
     row = Training(
@@ -209,15 +212,17 @@ async def create_training(
         image_keys=keys,
         total_steps=total_steps,
         webhook_url=webhook_url,
+        webhook_state="waiting" if webhook_url else None,
     )
-    session.add(row)
-    session.flush()
-    body = training_public(row)
 
     def remove_images() -> None:
-        context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+        with contextlib.suppress(Exception):  # best effort: storage may be the part that is down
+            context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
 
     try:
+        session.add(row)
+        session.flush()
+        body = training_public(row)
         status_code, body = commit_created(
             session, tenant, idempotency_key, "trainings", fingerprint, 202, body, on_conflict=remove_images
         )
@@ -274,28 +279,41 @@ def cancel_training(training_id: str, context: ContextDep, session: SessionDep, 
     return training_public(row)
 
 
+def _owned_training(training_id: str, context: ContextDep, tenant: CurrentTenant) -> str:
+    """The id of a training of this tenant (404 otherwise), checked in a short session of its own."""
+    with context.sessions() as session:
+        get_owned(session, Training, training_id, tenant, "training")
+    return training_id
+
+
+async def _stream_slot(context: ContextDep, tenant: CurrentTenant) -> AsyncIterator[None]:
+    """One of the tenant's event-stream slots, held until the stream ends (429 when none is free)."""
+    try:
+        async with context.progress.slot(tenant.id):
+            yield
+    except TooManyStreams:
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"at most {context.progress.max_streams_per_tenant} event streams per tenant at once; close one",
+        ) from None
+
+
 @router.get(
     "/{training_id}/events",
     summary="Server-sent events of progress until a terminal state",
-    response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    response_class=EventSourceResponse,
+    responses={429: {"description": "too many event streams open for this tenant"}},
 )
-async def training_events(training_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
-    get_owned(session, Training, training_id, tenant, "training")
+async def training_events(
+    context: ContextDep,
+    training_id: Annotated[str, Depends(_owned_training)],
+    _slot: Annotated[None, Depends(_stream_slot)],
+) -> AsyncIterable[ServerSentEvent]:
+    """`event: progress` with the Training on each change of status, step or loss, then one `event: done`.
 
-    async def stream():
-        last = None
-        while True:
-            with context.sessions() as s:
-                row = s.get(Training, training_id)
-                body = training_public(row)
-            state = (body["status"], body["progress"]["step"], body["progress"]["loss"])
-            if state != last:
-                last = state
-                event = "done" if body["status"] in TERMINAL_STATUSES else "progress"
-                yield f"event: {event}\ndata: {json.dumps(body)}\n\n"
-            if body["status"] in TERMINAL_STATUSES:
-                return
-            await asyncio.sleep(0.5)
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    Followers share one poller per training and process (services/gateway/events.py); a comment line is
+    sent every 15 s while nothing changes, so proxies keep the connection open.
+    """
+    async for body in context.progress.follow(training_id):
+        yield ServerSentEvent(event="done" if body["status"] in TERMINAL_STATUSES else "progress", data=body)
