@@ -12,6 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.settings import Settings
 from shared.storage import Storage
 
+from .events import ProgressHub
+
 log = logging.getLogger("krona.gateway")
 
 
@@ -46,6 +48,7 @@ class AppContext:
     sessions: sessionmaker[Session]
     storage: Storage
     enqueuer: Enqueuer
+    progress: ProgressHub | None = None
     _shapes: dict[str, tuple[int, int]] | None = field(default=None)
     _native_size: int | None = field(default=None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,12 +16,15 @@ __all__ = ["ApiError", "error_body", "install_error_handlers"]
 class ApiError(Exception):
     """Raise from routes and services; becomes the error shape with ``status``."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.details = details
+        self.headers = headers
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -41,10 +45,27 @@ _STATUS_CODES = {
 }
 
 
+RETRY_AFTER_SECONDS = 5
+
+
+def _dbapi_handler(unavailable_handler):
+    """DBAPIError: a lost connection is a dependency fault (503); anything else is a bug (500, logged)."""
+
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        if getattr(exc, "connection_invalidated", False):
+            return await unavailable_handler(request, exc)
+        logging.getLogger("krona.gateway").exception("database error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal error; see the gateway log"), status_code=500)
+
+    return handler
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else dict(exc.headers or {})
+        if exc.status == 503:
+            headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
         return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -62,9 +83,38 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
 
+    # Dependency faults: 503 with what is down and when to retry, one log line, no traceback. (These
+    # handlers run in Starlette's ExceptionMiddleware; the catch-all below is re-raised to the server's log.)
+    from sqlalchemy.exc import DBAPIError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from shared.storage import StorageError
+
+    def unavailable(code: str, what: str):
+        async def handler(request: Request, exc: Exception) -> JSONResponse:
+            logging.getLogger("krona.gateway").warning(
+                "%s %s: %s (%s)", request.method, request.url.path, what, exc.__class__.__name__
+            )
+            return JSONResponse(
+                error_body(code, f"{what}; try again shortly"),
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+
+        return handler
+
+    for exc_class in (OperationalError, PoolTimeout):
+        app.add_exception_handler(exc_class, unavailable("database_unavailable", "the database is unreachable"))
+    app.add_exception_handler(DBAPIError, _dbapi_handler(unavailable("database_unavailable", "the database failed")))
+    app.add_exception_handler(StorageError, unavailable("storage_unavailable", "storage is unreachable"))
+    try:
+        from kombu.exceptions import OperationalError as BrokerError
+
+        app.add_exception_handler(BrokerError, unavailable("broker_unavailable", "the broker is unreachable"))
+    except ImportError:  # pragma: no cover - kombu comes with celery
+        pass
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        import logging
-
         logging.getLogger("krona.gateway").exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal_error", "internal error; see the gateway log"), status_code=500)
