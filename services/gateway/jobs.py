@@ -136,6 +136,21 @@ def commit_created(
 # Enqueueing: the row is committed first; a failed send is repaired by the reaper -------------------
 
 
+def enqueue_many(context: AppContext, session: Session, model, job_ids: list[str], task: str) -> None:
+    """Send one message per job, then mark the sent ones in a single UPDATE (not one commit per job)."""
+    sent = []
+    for job_id in job_ids:
+        try:
+            context.enqueuer.send(task, job_id)
+        except Exception:  # the broker is down: the rest stay queued and the reaper sends them later
+            log.warning("could not enqueue %s (%d of %d jobs); the reaper will retry", task, len(sent), len(job_ids))
+            break
+        sent.append(job_id)
+    if sent:
+        session.execute(update(model).where(model.id.in_(sent)).values(enqueued_at=utcnow()))
+        session.commit()
+
+
 def enqueue(context: AppContext, session: Session, model, job_id: str, task: str) -> None:
     try:
         context.enqueuer.send(task, job_id)

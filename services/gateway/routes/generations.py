@@ -20,24 +20,36 @@ from shared.webhooks import check_webhook_url
 from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import commit_created, enqueue, get_owned, replay, request_hash
+from ..jobs import commit_created, enqueue, enqueue_many, get_owned, replay, request_hash
 
 router = APIRouter(tags=["generations"])
 
 
-def _new_generation(
-    context: AppContext, session: Session, tenant: Tenant, spec: GenerationCreate, batch_id: str | None, where: str
-) -> Generation:
-    """Validate one request against this tenant's data and build its row (not yet added)."""
-    if spec.adapter_id is not None:
-        adapter = session.get(Adapter, spec.adapter_id)
-        if adapter is None or adapter.tenant_id != tenant.id:
-            raise ApiError(404, "adapter_not_found", f"{where}no adapter {spec.adapter_id!r}")
-    if spec.webhook_url:
-        try:
-            check_webhook_url(spec.webhook_url, allow_private=context.settings.allow_private_webhooks)
-        except ValueError as exc:
-            raise ApiError(422, "invalid_webhook_url", f"{where}{exc}") from None
+def _check_references(
+    context: AppContext, session: Session, tenant: Tenant, specs: list[GenerationCreate], label
+) -> None:
+    """404 for an adapter that is not this tenant's, 422 for a refused webhook URL: one query, one lookup per URL."""
+    wanted = {spec.adapter_id for spec in specs if spec.adapter_id is not None}
+    owned = set()
+    if wanted:
+        owned = set(session.scalars(select(Adapter.id).where(Adapter.id.in_(wanted), Adapter.tenant_id == tenant.id)))
+    checked: dict[str, str | None] = {}
+    for i, spec in enumerate(specs):
+        if spec.adapter_id is not None and spec.adapter_id not in owned:
+            raise ApiError(404, "adapter_not_found", f"{label(i)}no adapter {spec.adapter_id!r}")
+        if spec.webhook_url:
+            if spec.webhook_url not in checked:
+                try:
+                    check_webhook_url(spec.webhook_url, allow_private=context.settings.allow_private_webhooks)
+                    checked[spec.webhook_url] = None
+                except ValueError as exc:
+                    checked[spec.webhook_url] = str(exc)
+            if checked[spec.webhook_url] is not None:
+                raise ApiError(422, "invalid_webhook_url", f"{label(i)}{checked[spec.webhook_url]}")
+
+
+def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate, batch_id: str | None) -> Generation:
+    """The row of one request whose references were checked (not yet added)."""
     size = context.native_size()
     return Generation(
         id=new_id("gen"),
@@ -70,7 +82,8 @@ def create_generation(
     stored = replay(session, tenant, idempotency_key, "generations", fingerprint)
     if stored is not None:
         return JSONResponse(stored[1], status_code=stored[0])
-    row = _new_generation(context, session, tenant, body, None, "")
+    _check_references(context, session, tenant, [body], lambda _: "")
+    row = _new_generation(context, tenant, body, None)
     session.add(row)
     session.flush()
     public = generation_public(row, context.settings.public_url)
@@ -132,10 +145,8 @@ def create_batch(
     if stored is not None:
         return JSONResponse(stored[1], status_code=stored[0])
     batch = Batch(id=new_id("bat"), tenant_id=tenant.id, total=len(body.generations))
-    rows = [
-        _new_generation(context, session, tenant, spec, batch.id, f"generations[{i}]: ")
-        for i, spec in enumerate(body.generations)
-    ]
+    _check_references(context, session, tenant, body.generations, lambda i: f"generations[{i}]: ")
+    rows = [_new_generation(context, tenant, spec, batch.id) for spec in body.generations]
     session.add(batch)
     session.flush()
     session.add_all(rows)
@@ -143,8 +154,7 @@ def create_batch(
     public = _batch_public(session, batch)
     status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
     if public.get("id") == batch.id:
-        for row in rows:
-            enqueue(context, session, Generation, row.id, GENERATE_TASK)
+        enqueue_many(context, session, Generation, [row.id for row in rows], GENERATE_TASK)
     return JSONResponse(public, status_code=status_code)
 
 
