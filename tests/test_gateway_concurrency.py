@@ -229,3 +229,52 @@ def test_database_outage_answers_503(api):
         assert response.status_code == 503, response.text
         assert response.json()["error"]["code"] == "database_unavailable"
         assert response.headers["Retry-After"].isdigit()
+
+
+def test_chunked_upload_over_the_limit_is_413_and_stores_nothing(postgres_url, tiny_folders, tmp_path):
+    """The finding: the limit read only Content-Length, so a chunked body was read to its end."""
+    from api_helpers import RecordingEnqueuer, png
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from shared.settings import Settings
+    from shared.storage import LocalStorage
+
+    limit = 256 * 1024
+    settings = Settings(database_url=postgres_url, data_dir=tmp_path, base_model="tiny-sd", max_request_bytes=limit)
+    storage = LocalStorage(tmp_path / "blobs")
+    app = create_app(settings, enqueuer=RecordingEnqueuer(), storage=storage)
+    with make_engine(postgres_url).connect() as conn:
+        before = conn.exec_driver_sql("SELECT count(*) FROM trainings").scalar()
+    sessions = make_session_factory(make_engine(postgres_url))
+    with sessions() as session:
+        _, key = create_tenant(session, f"chunked-{uuid.uuid4().hex[:6]}")
+        session.commit()
+    boundary = "krona-test-boundary"
+    image = png(0, size=(64, 64))
+
+    def body():  # a multipart body streamed in chunks, with no Content-Length
+        for i in range(40):
+            yield (
+                (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{i}.png"\r\n'
+                    "Content-Type: image/png\r\n\r\n"
+                ).encode()
+                + image
+                + b"\r\n"
+                + b"\0" * 16_000
+            )
+        tail = f'--{boundary}\r\nContent-Disposition: form-data; name="instance_prompt"\r\n\r\nx\r\n--{boundary}--\r\n'
+        yield tail.encode()
+
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    with TestClient(app) as client:
+        response = client.post("/v1/trainings", headers=headers, content=body())
+        assert "content-length" not in {k.lower() for k in response.request.headers}
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "payload_too_large"
+        small = client.post("/v1/trainings", headers=headers, content=iter([b"--" + boundary.encode() + b"--\r\n"]))
+        assert small.status_code == 422  # under the limit: the route answers as usual
+    with make_engine(postgres_url).connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM trainings").scalar() == before
+    assert not (tmp_path / "blobs").exists() or not any((tmp_path / "blobs").rglob("*.png"))

@@ -22,6 +22,7 @@ from shared.storage import Storage, storage_from_settings
 from .context import AppContext, CeleryEnqueuer, Enqueuer
 from .errors import error_body, install_error_handlers
 from .events import ProgressHub
+from .limits import BodySizeLimit
 from .routes import adapters, generations, health, trainings, webhooks
 
 log = logging.getLogger("krona.gateway")
@@ -107,6 +108,8 @@ def create_app(
     install_error_handlers(app)
     for router in (trainings.router, adapters.router, generations.router, webhooks.router, health.router):
         app.include_router(router)
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next):
