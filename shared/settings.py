@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     checkpoint_every: int = 50
     max_batch_generations: int = 1000
 
+    gateway_threads: int = Field(
+        40, ge=4, le=1000, description="threadpool of one gateway process; its database pool is this + 4"
+    )
+    db_pool_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="wait for a pooled connection before answering 503 database_unavailable"
+    )
     max_event_streams_per_tenant: int = Field(100, ge=1, description="open progress streams per tenant per gateway")
     event_poll_interval_seconds: float = Field(
         0.5, gt=0, le=60, description="how often a followed training's row is read (once per gateway process)"

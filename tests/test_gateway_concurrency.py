@@ -278,3 +278,32 @@ def test_chunked_upload_over_the_limit_is_413_and_stores_nothing(postgres_url, t
     with make_engine(postgres_url).connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM trainings").scalar() == before
     assert not (tmp_path / "blobs").exists() or not any((tmp_path / "blobs").rglob("*.png"))
+
+
+def test_two_hundred_concurrent_creates_with_one_idempotency_key(live_gateway):
+    """The finding: 3 answered 202, 120 answered 500 (pool exhausted), 77 had no answer after 120 s."""
+    from sqlalchemy import func, select
+
+    from shared.db import Generation
+
+    base, sessions, key = live_gateway
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": f"twins-{uuid.uuid4().hex[:8]}"}
+    body = {"prompt": "a photo of sks dog", "steps": 2, "width": 64, "height": 64, "seed": 1}
+
+    async def scenario():
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+            return await asyncio.gather(
+                *(client.post("/v1/generations", headers=headers, json=body) for _ in range(200))
+            )
+
+    responses = asyncio.run(scenario())
+    statuses = sorted({r.status_code for r in responses})
+    assert statuses == [202], [(r.status_code, r.text[:200]) for r in responses if r.status_code != 202][:3]
+    ids = {r.json()["id"] for r in responses}
+    assert len(ids) == 1
+    with sessions() as session:
+        (only,) = ids
+        tenant_id = session.get(Generation, only).tenant_id
+        count = select(func.count()).select_from(Generation).where(Generation.tenant_id == tenant_id)
+        assert session.scalar(count) == 1  # one row for the 200 requests

@@ -6,11 +6,13 @@ start on a database that is not at the migration head.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import uuid
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Histogram
@@ -89,7 +91,14 @@ def create_app(
     settings: Settings | None = None, *, enqueuer: Enqueuer | None = None, storage: Storage | None = None
 ) -> FastAPI:
     settings = settings or get_settings()
-    engine = make_engine(settings.resolved_database_url)
+    # Sync routes and dependencies run in the threadpool; one connection per thread at most, so a pool
+    # as large as the threadpool means no thread ever waits for a connection (ARCHITECTURE.md).
+    engine = make_engine(
+        settings.resolved_database_url,
+        pool_size=settings.gateway_threads + 4,
+        max_overflow=0,
+        pool_timeout=settings.db_pool_timeout_seconds,
+    )
     check_migrated(engine)
     context = AppContext(
         settings=settings,
@@ -103,7 +112,14 @@ def create_app(
         interval=settings.event_poll_interval_seconds,
         max_streams_per_tenant=settings.max_event_streams_per_tenant,
     )
-    app = FastAPI(title="Krona", version="1.0.0", description=DESCRIPTION)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.gateway_threads
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="Krona", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.context = context
     install_error_handlers(app)
     for router in (trainings.router, adapters.router, generations.router, webhooks.router, health.router):

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from shared.db import Adapter, new_id
+from shared.db import Adapter, Tenant, new_id
 from shared.krona.convert import adapter_bytes, lycoris_arrays, native_arrays_from_upload, read_safetensors_bytes
 from shared.schemas import AdapterPublic, Page, adapter_public
 from shared.storage import BlobNotFound
@@ -135,9 +137,17 @@ async def upload_adapter(request: Request, context: ContextDep, session: Session
             422, "base_model_mismatch", f"this server serves {context.settings.base_model!r}, not {base_model!r}"
         )
     name = form.get("name") if isinstance(form.get("name"), str) else None
-    # Parsing and converting is CPU work on untrusted bytes: off the event loop.
+    # Parsing, converting, storing and committing are blocking work: the threadpool, not the event loop.
+    return await run_in_threadpool(
+        _store_upload, context=context, session=session, tenant=tenant, data=data, label=upload.filename, name=name
+    )
+
+
+def _store_upload(
+    *, context: AppContext, session: Session, tenant: Tenant, data: bytes, label: str | None, name: str | None
+) -> JSONResponse:
     try:
-        stored, native, config = await run_in_threadpool(_convert_upload, context, data, upload.filename or "file")
+        stored, native, config = _convert_upload(context, data, label or "file")
     except ValueError as exc:
         raise ApiError(422, "invalid_adapter", str(exc)) from None
     adapter_id = new_id("adp")
@@ -162,7 +172,8 @@ async def upload_adapter(request: Request, context: ContextDep, session: Session
         session.commit()
     except Exception:
         session.rollback()
-        context.storage.delete(key)
+        with contextlib.suppress(Exception):  # best effort: storage may be down too
+            context.storage.delete(key)
         raise
     return JSONResponse(adapter_public(row), status_code=201)
 

@@ -12,8 +12,10 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import update
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from shared.db import TERMINAL_STATUSES, Training, new_id, utcnow
+from shared.db import TERMINAL_STATUSES, Tenant, Training, new_id, utcnow
 from shared.images import ImageLimits, decode_image
 from shared.krona.config import check_factors_fit_shapes
 from shared.models.shapes import select_targets
@@ -22,6 +24,7 @@ from shared.schemas import Page, TrainingPublic, training_public
 from shared.training_spec import TrainingSpec
 from shared.webhooks import check_webhook_url
 
+from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..events import TooManyStreams
@@ -152,16 +155,50 @@ async def create_training(
         raise ApiError(422, "invalid_params", f"params is limited to {MAX_PARAMS_BYTES:,} bytes of JSON")
     spec = _parse_params(raw_params, instance_prompt, settings.max_train_steps)
 
-    # Everything below reads or checks; nothing is written until all of it passed.
-    limits = ImageLimits(
-        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
-    )
-    images: list[tuple[bytes, str]] = []
+    files: list[tuple[str, bytes]] = []
     for index, upload in enumerate(uploads):
         data = await upload.read(settings.max_image_bytes + 1)
         label = upload.filename or f"image {index}"
         if len(data) > settings.max_image_bytes:
             raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
+        files.append((label, data))
+    # Decoding, checks, storage and the database are blocking work: the threadpool, not the event loop.
+    return await run_in_threadpool(
+        _create_training,
+        context=context,
+        session=session,
+        tenant=tenant,
+        idempotency_key=idempotency_key,
+        instance_prompt=instance_prompt,
+        name=name,
+        webhook_url=webhook_url,
+        raw_params=raw_params,
+        spec=spec,
+        files=files,
+    )
+
+
+def _create_training(
+    *,
+    context: AppContext,
+    session: Session,
+    tenant: Tenant,
+    idempotency_key: str | None,
+    instance_prompt: str,
+    name: str | None,
+    webhook_url: str | None,
+    raw_params: str | None,
+    spec: TrainingSpec,
+    files: list[tuple[str, bytes]],
+) -> JSONResponse:
+    """Check the images and the factors, store the images, insert the row and enqueue it (idempotently)."""
+    settings = context.settings
+    # Everything below reads or checks; nothing is written until all of it passed.
+    limits = ImageLimits(
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
+    )
+    images: list[tuple[bytes, str]] = []
+    for label, data in files:
         try:
             decoded = decode_image(data, label, limits)
         except ValueError as exc:
