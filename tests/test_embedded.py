@@ -117,3 +117,88 @@ def test_krona_up_and_the_cli_flow(tiny_folders, tmp_path):
         log.close()
     assert code == 0
     assert "Krona stopped." in (tmp_path / "up.log").read_text()
+
+
+def test_krona_up_restarts_a_killed_worker_and_the_training_finishes(tiny_folders, tmp_path):
+    """The finding: `kill -9` of the worker child made `krona up` exit 1 and take the gateway down."""
+    import httpx
+    from sqlalchemy import func, select
+
+    from shared.db import Adapter, Training, make_engine, make_session_factory
+    from shared.settings import Settings
+
+    data_dir = tmp_path / "krona-data"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
+    env.update(
+        KRONA_DATA_DIR=str(data_dir), KRONA_LEASE_SECONDS="8", KRONA_REAPER_INTERVAL_SECONDS="1",
+        KRONA_CHECKPOINT_EVERY="2",
+    )  # fmt: skip
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def wait(condition, what, timeout=240):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"timed out: {what}\n{(tmp_path / 'up.log').read_text()[-3000:]}"
+            time.sleep(0.5)
+
+    def ready():
+        try:
+            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait(ready, "krona up ready", 120)
+        headers = {"Authorization": f"Bearer {(data_dir / 'api-key').read_text().strip()}"}
+        files = []
+        for i, color in enumerate(("red", "blue")):
+            path = tmp_path / f"{i}.png"
+            Image.new("RGB", (96, 96), color).save(path)
+            files.append(("images", (path.name, path.read_bytes(), "image/png")))
+        data = {"instance_prompt": "a photo of sks toy", "params": '{"steps": 200, "gradient_accumulation": 1}'}
+        training = httpx.post(f"{base}/v1/trainings", headers=headers, data=data, files=files, timeout=30).json()
+        sessions = make_session_factory(make_engine(Settings(data_dir=data_dir).resolved_database_url))
+
+        def checkpointed():
+            with sessions() as session:
+                row = session.get(Training, training["id"])
+                return row.checkpoint_key is not None and row.step >= 4
+
+        wait(checkpointed, "a checkpoint")
+        worker_pid = json.loads((data_dir / "processes.json").read_text())["worker"]["pid"]
+        os.kill(worker_pid, signal.SIGKILL)
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200  # the gateway keeps serving
+
+        def restarted():
+            processes = httpx.get(f"{base}/readyz", timeout=5).json().get("processes", {})
+            return processes.get("worker", {}).get("restarts", 0) >= 1 and processes["worker"]["state"] == "running"
+
+        wait(restarted, "the worker restarted", 60)
+
+        def finished():
+            body = httpx.get(f"{base}/v1/trainings/{training['id']}", headers=headers, timeout=5).json()
+            return body["status"] in ("succeeded", "failed")
+
+        wait(finished, "the training finished", 400)
+        with sessions() as session:
+            row = session.get(Training, training["id"])
+            assert row.status == "succeeded" and row.step == 200 and row.attempts == 2, (row.status, row.error_message)
+            assert session.scalar(select(func.count()).select_from(Adapter).where(Adapter.training_id == row.id)) == 1
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            code = up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
+        log.close()
+    assert code == 0
+    text = (tmp_path / "up.log").read_text()
+    assert "worker exited with -9; restarting" in text and "Krona stopped." in text

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from services.cli.supervisor import Child, Supervisor
 
 DEFAULT_TENANT = "default"
 
@@ -148,13 +149,19 @@ def up(args: argparse.Namespace) -> int:
     env = {**os.environ, "KRONA_DATA_DIR": str(settings.data_dir.resolve())}
     env.setdefault("KRONA_PUBLIC_URL", f"http://{args.host}:{args.port}")
     gateway_cmd = [sys.executable, "-m", "services.cli.main", "gateway", "--host", args.host, "--port", str(args.port)]
-    children = [
-        subprocess.Popen(gateway_cmd, env=env),
-        subprocess.Popen(worker_command("train,infer", "krona-embedded@%h"), env=env),
-        subprocess.Popen(
-            worker_command("webhooks", "krona-webhooks@%h", webhook_concurrency=settings.webhook_concurrency), env=env
-        ),
-    ]
+    supervisor = Supervisor(
+        [
+            Child("gateway", gateway_cmd, env),
+            Child("worker", worker_command("train,infer", "krona-embedded@%h"), env),
+            Child(
+                "webhooks",
+                worker_command("webhooks", "krona-webhooks@%h", webhook_concurrency=settings.webhook_concurrency),
+                env,
+            ),
+        ],
+        settings.data_dir.resolve(),
+    )
+    supervisor.start()
     print(f"Krona is up at http://{args.host}:{args.port} (data in {settings.data_dir.resolve()})")
     print(f"API key of tenant '{DEFAULT_TENANT}': {key_file.read_text().strip()}  (also in {key_file})")
     print(f"webhook signing secret of tenant '{DEFAULT_TENANT}' is in {key_file.parent / 'webhook-secret'}")
@@ -170,23 +177,11 @@ def up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    exit_code = 0
+    # A child that dies (a crashed worker, an OOM kill) is started again with backoff; the others keep
+    # serving. Only Ctrl-C or SIGTERM stops the whole stack.
     while not stopping:
-        for child in children:
-            if child.poll() is not None:
-                print(f"krona up: a child process exited with {child.returncode}; stopping", file=sys.stderr)
-                exit_code = 1
-                stopping = True
+        supervisor.check()
         time.sleep(0.3)
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    deadline = time.monotonic() + 20
-    for child in children:
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    supervisor.stop()
     print("Krona stopped.")
-    return exit_code
+    return 0

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from shared.supervision import read_process_states
+
 from ..deps import ContextDep
 from ..errors import ApiError, error_body
 
@@ -39,9 +41,13 @@ def readyz(context: ContextDep):
         checks["storage"] = "ok"
     except Exception as exc:
         checks["storage"] = f"error: {exc.__class__.__name__}"
+    # Under `krona up`: whether its worker processes run or are being restarted (information only; the
+    # gateway can take requests either way, and jobs wait in the queue).
+    processes = read_process_states(context.settings.data_dir.resolve())
+    extra = {} if processes is None else {"processes": processes}
     if all(v == "ok" for v in checks.values()):
-        return {"status": "ready", "checks": checks}
-    return JSONResponse(error_body("not_ready", "a dependency is unreachable", checks), status_code=503)
+        return {"status": "ready", "checks": checks, **extra}
+    return JSONResponse(error_body("not_ready", "a dependency is unreachable", {**checks, **extra}), status_code=503)
 
 
 @router.get(
