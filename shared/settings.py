@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         0.5, gt=0, le=60, description="how often a followed training's row is read (once per gateway process)"
     )
 
+    transient_retry_seconds: float = Field(
+        600.0, gt=0, description="a job retries storage/database faults this long before failing with *_unavailable"
+    )
     lease_seconds: int = Field(120, description="a job's lease; a worker renews it every lease_seconds / 4")
     reaper_interval_seconds: int = 30
     enqueue_grace_seconds: int = Field(60, description="queued this long with no worker: enqueue again")

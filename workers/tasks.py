@@ -58,13 +58,25 @@ _stop = threading.Event()
 def _reaper_loop() -> None:
     from workers.reaper import reap_once
     from workers.runtime import runtime
+    from workers.transient import fault_code
 
     rt = runtime()
+    outage: str | None = None  # one line when a dependency outage starts and one when it ends
     while not _stop.wait(rt.settings.reaper_interval_seconds):
         try:
             reap_once(rt)
-        except Exception:
-            log.exception("reaper pass failed")
+        except Exception as exc:
+            code = fault_code(exc)
+            if code is None:
+                log.exception("reaper pass failed")
+            elif outage is None:
+                outage = code
+                log.warning("reaper: %s (%s); retrying every %s s", code, exc.__class__.__name__,
+                            rt.settings.reaper_interval_seconds)  # fmt: skip
+            continue
+        if outage is not None:
+            log.warning("reaper: %s is over", outage)
+            outage = None
 
 
 @worker_ready.connect

@@ -158,10 +158,10 @@ def notify(rt: Runtime, model, kind: str, job_id: str) -> None:
     """After a terminal state: send the webhook task if the job has a webhook (the reaper retries a failed send)."""
     from shared.queue import WEBHOOK_TASK
 
-    with rt.sessions() as session:
-        url = session.scalar(select(model.webhook_url).where(model.id == job_id))
-    if url:
-        try:
+    try:
+        with rt.sessions() as session:
+            url = session.scalar(select(model.webhook_url).where(model.id == job_id))
+        if url:
             rt.send(WEBHOOK_TASK, f"{kind}:{job_id}")
-        except Exception:
-            log.warning("could not enqueue the webhook of %s; the reaper will", job_id)
+    except Exception:  # the database or the broker is down: the reaper sends deliveries that are due
+        log.warning("could not enqueue the webhook of %s; the reaper will", job_id)

@@ -19,6 +19,7 @@ from shared.db import Adapter, Generation
 
 from ..lease import Heartbeat, claim, finish, renew
 from ..runtime import Runtime
+from ..transient import DependencyUnavailable, retry_transient
 from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.inference")
@@ -43,11 +44,17 @@ def engine_for(rt: Runtime):
         pipe.set_progress_bar_config(disable=True)
 
         def fetch(adapter_id: str) -> bytes:
-            with rt.sessions() as session:
-                storage_key = session.scalar(select(Adapter.storage_key).where(Adapter.id == adapter_id))
+            def read_key() -> str | None:
+                with rt.sessions() as session:
+                    return session.scalar(select(Adapter.storage_key).where(Adapter.id == adapter_id))
+
+            window = settings.transient_retry_seconds
+            storage_key = retry_transient(read_key, what=f"adapter {adapter_id}", window_seconds=window)
             if storage_key is None:
                 raise KeyError(adapter_id)
-            return rt.storage.get_bytes(storage_key)
+            return retry_transient(
+                lambda: rt.storage.get_bytes(storage_key), what=f"adapter {adapter_id}", window_seconds=window
+            )
 
         rt.pipelines[key] = Engine(
             pipe,
@@ -112,23 +119,37 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
             rows[job_id] = session.get(Generation, job_id)
             session.expunge(rows[job_id])
 
+    def retry(what: str, call):
+        """Storage and database calls ride out an outage (workers/transient.py)."""
+        return retry_transient(call, what=what, window_seconds=rt.settings.transient_retry_seconds)
+
     def fail(job_id: str, code: str, message: str) -> None:
-        with rt.sessions() as session:
-            finish(session, Generation, job_id, rt.owner, "failed", error_code=code, error_message=message[:2000])
+        def write() -> None:
+            with rt.sessions() as session:
+                finish(session, Generation, job_id, rt.owner, "failed", error_code=code, error_message=message[:2000])
+
+        retry(f"generation {job_id}: record the failure", write)
         notify(rt, Generation, "generation", job_id)
 
     runnable = []
     for job_id, row in rows.items():
         if row.adapter_id:
-            with rt.sessions() as session:
-                owner = session.scalar(select(Adapter.tenant_id).where(Adapter.id == row.adapter_id))
-            if owner != row.tenant_id:
-                fail(job_id, "adapter_not_found", f"adapter {row.adapter_id} was deleted")
-                continue
+
+            def adapter_owner(adapter_id: str = row.adapter_id) -> str | None:
+                with rt.sessions() as session:
+                    return session.scalar(select(Adapter.tenant_id).where(Adapter.id == adapter_id))
+
             try:
+                owner = retry(f"generation {job_id}: read the adapter", adapter_owner)
+                if owner != row.tenant_id:
+                    fail(job_id, "adapter_not_found", f"adapter {row.adapter_id} was deleted")
+                    continue
                 engine.slot_for(row.adapter_id)
             except AdapterShapeError as exc:
                 fail(job_id, "adapter_unsupported", str(exc))
+                continue
+            except DependencyUnavailable as exc:
+                fail(job_id, exc.code, str(exc))
                 continue
         runnable.append(job_id)
     if not runnable:
@@ -161,15 +182,27 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
     for job_id, images in zip(runnable, outputs, strict=True):
         row = rows[job_id]
         stored = []
-        for index, array in enumerate(images):
-            buffer = io.BytesIO()
-            Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
-            key = f"tenants/{row.tenant_id}/generations/{job_id}/{index}.png"
-            rt.storage.put_bytes(key, buffer.getvalue(), content_type="image/png")
-            stored.append({"index": index, "key": key, "seed": row.seed + index})
-        with rt.sessions() as session:
-            if renew(session, Generation, job_id, rt.owner, lease):
-                finish(session, Generation, job_id, rt.owner, "succeeded", images=stored)
+        try:
+            for index, array in enumerate(images):
+                buffer = io.BytesIO()
+                Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+                key = f"tenants/{row.tenant_id}/generations/{job_id}/{index}.png"
+                png = buffer.getvalue()
+                retry(
+                    f"generation {job_id}: store image {index}",
+                    lambda key=key, png=png: rt.storage.put_bytes(key, png, content_type="image/png"),
+                )
+                stored.append({"index": index, "key": key, "seed": row.seed + index})
+
+            def record(job_id: str = job_id, stored: list = stored) -> None:
+                with rt.sessions() as session:
+                    if renew(session, Generation, job_id, rt.owner, lease):
+                        finish(session, Generation, job_id, rt.owner, "succeeded", images=stored)
+
+            retry(f"generation {job_id}: record the result", record)
+        except DependencyUnavailable as exc:
+            fail(job_id, exc.code, str(exc))
+            continue
         notify(rt, Generation, "generation", job_id)
     _prefetch(rt, engine)
     log.info("batch of %d generations (%d images); cache %s", len(runnable), sum(map(len, outputs)), engine.stats())
@@ -186,6 +219,7 @@ def _prefetch(rt: Runtime, engine) -> None:
             .limit(rt.settings.engine_slots)
         ).all()
     try:
+        rt.storage.check()  # during a storage outage, skip: a fetch would wait out its retry window here
         engine.cache.prefetch(list(dict.fromkeys(upcoming)))
     except Exception:
         log.warning("prefetch failed", exc_info=True)

@@ -20,10 +20,12 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.db import Adapter, Training, new_id
 from shared.images import ImageLimits, decode_image
+from shared.storage import BlobNotFound
 from shared.training_spec import TrainingSpec
 
 from ..lease import Heartbeat, claim, finish, renew
 from ..runtime import Runtime
+from ..transient import DependencyUnavailable, retry_transient
 from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.training")
@@ -61,6 +63,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
 
     settings = rt.settings
     lease = settings.lease_seconds
+    window = settings.transient_retry_seconds
     with rt.sessions() as session:
         if not claim(session, Training, training_id, rt.owner, lease):
             log.info("training %s not claimable (owned, finished or out of attempts)", training_id)
@@ -71,9 +74,18 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
         spec = TrainingSpec.from_dict({**spec.to_dict(), "checkpoint_every": settings.checkpoint_every})
         base_model = row.base_model
 
+    def retry(what: str, call):
+        """Storage and database calls ride out an outage (workers/transient.py)."""
+        return retry_transient(call, what=f"training {training_id}: {what}", window_seconds=window)
+
     def fail(code: str, message: str) -> str:
-        with rt.sessions() as session:
-            finish(session, Training, training_id, rt.owner, "failed", error_code=code, error_message=message[:2000])
+        def write() -> None:
+            with rt.sessions() as session:
+                finish(
+                    session, Training, training_id, rt.owner, "failed", error_code=code, error_message=message[:2000]
+                )
+
+        retry("record the failure", write)
         notify(rt, Training, "training", training_id)
         return "failed"
 
@@ -83,16 +95,29 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
     try:
         limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
         try:
-            images = [decode_image(rt.storage.get_bytes(k), Path(k).name, limits) for k in image_keys]
+            images = [
+                decode_image(retry("read the images", lambda k=k: rt.storage.get_bytes(k)), Path(k).name, limits)
+                for k in image_keys
+            ]
+        except DependencyUnavailable as exc:
+            return fail(exc.code, str(exc))
         except Exception as exc:
             return fail("images_unreadable", f"could not read the training images: {exc}")
         checkpoint_dir = work / "checkpoints"
         resume = False
         if checkpoint_key:
             try:
-                _restore_checkpoint(rt.storage.get_bytes(checkpoint_key), checkpoint_dir)
-                resume = True
-                log.warning("training %s resumes from its checkpoint %s", training_id, checkpoint_key)
+                data = retry("read the checkpoint", lambda: rt.storage.get_bytes(checkpoint_key))
+            except DependencyUnavailable as exc:
+                return fail(exc.code, str(exc))
+            except Exception:
+                data = None
+                log.warning("checkpoint %s unreadable; starting over", checkpoint_key, exc_info=True)
+            try:
+                if data is not None:
+                    _restore_checkpoint(data, checkpoint_dir)
+                    resume = True
+                    log.warning("training %s resumes from its checkpoint %s", training_id, checkpoint_key)
             except Exception:
                 log.warning("checkpoint %s unreadable; starting over", checkpoint_key, exc_info=True)
         components = _components(rt, base_model, spec)
@@ -106,32 +131,30 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
             if now - last_write[0] < 0.5 and p.step < p.total_steps:
                 return
             last_write[0] = now
-            with rt.sessions() as session:
-                if not renew(
-                    session,
-                    Training,
-                    training_id,
-                    rt.owner,
-                    lease,
-                    step=p.step,
-                    total_steps=p.total_steps,
-                    loss=p.loss,
-                    eta_seconds=round(p.eta_seconds, 1),
-                ):
-                    raise LeaseLost(training_id)
+            values = {
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "loss": p.loss,
+                "eta_seconds": round(p.eta_seconds, 1),
+            }
+            if not retry("write progress", lambda: _renew(rt, training_id, lease, **values)):
+                raise LeaseLost(training_id)
 
         def should_cancel() -> bool:
-            with rt.sessions() as session:
-                return bool(session.scalar(select(Training.cancel_requested).where(Training.id == training_id)))
+            def read() -> bool:
+                with rt.sessions() as session:
+                    return bool(session.scalar(select(Training.cancel_requested).where(Training.id == training_id)))
+
+            return retry("read the cancel flag", read)
 
         def on_checkpoint(folder: Path) -> None:
             key = f"tenants/{tenant_id}/trainings/{training_id}/checkpoint.tar"
             temporary = rt.storage.temporary_key(key)
-            rt.storage.put_bytes(temporary, _checkpoint_archive(folder))
-            rt.storage.commit(temporary, key)
-            with rt.sessions() as session:
-                if not renew(session, Training, training_id, rt.owner, lease, checkpoint_key=key):
-                    raise LeaseLost(training_id)
+            archive = _checkpoint_archive(folder)
+            retry("store the checkpoint", lambda: rt.storage.put_bytes(temporary, archive))
+            retry("store the checkpoint", lambda: rt.storage.commit(temporary, key))
+            if not retry("record the checkpoint", lambda: _renew(rt, training_id, lease, checkpoint_key=key)):
+                raise LeaseLost(training_id)
 
         try:
             result = train(
@@ -146,16 +169,25 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
                 on_checkpoint=on_checkpoint,
             )
         except TrainingCanceled:
-            with rt.sessions() as session:
-                finish(session, Training, training_id, rt.owner, "canceled")
+
+            def record_cancel() -> None:
+                with rt.sessions() as session:
+                    finish(session, Training, training_id, rt.owner, "canceled")
+
+            retry("record the cancel", record_cancel)
             notify(rt, Training, "training", training_id)
             return "canceled"
         except LeaseLost:
             log.warning("training %s: lease lost to another worker; stopping", training_id)
             return "lease_lost"
+        except DependencyUnavailable as exc:
+            return fail(exc.code, str(exc))
         except (ValueError, FloatingPointError) as exc:
             return fail("training_failed", str(exc))
-        return _store_adapter(rt, training_id, tenant_id, base_model, spec, result.adapter_path)
+        try:
+            return _store_adapter(rt, training_id, tenant_id, base_model, spec, result.adapter_path, retry)
+        except DependencyUnavailable as exc:
+            return fail(exc.code, str(exc))
     finally:
         heartbeat.__exit__(None, None, None)
         if components is not None and any(
@@ -171,8 +203,13 @@ class LeaseLost(Exception):
     pass
 
 
+def _renew(rt: Runtime, training_id: str, lease: int, **values) -> bool:
+    with rt.sessions() as session:
+        return renew(session, Training, training_id, rt.owner, lease, **values)
+
+
 def _store_adapter(
-    rt: Runtime, training_id: str, tenant_id: str, base_model: str, spec: TrainingSpec, path: Path
+    rt: Runtime, training_id: str, tenant_id: str, base_model: str, spec: TrainingSpec, path: Path, retry
 ) -> str:
     from shared.krona import load_adapter
 
@@ -181,7 +218,13 @@ def _store_adapter(
     adapter_id = new_id("adp")
     key = f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors"
     temporary = rt.storage.temporary_key(key)
-    rt.storage.put_bytes(temporary, data)
+    retry("store the adapter", lambda: rt.storage.put_bytes(temporary, data))
+    return retry("record the adapter", lambda: _record_adapter(rt, training_id, tenant_id, base_model, adapter_id,
+                                                                 key, temporary, data, state, config))  # fmt: skip
+
+
+def _record_adapter(rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config) -> str:
+    """The adapter row and 'succeeded' in one transaction (retried whole after a database fault)."""
     with rt.sessions() as session:
         session.add(
             Adapter(
@@ -205,7 +248,11 @@ def _store_adapter(
                 session.rollback()
                 rt.storage.delete(temporary)
                 return "lease_lost"
-            rt.storage.commit(temporary, key)
+            try:
+                rt.storage.commit(temporary, key)
+            except BlobNotFound:  # a retry after a database fault: the file was committed the first time
+                if not rt.storage.exists(key):
+                    raise
             session.commit()
         except IntegrityError:
             session.rollback()
