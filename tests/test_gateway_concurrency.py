@@ -7,6 +7,7 @@ because each follower polled the database with blocking calls on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
@@ -307,3 +308,147 @@ def test_two_hundred_concurrent_creates_with_one_idempotency_key(live_gateway):
         tenant_id = session.get(Generation, only).tenant_id
         count = select(func.count()).select_from(Generation).where(Generation.tenant_id == tenant_id)
         assert session.scalar(count) == 1  # one row for the 200 requests
+
+
+class TcpProxy:
+    """A loopback TCP proxy to PostgreSQL that the test can cut (close every connection, refuse new ones)."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.open = threading.Event()
+        self.open.set()
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, dest: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                dest.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, dest):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.open.clear()
+        with self.lock:
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self.sockets.clear()
+
+    def restore(self) -> None:
+        self.open.set()
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def test_database_cut_answers_503_then_recovers_and_loses_nothing(postgres_url, redis_url, tiny_folders, tmp_path):
+    """The finding: with PostgreSQL unreachable every call answered 500 `internal_error`, each logged twice."""
+    from sqlalchemy import select
+    from sqlalchemy.engine import make_url
+
+    from shared.db import Generation
+
+    proxy = TcpProxy(make_url(postgres_url).port or 5432)
+    proxied = make_url(postgres_url).set(port=proxy.port).render_as_string(hide_password=False)
+    port = _free_port()
+    env = {**os.environ, "KRONA_DATABASE_URL": proxied, "KRONA_BROKER_URL": redis_url, "KRONA_BASE_MODEL": "tiny-sd",
+           "KRONA_DATA_DIR": str(tmp_path), "KRONA_DB_POOL_TIMEOUT_SECONDS": "3"}  # fmt: skip
+    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "gateway", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    sessions = make_session_factory(make_engine(postgres_url))
+    with sessions() as session:
+        _, key = create_tenant(session, f"cut-{uuid.uuid4().hex[:6]}")
+        session.commit()
+    headers = {"Authorization": f"Bearer {key}"}
+    accepted: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
+            time.sleep(0.2)
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
+
+            def create(i: int) -> httpx.Response:
+                response = client.post(
+                    "/v1/generations", json={"prompt": f"p{i}", "steps": 2, "width": 64, "height": 64}
+                )
+                if response.status_code == 202:
+                    accepted.append(response.json()["id"])
+                return response
+
+            for i in range(5):
+                assert create(i).status_code == 202
+            proxy.cut()
+            during = [create(10 + i) for i in range(3)] + [client.get("/v1/generations/" + accepted[0])]
+            during.append(client.get("/readyz"))
+            for response in during[:-1]:
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "database_unavailable"
+                assert response.headers["Retry-After"].isdigit()
+            assert during[-1].status_code == 503 and during[-1].json()["error"]["details"]["database"] != "ok"
+            proxy.restore()
+            for i in range(5):
+                response = create(20 + i)
+                if response.status_code != 202:  # the pool may still hand out one dead connection
+                    assert response.status_code == 503
+                    response = create(30 + i)
+                assert response.status_code == 202, response.text
+            assert client.get("/readyz").status_code == 200
+    finally:
+        proxy.close()
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    with sessions() as session:
+        stored = set(session.scalars(select(Generation.id).where(Generation.id.in_(accepted))))
+    assert stored == set(accepted) and len(accepted) == 10  # every 202 is in the database
+    lines = (tmp_path / "gateway.log").read_text().splitlines()
+    assert not any("Traceback" in line for line in lines)  # one log line per failed request, no traceback
