@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     checkpoint_every: int = 50
     max_batch_generations: int = 1000
 
+    gateway_workers: int = Field(1, ge=1, le=64, description="processes of `krona gateway` (--workers overrides)")
     gateway_threads: int = Field(
         40, ge=4, le=1000, description="threadpool of one gateway process; its database pool is this + 4"
     )

@@ -34,35 +34,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def live_gateway(postgres_url, redis_url, tiny_folders, tmp_path):
-    """`krona gateway` in its own process; yields (base URL, sessions, an API key)."""
+def start_gateway(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
+    """`krona gateway` in its own process on a free port, once /healthz answers; (process, base URL)."""
     port = _free_port()
-    env = {
-        **os.environ,
-        "KRONA_DATABASE_URL": postgres_url,
-        "KRONA_BROKER_URL": redis_url,
-        "KRONA_BASE_MODEL": "tiny-sd",
-        "KRONA_DATA_DIR": str(tmp_path),
-        "KRONA_EVENT_POLL_INTERVAL_SECONDS": "0.2",
-    }
-    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "gateway.log", "ab")  # noqa: SIM115
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "services.cli.main", "gateway", "--host", "127.0.0.1", "--port", str(port), *args],
+        cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    log.close()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:
             if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
+                return process, base
         except httpx.HTTPError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"the gateway did not start: {(tmp_path / 'gateway.log').read_text()[-2000:]}")
         time.sleep(0.2)
+
+
+def stop_gateway(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture
+def live_gateway(postgres_url, redis_url, tiny_folders, tmp_path):
+    """`krona gateway` in its own process; yields (base URL, sessions, an API key)."""
+    env = {
+        "KRONA_DATABASE_URL": postgres_url,
+        "KRONA_BROKER_URL": redis_url,
+        "KRONA_BASE_MODEL": "tiny-sd",
+        "KRONA_DATA_DIR": str(tmp_path),
+        "KRONA_EVENT_POLL_INTERVAL_SECONDS": "0.2",
+    }
+    process, base = start_gateway(tmp_path, env)
     sessions = make_session_factory(make_engine(postgres_url))
     with sessions() as session:
         _, key = create_tenant(session, f"load-{uuid.uuid4().hex[:6]}")
@@ -70,12 +83,7 @@ def live_gateway(postgres_url, redis_url, tiny_folders, tmp_path):
     try:
         yield base, sessions, key
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_gateway(process)
 
 
 def _running_training(sessions, key: str) -> str:
@@ -386,15 +394,9 @@ def test_database_cut_answers_503_then_recovers_and_loses_nothing(postgres_url, 
 
     proxy = TcpProxy(make_url(postgres_url).port or 5432)
     proxied = make_url(postgres_url).set(port=proxy.port).render_as_string(hide_password=False)
-    port = _free_port()
-    env = {**os.environ, "KRONA_DATABASE_URL": proxied, "KRONA_BROKER_URL": redis_url, "KRONA_BASE_MODEL": "tiny-sd",
+    env = {"KRONA_DATABASE_URL": proxied, "KRONA_BROKER_URL": redis_url, "KRONA_BASE_MODEL": "tiny-sd",
            "KRONA_DATA_DIR": str(tmp_path), "KRONA_DB_POOL_TIMEOUT_SECONDS": "3"}  # fmt: skip
-    log = open(tmp_path / "gateway.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "gateway", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
+    process, base = start_gateway(tmp_path, env)
     sessions = make_session_factory(make_engine(postgres_url))
     with sessions() as session:
         _, key = create_tenant(session, f"cut-{uuid.uuid4().hex[:6]}")
@@ -402,15 +404,6 @@ def test_database_cut_answers_503_then_recovers_and_loses_nothing(postgres_url, 
     headers = {"Authorization": f"Bearer {key}"}
     accepted: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-            time.sleep(0.2)
         with httpx.Client(base_url=base, headers=headers, timeout=30) as client:
 
             def create(i: int) -> httpx.Response:
@@ -441,14 +434,29 @@ def test_database_cut_answers_503_then_recovers_and_loses_nothing(postgres_url, 
             assert client.get("/readyz").status_code == 200
     finally:
         proxy.close()
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_gateway(process)
     with sessions() as session:
         stored = set(session.scalars(select(Generation.id).where(Generation.id.in_(accepted))))
     assert stored == set(accepted) and len(accepted) == 10  # every 202 is in the database
     lines = (tmp_path / "gateway.log").read_text().splitlines()
     assert not any("Traceback" in line for line in lines)  # one log line per failed request, no traceback
+
+
+def test_gateway_with_several_worker_processes(postgres_url, redis_url, tiny_folders, tmp_path):
+    """`krona gateway --workers 2`: both processes serve, and /metrics sums their counters."""
+    env = {"KRONA_DATABASE_URL": postgres_url, "KRONA_BROKER_URL": redis_url, "KRONA_BASE_MODEL": "tiny-sd",
+           "KRONA_DATA_DIR": str(tmp_path), "PROMETHEUS_MULTIPROC_DIR": ""}  # fmt: skip
+    process, base = start_gateway(tmp_path, env, "--workers", "2")
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for _ in range(40):
+                assert client.get("/healthz").status_code == 200
+            text = client.get("/metrics").text
+    finally:
+        stop_gateway(process)
+    total = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("krona_http_requests_total{") and 'route="/healthz"' in line
+    )
+    assert total >= 40  # the start-up probes count too

@@ -15,4 +15,5 @@ USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
-CMD ["python", "-m", "uvicorn", "--factory", "services.gateway.app:create_app", "--host", "0.0.0.0", "--port", "8000"]
+# KRONA_GATEWAY_WORKERS processes, each with KRONA_GATEWAY_THREADS threads and a database pool of threads + 4.
+CMD ["python", "-m", "services.cli.main", "gateway", "--host", "0.0.0.0", "--port", "8000"]

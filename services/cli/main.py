@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = sub.add_parser("gateway", help="run the HTTP gateway alone (production: behind a proxy)")
     gateway.add_argument("--host", default="127.0.0.1")
     gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument(
+        "--workers", type=int, help="gateway processes (default KRONA_GATEWAY_WORKERS, 1); each has its own threadpool"
+    )
     gateway.add_argument("--data-dir")
 
     worker = sub.add_parser(

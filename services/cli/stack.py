@@ -106,9 +106,22 @@ def gateway(args: argparse.Namespace) -> int:
 
     from services.gateway.app import configure_logging
 
-    _settings(getattr(args, "data_dir", None), export=True)
+    settings = _settings(getattr(args, "data_dir", None), export=True)
+    workers = args.workers or settings.gateway_workers
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Several processes: their metrics are summed from files (prometheus_client's multiprocess mode).
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="krona-metrics-")
     configure_logging()
-    uvicorn.run("services.gateway.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(
+        "services.gateway.app:create_served_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=workers,
+        log_level="warning",
+    )
     return 0
 
 

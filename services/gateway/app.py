@@ -154,3 +154,9 @@ def create_app(
         return response
 
     return app
+
+
+def create_served_app() -> FastAPI:
+    """The factory `krona gateway` serves (in every worker process): JSON logs, then the app."""
+    configure_logging()
+    return create_app()

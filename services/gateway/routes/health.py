@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import os
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
@@ -75,4 +76,10 @@ def metrics(context: ContextDep, authorization: Annotated[str | None, Header()] 
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <KRONA_METRICS_TOKEN>'")
 
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # `krona gateway --workers N`: the sum over processes
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
