@@ -445,7 +445,7 @@ def test_database_cut_answers_503_then_recovers_and_loses_nothing(postgres_url, 
 def test_gateway_with_several_worker_processes(postgres_url, redis_url, tiny_folders, tmp_path):
     """`krona gateway --workers 2`: both processes serve, and /metrics sums their counters."""
     env = {"KRONA_DATABASE_URL": postgres_url, "KRONA_BROKER_URL": redis_url, "KRONA_BASE_MODEL": "tiny-sd",
-           "KRONA_DATA_DIR": str(tmp_path), "PROMETHEUS_MULTIPROC_DIR": ""}  # fmt: skip
+           "KRONA_DATA_DIR": str(tmp_path)}  # fmt: skip
     process, base = start_gateway(tmp_path, env, "--workers", "2")
     try:
         with httpx.Client(base_url=base, timeout=10) as client:

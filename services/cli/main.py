@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--workers", type=int, help="gateway processes (default KRONA_GATEWAY_WORKERS, 1); each has its own threadpool"
     )
+    gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
     gateway.add_argument("--data-dir")
 
     worker = sub.add_parser(

@@ -102,27 +102,73 @@ def _write_private(path: Path, value: str) -> None:
 
 
 def gateway(args: argparse.Namespace) -> int:
+    """Serve the gateway. With N > 1 workers: N processes that each bind the port with SO_REUSEPORT (the
+    kernel spreads connections), started and restarted by the same supervisor as `krona up`.
+
+    (uvicorn's own --workers hands the listening socket to its children as a socket of protocol 0, so
+    asyncio leaves Nagle's algorithm on and every answer waits ~40 ms for a delayed ACK; measured here.)
+    """
+    settings = _settings(getattr(args, "data_dir", None), export=True)
+    workers = args.workers or settings.gateway_workers
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == "":
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]  # present but empty would write metric files to the cwd
+    if workers == 1 or args.reuse_port:
+        _serve_gateway(args.host, args.port, reuse_port=args.reuse_port)
+        return 0
+    import shutil
+    import tempfile
+
+    # Several processes: their metrics are summed from files (prometheus_client's multiprocess mode).
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="krona-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    command = [sys.executable, "-m", "services.cli.main", "gateway", "--host", args.host, "--port", str(args.port),
+               "--workers", "1", "--reuse-port"]  # fmt: skip
+    state_dir = Path(tempfile.mkdtemp(prefix="krona-gateway-"))
+    supervisor = Supervisor([Child(f"gateway-{i}", command, env) for i in range(workers)], state_dir)
+    stopping = False
+
+    def stop(_signum=None, _frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    supervisor.start()
+    try:
+        while not stopping:
+            supervisor.check()
+            time.sleep(0.3)
+    finally:
+        supervisor.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if metrics_dir.startswith(tempfile.gettempdir()) and Path(metrics_dir).name.startswith("krona-metrics-"):
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _serve_gateway(host: str, port: int, *, reuse_port: bool) -> None:
+    import socket
+
     import uvicorn
 
     from services.gateway.app import configure_logging
 
-    settings = _settings(getattr(args, "data_dir", None), export=True)
-    workers = args.workers or settings.gateway_workers
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Several processes: their metrics are summed from files (prometheus_client's multiprocess mode).
-        import tempfile
-
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="krona-metrics-")
     configure_logging()
-    uvicorn.run(
-        "services.gateway.app:create_served_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=workers,
-        log_level="warning",
+    config = uvicorn.Config(
+        "services.gateway.app:create_served_app", factory=True, host=host, port=port, log_level="warning"
     )
-    return 0
+    server = uvicorn.Server(config)
+    if not reuse_port:
+        server.run()
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP given explicitly: asyncio sets TCP_NODELAY on accepted connections only when the socket says
+    # it is TCP (proto 0, the default, leaves Nagle's algorithm on and adds ~40 ms to every answer).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    server.run(sockets=[sock])
 
 
 def worker_command(queues: str, hostname: str, *, webhook_concurrency: int = 8) -> list[str]:

@@ -9,41 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
-import uuid
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from prometheus_client import Counter, Histogram
+from fastapi import FastAPI
 
 from shared.db import check_migrated, make_engine, make_session_factory
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
 from .context import AppContext, CeleryEnqueuer, Enqueuer
-from .errors import error_body, install_error_handlers
+from .errors import install_error_handlers
 from .events import ProgressHub
-from .limits import BodySizeLimit
+from .middleware import BodySizeLimit, RequestContext
 from .routes import adapters, generations, health, trainings, webhooks
 
 log = logging.getLogger("krona.gateway")
-
-REQUESTS = Counter("krona_http_requests_total", "HTTP requests", ["method", "route", "status"])
-LATENCY = Histogram("krona_http_request_seconds", "HTTP request latency", ["method", "route"])
-METRIC_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
-
-
-def metric_labels(request: Request) -> tuple[str, str]:
-    """(method, route) labels from fixed sets, so no client can add series to /metrics.
-
-    Any other method name is ``other``; the route is the matched route's path template (never the raw
-    path), else ``unmatched``.
-    """
-    method = request.method if request.method in METRIC_METHODS else "other"
-    route = getattr(request.scope.get("route"), "path", None)
-    return method, route if isinstance(route, str) else "unmatched"
-
 
 DESCRIPTION = """
 Personalize Stable Diffusion with DiffuseKronA (Kronecker-product) adapters.
@@ -98,6 +78,7 @@ def create_app(
         pool_size=settings.gateway_threads + 4,
         max_overflow=0,
         pool_timeout=settings.db_pool_timeout_seconds,
+        pre_ping=False,
     )
     check_migrated(engine)
     context = AppContext(
@@ -125,34 +106,9 @@ def create_app(
     for router in (trainings.router, adapters.router, generations.router, webhooks.router, health.router):
         app.include_router(router)
 
+    # Outermost first: the request id and metrics see every answer, including the body limit's 413.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_request_bytes:
-            response = JSONResponse(
-                error_body("payload_too_large", f"request body over {settings.max_request_bytes:,} bytes"),
-                status_code=413,
-            )
-        else:
-            start = time.perf_counter()
-            response = await call_next(request)
-            method, route = metric_labels(request)
-            LATENCY.labels(method, route).observe(time.perf_counter() - start)
-        method, route = metric_labels(request)
-        REQUESTS.labels(method, route, str(response.status_code)).inc()
-        response.headers["X-Request-ID"] = request_id
-        log.info(
-            "%s %s %s",
-            request.method,
-            request.url.path,
-            response.status_code,
-            extra={"fields": {"request_id": request_id, "status": response.status_code, "route": route}},
-        )
-        return response
-
+    app.add_middleware(RequestContext)
     return app
 
 

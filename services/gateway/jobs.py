@@ -137,25 +137,22 @@ def commit_created(
 
 
 def enqueue_many(context: AppContext, session: Session, model, job_ids: list[str], task: str) -> None:
-    """Send one message per job, then mark the sent ones in a single UPDATE (not one commit per job)."""
-    sent = []
+    """Send one message per job, after the rows were committed with ``enqueued_at`` already set (so a create
+    costs one commit). Jobs whose message could not be sent get ``enqueued_at`` cleared: the reaper sends
+    them at its next pass."""
+    sent = 0
     for job_id in job_ids:
         try:
             context.enqueuer.send(task, job_id)
-        except Exception:  # the broker is down: the rest stay queued and the reaper sends them later
-            log.warning("could not enqueue %s (%d of %d jobs); the reaper will retry", task, len(sent), len(job_ids))
+        except Exception:  # the broker is down
+            log.warning("could not enqueue %s (%d of %d sent); the reaper will", task, sent, len(job_ids))
             break
-        sent.append(job_id)
-    if sent:
-        session.execute(update(model).where(model.id.in_(sent)).values(enqueued_at=utcnow()))
+        sent += 1
+    unsent = job_ids[sent:]
+    if unsent:
+        session.execute(update(model).where(model.id.in_(unsent)).values(enqueued_at=None))
         session.commit()
 
 
 def enqueue(context: AppContext, session: Session, model, job_id: str, task: str) -> None:
-    try:
-        context.enqueuer.send(task, job_id)
-    except Exception:  # the broker is down: the row stays queued and the reaper sends it later
-        log.warning("could not enqueue %s %s; the reaper will retry", task, job_id, exc_info=True)
-        return
-    session.execute(update(model).where(model.id == job_id).values(enqueued_at=utcnow()))
-    session.commit()
+    enqueue_many(context, session, model, [job_id], task)

@@ -23,7 +23,9 @@ class DatabaseNotMigrated(RuntimeError):
     """The database schema is not at the code's migration head."""
 
 
-def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20, pool_timeout: float = 30.0) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 20, pool_timeout: float = 30.0, pre_ping: bool = True
+) -> Engine:
     """An engine; SQLite gets WAL, a busy timeout and foreign keys (the embedded mode has two processes).
 
     The gateway sizes the pool from its threadpool (``Settings.gateway_threads``), so that a thread never
@@ -53,7 +55,7 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 20, pool_t
     connect_args = {"connect_timeout": 5} if url.startswith("postgresql") and "connect_timeout" not in url else {}
     return create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,

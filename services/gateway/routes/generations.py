@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import Adapter, Batch, Generation, Tenant, new_id
+from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
 from shared.queue import GENERATE_TASK
 from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, generation_public
 from shared.storage import BlobNotFound
@@ -67,6 +67,7 @@ def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate,
         seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
         webhook_url=spec.webhook_url,
         webhook_state="waiting" if spec.webhook_url else None,
+        enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
     )
 
 

@@ -250,6 +250,7 @@ def _create_training(
         total_steps=total_steps,
         webhook_url=webhook_url,
         webhook_state="waiting" if webhook_url else None,
+        enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
     )
 
     def remove_images() -> None:

@@ -1,0 +1,282 @@
+"""Open-loop load on the gateway: generation submissions at fixed rates, and event-stream followers.
+
+    python benchmarks/gateway_load.py [--rates 50,100,200,300,400] [--seconds 10] [--workers 1]
+                                      [--json benchmarks/results/gateway_load.json]
+
+Starts `krona gateway` on a fresh PostgreSQL database (127.0.0.1:5432, trust auth) with Redis
+(127.0.0.1:6379, db 14) as the broker and no worker, then drives it from a separate process over
+loopback. Open loop: request i is due at start + i / rate and its latency is measured from that due
+time, so a stalled server cannot hide behind a slow client (no coordinated omission). Per rate:
+p50/p99/max, errors (anything but 202, or no answer in 30 s) and "lost" (answered 202 but not in the
+database). Then the event-stream figure: the most followers of one running training for which
+`/healthz` keeps p99 <= 100 ms.
+
+On a 2-core machine the load generator, the gateway, PostgreSQL and Redis share the cores; the
+numbers are for the whole machine, not for the gateway alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+REDIS = "redis://127.0.0.1:6379/14"
+BODY = {"prompt": "a photo of sks dog on the moon", "steps": 20, "width": 512, "height": 512}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))] if ordered else float("nan")
+
+
+class _RawClient:
+    """Keep-alive HTTP/1.1 connections written by hand: a load generator must cost far less than the server.
+
+    (httpx spends a few milliseconds of CPU per request, which on a 2-core machine would measure the
+    client, not the gateway.)
+    """
+
+    def __init__(self, host: str, port: int, request: bytes) -> None:
+        self.host, self.port, self.request = host, port, request
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self) -> tuple[int, bytes]:
+        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        writer.write(self.request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        self.idle.append((reader, writer))
+        return status, body
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+async def _open_loop(base: str, key: str, rate: float, seconds: float) -> dict:
+    host, port = base.removeprefix("http://").split(":")
+    payload = json.dumps(BODY).encode()
+    request = (
+        f"POST /v1/generations HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+    client = _RawClient(host, int(port), request)
+    latencies: list[float] = []
+    ids: list[str] = []
+    errors: dict[str, int] = {}
+
+    async def one(due: float) -> None:
+        try:
+            status, body = await asyncio.wait_for(client.post(), timeout=30)
+            if status == 202:
+                ids.append(json.loads(body)["id"])
+            kind = str(status)
+        except Exception as exc:
+            kind = exc.__class__.__name__
+        latencies.append(time.perf_counter() - due)
+        if kind != "202":
+            errors[kind] = errors.get(kind, 0) + 1
+
+    count = int(rate * seconds)
+    start = time.perf_counter() + 0.2
+    tasks = []
+    for i in range(count):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(due)))
+    await asyncio.gather(*tasks)
+    client.close()
+    return {"latencies": latencies, "ids": ids, "errors": errors, "sent": count}
+
+
+async def _followers(base: str, key: str, training_id: str, followers: int, probes: int) -> dict:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=followers + 10, max_keepalive_connections=followers + 10)
+    opened: list[int] = []
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120, headers=headers) as client:
+
+        async def follow() -> None:
+            async with client.stream("GET", f"/v1/trainings/{training_id}/events") as response:
+                if response.status_code != 200:
+                    return
+                async for line in response.aiter_lines():
+                    if line.startswith("event: "):
+                        opened.append(1)
+                        break
+                await asyncio.sleep(3600)  # hold the stream open until cancelled
+
+        tasks = [asyncio.create_task(follow()) for _ in range(followers)]
+        for _ in range(600):
+            if len(opened) >= followers:
+                break
+            await asyncio.sleep(0.05)
+        latencies = []
+        async with httpx.AsyncClient(base_url=base, timeout=30) as probe:
+            for _ in range(probes):
+                start = time.perf_counter()
+                await probe.get("/healthz")
+                latencies.append(time.perf_counter() - start)
+                await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {"opened": len(opened), "p99_ms": _percentile(latencies, 0.99) * 1000}
+
+
+def _client_process(kind: str, args: tuple, out: multiprocessing.Queue) -> None:
+    coroutine = _open_loop(*args) if kind == "load" else _followers(*args)
+    out.put(asyncio.run(coroutine))
+
+
+def _in_separate_process(kind: str, *args) -> dict:
+    queue: multiprocessing.Queue = multiprocessing.Queue()
+    process = multiprocessing.Process(target=_client_process, args=(kind, args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="50,100,200,300,400", help="requests per second, comma-separated")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each rate")
+    parser.add_argument("--workers", type=int, default=1, help="gateway processes (krona gateway --workers)")
+    parser.add_argument("--followers", default="50,100,200", help="event-stream followers to try")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    import redis
+    from sqlalchemy import create_engine, select, text
+
+    from shared.db import Generation, Training, make_engine, make_session_factory, upgrade_to_head, utcnow
+    from shared.models import resolve_base_model
+    from shared.tenants import create_tenant
+
+    resolve_base_model("tiny-sd")  # built once, so that the gateway only reads its config
+    name = f"krona_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    upgrade_to_head(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    with sessions() as session:
+        tenant, key = create_tenant(session, "bench")
+        session.commit()
+        tenant_id = tenant.id
+    port = _free_port()
+    env = {**os.environ, "KRONA_DATABASE_URL": url, "KRONA_BROKER_URL": REDIS, "KRONA_BASE_MODEL": "tiny-sd",
+           "KRONA_DATA_DIR": str(ROOT / ".krona-bench")}  # fmt: skip
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "gateway", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", str(args.workers)],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    results: dict = {"machine": f"{os.cpu_count()} cores", "gateway_workers": args.workers, "rates": []}
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the gateway did not start")
+            time.sleep(0.2)
+        httpx.post(f"{base}/v1/generations", json=BODY, headers={"Authorization": f"Bearer {key}"})  # warm up
+        print(f"{'rate':>6} {'sent':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} {'lost':>5}")
+        for rate in [float(r) for r in args.rates.split(",")]:
+            run = _in_separate_process("load", base, key, rate, args.seconds)
+            with sessions() as session:
+                found = 0
+                for i in range(0, len(run["ids"]), 1000):
+                    chunk = run["ids"][i : i + 1000]
+                    found += len(session.scalars(select(Generation.id).where(Generation.id.in_(chunk))).all())
+            row = {
+                "rate": rate,
+                "sent": run["sent"],
+                "p50_ms": _percentile(run["latencies"], 0.5) * 1000,
+                "p99_ms": _percentile(run["latencies"], 0.99) * 1000,
+                "max_ms": max(run["latencies"]) * 1000,
+                "errors": sum(run["errors"].values()),
+                "error_kinds": run["errors"],
+                "lost": len(run["ids"]) - found,
+            }
+            results["rates"].append(row)
+            print(
+                f"{rate:>6.0f} {row['sent']:>6} {row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['max_ms']:>8.1f} "
+                f"{row['errors']:>7} {row['lost']:>5}"
+            )
+            time.sleep(1)
+        with sessions() as session:
+            training = Training(tenant_id=tenant_id, base_model="tiny-sd", instance_prompt="p", status="running",
+                                image_keys=["a", "b"], total_steps=10, started_at=utcnow())  # fmt: skip
+            session.add(training)
+            session.commit()
+            training_id = training.id
+        results["followers"] = []
+        print(f"\n{'followers':>9} {'opened':>7} {'healthz p99 ms':>15}")
+        for count in [int(n) for n in args.followers.split(",")]:
+            figure = _in_separate_process("followers", base, key, training_id, count, 60)
+            results["followers"].append({"followers": count, **figure})
+            print(f"{count:>9} {figure['opened']:>7} {figure['p99_ms']:>15.1f}")
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        redis.Redis.from_url(REDIS).flushdb()
+    by_rate = {r["rate"]: r for r in results["rates"]}
+    good = [r["rate"] for r in results["rates"] if r["p99_ms"] <= 50 and r["errors"] == 0 and r["lost"] == 0]
+    held = [f["followers"] for f in results["followers"] if f["opened"] == f["followers"] and f["p99_ms"] <= 100]
+    results["summary"] = {
+        "p99_ms_at_200": by_rate[200.0]["p99_ms"] if 200.0 in by_rate else None,
+        "max_rate_p99_under_50ms": max(good) if good else 0,
+        "errors": sum(r["errors"] for r in results["rates"]),
+        "lost": sum(r["lost"] for r in results["rates"]),
+        "followers_held_healthz_p99_under_100ms": max(held) if held else 0,
+    }
+    print("\nsummary:", json.dumps(results["summary"]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
