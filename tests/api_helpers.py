@@ -18,6 +18,11 @@ class RecordingEnqueuer:
     def send(self, task: str, job_id: str) -> None:
         self.sent.append((task, job_id))
 
+    def send_many(self, task: str, job_ids: list[str]) -> int:
+        for job_id in job_ids:
+            self.send(task, job_id)
+        return len(job_ids)
+
     def check(self) -> None:
         return None
 

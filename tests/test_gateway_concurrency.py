@@ -460,3 +460,54 @@ def test_gateway_with_several_worker_processes(postgres_url, redis_url, tiny_fol
         if line.startswith("krona_http_requests_total{") and 'route="/healthz"' in line
     )
     assert total >= 40  # the start-up probes count too
+
+
+def test_batch_of_1000_commits_once_and_sends_every_message(api):
+    from sqlalchemy import func, select
+
+    from shared.db import Generation
+
+    body = {"generations": [{"prompt": f"p{i}", "steps": 2, "width": 64, "height": 64} for i in range(1000)]}
+    response = api.client.post("/v1/batches", headers=api.headers(), json=body)
+    assert response.status_code == 202, response.text
+    batch = response.json()
+    assert batch["total"] == 1000 and batch["counts"]["queued"] == 1000 and len(batch["generation_ids"]) == 1000
+    assert api.client.get(f"/v1/batches/{batch['id']}", headers=api.headers()).json() == batch
+    sent = {job_id for task, job_id in api.enqueuer.sent if task == "krona.generate"}
+    assert set(batch["generation_ids"]) <= sent  # the messages went out after the answer
+    with api.context.sessions() as session:
+        unsent = select(func.count()).where(Generation.batch_id == batch["id"], Generation.enqueued_at.is_(None))
+        assert session.scalar(unsent) == 0
+
+
+def test_batch_with_the_broker_failing_midway_leaves_the_rest_to_the_reaper(api):
+    from sqlalchemy import select
+
+    from shared.db import Generation
+
+    class Flaky:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, task, job_id):
+            self.send_many(task, [job_id])
+
+        def send_many(self, task, job_ids):
+            for job_id in job_ids:
+                if len(self.sent) == 10:
+                    if not self.sent or job_id == job_ids[0]:
+                        raise ConnectionError("broker down")
+                    return len(job_ids[: job_ids.index(job_id)])
+                self.sent.append(job_id)
+            return len(job_ids)
+
+        def check(self):
+            raise ConnectionError("broker down")
+
+    api.context.enqueuer = Flaky()
+    body = {"generations": [{"prompt": f"p{i}"} for i in range(50)]}
+    batch = api.client.post("/v1/batches", headers=api.headers(), json=body).json()
+    with api.context.sessions() as session:
+        rows = session.execute(select(Generation.id, Generation.enqueued_at).where(Generation.batch_id == batch["id"]))
+        unsent = {job_id for job_id, enqueued_at in rows if enqueued_at is None}
+    assert unsent == set(batch["generation_ids"]) - set(api.context.enqueuer.sent) and len(unsent) == 40

@@ -20,6 +20,10 @@ log = logging.getLogger("krona.gateway")
 class Enqueuer(Protocol):
     def send(self, task: str, job_id: str) -> None: ...
 
+    def send_many(self, task: str, job_ids: list[str]) -> int:
+        """Send one message per job; how many were sent before the broker failed (an exception if none)."""
+        ...
+
     def check(self) -> None: ...
 
 
@@ -35,6 +39,22 @@ class CeleryEnqueuer:
         from shared.queue import TASK_ROUTES
 
         self.app.send_task(task, args=[job_id], queue=TASK_ROUTES[task]["queue"])
+
+    def send_many(self, task: str, job_ids: list[str]) -> int:
+        from shared.queue import TASK_ROUTES
+
+        queue = TASK_ROUTES[task]["queue"]
+        sent = 0
+        with self.app.producer_or_acquire() as producer:  # one producer (and connection) for the whole batch
+            for job_id in job_ids:
+                try:
+                    self.app.send_task(task, args=[job_id], queue=queue, producer=producer)
+                except Exception:
+                    if sent == 0:
+                        raise
+                    break
+                sent += 1
+        return sent
 
     def check(self) -> None:
         with self.app.connection_for_write() as conn:

@@ -140,18 +140,21 @@ def enqueue_many(context: AppContext, session: Session, model, job_ids: list[str
     """Send one message per job, after the rows were committed with ``enqueued_at`` already set (so a create
     costs one commit). Jobs whose message could not be sent get ``enqueued_at`` cleared: the reaper sends
     them at its next pass."""
-    sent = 0
-    for job_id in job_ids:
-        try:
-            context.enqueuer.send(task, job_id)
-        except Exception:  # the broker is down
-            log.warning("could not enqueue %s (%d of %d sent); the reaper will", task, sent, len(job_ids))
-            break
-        sent += 1
+    try:
+        sent = context.enqueuer.send_many(task, job_ids) if len(job_ids) > 1 else _send_one(context, task, job_ids)
+    except Exception:  # the broker is down
+        sent = 0
+    if sent < len(job_ids):
+        log.warning("could not enqueue %s (%d of %d sent); the reaper will", task, sent, len(job_ids))
     unsent = job_ids[sent:]
     if unsent:
         session.execute(update(model).where(model.id.in_(unsent)).values(enqueued_at=None))
         session.commit()
+
+
+def _send_one(context: AppContext, task: str, job_ids: list[str]) -> int:
+    context.enqueuer.send(task, job_ids[0])
+    return 1
 
 
 def enqueue(context: AppContext, session: Session, model, job_id: str, task: str) -> None:

@@ -56,6 +56,9 @@ def make_engine(
     return create_engine(
         url,
         pool_pre_ping=pre_ping,
+        # Bulk inserts in pages of 100 rows: psycopg converts (and caches) one 100-row statement instead of
+        # parsing a fresh 1000-row one for every batch.
+        insertmanyvalues_page_size=100,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_timeout=pool_timeout,

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
 
 from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
 from shared.queue import GENERATE_TASK
@@ -152,11 +153,22 @@ def create_batch(
     session.flush()
     session.add_all(rows)
     session.flush()
-    public = _batch_public(session, batch)
+    ids = sorted(row.id for row in rows)
+    counts = {status: 0 for status in ("queued", "running", "succeeded", "failed", "canceled")} | {"queued": len(ids)}
+    public = BatchPublic(
+        id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=batch.created_at
+    ).model_dump(mode="json")
     status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
-    if public.get("id") == batch.id:
-        enqueue_many(context, session, Generation, [row.id for row in rows], GENERATE_TASK)
-    return JSONResponse(public, status_code=status_code)
+    if public.get("id") != batch.id:  # a concurrent twin with the same Idempotency-Key won
+        return JSONResponse(public, status_code=status_code)
+    # The rows are committed (with enqueued_at set): the messages go out after the answer, and a send that
+    # fails clears enqueued_at so that the reaper sends those rows instead (jobs.enqueue_many).
+    return JSONResponse(public, status_code=status_code, background=BackgroundTask(_send_batch, context, ids))
+
+
+def _send_batch(context: AppContext, ids: list[str]) -> None:
+    with context.sessions() as session:
+        enqueue_many(context, session, Generation, ids, GENERATE_TASK)
 
 
 @router.get("/v1/batches/{batch_id}", response_model=BatchPublic, summary="A batch with counts per status")
