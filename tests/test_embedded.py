@@ -27,6 +27,18 @@ def _krona(*args, env, timeout=300):
     return result.stdout
 
 
+def _stop_up(up: subprocess.Popen, log) -> int:
+    """SIGTERM to `krona up`, as Ctrl-C would; its exit code (the whole group is killed if it hangs)."""
+    up.send_signal(signal.SIGTERM)
+    try:
+        return up.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        raise
+    finally:
+        log.close()
+
+
 def test_krona_up_and_the_cli_flow(tiny_folders, tmp_path):
     data_dir = tmp_path / "krona-data"
     port = _free_port()
@@ -108,13 +120,7 @@ def test_krona_up_and_the_cli_flow(tiny_folders, tmp_path):
         listed = json.loads(_krona("trainings", "list", *client, env=env))
         assert [t["id"] for t in listed["data"]] == [training["id"]]
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            code = up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            raise
-        log.close()
+        code = _stop_up(up, log)
     assert code == 0
     assert "Krona stopped." in (tmp_path / "up.log").read_text()
 
@@ -192,13 +198,7 @@ def test_krona_up_restarts_a_killed_worker_and_the_training_finishes(tiny_folder
             assert row.status == "succeeded" and row.step == 200 and row.attempts == 2, (row.status, row.error_message)
             assert session.scalar(select(func.count()).select_from(Adapter).where(Adapter.training_id == row.id)) == 1
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            code = up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            raise
-        log.close()
+        code = _stop_up(up, log)
     assert code == 0
     text = (tmp_path / "up.log").read_text()
     assert "worker exited with -9; restarting" in text and "Krona stopped." in text

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 from services.cli.supervisor import Child, Supervisor
@@ -125,21 +123,10 @@ def gateway(args: argparse.Namespace) -> int:
                "--workers", "1", "--reuse-port"]  # fmt: skip
     state_dir = Path(tempfile.mkdtemp(prefix="krona-gateway-"))
     supervisor = Supervisor([Child(f"gateway-{i}", command, env) for i in range(workers)], state_dir)
-    stopping = False
-
-    def stop(_signum=None, _frame=None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     supervisor.start()
     try:
-        while not stopping:
-            supervisor.check()
-            time.sleep(0.3)
+        supervisor.run_until_signal()
     finally:
-        supervisor.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
         if metrics_dir.startswith(tempfile.gettempdir()) and Path(metrics_dir).name.startswith("krona-metrics-"):
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -227,20 +214,8 @@ def up(args: argparse.Namespace) -> int:
     if settings.base_model.startswith("tiny-"):
         print(f"base model {settings.base_model}: random weights built offline, so images are noise")
     print("Ctrl-C stops it.", flush=True)
-
-    stopping = False
-
-    def stop(_signum=None, _frame=None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
     # A child that dies (a crashed worker, an OOM kill) is started again with backoff; the others keep
     # serving. Only Ctrl-C or SIGTERM stops the whole stack.
-    while not stopping:
-        supervisor.check()
-        time.sleep(0.3)
-    supervisor.stop()
+    supervisor.run_until_signal()
     print("Krona stopped.")
     return 0

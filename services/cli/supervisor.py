@@ -83,6 +83,25 @@ class Supervisor:
         if changed:
             self._write_state()
 
+    def run_until_signal(self) -> None:
+        """Keep the children running until SIGINT or SIGTERM, then stop them all."""
+        import signal
+
+        stopping = False
+
+        def stop(_signum=None, _frame=None) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            while not stopping:
+                self.check()
+                time.sleep(0.3)
+        finally:
+            self.stop()
+
     def stop(self, timeout: float = 20.0) -> None:
         for child in self.children:
             child.restart_at = None
