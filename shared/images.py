@@ -62,8 +62,8 @@ def decode_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) ->
             width, height = probe.size
     except Image.DecompressionBombError:
         raise ValueError(f"{name}: the image is over the limit of {limits.max_pixels:,} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ValueError(f"{name}: not a readable image ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError):  # PIL's messages carry object reprs: not shown
+        raise ValueError(f"{name}: not a readable image (send PNG, JPEG or WebP)") from None
     if fmt not in limits.formats:
         raise ValueError(f"{name}: format {fmt} is not accepted; use {', '.join(limits.formats)}")
     if width * height > limits.max_pixels:

@@ -157,7 +157,7 @@ class Page(BaseModel, Generic[T]):
 # Presenting rows (the gateway's answers and the workers' webhook bodies) ----------------------------
 
 
-def _utc(value):
+def as_utc(value):
     """SQLite hands back naive datetimes; every timestamp the API shows is UTC with an offset."""
     from datetime import UTC
 
@@ -184,10 +184,10 @@ def training_public(row: Training) -> dict[str, Any]:
         error=_error(row),
         params=row.params,
         num_images=len(row.image_keys),
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
-        started_at=_utc(row.started_at),
-        finished_at=_utc(row.finished_at),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
     ).model_dump(mode="json")
 
 
@@ -202,7 +202,7 @@ def adapter_public(row: Adapter) -> dict[str, Any]:
         size_bytes=row.size_bytes,
         sha256=row.sha256,
         training_id=row.training_id,
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     ).model_dump(mode="json")
 
 
@@ -230,8 +230,8 @@ def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
         batch_id=row.batch_id,
         images=images,
         error=_error(row),
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
-        started_at=_utc(row.started_at),
-        finished_at=_utc(row.finished_at),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
     ).model_dump(mode="json")

@@ -60,6 +60,39 @@ def _dbapi_handler(unavailable_handler):
     return handler
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document lists for this path (HEAD where GET is)."""
+    import re
+
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\{[^/]+\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+async def _authentication_error(request: Request) -> JSONResponse | None:
+    """For a /v1 route: the 401 this request gets from authentication, or None if its key is valid."""
+    if not request.url.path.startswith("/v1/"):
+        return None
+    from starlette.concurrency import run_in_threadpool
+
+    from .deps import current_tenant
+
+    try:
+        await run_in_threadpool(current_tenant, request.app.state.context, request.headers.get("authorization"))
+    except ApiError as exc:
+        if exc.status == 401:
+            return JSONResponse(
+                error_body(exc.code, exc.message), status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        raise
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -69,19 +102,30 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"), "message": err.get("msg", "")}
-            for err in exc.errors()
-        ]
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Authentication comes first: an unauthenticated request learns nothing about what the body should be.
+        unauthorized = await _authentication_error(request)
+        if unauthorized is not None:
+            return unauthorized
+        details = []
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":  # its location is a character offset, not a field
+                reason = (err.get("ctx") or {}).get("error", "")
+                details.append({"field": "", "message": f"the body is not valid JSON ({reason})".replace(" ()", "")})
+                continue
+            field = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            details.append({"field": field, "message": err.get("msg", "")})
         first = details[0] if details else {"field": "", "message": "invalid request"}
         message = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
         return JSONResponse(error_body("invalid_request", message, details), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     # Dependency faults: 503 with what is down and when to retry, one log line, no traceback. (These
     # handlers run in Starlette's ExceptionMiddleware; the catch-all below is re-raised to the server's log.)

@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 
 from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
 from shared.queue import GENERATE_TASK
-from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, generation_public
+from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, as_utc, generation_public
 from shared.storage import BlobNotFound
 from shared.webhooks import check_webhook_url
 
@@ -128,7 +128,7 @@ def _batch_public(session: Session, batch: Batch) -> dict:
         counts[status] = count
     ids = list(session.scalars(select(Generation.id).where(Generation.batch_id == batch.id).order_by(Generation.id)))
     return BatchPublic(
-        id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=batch.created_at
+        id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=as_utc(batch.created_at)
     ).model_dump(mode="json")
 
 
