@@ -78,3 +78,57 @@ def test_timestamps_carry_utc_on_sqlite(sqlite_api):
 
 def test_png_fixture_is_an_image():  # guards the helper the tests above rely on
     Image.open(io.BytesIO(image_files(1)[0][1][1])).verify()
+
+
+OPERATION_IDS = {
+    ("post", "/v1/trainings"): "createTraining",
+    ("get", "/v1/trainings"): "listTrainings",
+    ("get", "/v1/trainings/{training_id}"): "getTraining",
+    ("post", "/v1/trainings/{training_id}/cancel"): "cancelTraining",
+    ("get", "/v1/trainings/{training_id}/events"): "followTrainingEvents",
+    ("get", "/v1/adapters"): "listAdapters",
+    ("post", "/v1/adapters"): "uploadAdapter",
+    ("get", "/v1/adapters/{adapter_id}"): "getAdapter",
+    ("delete", "/v1/adapters/{adapter_id}"): "deleteAdapter",
+    ("get", "/v1/adapters/{adapter_id}/file"): "downloadAdapterFile",
+    ("post", "/v1/generations"): "createGeneration",
+    ("get", "/v1/generations/{generation_id}"): "getGeneration",
+    ("get", "/v1/generations/{generation_id}/images/{index}"): "getGenerationImage",
+    ("post", "/v1/batches"): "createBatch",
+    ("get", "/v1/batches/{batch_id}"): "getBatch",
+    ("post", "/v1/webhook-secret/rotate"): "rotateWebhookSecret",
+    ("get", "/healthz"): "healthz",
+    ("get", "/readyz"): "readyz",
+    ("get", "/metrics"): "metrics",
+}
+
+
+def test_openapi_document_validates_and_declares_auth_errors_and_ids(api):
+    from openapi_spec_validator import validate
+
+    spec = api.client.get("/openapi.json").json()
+    validate(spec)  # OpenAPI 3.1, as an outside validator reads it
+    assert spec["components"]["securitySchemes"]["apiKey"]["type"] == "http"
+    assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # the API never answers that shape
+    envelope = {"$ref": "#/components/schemas/ErrorResponse"}
+    seen = {}
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            seen[(method, path)] = operation["operationId"]
+            responses = operation["responses"]
+            if not path.startswith("/v1/"):
+                continue
+            assert operation["security"] == [{"apiKey": []}], (method, path)
+            assert not any(p.get("name", "").lower() == "authorization" for p in operation.get("parameters", []))
+            statuses = {"401", "422", "503"} | ({"404"} if "{" in path else set())
+            for status in statuses:
+                assert responses[status]["content"]["application/json"]["schema"] == envelope, (method, path, status)
+            assert "Retry-After" in responses["503"]["headers"]
+    assert seen == OPERATION_IDS
+    binary = spec["paths"]["/v1/adapters/{adapter_id}/file"]["get"]["responses"]["200"]["content"]
+    assert list(binary) == ["application/octet-stream"]
+    image = spec["paths"]["/v1/generations/{generation_id}/images/{index}"]["get"]["responses"]["200"]["content"]
+    assert list(image) == ["image/png"]
+    events = spec["paths"]["/v1/trainings/{training_id}/events"]["get"]["responses"]["200"]["content"]
+    assert "event: done" in events["text/event-stream"]["schema"]["description"]

@@ -21,6 +21,7 @@ from .context import AppContext, CeleryEnqueuer, Enqueuer
 from .errors import install_error_handlers
 from .events import ProgressHub
 from .middleware import BodySizeLimit, RequestContext
+from .openapi import camel_case_operation_id, install_openapi
 from .routes import adapters, generations, health, trainings, webhooks
 
 log = logging.getLogger("krona.gateway")
@@ -100,8 +101,15 @@ def create_app(
         yield
         engine.dispose()
 
-    app = FastAPI(title="Krona", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="Krona",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=camel_case_operation_id,
+    )
     app.state.context = context
+    install_openapi(app)
     install_error_handlers(app)
     for router in (trainings.router, adapters.router, generations.router, webhooks.router, health.router):
         app.include_router(router)

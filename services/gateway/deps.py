@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared.db import Tenant
@@ -36,17 +37,27 @@ def get_session(context: ContextDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def current_tenant(context: ContextDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+# The OpenAPI document gets a bearer security scheme from this (the Authorize button of /docs).
+bearer = HTTPBearer(auto_error=False, scheme_name="apiKey", description="`Authorization: Bearer krona_…`")
+
+
+def authenticate(context: AppContext, key: str | None) -> Tenant:
     """The key's tenant, read in a short session of its own (detached), so that no connection is held
-    between authentication and the handler, or for the life of a stream."""
-    if not authorization or not authorization.lower().startswith("bearer "):
+    between authentication and the handler, or for the life of a stream; 401 otherwise."""
+    if not key:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
     with context.sessions() as session:
-        tenant = tenant_for_key(session, authorization[7:].strip())
+        tenant = tenant_for_key(session, key.strip())
         if tenant is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API key")
         session.expunge(tenant)
     return tenant
+
+
+def current_tenant(
+    context: ContextDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Tenant:
+    return authenticate(context, credentials.credentials if credentials else None)
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

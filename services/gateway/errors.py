@@ -80,10 +80,12 @@ async def _authentication_error(request: Request) -> JSONResponse | None:
         return None
     from starlette.concurrency import run_in_threadpool
 
-    from .deps import current_tenant
+    from .deps import authenticate
 
+    header = request.headers.get("authorization") or ""
+    key = header[7:] if header.lower().startswith("bearer ") else None
     try:
-        await run_in_threadpool(current_tenant, request.app.state.context, request.headers.get("authorization"))
+        await run_in_threadpool(authenticate, request.app.state.context, key)
     except ApiError as exc:
         if exc.status == 401:
             return JSONResponse(

@@ -20,8 +20,9 @@ from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..jobs import get_owned, page
+from ..openapi import errors
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=errors(401, 422, 503))
 
 MAX_ADAPTER_BYTES = 256 * 1024 * 1024
 # Caps on the free-text form fields (String(200) and String(300) columns).
@@ -48,7 +49,7 @@ UPLOAD_SCHEMA = {
 }
 
 
-@router.get("", response_model=Page[AdapterPublic], summary="List adapters, newest first")
+@router.get("", response_model=Page[AdapterPublic], summary="List adapters, newest first", responses=errors(400))
 def list_adapters(
     session: SessionDep,
     tenant: CurrentTenant,
@@ -59,7 +60,7 @@ def list_adapters(
     return {"data": [adapter_public(r) for r in rows], "next_cursor": next_cursor}
 
 
-@router.get("/{adapter_id}", response_model=AdapterPublic, summary="One adapter")
+@router.get("/{adapter_id}", response_model=AdapterPublic, summary="One adapter", responses=errors(404))
 def get_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant):
     return adapter_public(get_owned(session, Adapter, adapter_id, tenant, "adapter"))
 
@@ -67,9 +68,10 @@ def get_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant):
 @router.get(
     "/{adapter_id}/file",
     summary="Download the adapter: native Krona or kohya/LyCORIS LoKr safetensors",
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **errors(404)},
+    response_class=Response,
 )
-def download_adapter(
+def download_adapter_file(
     adapter_id: str,
     context: ContextDep,
     session: SessionDep,
@@ -110,7 +112,12 @@ def _convert_upload(context: AppContext, data: bytes, label: str):
 
 
 @router.post(
-    "", status_code=201, response_model=AdapterPublic, openapi_extra=UPLOAD_SCHEMA, summary="Upload an adapter"
+    "",
+    status_code=201,
+    response_model=AdapterPublic,
+    openapi_extra=UPLOAD_SCHEMA,
+    summary="Upload an adapter",
+    responses=errors(400, 413, 415),
 )
 async def upload_adapter(request: Request, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -178,7 +185,13 @@ def _store_upload(
     return JSONResponse(adapter_public(row), status_code=201)
 
 
-@router.delete("/{adapter_id}", status_code=204, summary="Delete an adapter and its file")
+@router.delete(
+    "/{adapter_id}",
+    status_code=204,
+    summary="Delete an adapter and its file",
+    responses=errors(404),
+    response_class=Response,
+)
 def delete_adapter(adapter_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
     key = row.storage_key

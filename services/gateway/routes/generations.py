@@ -22,8 +22,9 @@ from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..jobs import commit_created, enqueue, enqueue_many, get_owned, replay, request_hash
+from ..openapi import errors
 
-router = APIRouter(tags=["generations"])
+router = APIRouter(tags=["generations"], responses=errors(401, 422, 503))
 
 
 def _check_references(
@@ -72,7 +73,13 @@ def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate,
     )
 
 
-@router.post("/v1/generations", status_code=202, response_model=GenerationPublic, summary="Ask for images")
+@router.post(
+    "/v1/generations",
+    status_code=202,
+    response_model=GenerationPublic,
+    summary="Ask for images",
+    responses=errors(404, 409),
+)
 def create_generation(
     body: GenerationCreate,
     context: ContextDep,
@@ -95,7 +102,9 @@ def create_generation(
     return JSONResponse(public, status_code=status_code)
 
 
-@router.get("/v1/generations/{generation_id}", response_model=GenerationPublic, summary="One generation")
+@router.get(
+    "/v1/generations/{generation_id}", response_model=GenerationPublic, summary="One generation", responses=errors(404)
+)
 def get_generation(generation_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     return generation_public(row, context.settings.public_url)
@@ -104,7 +113,8 @@ def get_generation(generation_id: str, context: ContextDep, session: SessionDep,
 @router.get(
     "/v1/generations/{generation_id}/images/{index}",
     summary="One generated image",
-    responses={200: {"content": {"image/png": {}}}},
+    responses={200: {"content": {"image/png": {}}}, **errors(404)},
+    response_class=Response,
 )
 def get_generation_image(
     generation_id: str, index: int, context: ContextDep, session: SessionDep, tenant: CurrentTenant
@@ -132,7 +142,13 @@ def _batch_public(session: Session, batch: Batch) -> dict:
     ).model_dump(mode="json")
 
 
-@router.post("/v1/batches", status_code=202, response_model=BatchPublic, summary="Up to 1000 generations at once")
+@router.post(
+    "/v1/batches",
+    status_code=202,
+    response_model=BatchPublic,
+    summary="Up to 1000 generations at once",
+    responses=errors(404, 409, 413),
+)
 def create_batch(
     body: BatchCreate,
     context: ContextDep,
@@ -171,6 +187,11 @@ def _send_batch(context: AppContext, ids: list[str]) -> None:
         enqueue_many(context, session, Generation, ids, GENERATE_TASK)
 
 
-@router.get("/v1/batches/{batch_id}", response_model=BatchPublic, summary="A batch with counts per status")
+@router.get(
+    "/v1/batches/{batch_id}",
+    response_model=BatchPublic,
+    summary="A batch with counts per status",
+    responses=errors(404),
+)
 def get_batch(batch_id: str, session: SessionDep, tenant: CurrentTenant):
     return _batch_public(session, get_owned(session, Batch, batch_id, tenant, "batch"))

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -14,6 +13,7 @@ from shared.supervision import read_process_states
 
 from ..deps import ContextDep
 from ..errors import ApiError, error_body
+from ..openapi import errors
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,7 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Database, broker and storage are reachable")
+@router.get("/readyz", summary="Database, broker and storage are reachable", responses=errors(503))
 def readyz(context: ContextDep):
     checks: dict[str, str] = {}
     try:
@@ -57,9 +57,9 @@ def readyz(context: ContextDep):
     description="With KRONA_METRICS_TOKEN set, send `Authorization: Bearer <token>`. Without it the route is "
     "open in dev and disabled (404) in prod.",
     response_class=Response,
-    responses={401: {"description": "missing or wrong metrics token"}, 404: {"description": "disabled in prod"}},
+    responses=errors(401, 404),
 )
-def metrics(context: ContextDep, authorization: Annotated[str | None, Header()] = None):
+def metrics(request: Request, context: ContextDep):
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     token = context.settings.metrics_token
@@ -72,7 +72,7 @@ def metrics(context: ContextDep, authorization: Annotated[str | None, Header()] 
                 "(then scrape it with 'Authorization: Bearer <token>')",
             )
     else:
-        scheme, _, given = (authorization or "").partition(" ")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
             raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <KRONA_METRICS_TOKEN>'")
 

@@ -29,8 +29,9 @@ from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..events import TooManyStreams
 from ..jobs import commit_created, enqueue, get_owned, page, replay, request_hash
+from ..openapi import errors
 
-router = APIRouter(prefix="/v1/trainings", tags=["trainings"])
+router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=errors(401, 422, 503))
 
 # Parameters a client may set; the rest of TrainingSpec is the worker's business (precision, etc.).
 CLIENT_PARAMS = {
@@ -112,10 +113,7 @@ def _parse_params(raw: str | None, instance_prompt: str, max_steps: int) -> Trai
     response_model=TrainingPublic,
     openapi_extra=MULTIPART_SCHEMA,
     summary="Start a fine-tune on 2-20 photos of a subject",
-    responses={
-        413: {"description": "too many or too large images"},
-        415: {"description": "not multipart, or not an image"},
-    },
+    responses=errors(400, 409, 413, 415),
 )
 async def create_training(
     request: Request,
@@ -272,7 +270,7 @@ def _create_training(
     return JSONResponse(body, status_code=status_code)
 
 
-@router.get("", response_model=Page[TrainingPublic], summary="List trainings, newest first")
+@router.get("", response_model=Page[TrainingPublic], summary="List trainings, newest first", responses=errors(400))
 def list_trainings(
     session: SessionDep,
     tenant: CurrentTenant,
@@ -285,12 +283,20 @@ def list_trainings(
     return {"data": [training_public(r) for r in rows], "next_cursor": next_cursor}
 
 
-@router.get("/{training_id}", response_model=TrainingPublic, summary="One training with its progress")
+@router.get(
+    "/{training_id}", response_model=TrainingPublic, summary="One training with its progress", responses=errors(404)
+)
 def get_training(training_id: str, session: SessionDep, tenant: CurrentTenant):
     return training_public(get_owned(session, Training, training_id, tenant, "training"))
 
 
-@router.post("/{training_id}/cancel", status_code=202, response_model=TrainingPublic, summary="Stop a training")
+@router.post(
+    "/{training_id}/cancel",
+    status_code=202,
+    response_model=TrainingPublic,
+    summary="Stop a training",
+    responses=errors(404, 409),
+)
 def cancel_training(training_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     row = get_owned(session, Training, training_id, tenant, "training")
     if row.status in TERMINAL_STATUSES:
@@ -341,9 +347,9 @@ async def _stream_slot(context: ContextDep, tenant: CurrentTenant) -> AsyncItera
     "/{training_id}/events",
     summary="Server-sent events of progress until a terminal state",
     response_class=EventSourceResponse,
-    responses={429: {"description": "too many event streams open for this tenant"}},
+    responses=errors(404, 429),
 )
-async def training_events(
+async def follow_training_events(
     context: ContextDep,
     training_id: Annotated[str, Depends(_owned_training)],
     _slot: Annotated[None, Depends(_stream_slot)],

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from shared.tenants import rotate_webhook_secret
+from shared.tenants import rotate_webhook_secret as rotate_secret
 from shared.webhooks import SIGNATURE_HEADER
 
 from ..deps import CurrentTenant, SessionDep
+from ..openapi import errors
 
-router = APIRouter(prefix="/v1/webhook-secret", tags=["webhooks"])
+router = APIRouter(prefix="/v1/webhook-secret", tags=["webhooks"], responses=errors(401, 422, 503))
 
 
 class WebhookSecret(BaseModel):
@@ -19,8 +20,8 @@ class WebhookSecret(BaseModel):
 
 
 @router.post("/rotate", response_model=WebhookSecret, summary="Replace this tenant's webhook signing secret")
-def rotate(session: SessionDep, tenant: CurrentTenant):
+def rotate_webhook_secret(session: SessionDep, tenant: CurrentTenant):
     """Deliveries made after this call are signed with the new secret; the old one stops verifying."""
-    secret = rotate_webhook_secret(session, tenant)
+    secret = rotate_secret(session, tenant)
     session.commit()
     return WebhookSecret(webhook_secret=secret)
