@@ -68,8 +68,10 @@ class AdapterPublic(BaseModel):
 class GenerationCreate(BaseModel):
     """One image request. Width/height default to the base model's native size."""
 
+    # strict: no coercion (false is not a seed, "2" is not a count); what the schema allows is what is accepted.
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -92,7 +94,7 @@ class GenerationCreate(BaseModel):
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    webhook_url: str | None = Field(None, max_length=2000)
+    webhook_url: str | None = Field(None, max_length=2000, pattern=r"^https?://", description="http(s) URL")
 
     @field_validator("prompt")
     @classmethod
@@ -136,7 +138,7 @@ class GenerationPublic(BaseModel):
 
 
 class BatchCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     generations: list[GenerationCreate] = Field(min_length=1, max_length=1000)
 

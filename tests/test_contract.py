@@ -132,3 +132,14 @@ def test_openapi_document_validates_and_declares_auth_errors_and_ids(api):
     assert list(image) == ["image/png"]
     events = spec["paths"]["/v1/trainings/{training_id}/events"]["get"]["responses"]["200"]["content"]
     assert "event: done" in events["text/event-stream"]["schema"]["description"]
+
+
+def test_request_types_are_strict(api):
+    """The finding: booleans and strings were coerced (seed false -> 0, steps true -> 1, "2" -> 2)."""
+    for field, value in (("seed", False), ("num_images", "2"), ("steps", True), ("adapter_scale", True),
+                         ("width", 64.0), ("prompt", 5), ("webhook_url", "ftp://example.com/")):  # fmt: skip
+        response = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "a", field: value})
+        assert response.status_code == 422, (field, value, response.text)
+        assert response.json()["error"]["details"][0]["field"] == field
+    ok = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "a", "adapter_scale": 1, "seed": 3})
+    assert ok.status_code == 202 and ok.json()["seed"] == 3  # an integer is a number
