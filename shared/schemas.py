@@ -94,7 +94,12 @@ class GenerationCreate(BaseModel):
     width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    webhook_url: str | None = Field(None, max_length=2000, pattern=r"^https?://", description="http(s) URL")
+    webhook_url: str | None = Field(
+        None,
+        max_length=2000,
+        pattern=r"^https?://[^/?#@\s]+",
+        description="http(s) URL whose host resolves to global addresses only",
+    )
 
     @field_validator("prompt")
     @classmethod

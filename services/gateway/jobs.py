@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import hashlib
-import json
 import logging
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
+from fastapi import Query
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -34,36 +34,45 @@ def get_owned(session: Session, model, resource_id: str, tenant: Tenant, label: 
     return row
 
 
-# Pagination: newest first, cursor = the last row's (created_at, id) --------------------------------
+# Pagination: newest first, cursor = the last row's id and created_at ------------------------------------
+
+# What the OpenAPI document states, so that every string it allows is a cursor the server accepts:
+# "<id>.<created_at in microseconds since 1970 UTC>", e.g. "trn_3f2a9c0d1e2b4a5f6c7d8e9f.1795936800000000".
+CURSOR_PATTERN = r"^[a-z]{3}_[0-9a-f]{24}\.[0-9]{1,16}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+# The pattern is documented, and checked by decode_cursor (400 invalid_cursor), not by FastAPI (422).
+CursorParam = Annotated[
+    str | None,
+    Query(
+        description="`next_cursor` of the previous page",
+        json_schema_extra={"pattern": CURSOR_PATTERN, "maxLength": 64},
+        examples=["trn_3f2a9c0d1e2b4a5f6c7d8e9f.1795936800000000"],
+    ),
+]
 
 
 def encode_cursor(row) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    return f"{row.id}.{(created - _EPOCH) // timedelta(microseconds=1)}"
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """(created_at, id) of a cursor; 400 for anything that does not match CURSOR_PATTERN."""
+    if len(cursor) > 64 or not _CURSOR.match(cursor):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned; list again without it")
+    last_id, micros = cursor.split(".")
+    return _EPOCH + timedelta(microseconds=int(micros)), last_id
 
 
 def page(
     session: Session, model, tenant: Tenant, *, limit: int, cursor: str | None, filters=()
 ) -> tuple[list, str | None]:
     query = select(model).where(model.tenant_id == tenant.id, *filters)
-    if cursor:
-        # Only what encode_cursor writes: base64url of [ISO datetime string, id string]. The length cap keeps
-        # json.loads shallow; every element is type-checked before it reaches SQL.
-        created_at = last_id = None
-        if len(cursor) <= 512:
-            try:
-                value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-            except (ValueError, TypeError, RecursionError):
-                value = None
-            if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
-                with contextlib.suppress(ValueError):
-                    created_at = datetime.fromisoformat(value[0])
-                if 0 < len(value[1]) <= 64 and value[1].isprintable():
-                    last_id = value[1]
-        if created_at is None or last_id is None:
-            raise ApiError(400, "invalid_cursor", "cursor is not one this API returned; list again without it")
-        if created_at.tzinfo is None:
-            created_at = created_at.replace(tzinfo=UTC)
+    if cursor is not None:  # an empty cursor is not "no cursor"
+        created_at, last_id = decode_cursor(cursor)
         query = query.where(
             or_(model.created_at < created_at, and_(model.created_at == created_at, model.id < last_id))
         )

@@ -19,7 +19,7 @@ from shared.storage import BlobNotFound
 from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import get_owned, page
+from ..jobs import CursorParam, get_owned, page
 from ..openapi import errors
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=errors(401, 422, 503))
@@ -37,10 +37,20 @@ UPLOAD_SCHEMA = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
+                    "additionalProperties": False,
                     "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "native or LyCORIS LoKr"},
-                        "name": {"type": "string"},
-                        "base_model": {"type": "string", "description": "must be the server's base model"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "a native Krona or LyCORIS LoKr safetensors file whose factors fit the "
+                            "server's base model; at most 256 MiB",
+                        },
+                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+                        "base_model": {
+                            "type": "string",
+                            "maxLength": MAX_BASE_MODEL_CHARS,
+                            "description": "must be the server's base model",
+                        },
                     },
                 }
             }
@@ -54,7 +64,7 @@ def list_adapters(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: str | None = None,
+    cursor: CursorParam = None,
 ):
     rows, next_cursor = page(session, Adapter, tenant, limit=limit, cursor=cursor)
     return {"data": [adapter_public(r) for r in rows], "next_cursor": next_cursor}

@@ -78,7 +78,7 @@ def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate,
     status_code=202,
     response_model=GenerationPublic,
     summary="Ask for images",
-    responses=errors(404, 409),
+    responses=errors(400, 404, 409),
 )
 def create_generation(
     body: GenerationCreate,
@@ -147,7 +147,7 @@ def _batch_public(session: Session, batch: Batch) -> dict:
     status_code=202,
     response_model=BatchPublic,
     summary="Up to 1000 generations at once",
-    responses=errors(404, 409, 413),
+    responses=errors(400, 404, 409, 413),
 )
 def create_batch(
     body: BatchCreate,

@@ -28,7 +28,7 @@ from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..events import TooManyStreams
-from ..jobs import commit_created, enqueue, get_owned, page, replay, request_hash
+from ..jobs import CursorParam, commit_created, enqueue, get_owned, page, replay, request_hash
 from ..openapi import errors
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=errors(401, 422, 503))
@@ -64,16 +64,35 @@ MULTIPART_SCHEMA = {
                 "schema": {
                     "type": "object",
                     "required": ["images", "instance_prompt"],
+                    "additionalProperties": False,
                     "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 2},
-                        "instance_prompt": {"type": "string", "example": "a photo of sks dog"},
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 2,
+                            "maxItems": 20,
+                            "description": "PNG, JPEG or WebP; at least 64 px on the short side, at most 40 MP "
+                            "and 20 MiB each (KRONA_MIN_IMAGES/MAX_IMAGES/MAX_IMAGE_* on this server)",
+                        },
+                        "instance_prompt": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 1000,
+                            "example": "a photo of sks dog",
+                        },
                         "params": {
                             "type": "string",
+                            "maxLength": MAX_PARAMS_BYTES,
                             "description": "JSON object: " + ", ".join(sorted(CLIENT_PARAMS)),
                             "example": '{"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8}',
                         },
-                        "name": {"type": "string"},
-                        "webhook_url": {"type": "string"},
+                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+                        "webhook_url": {
+                            "type": "string",
+                            "maxLength": MAX_WEBHOOK_URL_CHARS,
+                            "pattern": "^https?://[^/?#@\\s]+",
+                            "description": "http(s) URL whose host resolves to global addresses only",
+                        },
                     },
                 }
             }
@@ -276,7 +295,7 @@ def list_trainings(
     tenant: CurrentTenant,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|canceled)$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: str | None = None,
+    cursor: CursorParam = None,
 ):
     filters = (Training.status == status,) if status else ()
     rows, next_cursor = page(session, Training, tenant, limit=limit, cursor=cursor, filters=filters)
