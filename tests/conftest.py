@@ -360,3 +360,44 @@ def stack(postgres_url, redis_url, stack_s3, tiny_folders, tmp_path, monkeypatch
                 os.killpg(process.pid, signal.SIGKILL)
     get_settings.cache_clear()
     celery_app.cache_clear()
+
+
+@pytest.fixture
+def embedded_stack(tiny_folders, tmp_path):
+    """`krona up` (SQLite, local blobs, a job worker, a webhook worker) on a free port: (base URL, API key)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    data_dir = tmp_path / "krona-data"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
+    env["KRONA_DATA_DIR"] = str(data_dir)
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+        time.sleep(0.5)
+    try:
+        yield base, (data_dir / "api-key").read_text().strip()
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+        log.close()

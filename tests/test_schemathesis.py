@@ -6,50 +6,11 @@ Bounded: a few examples per operation, about a minute in all.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-import pytest
-from conftest import _free_port
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def embedded_stack(tiny_folders, tmp_path):
-    data_dir = tmp_path / "krona-data"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
-    env["KRONA_DATA_DIR"] = str(data_dir)
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
-        time.sleep(0.5)
-    try:
-        yield base, (data_dir / "api-key").read_text().strip()
-    finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        log.close()
 
 
 def _schemathesis(base: str, *args: str) -> subprocess.CompletedProcess:
