@@ -16,7 +16,13 @@ import numpy as np
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "ImageDamaged",
+    "ImageError",
+    "ImageFormatRefused",
     "ImageLimits",
+    "ImageTooLarge",
+    "ImageTooSmall",
+    "ImageUnreadable",
     "SubjectImage",
     "decode_image",
     "list_image_files",
@@ -24,6 +30,30 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the subclass says why (the gateway maps each to a status and code)."""
+
+
+class ImageUnreadable(ImageError):
+    """Not an image Pillow can identify."""
+
+
+class ImageFormatRefused(ImageError):
+    """An image, but not one of the accepted formats."""
+
+
+class ImageTooLarge(ImageError):
+    """Over the byte or pixel limit."""
+
+
+class ImageTooSmall(ImageError):
+    """The shorter side is under the minimum."""
+
+
+class ImageDamaged(ImageError):
+    """The header reads but the pixels do not (truncated or corrupt)."""
 
 
 @dataclass(frozen=True)
@@ -50,33 +80,36 @@ class SubjectImage:
 def decode_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) -> SubjectImage:
     """Decode one image: size and pixel limits first, EXIF orientation applied, converted to RGB.
 
-    Raises ValueError naming the image for anything unreadable, truncated, too large or too small.
+    Raises an ImageError (a ValueError) naming the image: ImageUnreadable, ImageFormatRefused, ImageTooLarge,
+    ImageTooSmall or ImageDamaged.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if len(data) > limits.max_bytes:
-        raise ValueError(f"{name}: {len(data):,} bytes is over the limit of {limits.max_bytes:,}")
+        raise ImageTooLarge(f"{name}: {len(data):,} bytes is over the limit of {limits.max_bytes:,}")
     try:
         with Image.open(io.BytesIO(data)) as probe:
             fmt = probe.format
             width, height = probe.size
     except Image.DecompressionBombError:
-        raise ValueError(f"{name}: the image is over the limit of {limits.max_pixels:,} pixels") from None
+        raise ImageTooLarge(f"{name}: the image is over the limit of {limits.max_pixels:,} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError):  # PIL's messages carry object reprs: not shown
-        raise ValueError(f"{name}: not a readable image (send PNG, JPEG or WebP)") from None
+        raise ImageUnreadable(f"{name}: not a readable image (send PNG, JPEG or WebP)") from None
     if fmt not in limits.formats:
-        raise ValueError(f"{name}: format {fmt} is not accepted; use {', '.join(limits.formats)}")
+        raise ImageFormatRefused(f"{name}: format {fmt} is not accepted; use {', '.join(limits.formats)}")
     if width * height > limits.max_pixels:
-        raise ValueError(f"{name}: {width}x{height} is over the limit of {limits.max_pixels:,} pixels")
+        raise ImageTooLarge(f"{name}: {width}x{height} is over the limit of {limits.max_pixels:,} pixels")
     if min(width, height) < limits.min_side:
-        raise ValueError(f"{name}: {width}x{height} is too small; the shorter side must be at least {limits.min_side}")
+        raise ImageTooSmall(
+            f"{name}: {width}x{height} is too small; the shorter side must be at least {limits.min_side}"
+        )
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # a truncated file fails here, not later in the middle of training
             img = ImageOps.exif_transpose(img)
             rgb = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{name}: the image data is damaged ({exc})") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # PIL's text may carry reprs
+        raise ImageDamaged(f"{name}: the image data is damaged (truncated or corrupt)") from None
     return SubjectImage(name=name, pixels=np.asarray(rgb, dtype=np.uint8).copy(), format=fmt)
 
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from shared.db import TERMINAL_STATUSES, Tenant, Training, new_id, utcnow
-from shared.images import ImageLimits, decode_image
+from shared.images import ImageError, ImageFormatRefused, ImageLimits, ImageTooLarge, ImageUnreadable, decode_image
 from shared.krona.config import check_factors_fit_shapes
 from shared.models.shapes import select_targets
 from shared.queue import TRAIN_TASK
@@ -218,12 +218,12 @@ def _create_training(
     for label, data in files:
         try:
             decoded = decode_image(data, label, limits)
-        except ValueError as exc:
-            message = str(exc)
-            if "not a readable image" in message or "is not accepted" in message:
-                raise ApiError(415, "unsupported_image", message) from None
-            status = 413 if "over the limit" in message else 422
-            raise ApiError(status, "invalid_image", message) from None
+        except (ImageUnreadable, ImageFormatRefused) as exc:
+            raise ApiError(415, "unsupported_image", str(exc)) from None
+        except ImageTooLarge as exc:
+            raise ApiError(413, "invalid_image", str(exc)) from None
+        except ImageError as exc:  # too small, damaged
+            raise ApiError(422, "invalid_image", str(exc)) from None
         images.append((data, _EXTENSIONS[decoded.format]))
     try:
         check_factors_fit_shapes(select_targets(context.base_model_shapes(), spec.target_modules), spec.krona_config())
