@@ -143,3 +143,21 @@ def test_request_types_are_strict(api):
         assert response.json()["error"]["details"][0]["field"] == field
     ok = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "a", "adapter_scale": 1, "seed": 3})
     assert ok.status_code == 202 and ok.json()["seed"] == 3  # an integer is a number
+
+
+def test_creates_answer_with_location_and_every_answer_has_a_request_id(api):
+    generation = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "a"})
+    assert generation.headers["Location"] == f"/v1/generations/{generation.json()['id']}"
+    assert api.client.get(generation.headers["Location"], headers=api.headers()).status_code == 200
+    batch = api.client.post("/v1/batches", headers=api.headers(), json={"generations": [{"prompt": "a"}]})
+    assert batch.headers["Location"] == f"/v1/batches/{batch.json()['id']}"
+    training = api.client.post(
+        "/v1/trainings", headers=api.headers(), data={"instance_prompt": "a photo of sks dog"}, files=image_files(2)
+    )
+    assert training.headers["Location"] == f"/v1/trainings/{training.json()['id']}"
+    echoed = api.client.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    assert echoed.headers["X-Request-ID"] == "trace-42"
+    assert len(api.client.get("/v1/nowhere").headers["X-Request-ID"]) == 32  # a new one, on errors too
+    spec = api.client.get("/openapi.json").json()
+    create = spec["paths"]["/v1/trainings"]["post"]["responses"]["202"]["headers"]
+    assert {"Location", "X-Request-ID"} <= set(create)

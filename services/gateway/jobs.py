@@ -81,6 +81,17 @@ def page(
     return rows[:limit], next_cursor
 
 
+# Answers to creates -------------------------------------------------------------------------------
+
+
+def created(body: dict, status_code: int, collection: str, background=None):
+    """The answer to a create (or its idempotent replay): the resource, with Location naming where it lives."""
+    from fastapi.responses import JSONResponse
+
+    headers = {"Location": f"/v1/{collection}/{body['id']}"} if "id" in body else None
+    return JSONResponse(body, status_code=status_code, headers=headers, background=background)
+
+
 # Idempotency ---------------------------------------------------------------------------------------
 
 

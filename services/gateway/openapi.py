@@ -52,6 +52,13 @@ def camel_case_operation_id(route) -> str:
     return head + "".join(part.capitalize() for part in rest)
 
 
+_REQUEST_ID = {
+    "description": "the request's id (the client's own X-Request-ID if it sent a printable one of <= 200 "
+    "characters); it is in the gateway's log line for the request",
+    "schema": {"type": "string"},
+}
+_LOCATION = {"description": "path of the created resource, e.g. /v1/trainings/trn_…", "schema": {"type": "string"}}
+
 SSE_DESCRIPTION = (
     "Server-sent events. `event: progress` carries the Training (JSON) at each change of status, step or loss; "
     "one `event: done` carries it in its terminal state, and the stream ends. Comment lines (`: ping`) keep "
@@ -73,6 +80,9 @@ def install_openapi(app) -> None:
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 for status, response in operation.get("responses", {}).items():
+                    response.setdefault("headers", {})["X-Request-ID"] = _REQUEST_ID
+                    if status in ("201", "202") and operation.get("operationId", "").startswith(("create", "upload")):
+                        response["headers"]["Location"] = _LOCATION
                     media = response.get("content", {})
                     if status >= "400" and media and "application/json" not in media:
                         # Errors are JSON even on a route whose success is a stream or a file.

@@ -19,7 +19,7 @@ from shared.storage import BlobNotFound
 from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import CursorParam, get_owned, page
+from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import errors
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=errors(401, 422, 503))
@@ -192,7 +192,7 @@ def _store_upload(
         with contextlib.suppress(Exception):  # best effort: storage may be down too
             context.storage.delete(key)
         raise
-    return JSONResponse(adapter_public(row), status_code=201)
+    return created(adapter_public(row), 201, "adapters")
 
 
 @router.delete(

@@ -7,7 +7,6 @@ import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
-from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -21,7 +20,7 @@ from shared.webhooks import check_webhook_url
 from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import commit_created, enqueue, enqueue_many, get_owned, replay, request_hash
+from ..jobs import commit_created, created, enqueue, enqueue_many, get_owned, replay, request_hash
 from ..openapi import errors
 
 router = APIRouter(tags=["generations"], responses=errors(401, 422, 503))
@@ -90,7 +89,7 @@ def create_generation(
     fingerprint = request_hash(json.dumps(body.model_dump(mode="json"), sort_keys=True))
     stored = replay(session, tenant, idempotency_key, "generations", fingerprint)
     if stored is not None:
-        return JSONResponse(stored[1], status_code=stored[0])
+        return created(stored[1], stored[0], "generations")
     _check_references(context, session, tenant, [body], lambda _: "")
     row = _new_generation(context, tenant, body, None)
     session.add(row)
@@ -99,7 +98,7 @@ def create_generation(
     status_code, public = commit_created(session, tenant, idempotency_key, "generations", fingerprint, 202, public)
     if public.get("id") == row.id:
         enqueue(context, session, Generation, row.id, GENERATE_TASK)
-    return JSONResponse(public, status_code=status_code)
+    return created(public, status_code, "generations")
 
 
 @router.get(
@@ -161,7 +160,7 @@ def create_batch(
     fingerprint = request_hash(json.dumps(body.model_dump(mode="json"), sort_keys=True))
     stored = replay(session, tenant, idempotency_key, "batches", fingerprint)
     if stored is not None:
-        return JSONResponse(stored[1], status_code=stored[0])
+        return created(stored[1], stored[0], "batches")
     batch = Batch(id=new_id("bat"), tenant_id=tenant.id, total=len(body.generations))
     _check_references(context, session, tenant, body.generations, lambda i: f"generations[{i}]: ")
     rows = [_new_generation(context, tenant, spec, batch.id) for spec in body.generations]
@@ -176,10 +175,10 @@ def create_batch(
     ).model_dump(mode="json")
     status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
     if public.get("id") != batch.id:  # a concurrent twin with the same Idempotency-Key won
-        return JSONResponse(public, status_code=status_code)
+        return created(public, status_code, "batches")
     # The rows are committed (with enqueued_at set): the messages go out after the answer, and a send that
     # fails clears enqueued_at so that the reaper sends those rows instead (jobs.enqueue_many).
-    return JSONResponse(public, status_code=status_code, background=BackgroundTask(_send_batch, context, ids))
+    return created(public, status_code, "batches", background=BackgroundTask(_send_batch, context, ids))
 
 
 def _send_batch(context: AppContext, ids: list[str]) -> None:

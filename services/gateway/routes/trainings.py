@@ -28,7 +28,7 @@ from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..events import TooManyStreams
-from ..jobs import CursorParam, commit_created, enqueue, get_owned, page, replay, request_hash
+from ..jobs import CursorParam, commit_created, created, enqueue, get_owned, page, replay, request_hash
 from ..openapi import errors
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=errors(401, 422, 503))
@@ -244,7 +244,7 @@ def _create_training(
     )
     stored = replay(session, tenant, idempotency_key, "trainings", fingerprint)
     if stored is not None:
-        return JSONResponse(stored[1], status_code=stored[0])
+        return created(stored[1], stored[0], "trainings")
 
     training_id = new_id("trn")
     keys = [f"tenants/{tenant.id}/trainings/{training_id}/images/{i:02d}.{ext}" for i, (_, ext) in enumerate(images)]
@@ -286,7 +286,7 @@ def _create_training(
         raise
     if body.get("id") == training_id:
         enqueue(context, session, Training, training_id, TRAIN_TASK)
-    return JSONResponse(body, status_code=status_code)
+    return created(body, status_code, "trainings")
 
 
 @router.get("", response_model=Page[TrainingPublic], summary="List trainings, newest first", responses=errors(400))
