@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
@@ -11,65 +9,17 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
-from shared.queue import GENERATE_TASK
+from shared.db import Batch, Generation
 from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, as_utc, generation_public
 from shared.storage import BlobNotFound
-from shared.webhooks import check_webhook_url
 
-from ..context import AppContext
 from ..deps import ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import commit_created, created, enqueue, enqueue_many, get_owned, replay, request_hash
+from ..jobs import created, get_owned
 from ..openapi import errors
+from ..services import generations
 
 router = APIRouter(tags=["generations"], responses=errors(401, 422, 503))
-
-
-def _check_references(
-    context: AppContext, session: Session, tenant: Tenant, specs: list[GenerationCreate], label
-) -> None:
-    """404 for an adapter that is not this tenant's, 422 for a refused webhook URL: one query, one lookup per URL."""
-    wanted = {spec.adapter_id for spec in specs if spec.adapter_id is not None}
-    owned = set()
-    if wanted:
-        owned = set(session.scalars(select(Adapter.id).where(Adapter.id.in_(wanted), Adapter.tenant_id == tenant.id)))
-    checked: dict[str, str | None] = {}
-    for i, spec in enumerate(specs):
-        if spec.adapter_id is not None and spec.adapter_id not in owned:
-            raise ApiError(404, "adapter_not_found", f"{label(i)}no adapter {spec.adapter_id!r}")
-        if spec.webhook_url:
-            if spec.webhook_url not in checked:
-                try:
-                    check_webhook_url(spec.webhook_url, allow_private=context.settings.allow_private_webhooks)
-                    checked[spec.webhook_url] = None
-                except ValueError as exc:
-                    checked[spec.webhook_url] = str(exc)
-            if checked[spec.webhook_url] is not None:
-                raise ApiError(422, "invalid_webhook_url", f"{label(i)}{checked[spec.webhook_url]}")
-
-
-def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate, batch_id: str | None) -> Generation:
-    """The row of one request whose references were checked (not yet added)."""
-    size = context.native_size()
-    return Generation(
-        id=new_id("gen"),
-        tenant_id=tenant.id,
-        batch_id=batch_id,
-        adapter_id=spec.adapter_id,
-        prompt=spec.prompt,
-        negative_prompt=spec.negative_prompt,
-        adapter_scale=spec.adapter_scale,
-        num_images=spec.num_images,
-        steps=spec.steps,
-        guidance_scale=spec.guidance_scale,
-        width=spec.width or size,
-        height=spec.height or size,
-        seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
-        webhook_url=spec.webhook_url,
-        webhook_state="waiting" if spec.webhook_url else None,
-        enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
-    )
 
 
 @router.post(
@@ -86,18 +36,9 @@ def create_generation(
     tenant: CurrentTenant,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
-    fingerprint = request_hash(json.dumps(body.model_dump(mode="json"), sort_keys=True))
-    stored = replay(session, tenant, idempotency_key, "generations", fingerprint)
-    if stored is not None:
-        return created(stored[1], stored[0], "generations")
-    _check_references(context, session, tenant, [body], lambda _: "")
-    row = _new_generation(context, tenant, body, None)
-    session.add(row)
-    session.flush()
-    public = generation_public(row, context.settings.public_url)
-    status_code, public = commit_created(session, tenant, idempotency_key, "generations", fingerprint, 202, public)
-    if public.get("id") == row.id:
-        enqueue(context, session, Generation, row.id, GENERATE_TASK)
+    status_code, public = generations.create_generation(
+        context=context, session=session, tenant=tenant, spec=body, idempotency_key=idempotency_key
+    )
     return created(public, status_code, "generations")
 
 
@@ -155,35 +96,12 @@ def create_batch(
     tenant: CurrentTenant,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
-    if len(body.generations) > context.settings.max_batch_generations:
-        raise ApiError(413, "batch_too_large", f"at most {context.settings.max_batch_generations} generations")
-    fingerprint = request_hash(json.dumps(body.model_dump(mode="json"), sort_keys=True))
-    stored = replay(session, tenant, idempotency_key, "batches", fingerprint)
-    if stored is not None:
-        return created(stored[1], stored[0], "batches")
-    batch = Batch(id=new_id("bat"), tenant_id=tenant.id, total=len(body.generations))
-    _check_references(context, session, tenant, body.generations, lambda i: f"generations[{i}]: ")
-    rows = [_new_generation(context, tenant, spec, batch.id) for spec in body.generations]
-    session.add(batch)
-    session.flush()
-    session.add_all(rows)
-    session.flush()
-    ids = sorted(row.id for row in rows)
-    counts = {status: 0 for status in ("queued", "running", "succeeded", "failed", "canceled")} | {"queued": len(ids)}
-    public = BatchPublic(
-        id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=batch.created_at
-    ).model_dump(mode="json")
-    status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
-    if public.get("id") != batch.id:  # a concurrent twin with the same Idempotency-Key won
-        return created(public, status_code, "batches")
-    # The rows are committed (with enqueued_at set): the messages go out after the answer, and a send that
-    # fails clears enqueued_at so that the reaper sends those rows instead (jobs.enqueue_many).
-    return created(public, status_code, "batches", background=BackgroundTask(_send_batch, context, ids))
-
-
-def _send_batch(context: AppContext, ids: list[str]) -> None:
-    with context.sessions() as session:
-        enqueue_many(context, session, Generation, ids, GENERATE_TASK)
+    status_code, public, to_send = generations.create_batch(
+        context=context, session=session, tenant=tenant, spec=body, idempotency_key=idempotency_key
+    )
+    # The rows are committed: the messages go out after the answer (one producer for all of them).
+    background = BackgroundTask(generations.send_batch, context, to_send) if to_send else None
+    return created(public, status_code, "batches", background=background)
 
 
 @router.get(

@@ -1,0 +1,1 @@
+"""Service functions behind the routes: keyword-only arguments, no HTTP objects in their results."""

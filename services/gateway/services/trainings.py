@@ -1,0 +1,234 @@
+"""Creating a training: reading the multipart form, checking everything, storing images, the row, the message.
+
+The route awaits ``read_training_form`` (the body arrives on the event loop) and runs ``create_training``
+(decoding, storage, the database: blocking work) in the threadpool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from shared.db import Tenant, Training, new_id, utcnow
+from shared.images import ImageError, ImageFormatRefused, ImageLimits, ImageTooLarge, ImageUnreadable, decode_image
+from shared.krona.config import check_factors_fit_shapes
+from shared.models.shapes import select_targets
+from shared.queue import TRAIN_TASK
+from shared.schemas import training_public
+from shared.settings import Settings
+from shared.training_spec import TrainingSpec
+from shared.webhooks import check_webhook_url
+
+from ..context import AppContext
+from ..errors import ApiError
+from ..jobs import commit_created, enqueue, replay, request_hash
+
+__all__ = ["CLIENT_PARAMS", "TrainingRequest", "create_training", "parse_params", "read_training_form"]
+
+# Parameters a client may set; the rest of TrainingSpec is the worker's business (precision, etc.).
+CLIENT_PARAMS = {
+    "steps",
+    "learning_rate",
+    "a1",
+    "a2",
+    "target_modules",
+    "resolution",
+    "seed",
+    "prior_preservation",
+    "class_prompt",
+    "num_class_images",
+    "prior_loss_weight",
+    "random_flip",
+    "gradient_accumulation",
+    "validation_prompt",
+}
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+# Caps on the free-text form fields (name is a String(200) column).
+MAX_NAME_CHARS = 200
+MAX_WEBHOOK_URL_CHARS = 2000
+MAX_PARAMS_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """A training request read from its form: fields checked, images still undecoded."""
+
+    instance_prompt: str
+    name: str | None
+    webhook_url: str | None
+    raw_params: str | None
+    spec: TrainingSpec
+    files: list[tuple[str, bytes]]
+
+
+def parse_params(raw: str | None, instance_prompt: str, max_steps: int) -> TrainingSpec:
+    params: dict[str, Any] = {}
+    if raw:
+        try:
+            params = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ApiError(422, "invalid_params", f"params is not valid JSON: {exc.msg}") from None
+        if not isinstance(params, dict):
+            raise ApiError(422, "invalid_params", "params must be a JSON object")
+    unknown = sorted(set(params) - CLIENT_PARAMS)
+    if unknown:
+        raise ApiError(
+            422, "invalid_params", f"unknown params: {', '.join(unknown)}", {"allowed": sorted(CLIENT_PARAMS)}
+        )
+    if "target_modules" in params and isinstance(params["target_modules"], list):
+        params["target_modules"] = tuple(params["target_modules"])
+    try:
+        spec = TrainingSpec(instance_prompt=instance_prompt, **params)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(422, "invalid_params", str(exc)) from None
+    if spec.steps is not None and spec.steps > max_steps:
+        raise ApiError(422, "invalid_params", f"steps must be at most {max_steps} on this server")
+    return spec
+
+
+async def read_training_form(request: Request, settings: Settings) -> TrainingRequest:
+    """The form's fields and image bytes, with every limit that needs no decoding checked (4xx otherwise)."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with images and instance_prompt")
+    try:
+        form = await request.form(max_files=settings.max_images + 1, max_fields=20, max_part_size=1024 * 1024)
+    except Exception as exc:  # starlette raises for too many files/fields or a malformed body
+        message = str(getattr(exc, "detail", exc))
+        status = 413 if "Too many files" in message else 400
+        raise ApiError(status, "invalid_multipart", f"could not read the form: {message}") from None
+    uploads = [item for item in form.getlist("images") if hasattr(item, "read")]
+    instance_prompt = form.get("instance_prompt")
+    if not isinstance(instance_prompt, str) or not instance_prompt.strip():
+        raise ApiError(422, "invalid_request", "instance_prompt is required, e.g. 'a photo of sks dog'")
+    if len(instance_prompt) > 1000:
+        raise ApiError(422, "invalid_request", "instance_prompt is limited to 1000 characters")
+    if len(uploads) < settings.min_images:
+        raise ApiError(422, "too_few_images", f"send at least {settings.min_images} images (got {len(uploads)})")
+    if len(uploads) > settings.max_images:
+        raise ApiError(413, "too_many_images", f"at most {settings.max_images} images are accepted")
+    name = form.get("name") if isinstance(form.get("name"), str) else None
+    webhook_url = form.get("webhook_url") if isinstance(form.get("webhook_url"), str) else None
+    raw_params = form.get("params") if isinstance(form.get("params"), str) else None
+    for field, value, limit in (("name", name, MAX_NAME_CHARS), ("webhook_url", webhook_url, MAX_WEBHOOK_URL_CHARS)):
+        if value is not None and len(value) > limit:
+            raise ApiError(422, "invalid_request", f"{field} is limited to {limit} characters (got {len(value):,})")
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ApiError(422, "invalid_request", f"{field} must not contain NUL characters")
+    if raw_params is not None and len(raw_params.encode()) > MAX_PARAMS_BYTES:
+        raise ApiError(422, "invalid_params", f"params is limited to {MAX_PARAMS_BYTES:,} bytes of JSON")
+    spec = parse_params(raw_params, instance_prompt, settings.max_train_steps)
+
+    files: list[tuple[str, bytes]] = []
+    for index, upload in enumerate(uploads):
+        data = await upload.read(settings.max_image_bytes + 1)
+        label = upload.filename or f"image {index}"
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
+        files.append((label, data))
+    return TrainingRequest(
+        instance_prompt=instance_prompt,
+        name=name,
+        webhook_url=webhook_url,
+        raw_params=raw_params,
+        spec=spec,
+        files=files,
+    )
+
+
+def create_training(
+    *,
+    context: AppContext,
+    session: Session,
+    tenant: Tenant,
+    idempotency_key: str | None,
+    submitted: TrainingRequest,
+) -> tuple[int, dict[str, Any]]:
+    """Check the images and the factors, store the images, insert the row and enqueue it (idempotently).
+
+    Returns (status, body): 202 and the new Training, or the first answer to a repeated Idempotency-Key.
+    """
+    settings = context.settings
+    spec, webhook_url, name = submitted.spec, submitted.webhook_url, submitted.name
+    # Everything below reads or checks; nothing is written until all of it passed.
+    limits = ImageLimits(
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
+    )
+    images: list[tuple[bytes, str]] = []
+    for label, data in submitted.files:
+        try:
+            decoded = decode_image(data, label, limits)
+        except (ImageUnreadable, ImageFormatRefused) as exc:
+            raise ApiError(415, "unsupported_image", str(exc)) from None
+        except ImageTooLarge as exc:
+            raise ApiError(413, "invalid_image", str(exc)) from None
+        except ImageError as exc:  # too small, damaged
+            raise ApiError(422, "invalid_image", str(exc)) from None
+        images.append((data, _EXTENSIONS[decoded.format]))
+    try:
+        check_factors_fit_shapes(select_targets(context.base_model_shapes(), spec.target_modules), spec.krona_config())
+    except ValueError as exc:
+        raise ApiError(422, "invalid_factors", str(exc)) from None
+    if webhook_url:
+        try:
+            check_webhook_url(webhook_url, allow_private=settings.allow_private_webhooks)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_webhook_url", str(exc)) from None
+
+    fingerprint = request_hash(
+        submitted.instance_prompt,
+        submitted.raw_params or "",
+        name or "",
+        webhook_url or "",
+        *[hashlib.sha256(d).digest() for d, _ in images],
+    )
+    stored = replay(session, tenant, idempotency_key, "trainings", fingerprint)
+    if stored is not None:
+        return stored
+
+    training_id = new_id("trn")
+    keys = [f"tenants/{tenant.id}/trainings/{training_id}/images/{i:02d}.{ext}" for i, (_, ext) in enumerate(images)]
+    try:
+        for key, (data, ext) in zip(keys, images, strict=True):
+            context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
+    except Exception:
+        with contextlib.suppress(Exception):  # storage is down: the cleanup may fail too; the 503 must not
+            context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+        raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
+    total_steps = spec.steps or settings.default_train_steps or spec.resolved_steps(False)
+    row = Training(
+        id=training_id,
+        tenant_id=tenant.id,
+        name=name,
+        base_model=settings.base_model,
+        instance_prompt=submitted.instance_prompt,
+        params={k: v for k, v in spec.to_dict().items() if k in CLIENT_PARAMS or k == "steps"} | {"steps": total_steps},
+        image_keys=keys,
+        total_steps=total_steps,
+        webhook_url=webhook_url,
+        webhook_state="waiting" if webhook_url else None,
+        enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
+    )
+
+    def remove_images() -> None:
+        with contextlib.suppress(Exception):  # best effort: storage may be the part that is down
+            context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+
+    try:
+        session.add(row)
+        session.flush()
+        body = training_public(row)
+        status_code, body = commit_created(
+            session, tenant, idempotency_key, "trainings", fingerprint, 202, body, on_conflict=remove_images
+        )
+    except Exception:
+        remove_images()
+        raise
+    if body.get("id") == training_id:
+        enqueue(context, session, Training, training_id, TRAIN_TASK)
+    return status_code, body
