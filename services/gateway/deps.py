@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -61,3 +61,23 @@ def current_tenant(
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+
+
+def _resource_id(prefix: str, what: str):
+    """A documented id path parameter: `trn_` + 24 hex digits. The pattern is stated, not enforced, so that an
+    unknown or malformed id answers 404 like any id that is not this tenant's."""
+    example = f"{prefix}_3f2a9c0d1e2b4a5f6c7d8e9f"
+    return Annotated[
+        str,
+        Path(
+            description=f"the {what}'s id",
+            examples=[example],
+            json_schema_extra={"pattern": f"^{prefix}_[0-9a-f]{{24}}$"},
+        ),
+    ]
+
+
+TrainingId = _resource_id("trn", "training")
+AdapterId = _resource_id("adp", "adapter")
+GenerationId = _resource_id("gen", "generation")
+BatchId = _resource_id("bat", "batch")

@@ -13,7 +13,7 @@ from shared.krona.convert import lycoris_arrays, read_safetensors_bytes
 from shared.schemas import AdapterPublic, Page, adapter_public
 from shared.storage import BlobNotFound
 
-from ..deps import ContextDep, CurrentTenant, SessionDep
+from ..deps import AdapterId, ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import errors
@@ -64,7 +64,7 @@ def list_adapters(
 
 
 @router.get("/{adapter_id}", response_model=AdapterPublic, summary="One adapter", responses=errors(404))
-def get_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant):
+def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: CurrentTenant):
     return adapter_public(get_owned(session, Adapter, adapter_id, tenant, "adapter"))
 
 
@@ -75,7 +75,7 @@ def get_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant):
     response_class=Response,
 )
 def download_adapter_file(
-    adapter_id: str,
+    adapter_id: AdapterId,
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
@@ -133,7 +133,7 @@ async def upload_adapter(request: Request, context: ContextDep, session: Session
     responses=errors(404),
     response_class=Response,
 )
-def delete_adapter(adapter_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+def delete_adapter(adapter_id: AdapterId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
     key = row.storage_key
     session.delete(row)

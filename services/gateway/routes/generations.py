@@ -13,7 +13,7 @@ from shared.db import Batch, Generation
 from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, as_utc, generation_public
 from shared.storage import BlobNotFound
 
-from ..deps import ContextDep, CurrentTenant, SessionDep
+from ..deps import BatchId, ContextDep, CurrentTenant, GenerationId, SessionDep
 from ..errors import ApiError
 from ..jobs import created, get_owned
 from ..openapi import errors
@@ -45,7 +45,7 @@ def create_generation(
 @router.get(
     "/v1/generations/{generation_id}", response_model=GenerationPublic, summary="One generation", responses=errors(404)
 )
-def get_generation(generation_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+def get_generation(generation_id: GenerationId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     return generation_public(row, context.settings.public_url)
 
@@ -57,7 +57,7 @@ def get_generation(generation_id: str, context: ContextDep, session: SessionDep,
     response_class=Response,
 )
 def get_generation_image(
-    generation_id: str, index: int, context: ContextDep, session: SessionDep, tenant: CurrentTenant
+    generation_id: GenerationId, index: int, context: ContextDep, session: SessionDep, tenant: CurrentTenant
 ):
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     image = next((i for i in row.images if i["index"] == index), None)
@@ -110,5 +110,5 @@ def create_batch(
     summary="A batch with counts per status",
     responses=errors(404),
 )
-def get_batch(batch_id: str, session: SessionDep, tenant: CurrentTenant):
+def get_batch(batch_id: BatchId, session: SessionDep, tenant: CurrentTenant):
     return _batch_public(session, get_owned(session, Batch, batch_id, tenant, "batch"))

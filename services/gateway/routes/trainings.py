@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from shared.db import TERMINAL_STATUSES, Training, utcnow
 from shared.schemas import Page, TrainingPublic, training_public
 
-from ..deps import ContextDep, CurrentTenant, SessionDep
+from ..deps import ContextDep, CurrentTenant, SessionDep, TrainingId
 from ..errors import ApiError
 from ..events import TooManyStreams
 from ..jobs import CursorParam, created, get_owned, page
@@ -122,7 +122,7 @@ def list_trainings(
 @router.get(
     "/{training_id}", response_model=TrainingPublic, summary="One training with its progress", responses=errors(404)
 )
-def get_training(training_id: str, session: SessionDep, tenant: CurrentTenant):
+def get_training(training_id: TrainingId, session: SessionDep, tenant: CurrentTenant):
     return training_public(get_owned(session, Training, training_id, tenant, "training"))
 
 
@@ -133,7 +133,7 @@ def get_training(training_id: str, session: SessionDep, tenant: CurrentTenant):
     summary="Stop a training",
     responses=errors(404, 409),
 )
-def cancel_training(training_id: str, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+def cancel_training(training_id: TrainingId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     row = get_owned(session, Training, training_id, tenant, "training")
     if row.status in TERMINAL_STATUSES:
         raise ApiError(409, "not_cancelable", f"training {training_id} is already {row.status}")
@@ -159,7 +159,7 @@ def cancel_training(training_id: str, context: ContextDep, session: SessionDep, 
     return training_public(row)
 
 
-def _owned_training(training_id: str, context: ContextDep, tenant: CurrentTenant) -> str:
+def _owned_training(training_id: TrainingId, context: ContextDep, tenant: CurrentTenant) -> str:
     """The id of a training of this tenant (404 otherwise), checked in a short session of its own."""
     with context.sessions() as session:
         get_owned(session, Training, training_id, tenant, "training")
