@@ -31,6 +31,29 @@ class Progress(BaseModel):
 
 
 class TrainingPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "trn_3f2a9c0d1e2b4a5f6c7d8e9f",
+                    "name": "rex",
+                    "status": "running",
+                    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                    "instance_prompt": "a photo of sks dog",
+                    "progress": {"step": 120, "total_steps": 500, "loss": 0.113, "eta_seconds": 95.0},
+                    "adapter_id": None,
+                    "error": None,
+                    "params": {"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8},
+                    "num_images": 5,
+                    "created_at": "2026-11-29T10:00:00+00:00",
+                    "updated_at": "2026-11-29T10:02:00+00:00",
+                    "started_at": "2026-11-29T10:00:03+00:00",
+                    "finished_at": None,
+                }
+            ]
+        }
+    )
+
     id: str = Field(examples=["trn_3f2a9c0d1e2b4a5f6c7d8e9f"])
     name: str | None = None
     status: Status
@@ -54,6 +77,24 @@ class AdapterConfig(BaseModel):
 
 
 class AdapterPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "adp_0a1b2c3d4e5f60718293a4b5",
+                    "name": "rex",
+                    "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                    "config": {"a1": 64, "a2": 8, "targets": ["to_k", "to_out.0", "to_q", "to_v"]},
+                    "num_parameters": 248176,
+                    "size_bytes": 1001528,
+                    "sha256": "9f2c…",
+                    "training_id": "trn_3f2a9c0d1e2b4a5f6c7d8e9f",
+                    "created_at": "2026-11-29T10:08:00+00:00",
+                }
+            ]
+        }
+    )
+
     id: str = Field(examples=["adp_0a1b2c3d4e5f60718293a4b5"])
     name: str | None = None
     base_model: str
@@ -123,6 +164,34 @@ class ImagePublic(BaseModel):
 
 
 class GenerationPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "gen_5e6f708192a3b4c5d6e7f809",
+                    "status": "succeeded",
+                    "prompt": "a photo of sks dog on the moon",
+                    "adapter_id": "adp_0a1b2c3d4e5f60718293a4b5",
+                    "adapter_scale": 1.0,
+                    "num_images": 1,
+                    "steps": 25,
+                    "width": 512,
+                    "height": 512,
+                    "seed": 7,
+                    "batch_id": None,
+                    "images": [
+                        {"index": 0, "url": "https://krona.example.com/v1/generations/gen_…/images/0", "seed": 7}
+                    ],
+                    "error": None,
+                    "created_at": "2026-11-29T10:10:00+00:00",
+                    "updated_at": "2026-11-29T10:10:09+00:00",
+                    "started_at": "2026-11-29T10:10:01+00:00",
+                    "finished_at": "2026-11-29T10:10:09+00:00",
+                }
+            ]
+        }
+    )
+
     id: str = Field(examples=["gen_5e6f708192a3b4c5d6e7f809"])
     status: Status
     prompt: str
@@ -149,6 +218,20 @@ class BatchCreate(BaseModel):
 
 
 class BatchPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "bat_11223344556677889900aabb",
+                    "total": 2,
+                    "counts": {"queued": 1, "running": 1, "succeeded": 0, "failed": 0, "canceled": 0},
+                    "generation_ids": ["gen_5e6f708192a3b4c5d6e7f809", "gen_6f708192a3b4c5d6e7f8091a"],
+                    "created_at": "2026-11-29T10:10:00+00:00",
+                }
+            ]
+        }
+    )
+
     id: str = Field(examples=["bat_11223344556677889900aabb"])
     total: int
     counts: dict[str, int]

@@ -165,3 +165,13 @@ def test_creates_answer_with_location_and_every_answer_has_a_request_id(api):
     spec = api.client.get("/openapi.json").json()
     create = spec["paths"]["/v1/trainings"]["post"]["responses"]["202"]["headers"]
     assert {"Location", "X-Request-ID"} <= set(create)
+
+
+def test_every_operation_is_described_and_the_resources_have_examples(api):
+    spec = api.client.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert operation.get("summary") and operation.get("description"), (method, path)
+    schemas = spec["components"]["schemas"]
+    for name in ("TrainingPublic", "AdapterPublic", "GenerationPublic", "BatchPublic", "GenerationCreate"):
+        assert schemas[name].get("examples"), name

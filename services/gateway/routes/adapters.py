@@ -59,12 +59,14 @@ def list_adapters(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: CursorParam = None,
 ):
+    """The tenant's adapters, newest first; pass `next_cursor` as `cursor` for the next page."""
     rows, next_cursor = page(session, Adapter, tenant, limit=limit, cursor=cursor)
     return {"data": [adapter_public(r) for r in rows], "next_cursor": next_cursor}
 
 
 @router.get("/{adapter_id}", response_model=AdapterPublic, summary="One adapter", responses=errors(404))
 def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: CurrentTenant):
+    """One adapter: its factor shapes, parameter count, size and SHA-256."""
     return adapter_public(get_owned(session, Adapter, adapter_id, tenant, "adapter"))
 
 
@@ -81,6 +83,8 @@ def download_adapter_file(
     tenant: CurrentTenant,
     format: Literal["krona", "lycoris"] = "krona",
 ):
+    """The adapter as safetensors: `krona` (native A/B factors) or `lycoris` (kohya/LyCORIS LoKr keys that
+    ComfyUI, A1111 and Forge load; exact at scale 1)."""
     row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
     try:
         data = context.storage.get_bytes(row.storage_key)
@@ -110,6 +114,8 @@ def download_adapter_file(
     responses=errors(400, 413, 415),
 )
 async def upload_adapter(request: Request, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """Upload a native or LyCORIS LoKr adapter trained elsewhere. Names and shapes are checked against the
+    base model before anything is computed; the stored file is always native."""
     upload = await read_upload_form(request, context.settings)
     # Parsing, converting, storing and committing are blocking work: the threadpool, not the event loop.
     body = await run_in_threadpool(
@@ -134,6 +140,7 @@ async def upload_adapter(request: Request, context: ContextDep, session: Session
     response_class=Response,
 )
 def delete_adapter(adapter_id: AdapterId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """Delete the adapter and its file. Generations already made keep their images."""
     row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
     key = row.storage_key
     session.delete(row)

@@ -36,6 +36,8 @@ def create_generation(
     tenant: CurrentTenant,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
+    """Queue a generation: `num_images` images of `prompt`, with the tenant's adapter at `adapter_scale`
+    (or the base model). Poll the Generation or give a `webhook_url`."""
     status_code, public = generations.create_generation(
         context=context, session=session, tenant=tenant, spec=body, idempotency_key=idempotency_key
     )
@@ -46,6 +48,7 @@ def create_generation(
     "/v1/generations/{generation_id}", response_model=GenerationPublic, summary="One generation", responses=errors(404)
 )
 def get_generation(generation_id: GenerationId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """One generation: its status and, once it succeeded, the URLs of its images."""
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     return generation_public(row, context.settings.public_url)
 
@@ -59,6 +62,7 @@ def get_generation(generation_id: GenerationId, context: ContextDep, session: Se
 def get_generation_image(
     generation_id: GenerationId, index: int, context: ContextDep, session: SessionDep, tenant: CurrentTenant
 ):
+    """One generated image (PNG)."""
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     image = next((i for i in row.images if i["index"] == index), None)
     if image is None:
@@ -96,6 +100,7 @@ def create_batch(
     tenant: CurrentTenant,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
+    """Queue up to 1000 generations in one request (one transaction; the messages go out after the answer)."""
     status_code, public, to_send = generations.create_batch(
         context=context, session=session, tenant=tenant, spec=body, idempotency_key=idempotency_key
     )
@@ -111,4 +116,5 @@ def create_batch(
     responses=errors(404),
 )
 def get_batch(batch_id: BatchId, session: SessionDep, tenant: CurrentTenant):
+    """A batch: how many of its generations are in each status, and their ids."""
     return _batch_public(session, get_owned(session, Batch, batch_id, tenant, "batch"))

@@ -20,11 +20,14 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", summary="The process is up")
 def healthz():
+    """Liveness: the process answers."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", summary="Database, broker and storage are reachable", responses=errors(503))
 def readyz(context: ContextDep):
+    """Readiness: the database, the broker and storage answer (503 names the part that does not); under
+    `krona up`, also the state of its worker processes."""
     checks: dict[str, str] = {}
     try:
         with context.engine.connect() as conn:
@@ -60,6 +63,7 @@ def readyz(context: ContextDep):
     responses=errors(401, 404),
 )
 def metrics(request: Request, context: ContextDep):
+    """Prometheus metrics (requests by method, route template and status; latency)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     token = context.settings.metrics_token

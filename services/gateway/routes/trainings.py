@@ -91,6 +91,8 @@ async def create_training(
     tenant: CurrentTenant,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
+    """Start a DreamBooth-KronA fine-tune on 2-20 photos of one subject. Everything is checked before anything
+    is stored; the answer is the queued Training. Follow it by polling, by its event stream, or a webhook."""
     submitted = await read_training_form(request, context.settings)
     # Decoding, checks, storage and the database are blocking work: the threadpool, not the event loop.
     status_code, body = await run_in_threadpool(
@@ -114,6 +116,7 @@ def list_trainings(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: CursorParam = None,
 ):
+    """The tenant's trainings, newest first, optionally of one status; pass `next_cursor` as `cursor`."""
     filters = (Training.status == status,) if status else ()
     rows, next_cursor = page(session, Training, tenant, limit=limit, cursor=cursor, filters=filters)
     return {"data": [training_public(r) for r in rows], "next_cursor": next_cursor}
@@ -123,6 +126,7 @@ def list_trainings(
     "/{training_id}", response_model=TrainingPublic, summary="One training with its progress", responses=errors(404)
 )
 def get_training(training_id: TrainingId, session: SessionDep, tenant: CurrentTenant):
+    """One training with its progress (step, total steps, loss, ETA) and, once it succeeded, its adapter."""
     return training_public(get_owned(session, Training, training_id, tenant, "training"))
 
 
@@ -134,6 +138,7 @@ def get_training(training_id: TrainingId, session: SessionDep, tenant: CurrentTe
     responses=errors(404, 409),
 )
 def cancel_training(training_id: TrainingId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """Cancel a training: a queued one at once, a running one at its next step (409 once it has ended)."""
     row = get_owned(session, Training, training_id, tenant, "training")
     if row.status in TERMINAL_STATUSES:
         raise ApiError(409, "not_cancelable", f"training {training_id} is already {row.status}")
