@@ -47,16 +47,17 @@ def test_generated_client_runs_the_main_flow(embedded_stack, tmp_path):
         from krona_generated.api.adapters import list_adapters
         from krona_generated.api.generations import create_generation, get_generation, get_generation_image
         from krona_generated.api.trainings import create_training, get_training
-        from krona_generated.models import CreateTrainingBody, ErrorResponse, GenerationCreate
+        from krona_generated.models import BodyCreateTraining, ErrorResponse, GenerationCreate
         from krona_generated.types import File
 
         client = package.AuthenticatedClient(base_url=base, token=key, timeout=httpx.Timeout(60))
         images = [File(payload=io.BytesIO(png(i)), file_name=f"{i}.png", mime_type="image/png") for i in range(2)]
-        body = CreateTrainingBody(
+        body = BodyCreateTraining(
             images=images, instance_prompt="a photo of sks dog", params='{"steps": 2, "gradient_accumulation": 1}'
         )
         training = create_training.sync(client=client, body=body)
-        assert training.id.startswith("trn_"), training
+        assert not isinstance(training, ErrorResponse), training.error
+        assert training.id.startswith("trn_")
         done = _until(
             lambda: get_training.sync(training.id, client=client), lambda t: t.status in ("succeeded", "failed")
         )

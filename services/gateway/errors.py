@@ -74,6 +74,14 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def _expects_multipart(request: Request) -> bool:
+    """Whether the matched route takes a form with files (FastAPI `File` parameters)."""
+    from fastapi import params
+
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    return body_field is not None and isinstance(getattr(body_field, "field_info", None), params.File)
+
+
 async def _authentication_error(request: Request) -> JSONResponse | None:
     """For a /v1 route: the 401 this request gets from authentication, or None if its key is valid."""
     if not request.url.path.startswith("/v1/"):
@@ -109,6 +117,12 @@ def install_error_handlers(app: FastAPI) -> None:
         unauthorized = await _authentication_error(request)
         if unauthorized is not None:
             return unauthorized
+        if _expects_multipart(request) and not request.headers.get("content-type", "").startswith("multipart/"):
+            # FastAPI reads any other body as an empty form; say what is wrong, not which fields are missing.
+            return JSONResponse(
+                error_body("unsupported_media_type", "send multipart/form-data (see the operation's requestBody)"),
+                status_code=415,
+            )
         details = []
         for err in exc.errors():
             if err.get("type") == "json_invalid":  # its location is a character offset, not a field

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from shared.db import Adapter
@@ -22,34 +22,15 @@ from ..services.adapters import MAX_BASE_MODEL_CHARS, MAX_NAME_CHARS, read_uploa
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=errors(401, 422, 503))
 
 
-UPLOAD_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "a native Krona or LyCORIS LoKr safetensors file whose factors fit the "
-                            "server's base model; at most 256 MiB",
-                        },
-                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
-                        "base_model": {
-                            "type": "string",
-                            "maxLength": MAX_BASE_MODEL_CHARS,
-                            "description": "must be the server's base model",
-                        },
-                    },
-                }
-            }
-        },
-    }
-}
+AdapterFile = Annotated[
+    UploadFile,
+    File(
+        description="a native Krona or LyCORIS LoKr safetensors file whose factors fit the server's base model; "
+        "at most 256 MiB"
+    ),
+]
+AdapterName = Annotated[str | None, Form(max_length=MAX_NAME_CHARS)]
+BaseModelName = Annotated[str | None, Form(max_length=MAX_BASE_MODEL_CHARS, description="must be the server's")]
 
 
 @router.get("", response_model=Page[AdapterPublic], summary="List adapters, newest first", responses=errors(400))
@@ -109,14 +90,21 @@ def download_adapter_file(
     "",
     status_code=201,
     response_model=AdapterPublic,
-    openapi_extra=UPLOAD_SCHEMA,
     summary="Upload an adapter",
     responses=errors(400, 413, 415),
+    form_limits={"max_files": 1, "max_fields": 5, "max_part_size": 1024 * 1024},
 )
-async def upload_adapter(request: Request, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+async def upload_adapter(
+    context: ContextDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    file: AdapterFile,
+    name: AdapterName = None,
+    base_model: BaseModelName = None,
+):
     """Upload a native or LyCORIS LoKr adapter trained elsewhere. Names and shapes are checked against the
     base model before anything is computed; the stored file is always native."""
-    upload = await read_upload_form(request, context.settings)
+    upload = await read_upload_form(context.settings, file=file, name=name, base_model=base_model)
     # Parsing, converting, storing and committing are blocking work: the threadpool, not the event loop.
     body = await run_in_threadpool(
         partial(

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, File, Form, Header, Query, UploadFile
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
@@ -31,80 +31,62 @@ from ..services.trainings import create_training as create_training_service
 
 router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=errors(401, 422, 503))
 
-MULTIPART_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["images", "instance_prompt"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "images": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "minItems": 2,
-                            "maxItems": 20,
-                            "description": "PNG, JPEG or WebP; at least 64 px on the short side, at most 40 MP "
-                            "and 20 MiB each (KRONA_MIN_IMAGES/MAX_IMAGES/MAX_IMAGE_* on this server)",
-                        },
-                        "instance_prompt": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 1000,
-                            "example": "a photo of sks dog",
-                        },
-                        "params": {
-                            "type": "string",
-                            "maxLength": MAX_PARAMS_BYTES,
-                            "description": "JSON object: " + ", ".join(sorted(CLIENT_PARAMS)),
-                            "example": '{"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8}',
-                        },
-                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
-                        "webhook_url": {
-                            "type": "string",
-                            "maxLength": MAX_WEBHOOK_URL_CHARS,
-                            "pattern": "^https?://[^/?#@\\s]+",
-                            "description": "http(s) URL whose host resolves to global addresses only",
-                        },
-                    },
-                }
-            }
-        },
-    }
-}
+# The form's fields, declared for FastAPI (which parses the multipart body) and so for the OpenAPI document.
+Images = Annotated[
+    list[UploadFile],
+    File(
+        description="2-20 photos of the subject: PNG, JPEG or WebP, at least 64 px on the short side, at most "
+        "40 MP and 20 MiB each (KRONA_MIN_IMAGES, KRONA_MAX_IMAGES, KRONA_MAX_IMAGE_* on this server)"
+    ),
+]
+InstancePrompt = Annotated[str, Form(min_length=1, max_length=1000, examples=["a photo of sks dog"])]
+Params = Annotated[
+    str | None,
+    Form(
+        max_length=MAX_PARAMS_BYTES,
+        description="JSON object of training parameters: " + ", ".join(sorted(CLIENT_PARAMS)),
+        examples=['{"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8}'],
+    ),
+]
+Name = Annotated[str | None, Form(max_length=MAX_NAME_CHARS)]
+WebhookUrl = Annotated[
+    str | None,
+    Form(
+        max_length=MAX_WEBHOOK_URL_CHARS,
+        pattern=r"^https?://[^/?#@\s]+",
+        description="http(s) URL whose host resolves to global addresses only",
+    ),
+]
+# Text fields up to 1 MiB (params is capped lower, by its own check); files are counted by the service.
+FORM_LIMITS = {"max_fields": 20, "max_part_size": 1024 * 1024}
 
 
 @router.post(
     "",
     status_code=202,
     response_model=TrainingPublic,
-    openapi_extra=MULTIPART_SCHEMA,
     summary="Start a fine-tune on 2-20 photos of a subject",
     responses=errors(400, 409, 413, 415),
+    form_limits=FORM_LIMITS,
 )
 async def create_training(
-    request: Request,
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
+    images: Images,
+    instance_prompt: InstancePrompt,
+    params: Params = None,
+    name: Name = None,
+    webhook_url: WebhookUrl = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ):
     """Start a DreamBooth-KronA fine-tune on 2-20 photos of one subject. Everything is checked before anything
     is stored; the answer is the queued Training. Follow it by polling, by its event stream, or a webhook."""
-    submitted = await read_training_form(request, context.settings)
+    fields = {"instance_prompt": instance_prompt, "raw_params": params, "name": name, "webhook_url": webhook_url}
+    submitted = await read_training_form(context.settings, images=images, **fields)
     # Decoding, checks, storage and the database are blocking work: the threadpool, not the event loop.
-    status_code, body = await run_in_threadpool(
-        partial(
-            create_training_service,
-            context=context,
-            session=session,
-            tenant=tenant,
-            idempotency_key=idempotency_key,
-            submitted=submitted,
-        )
-    )
+    service = partial(create_training_service, context=context, session=session, tenant=tenant)
+    status_code, body = await run_in_threadpool(service, idempotency_key=idempotency_key, submitted=submitted)
     return created(body, status_code, "trainings")
 
 

@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request
+from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
 from shared.db import Adapter, Tenant, new_id
@@ -81,28 +81,17 @@ class AdapterUpload:
     name: str | None
 
 
-async def read_upload_form(request: Request, settings: Settings) -> AdapterUpload:
-    """The uploaded file's bytes and the form's fields, with every limit that needs no parsing checked."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a 'file' field")
-    try:
-        form = await request.form(max_files=1, max_fields=5, max_part_size=1024 * 1024)
-    except Exception as exc:
-        raise ApiError(400, "invalid_multipart", f"could not read the form: {getattr(exc, 'detail', exc)}") from None
-    for field, limit in (("name", MAX_NAME_CHARS), ("base_model", MAX_BASE_MODEL_CHARS)):
-        value = form.get(field)
-        if isinstance(value, str) and len(value) > limit:
-            raise ApiError(422, "invalid_request", f"{field} is limited to {limit} characters (got {len(value):,})")
-        if isinstance(value, str) and "\x00" in value:  # PostgreSQL text cannot hold NUL
+async def read_upload_form(
+    settings: Settings, *, file: UploadFile, name: str | None, base_model: str | None
+) -> AdapterUpload:
+    """The uploaded file's bytes and the form's fields (parsed by FastAPI), with every limit that needs no
+    parsing of the file checked."""
+    for field, value in (("name", name), ("base_model", base_model)):
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
             raise ApiError(422, "invalid_request", f"{field} must not contain NUL characters")
-    upload = form.get("file")
-    if upload is None or not hasattr(upload, "read"):
-        raise ApiError(422, "invalid_request", "the 'file' field is required")
-    data = await upload.read(MAX_ADAPTER_BYTES + 1)
+    data = await file.read(MAX_ADAPTER_BYTES + 1)
     if len(data) > MAX_ADAPTER_BYTES:
         raise ApiError(413, "adapter_too_large", f"adapter files are limited to {MAX_ADAPTER_BYTES:,} bytes")
-    base_model = form.get("base_model") if isinstance(form.get("base_model"), str) else None
     if base_model and base_model != settings.base_model:
         raise ApiError(422, "base_model_mismatch", f"this server serves {settings.base_model!r}, not {base_model!r}")
-    name = form.get("name") if isinstance(form.get("name"), str) else None
-    return AdapterUpload(data=data, label=upload.filename or "file", name=name)
+    return AdapterUpload(data=data, label=file.filename or "file", name=name)

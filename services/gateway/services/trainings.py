@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request
+from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
 from shared.db import Tenant, Training, new_id, utcnow
@@ -92,19 +92,19 @@ def parse_params(raw: str | None, instance_prompt: str, max_steps: int) -> Train
     return spec
 
 
-async def read_training_form(request: Request, settings: Settings) -> TrainingRequest:
-    """The form's fields and image bytes, with every limit that needs no decoding checked (4xx otherwise)."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with images and instance_prompt")
-    try:
-        form = await request.form(max_files=settings.max_images + 1, max_fields=20, max_part_size=1024 * 1024)
-    except Exception as exc:  # starlette raises for too many files/fields or a malformed body
-        message = str(getattr(exc, "detail", exc))
-        status = 413 if "Too many files" in message else 400
-        raise ApiError(status, "invalid_multipart", f"could not read the form: {message}") from None
-    uploads = [item for item in form.getlist("images") if hasattr(item, "read")]
-    instance_prompt = form.get("instance_prompt")
-    if not isinstance(instance_prompt, str) or not instance_prompt.strip():
+async def read_training_form(
+    settings: Settings,
+    *,
+    images: list[UploadFile],
+    instance_prompt: str,
+    raw_params: str | None,
+    name: str | None,
+    webhook_url: str | None,
+) -> TrainingRequest:
+    """The form's fields (parsed by FastAPI) checked, and the images' bytes read, with every limit that needs no
+    decoding checked (4xx otherwise)."""
+    uploads = [item for item in images if hasattr(item, "read")]
+    if not instance_prompt.strip():
         raise ApiError(422, "invalid_request", "instance_prompt is required, e.g. 'a photo of sks dog'")
     if len(instance_prompt) > 1000:
         raise ApiError(422, "invalid_request", "instance_prompt is limited to 1000 characters")
@@ -112,9 +112,6 @@ async def read_training_form(request: Request, settings: Settings) -> TrainingRe
         raise ApiError(422, "too_few_images", f"send at least {settings.min_images} images (got {len(uploads)})")
     if len(uploads) > settings.max_images:
         raise ApiError(413, "too_many_images", f"at most {settings.max_images} images are accepted")
-    name = form.get("name") if isinstance(form.get("name"), str) else None
-    webhook_url = form.get("webhook_url") if isinstance(form.get("webhook_url"), str) else None
-    raw_params = form.get("params") if isinstance(form.get("params"), str) else None
     for field, value, limit in (("name", name, MAX_NAME_CHARS), ("webhook_url", webhook_url, MAX_WEBHOOK_URL_CHARS)):
         if value is not None and len(value) > limit:
             raise ApiError(422, "invalid_request", f"{field} is limited to {limit} characters (got {len(value):,})")
