@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -13,7 +11,7 @@ from shared.db import Batch, Generation
 from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, as_utc, generation_public
 from shared.storage import BlobNotFound
 
-from ..deps import BatchId, ContextDep, CurrentTenant, GenerationId, SessionDep
+from ..deps import BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
 from ..errors import ApiError
 from ..jobs import created, get_owned
 from ..openapi import errors
@@ -34,7 +32,7 @@ def create_generation(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
     """Queue a generation: `num_images` images of `prompt`, with the tenant's adapter at `adapter_scale`
     (or the base model). Poll the Generation or give a `webhook_url`."""
@@ -98,7 +96,7 @@ def create_batch(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
     """Queue up to 1000 generations in one request (one transaction; the messages go out after the answer)."""
     status_code, public, to_send = generations.create_batch(

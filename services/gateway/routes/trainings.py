@@ -7,7 +7,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from shared.db import TERMINAL_STATUSES, Training, utcnow
 from shared.schemas import Page, TrainingPublic, training_public
 
-from ..deps import ContextDep, CurrentTenant, SessionDep, TrainingId
+from ..deps import ContextDep, CurrentTenant, IdempotencyKey, SessionDep, TrainingId
 from ..errors import ApiError
 from ..events import TooManyStreams
 from ..jobs import CursorParam, created, get_owned, page
@@ -78,7 +78,7 @@ async def create_training(
     params: Params = None,
     name: Name = None,
     webhook_url: WebhookUrl = None,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: IdempotencyKey = None,
 ):
     """Start a DreamBooth-KronA fine-tune on 2-20 photos of one subject. Everything is checked before anything
     is stored; the answer is the queued Training. Follow it by polling, by its event stream, or a webhook."""
