@@ -126,6 +126,9 @@ def test_openapi_document_validates_and_declares_auth_errors_and_ids(api):
                 assert responses[status]["content"]["application/json"]["schema"] == envelope, (method, path, status)
             assert "Retry-After" in responses["503"]["headers"]
     assert seen == OPERATION_IDS
+    form = spec["components"]["schemas"]["Body_createTraining"]
+    assert form["properties"]["images"]["minItems"] == 2 and form["properties"]["images"]["maxItems"] == 20
+    assert form["properties"]["images"]["items"]["format"] == "binary" and form["additionalProperties"] is False
     (param,) = spec["paths"]["/v1/trainings/{training_id}"]["get"]["parameters"]
     assert param["schema"]["pattern"] == "^trn_[0-9a-f]{24}$" and param["schema"]["examples"]  # ids documented
     cursor = next(p for p in spec["paths"]["/v1/adapters"]["get"]["parameters"] if p["name"] == "cursor")

@@ -36,7 +36,9 @@ Images = Annotated[
     list[UploadFile],
     File(
         description="2-20 photos of the subject: PNG, JPEG or WebP, at least 64 px on the short side, at most "
-        "40 MP and 20 MiB each (KRONA_MIN_IMAGES, KRONA_MAX_IMAGES, KRONA_MAX_IMAGE_* on this server)"
+        "40 MP and 20 MiB each (KRONA_MIN_IMAGES, KRONA_MAX_IMAGES, KRONA_MAX_IMAGE_* on this server)",
+        # Stated for clients; the service checks the server's own settings (422 too few, 413 too many).
+        json_schema_extra={"minItems": 2, "maxItems": 20},
     ),
 ]
 InstancePrompt = Annotated[str, Form(min_length=1, max_length=1000, examples=["a photo of sks dog"])]
