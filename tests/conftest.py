@@ -362,42 +362,73 @@ def stack(postgres_url, redis_url, stack_s3, tiny_folders, tmp_path, monkeypatch
     celery_app.cache_clear()
 
 
+class KronaUp:
+    """`krona up` in a process group of its own on a free port, with only the embedded settings (no database,
+    broker or S3 server from the environment), plus ``env``."""
+
+    def __init__(self, tmp_path: Path, **env: str) -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.data_dir = tmp_path / "krona-data"
+        self.log_path = tmp_path / "up.log"
+        port = _free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
+        environ.update(KRONA_DATA_DIR=str(self.data_dir), **env)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(self.data_dir), "--port", str(port)],
+            cwd=ROOT, env=environ, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait(self, condition, what: str, timeout: float = 240) -> None:
+        """Poll ``condition()`` every 0.5 s; fail with the log if `krona up` exits or ``timeout`` passes."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process.poll() is None, self.log()[-3000:]
+            assert time.monotonic() < deadline, f"timed out: {what}\n{self.log()[-3000:]}"
+            time.sleep(0.5)
+
+    def ready(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def api_key(self) -> str:
+        return (self.data_dir / "api-key").read_text().strip()
+
+    def stop(self) -> int:
+        """SIGTERM, as Ctrl-C would; the exit code (the whole group is killed if it hangs)."""
+        import os
+        import signal
+        import subprocess
+
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise
+        finally:
+            self._log.close()
+
+
 @pytest.fixture
 def embedded_stack(tiny_folders, tmp_path):
     """`krona up` (SQLite, local blobs, a job worker, a webhook worker) on a free port: (base URL, API key)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import httpx
-
-    data_dir = tmp_path / "krona-data"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
-    env["KRONA_DATA_DIR"] = str(data_dir)
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
-        time.sleep(0.5)
+    up = KronaUp(tmp_path)
     try:
-        yield base, (data_dir / "api-key").read_text().strip()
+        up.wait(up.ready, "krona up ready", 120)
+        yield up.base, up.api_key()
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-        log.close()
+        up.stop()

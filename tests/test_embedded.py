@@ -5,10 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import _free_port
+from conftest import KronaUp
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,49 +26,16 @@ def _krona(*args, env, timeout=300):
     return result.stdout
 
 
-def _stop_up(up: subprocess.Popen, log) -> int:
-    """SIGTERM to `krona up`, as Ctrl-C would; its exit code (the whole group is killed if it hangs)."""
-    up.send_signal(signal.SIGTERM)
-    try:
-        return up.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(up.pid, signal.SIGKILL)
-        raise
-    finally:
-        log.close()
-
-
 def test_krona_up_and_the_cli_flow(tiny_folders, tmp_path):
-    data_dir = tmp_path / "krona-data"
-    port = _free_port()
-    # Only the embedded settings: nothing points at a database, broker or S3 server.
+    up = KronaUp(tmp_path)  # only the embedded settings: nothing points at a database, broker or S3 server
+    data_dir, port = up.data_dir, up.base.rsplit(":", 1)[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
     env["KRONA_DATA_DIR"] = str(data_dir)
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     try:
-        deadline = time.monotonic() + 120
-        import httpx
-
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "krona up did not become ready"
-            time.sleep(0.5)
+        up.wait(up.ready, "krona up ready", 120)
         key_file = data_dir / "api-key"
         assert key_file.stat().st_mode & 0o777 == 0o600
-        assert key_file.read_text().strip() in (tmp_path / "up.log").read_text()
+        assert key_file.read_text().strip() in up.log()
         images = tmp_path / "images"
         images.mkdir()
         for i, color in enumerate(("red", "blue")):
@@ -120,9 +86,9 @@ def test_krona_up_and_the_cli_flow(tiny_folders, tmp_path):
         listed = json.loads(_krona("trainings", "list", *client, env=env))
         assert [t["id"] for t in listed["data"]] == [training["id"]]
     finally:
-        code = _stop_up(up, log)
+        code = up.stop()
     assert code == 0
-    assert "Krona stopped." in (tmp_path / "up.log").read_text()
+    assert "Krona stopped." in up.log()
 
 
 def test_krona_up_restarts_a_killed_worker_and_the_training_finishes(tiny_folders, tmp_path):
@@ -133,35 +99,11 @@ def test_krona_up_restarts_a_killed_worker_and_the_training_finishes(tiny_folder
     from shared.db import Adapter, Training, make_engine, make_session_factory
     from shared.settings import Settings
 
-    data_dir = tmp_path / "krona-data"
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KRONA_") or k == "KRONA_MODEL_CACHE"}
-    env.update(
-        KRONA_DATA_DIR=str(data_dir), KRONA_LEASE_SECONDS="8", KRONA_REAPER_INTERVAL_SECONDS="1",
-        KRONA_CHECKPOINT_EVERY="2",
-    )  # fmt: skip
-    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
-    up = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "up", "--data-dir", str(data_dir), "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-
-    def wait(condition, what, timeout=240):
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"timed out: {what}\n{(tmp_path / 'up.log').read_text()[-3000:]}"
-            time.sleep(0.5)
-
-    def ready():
-        try:
-            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+    up = KronaUp(tmp_path, KRONA_LEASE_SECONDS="8", KRONA_REAPER_INTERVAL_SECONDS="1", KRONA_CHECKPOINT_EVERY="2")
+    data_dir, base, wait = up.data_dir, up.base, up.wait
 
     try:
-        wait(ready, "krona up ready", 120)
+        wait(up.ready, "krona up ready", 120)
         headers = {"Authorization": f"Bearer {(data_dir / 'api-key').read_text().strip()}"}
         files = []
         for i, color in enumerate(("red", "blue")):
@@ -198,7 +140,7 @@ def test_krona_up_restarts_a_killed_worker_and_the_training_finishes(tiny_folder
             assert row.status == "succeeded" and row.step == 200 and row.attempts == 2, (row.status, row.error_message)
             assert session.scalar(select(func.count()).select_from(Adapter).where(Adapter.training_id == row.id)) == 1
     finally:
-        code = _stop_up(up, log)
+        code = up.stop()
     assert code == 0
-    text = (tmp_path / "up.log").read_text()
+    text = up.log()
     assert "worker exited with -9; restarting" in text and "Krona stopped." in text
