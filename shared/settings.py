@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     default_train_steps: int | None = None
     checkpoint_every: int = 50
     max_batch_generations: int = 1000
+    max_generation_compute: int = Field(
+        1024 * 1024 * 50 * 4,
+        ge=1,
+        description="cap on width x height x steps x num_images of one generation (422 over it)",
+    )
 
     gateway_workers: int = Field(1, ge=1, le=64, description="processes of `krona gateway` (--workers overrides)")
     gateway_threads: int = Field(

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from shared.db import Batch, Generation
-from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, as_utc, generation_public
+from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, Page, as_utc, generation_public
 from shared.storage import BlobNotFound
 
 from ..deps import BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
 from ..errors import ApiError
-from ..jobs import created, get_owned
+from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import errors
 from ..services import generations
 
@@ -40,6 +42,37 @@ def create_generation(
         context=context, session=session, tenant=tenant, spec=body, idempotency_key=idempotency_key
     )
     return created(public, status_code, "generations")
+
+
+@router.get(
+    "/v1/generations",
+    response_model=Page[GenerationPublic],
+    summary="List generations, newest first",
+    responses=errors(400),
+)
+def list_generations(
+    context: ContextDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|canceled)$")] = None,
+    adapter_id: Annotated[str | None, Query(max_length=64)] = None,
+    batch_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: CursorParam = None,
+):
+    """The tenant's generations, newest first, optionally of one status, adapter or batch; pass `next_cursor`
+    as `cursor` for the next page."""
+    filters = tuple(
+        column == value
+        for column, value in (
+            (Generation.status, status),
+            (Generation.adapter_id, adapter_id),
+            (Generation.batch_id, batch_id),
+        )
+        if value is not None
+    )
+    rows, next_cursor = page(session, Generation, tenant, limit=limit, cursor=cursor, filters=filters)
+    return {"data": [generation_public(r, context.settings.public_url) for r in rows], "next_cursor": next_cursor}
 
 
 @router.get(
@@ -105,6 +138,20 @@ def create_batch(
     # The rows are committed: the messages go out after the answer (one producer for all of them).
     background = BackgroundTask(generations.send_batch, context, to_send) if to_send else None
     return created(public, status_code, "batches", background=background)
+
+
+@router.get(
+    "/v1/batches", response_model=Page[BatchPublic], summary="List batches, newest first", responses=errors(400)
+)
+def list_batches(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: CursorParam = None,
+):
+    """The tenant's batches, newest first, with counts per status; pass `next_cursor` as `cursor`."""
+    rows, next_cursor = page(session, Batch, tenant, limit=limit, cursor=cursor)
+    return {"data": [_batch_public(session, r) for r in rows], "next_cursor": next_cursor}
 
 
 @router.get(

@@ -24,16 +24,28 @@ from ..jobs import commit_created, enqueue, enqueue_many, replay, request_hash
 __all__ = ["create_batch", "create_generation", "send_batch"]
 
 
-def _check_references(
+def _check_requests(
     context: AppContext, session: Session, tenant: Tenant, specs: list[GenerationCreate], label
 ) -> None:
-    """404 for an adapter that is not this tenant's, 422 for a refused webhook URL: one query, one lookup per URL."""
+    """404 for an adapter that is not this tenant's; 422 for a request over the compute cap or a refused webhook
+    URL: one query, one lookup per URL."""
     wanted = {spec.adapter_id for spec in specs if spec.adapter_id is not None}
     owned = set()
     if wanted:
         owned = set(session.scalars(select(Adapter.id).where(Adapter.id.in_(wanted), Adapter.tenant_id == tenant.id)))
     checked: dict[str, str | None] = {}
+    size = context.native_size()
+    cap = context.settings.max_generation_compute
     for i, spec in enumerate(specs):
+        compute = (spec.width or size) * (spec.height or size) * spec.steps * spec.num_images
+        if compute > cap:
+            raise ApiError(
+                422,
+                "compute_limit",
+                f"{label(i)}width x height x steps x num_images = {compute:,} is over this server's limit of "
+                f"{cap:,}; ask for fewer steps, images or pixels",
+                {"compute": compute, "limit": cap},
+            )
         if spec.adapter_id is not None and spec.adapter_id not in owned:
             raise ApiError(404, "adapter_not_found", f"{label(i)}no adapter {spec.adapter_id!r}")
         if spec.webhook_url:
@@ -78,7 +90,7 @@ def create_generation(
     stored = replay(session, tenant, idempotency_key, "generations", fingerprint)
     if stored is not None:
         return stored
-    _check_references(context, session, tenant, [spec], lambda _: "")
+    _check_requests(context, session, tenant, [spec], lambda _: "")
     row = _new_generation(context, tenant, spec, None)
     session.add(row)
     session.flush()
@@ -101,7 +113,7 @@ def create_batch(
     if stored is not None:
         return *stored, []
     batch = Batch(id=new_id("bat"), tenant_id=tenant.id, total=len(spec.generations))
-    _check_references(context, session, tenant, spec.generations, lambda i: f"generations[{i}]: ")
+    _check_requests(context, session, tenant, spec.generations, lambda i: f"generations[{i}]: ")
     rows = [_new_generation(context, tenant, item, batch.id) for item in spec.generations]
     session.add(batch)
     session.flush()
