@@ -20,10 +20,13 @@ def _schemathesis(base: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_schemathesis_finds_no_failure(embedded_stack):
+    import httpx
+
     base, key = embedded_stack
+    operations = sum(len(ops) for ops in httpx.get(f"{base}/openapi.json", timeout=10).json()["paths"].values())
     for label, args in (("with the key", ["-H", f"Authorization: Bearer {key}"]), ("without a key", [])):
         result = _schemathesis(base, *args)
         summary = result.stdout[result.stdout.rfind("SUMMARY") :]
         print(label, summary[-1500:])
         assert result.returncode == 0, f"{label}:\n{result.stdout[-6000:]}\n{result.stderr[-2000:]}"
-        assert "Tested: 19" in summary or "Tested: 19/19" in summary or "Selected: 19/19" in summary
+        assert f"Tested: {operations}" in summary, summary  # every operation was reached
