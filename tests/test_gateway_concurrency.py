@@ -511,3 +511,51 @@ def test_batch_with_the_broker_failing_midway_leaves_the_rest_to_the_reaper(api)
         rows = session.execute(select(Generation.id, Generation.enqueued_at).where(Generation.batch_id == batch["id"]))
         unsent = {job_id for job_id, enqueued_at in rows if enqueued_at is None}
     assert unsent == set(batch["generation_ids"]) - set(api.context.enqueuer.sent) and len(unsent) == 40
+
+
+def test_broker_cut_loses_no_create_and_the_reaper_sends_them_after(postgres_url, redis_url, tiny_folders, tmp_path):
+    """Redis unreachable: creates still answer 202 (the row is the truth), /readyz names the broker, and once it
+    is back the reaper sends every job whose message could not be sent."""
+    from urllib.parse import urlsplit
+
+    from sqlalchemy import select
+
+    from shared.db import Generation
+    from shared.settings import Settings
+    from workers.reaper import reap_once
+    from workers.runtime import build_runtime
+
+    redis = urlsplit(redis_url)
+    proxy = TcpProxy(redis.port or 6379)
+    proxied = f"redis://127.0.0.1:{proxy.port}{redis.path}"
+    env = {"KRONA_DATABASE_URL": postgres_url, "KRONA_BROKER_URL": proxied, "KRONA_BASE_MODEL": "tiny-sd",
+           "KRONA_DATA_DIR": str(tmp_path)}  # fmt: skip
+    process, base = start_gateway(tmp_path, env)
+    sessions = make_session_factory(make_engine(postgres_url))
+    with sessions() as session:
+        _, key = create_tenant(session, f"brk-{uuid.uuid4().hex[:6]}")
+        session.commit()
+    try:
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+            proxy.cut()
+            during = [
+                client.post("/v1/generations", json={"prompt": f"p{i}", "width": 64, "height": 64}) for i in range(3)
+            ]
+            assert [r.status_code for r in during] == [202, 202, 202], [r.text for r in during]
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["error"]["details"]["broker"] != "ok"
+            proxy.restore()
+            assert client.get("/readyz").status_code == 200
+    finally:
+        proxy.close()
+        stop_gateway(process)
+    ids = [r.json()["id"] for r in during]
+    with sessions() as session:
+        rows = session.execute(select(Generation.id, Generation.enqueued_at).where(Generation.id.in_(ids))).all()
+    assert len(rows) == 3 and all(enqueued_at is None for _, enqueued_at in rows)  # left for the reaper
+    settings = Settings(database_url=postgres_url, broker_url=redis_url, data_dir=tmp_path, base_model="tiny-sd")
+    rt = build_runtime(settings)
+    sent = []
+    rt.send = lambda task, job_id, countdown=None: sent.append((task, job_id))
+    reap_once(rt)
+    assert {job_id for _, job_id in sent} >= set(ids)
