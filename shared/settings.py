@@ -64,6 +64,31 @@ class Settings(BaseSettings):
         description="cap on width x height x steps x num_images of one generation (422 over it)",
     )
 
+    # Tenancy (issue 11). Defaults for every tenant; `PATCH /v1/tenants/{id}` stores per-tenant overrides.
+    rate_limit_per_second: float = Field(
+        100.0, ge=0, description="requests per second per API key (token bucket refill); 0 = no limit"
+    )
+    rate_limit_burst: int = Field(200, ge=1, description="token bucket size: requests a key may send at once")
+    max_queued_jobs: int = Field(
+        2000, ge=0, description="queued trainings + generations per tenant (429 queue_full over it); 0 = no cap"
+    )
+    max_running_jobs: int = Field(
+        0, ge=0, description="jobs of one queue a tenant may have running at once across workers; 0 = no cap"
+    )
+    keep_training_images: bool = Field(False, description="keep the subject photos after a training ends")
+    generation_ttl_hours: float = Field(
+        24.0 * 30, ge=0, description="generated images are deleted this long after they were made; 0 = never"
+    )
+    retention_interval_seconds: int = Field(
+        3600, ge=10, description="how often the reaper expires images and sweeps orphaned blobs"
+    )
+    sweep_grace_seconds: int = Field(
+        3600, ge=0, description="the storage sweep leaves blobs younger than this (uploads in flight)"
+    )
+    metrics_max_tenants: int = Field(
+        50, ge=0, description="tenants named in per-tenant metrics labels (per process); the rest are 'other'"
+    )
+
     gateway_workers: int = Field(1, ge=1, le=64, description="processes of `krona gateway` (--workers overrides)")
     gateway_threads: int = Field(
         40, ge=4, le=1000, description="threadpool of one gateway process; its database pool is this + 4"

@@ -8,10 +8,19 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.db import ApiKey, Tenant
+from shared.db import ApiKey, Tenant, new_id, utcnow
 from shared.webhooks import new_webhook_secret
 
-__all__ = ["KEY_PREFIX", "create_api_key", "create_tenant", "hash_key", "rotate_webhook_secret", "tenant_for_key"]
+__all__ = [
+    "KEY_PREFIX",
+    "create_api_key",
+    "create_tenant",
+    "hash_key",
+    "new_api_key",
+    "principal_for_key",
+    "rotate_webhook_secret",
+    "tenant_for_key",
+]
 
 KEY_PREFIX = "krona_"
 
@@ -20,11 +29,29 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def create_api_key(session: Session, tenant: Tenant) -> str:
-    """Add a new key for ``tenant``; returns the key itself (shown once, never stored)."""
+def create_api_key(session: Session, tenant: Tenant | None, *, name: str | None = None, role: str = "tenant") -> str:
+    """Add a new key for ``tenant`` (None with ``role="admin"``); returns the key itself (shown once, never stored)."""
+    return new_api_key(session, tenant, name=name, role=role)[0]
+
+
+def new_api_key(
+    session: Session, tenant: Tenant | None, *, name: str | None = None, role: str = "tenant"
+) -> tuple[str, ApiKey]:
+    """(the key, its row) for a new key, added to the session."""
+    if role not in ("tenant", "admin") or (role == "admin") != (tenant is None):
+        raise ValueError("an admin key has no tenant; a tenant key needs one")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[: len(KEY_PREFIX) + 6]))
-    return key
+    row = ApiKey(
+        id=new_id("key"),
+        tenant_id=tenant.id if tenant else None,
+        role=role,
+        name=name,
+        key_hash=hash_key(key),
+        prefix=key[: len(KEY_PREFIX) + 6],
+        created_at=utcnow(),
+    )
+    session.add(row)
+    return key, row
 
 
 def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
@@ -44,12 +71,25 @@ def create_tenant(session: Session, name: str) -> tuple[Tenant, str]:
 
 
 def tenant_for_key(session: Session, key: str) -> Tenant | None:
-    """The tenant owning an unrevoked ``key``, or None: one query, by the key's hash (keys are never stored)."""
-    return session.scalar(
-        select(Tenant)
-        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+    """The tenant owning an unrevoked tenant ``key``, or None."""
+    found = principal_for_key(session, key)
+    return found[1] if found is not None else None
+
+
+def principal_for_key(session: Session, key: str) -> tuple[ApiKey, Tenant | None] | None:
+    """(key row, its tenant) for an unrevoked ``key`` (the tenant is None for an admin key), or None: one query,
+    by the key's hash (keys are never stored)."""
+    row = session.execute(
+        select(ApiKey, Tenant)
+        .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
-    )
+    ).first()
+    if row is None:
+        return None
+    api_key, tenant = row
+    if api_key.role != "admin" and tenant is None:
+        return None
+    return api_key, tenant
 
 
 def rotate_webhook_secret(session: Session, tenant: Tenant) -> str:

@@ -1,6 +1,7 @@
 """Leased jobs: every state change is a guarded UPDATE on the row (the row is the source of truth).
 
 claim      queued -> running, or take over a running job whose lease expired (crashed worker)
+claim_next claim the job the fair scheduler picks (shared/scheduler.py) and charge its tenant
 renew      extend the lease; False means another worker owns the job now: stop
 finish     running -> succeeded/failed/canceled, only by the lease owner
 """
@@ -10,15 +11,20 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, or_, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import utcnow
+from shared.scheduler import charge, pick
 
-__all__ = ["MAX_ATTEMPTS", "Heartbeat", "claim", "finish", "renew", "worker_identity"]
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = ["MAX_ATTEMPTS", "Heartbeat", "claim", "claim_next", "finish", "renew", "worker_identity"]
 
 MAX_ATTEMPTS = 3
 
@@ -28,7 +34,7 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def claim(session: Session, model, job_id: str, owner: str, lease_seconds: int) -> bool:
+def claim(session: Session, model, job_id: str, owner: str, lease_seconds: int, *, commit: bool = True) -> bool:
     """Take the job if it is queued, or running with an expired lease and attempts left; commit; True if taken."""
     now = utcnow()
     result = session.execute(
@@ -48,8 +54,47 @@ def claim(session: Session, model, job_id: str, owner: str, lease_seconds: int) 
         )
         .execution_options(synchronize_session=False)
     )
-    session.commit()
+    if commit:
+        session.commit()
     return result.rowcount == 1
+
+
+def claim_next(
+    session: Session,
+    model,
+    settings: Settings,
+    owner: str,
+    lease_seconds: int,
+    *,
+    message_job_id: str | None = None,
+    filters: Sequence = (),
+    tries: int = 8,
+) -> str | None:
+    """Claim the next job the fair way (shared/scheduler.py) and charge its tenant; the job's id, or None.
+
+    A message is a wake-up call: it takes the fairest queued job, not necessarily its own. The exception
+    is a message for a running job whose lease expired (the reaper's resend after a crash): that job is
+    resumed first, so that a crashed job does not wait behind the queue again.
+    """
+    if message_job_id is not None:
+        expired = session.scalar(
+            select(model.id).where(
+                model.id == message_job_id, model.status == "running", model.lease_expires_at < utcnow()
+            )
+        )
+        if expired is not None and claim(session, model, message_job_id, owner, lease_seconds):
+            return message_job_id
+    for _ in range(tries):
+        candidate = pick(session, model, settings, filters=(model.attempts < MAX_ATTEMPTS, *filters))
+        if candidate is None:
+            session.rollback()
+            return None
+        if claim(session, model, candidate.job_id, owner, lease_seconds, commit=False):
+            charge(session, model, candidate.tenant_id, candidate.cost, candidate.weight)
+            session.commit()
+            return candidate.job_id
+        session.rollback()  # another worker took it first: pick again
+    return None
 
 
 def renew(session: Session, model, job_id: str, owner: str, lease_seconds: int, **values: Any) -> bool:

@@ -1,8 +1,9 @@
-"""Typed dependencies: the session, the current tenant (Bearer key), the app context."""
+"""Typed dependencies: the session, the caller (Bearer key: a tenant's or an admin's), the app context."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
@@ -10,7 +11,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from shared.db import Tenant
-from shared.tenants import tenant_for_key
+from shared.limits import RateDecision, take_token, tenant_limits
+from shared.tenants import principal_for_key
 
 from .context import AppContext
 from .errors import ApiError
@@ -41,26 +43,71 @@ SessionDep = Annotated[Session, Depends(get_session)]
 bearer = HTTPBearer(auto_error=False, scheme_name="apiKey", description="`Authorization: Bearer krona_…`")
 
 
-def authenticate(context: AppContext, key: str | None) -> Tenant:
-    """The key's tenant, read in a short session of its own (detached), so that no connection is held
-    between authentication and the handler, or for the life of a stream; 401 otherwise."""
+@dataclass
+class Principal:
+    """Who sent the request: the key, its role, its tenant (None for an admin key) and its rate decision."""
+
+    key_id: str
+    role: str
+    tenant: Tenant | None
+    rate: RateDecision | None = None
+
+
+def authenticate(context: AppContext, key: str | None, *, charge: bool = True) -> Principal:
+    """The key's principal, read in a short session of its own (detached), so that no connection is held
+    between authentication and the handler, or for the life of a stream; 401 otherwise. With ``charge``,
+    the request takes a token from the key's bucket (429 rate_limited with Retry-After when it is empty).
+    A revoked key is refused at its next request: nothing is cached."""
     if not key:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
     with context.sessions() as session:
-        tenant = tenant_for_key(session, key.strip())
-        if tenant is None:
+        found = principal_for_key(session, key.strip())
+        if found is None:
             raise ApiError(401, "unauthorized", "invalid or revoked API key")
-        session.expunge(tenant)
-    return tenant
+        api_key, tenant = found
+        principal = Principal(api_key.id, api_key.role, tenant)
+        if tenant is not None:
+            session.expunge(tenant)
+        if charge:
+            limits = tenant_limits(context.settings, tenant.limits if tenant is not None else None)
+            principal.rate = take_token(session, api_key.id, limits.rate_limit_per_second, limits.rate_limit_burst)
+    if principal.rate is not None and not principal.rate.allowed:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"this API key is over {limits.rate_limit_per_second:g} requests per second "
+            f"(bursts of {limits.rate_limit_burst}); retry after {principal.rate.retry_after_seconds} s",
+            {"limit_per_second": limits.rate_limit_per_second, "burst": limits.rate_limit_burst},
+            headers=principal.rate.headers(),
+        )
+    return principal
 
 
-def current_tenant(
-    context: ContextDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
-) -> Tenant:
-    return authenticate(context, credentials.credentials if credentials else None)
+def current_principal(
+    request: Request,
+    context: ContextDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    principal = authenticate(context, credentials.credentials if credentials else None)
+    request.state.rate_limit = principal.rate  # RequestContext adds the RateLimit-* headers to the answer
+    return principal
 
 
+def current_tenant(principal: Annotated[Principal, Depends(current_principal)]) -> Tenant:
+    if principal.tenant is None:
+        raise ApiError(403, "tenant_key_required", "an admin key manages tenants; use a tenant's key for this route")
+    return principal.tenant
+
+
+def current_admin(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
+    if principal.role != "admin":
+        raise ApiError(403, "admin_key_required", "this route needs an admin key (krona admin create-admin-key)")
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+CurrentAdmin = Annotated[Principal, Depends(current_admin)]
 
 
 def _resource_id(prefix: str, what: str):

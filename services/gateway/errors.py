@@ -34,6 +34,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
@@ -93,7 +94,7 @@ async def _authentication_error(request: Request) -> JSONResponse | None:
     header = request.headers.get("authorization") or ""
     key = header[7:] if header.lower().startswith("bearer ") else None
     try:
-        await run_in_threadpool(authenticate, request.app.state.context, key)
+        await run_in_threadpool(lambda: authenticate(request.app.state.context, key, charge=False))
     except ApiError as exc:
         if exc.status == 401:
             return JSONResponse(

@@ -45,7 +45,8 @@ def _request_id(scope: Scope) -> str:
 
 
 class RequestContext:
-    """X-Request-ID on every answer (the client's, or a new one), Prometheus metrics and one JSON log line."""
+    """X-Request-ID on every answer (the client's, or a new one), the key's RateLimit-* headers on authenticated
+    answers, Prometheus metrics and one JSON log line."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -62,7 +63,11 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), header]
+                extra = [header]
+                rate = scope.get("state", {}).get("rate_limit")  # set by deps.current_principal
+                if rate is not None and status != 429:  # a 429 carries its own
+                    extra += [(k.lower().encode(), v.encode()) for k, v in rate.headers().items()]
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
         start = time.perf_counter()

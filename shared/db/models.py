@@ -6,7 +6,20 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
@@ -19,7 +32,9 @@ __all__ = [
     "Generation",
     "IdempotencyKey",
     "Tenant",
+    "TenantService",
     "Training",
+    "UsageRecord",
     "new_id",
     "utcnow",
 ]
@@ -58,20 +73,34 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     # Signs this tenant's webhook deliveries (shared.webhooks.sign); shown once, rotatable.
     webhook_secret: Mapped[str] = mapped_column(String(64))
+    # The tenant's share of the workers (fair scheduling, shared/scheduler.py): served cost / weight is equalized.
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    # Overrides of the settings' limits (shared/limits.py: TenantLimits); absent keys take the defaults.
+    limits: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ApiKey(Base):
-    """An API key, stored as its SHA-256 (keys are 256-bit random, so a plain hash is enough)."""
+    """An API key, stored as its SHA-256 (keys are 256-bit random, so a plain hash is enough).
+
+    ``role`` is ``tenant`` (the tenant's own resources) or ``admin`` (the /v1/tenants routes; no tenant).
+    The key's request-rate token bucket lives on its row (``rate_tokens`` at ``rate_checked``, seconds since
+    1970), so that one guarded UPDATE per request enforces the limit across gateway replicas.
+    """
 
     __tablename__ = "api_keys"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("key"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    role: Mapped[str] = mapped_column(String(16), default="tenant", server_default="tenant")
+    name: Mapped[str | None] = mapped_column(String(100), default=None)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    rate_tokens: Mapped[float | None] = mapped_column(Float, default=None)
+    rate_checked: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class _Job:
@@ -82,6 +111,9 @@ class _Job:
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    # What serving the job costs (shared/scheduler.py: generations width*height*steps*images / 64^2, trainings
+    # steps); charged to the tenant's virtual counter when a worker claims the job.
+    cost: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
@@ -101,7 +133,10 @@ class _Job:
 
 class Training(_Job, Base):
     __tablename__ = "trainings"
-    __table_args__ = (Index("ix_trainings_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_trainings_tenant_created", "tenant_id", "created_at"),
+        Index("ix_trainings_status_tenant_created", "status", "tenant_id", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("trn"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -117,6 +152,8 @@ class Training(_Job, Base):
     checkpoint_key: Mapped[str | None] = mapped_column(Text, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     adapter_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    # Set when the subject's photos were removed from storage (at the end of the training, unless kept).
+    images_deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Adapter(Base):
@@ -147,7 +184,10 @@ class Batch(Base):
 
 class Generation(_Job, Base):
     __tablename__ = "generations"
-    __table_args__ = (Index("ix_generations_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_generations_tenant_created", "tenant_id", "created_at"),
+        Index("ix_generations_status_tenant_created", "status", "tenant_id", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("gen"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -163,6 +203,8 @@ class Generation(_Job, Base):
     height: Mapped[int] = mapped_column(Integer)
     seed: Mapped[int] = mapped_column(Integer)
     images: Mapped[list[Any]] = mapped_column(default=list)
+    # Set when the images were removed after KRONA_GENERATION_TTL_HOURS.
+    images_expired_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class IdempotencyKey(Base):
@@ -177,3 +219,35 @@ class IdempotencyKey(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     body: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantService(Base):
+    """A tenant's virtual counter per queue: the cost of the work it was served, divided by its weight
+    (the Virtual Token Counter of S-LoRA's fair scheduler; shared/scheduler.py)."""
+
+    __tablename__ = "tenant_service"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(16), primary_key=True)
+    counter: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UsageRecord(Base):
+    """What one finished job used: written with the job's final status, in the same transaction."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_tenant_day", "tenant_id", "day"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # training | generation
+    job_id: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    device: Mapped[str] = mapped_column(String(64))
+    worker_seconds: Mapped[float] = mapped_column(Float)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    steps: Mapped[int] = mapped_column(Integer, default=0)
+    pixels: Mapped[int] = mapped_column(BigInteger, default=0)
+    day: Mapped[str] = mapped_column(String(10))  # UTC date, YYYY-MM-DD
+    finished_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,119 @@
+"""Per-tenant limits: the settings' defaults, overridden by what is stored on the tenant's row; and the
+request-rate token bucket of an API key, kept on the key's row so that every gateway replica shares it.
+
+A bucket holds at most ``burst`` tokens and refills at ``rate`` tokens per second; a request takes one.
+The check is one guarded UPDATE (refill, take, stamp ``last_used_at``) that succeeds only while a token is
+left, so concurrent requests through any number of replicas cannot take more than the bucket holds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session
+
+from shared.db import ApiKey, utcnow
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = ["LimitOverrides", "RateDecision", "TenantLimits", "take_token", "tenant_limits"]
+
+
+class LimitOverrides(BaseModel):
+    """What an admin may set per tenant (``PATCH /v1/tenants/{id}``); an unset field takes the server's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate_limit_per_second: float | None = Field(None, ge=0, le=100_000, description="0 = no limit")
+    rate_limit_burst: int | None = Field(None, ge=1, le=1_000_000)
+    max_queued_jobs: int | None = Field(None, ge=0, le=10_000_000, description="0 = no cap")
+    max_running_jobs: int | None = Field(None, ge=0, le=100_000, description="per queue; 0 = no cap")
+    max_generation_compute: int | None = Field(None, ge=1, le=10**15)
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    rate_limit_per_second: float
+    rate_limit_burst: int
+    max_queued_jobs: int
+    max_running_jobs: int
+    max_generation_compute: int
+
+
+def tenant_limits(settings: Settings, overrides: dict[str, Any] | None) -> TenantLimits:
+    """The limits that apply to a tenant: each stored override, else the setting of the same name."""
+    stored = {k: v for k, v in (overrides or {}).items() if v is not None and k in TenantLimits.__dataclass_fields__}
+    return TenantLimits(
+        **{name: stored.get(name, getattr(settings, name)) for name in TenantLimits.__dataclass_fields__}
+    )
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int  # the bucket size
+    remaining: int  # whole tokens left after this request
+    reset_seconds: int  # until the bucket is full again
+    retry_after_seconds: int  # until the next token (0 when allowed)
+
+    def headers(self) -> dict[str, str]:
+        """The RateLimit-* fields (IETF draft-ietf-httpapi-ratelimit-headers), plus Retry-After on a refusal."""
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_seconds),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, self.retry_after_seconds))
+        return headers
+
+
+def take_token(session: Session, key_id: str, rate: float, burst: int, now: float | None = None) -> RateDecision | None:
+    """Take one token from the key's bucket and stamp its last use; commits. None when the rate is unlimited."""
+    now = time.time() if now is None else now
+    stamp = utcnow()
+    if rate <= 0:
+        # No bucket; keep ``last_used_at`` to the minute without a write per request.
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id)
+            .where((ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < _minute_ago(stamp)))
+            .values(last_used_at=stamp)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        return None
+    tokens = case((ApiKey.rate_tokens.is_(None), float(burst)), else_=ApiKey.rate_tokens)
+    elapsed = case(
+        (ApiKey.rate_checked.is_(None), 0.0), (ApiKey.rate_checked > now, 0.0), else_=now - ApiKey.rate_checked
+    )
+    refilled = tokens + elapsed * rate
+    level = case((refilled > burst, float(burst)), else_=refilled)
+    taken = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, level >= 1.0)
+        .values(rate_tokens=level - 1.0, rate_checked=now, last_used_at=stamp)
+        .returning(ApiKey.rate_tokens)
+        .execution_options(synchronize_session=False)
+    ).scalar()
+    session.commit()
+    if taken is not None:
+        left = max(0.0, float(taken))
+        return RateDecision(True, burst, int(left), math.ceil((burst - left) / rate), 0)
+    # Refused: read the level to say when the next token comes.
+    current = session.execute(select(level).where(ApiKey.id == key_id)).scalar() or 0.0
+    session.commit()
+    current = max(0.0, float(current))
+    return RateDecision(False, burst, 0, math.ceil((burst - current) / rate), math.ceil((1.0 - current) / rate))
+
+
+def _minute_ago(stamp):
+    from datetime import timedelta
+
+    return stamp - timedelta(seconds=60)

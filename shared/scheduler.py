@@ -1,0 +1,175 @@
+"""Fair scheduling across tenants: a weighted Virtual Token Counter per tenant and queue, in the database.
+
+After Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024), the VTC of S-LoRA:
+
+- every job has a cost (``generation_cost``: width x height x steps x images in 64x64-pixel steps;
+  ``training_cost``: steps, scaled by the resolution's area in the same unit);
+- each tenant has a counter per queue (``tenant_service``); when a worker takes a job, the tenant's
+  counter grows by cost / weight (``charge``);
+- a worker takes the oldest queued job of the tenant with the smallest counter (``pick``), so the
+  service each tenant receives, divided by its weight, stays level among tenants with queued work;
+- a tenant that had nothing queued is lifted, when it submits, to the smallest counter among the tenants
+  that are waiting (``lift_on_submit``): idle time is not saved up as credit, and a new tenant starts
+  level with the others, not at zero.
+
+The counters live in the database, so every worker and every gateway replica (and the embedded mode's
+SQLite) sees the same ones; the broker's messages only wake workers (a message takes the fairest job,
+not necessarily its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from shared.db import Generation, Tenant, TenantService, Training, utcnow
+from shared.limits import tenant_limits
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+__all__ = [
+    "COST_UNIT_PIXELS",
+    "QUEUE_OF",
+    "Candidate",
+    "charge",
+    "generation_cost",
+    "lift_on_submit",
+    "pick",
+    "training_cost",
+]
+
+COST_UNIT_PIXELS = 64 * 64
+# The scheduler's queue of each job model (the Celery queue of the same name serves it).
+QUEUE_OF = {Training: "train", Generation: "infer"}
+
+
+def generation_cost(width: int, height: int, steps: int, num_images: int) -> float:
+    """UNet work of a generation, in 64x64-pixel denoising steps."""
+    return width * height * steps * num_images / COST_UNIT_PIXELS
+
+
+def training_cost(steps: int, resolution: int) -> float:
+    """Work of a training: its steps, each as many 64x64 units as its resolution's area."""
+    return steps * resolution * resolution / COST_UNIT_PIXELS
+
+
+def _ensure_counter(session: Session, tenant_id: str, queue: str, start: float) -> None:
+    """Create the tenant's counter at ``start`` unless it exists (concurrent creators: the first one wins)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(
+        insert(TenantService)
+        .values(tenant_id=tenant_id, queue=queue, counter=start, updated_at=utcnow())
+        .on_conflict_do_nothing(index_elements=["tenant_id", "queue"])
+    )
+
+
+def _waiting_floor(session: Session, model, queue: str, tenant_id: str) -> float | None:
+    """The smallest counter among the other tenants with queued jobs in this queue (None if none wait)."""
+    waiting = select(model.tenant_id).where(model.status == "queued", model.tenant_id != tenant_id).distinct()
+    return session.scalar(
+        select(func.min(TenantService.counter)).where(
+            TenantService.queue == queue, TenantService.tenant_id.in_(waiting)
+        )
+    )
+
+
+def lift_on_submit(session: Session, model, tenant_id: str) -> None:
+    """Call in the transaction that adds a tenant's new jobs, before adding them. A tenant with nothing
+    queued is lifted to the waiting tenants' smallest counter; a backlogged tenant keeps its counter."""
+    queue = QUEUE_OF[model]
+    backlogged = session.scalar(select(model.id).where(model.status == "queued", model.tenant_id == tenant_id).limit(1))
+    if backlogged is not None:
+        return
+    floor = _waiting_floor(session, model, queue, tenant_id)
+    _ensure_counter(session, tenant_id, queue, floor or 0.0)
+    if floor is not None:
+        session.execute(
+            update(TenantService)
+            .where(TenantService.tenant_id == tenant_id, TenantService.queue == queue, TenantService.counter < floor)
+            .values(counter=floor, updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+
+def charge(session: Session, model, tenant_id: str, cost: float, weight: float) -> None:
+    """Add cost / weight to the tenant's counter (in the caller's transaction)."""
+    queue = QUEUE_OF[model]
+    _ensure_counter(session, tenant_id, queue, 0.0)
+    session.execute(
+        update(TenantService)
+        .where(TenantService.tenant_id == tenant_id, TenantService.queue == queue)
+        .values(counter=TenantService.counter + cost / max(weight, 1e-9), updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    job_id: str
+    tenant_id: str
+    cost: float
+    weight: float
+
+
+def pick(
+    session: Session, model, settings: Settings, *, filters: Sequence = (), skip_tenants: frozenset[str] = frozenset()
+) -> Candidate | None:
+    """The next job to serve: the oldest queued job (matching ``filters``) of the tenant with the smallest
+    counter, among tenants below their running-jobs cap. None when nothing is eligible."""
+    queue = QUEUE_OF[model]
+    waiting = session.execute(
+        select(model.tenant_id, func.min(model.created_at))
+        .where(model.status == "queued", *filters)
+        .group_by(model.tenant_id)
+    ).all()
+    oldest = {tenant_id: created for tenant_id, created in waiting if tenant_id not in skip_tenants}
+    if not oldest:
+        return None
+    tenants = {
+        row.id: row
+        for row in session.execute(select(Tenant.id, Tenant.weight, Tenant.limits).where(Tenant.id.in_(oldest)))
+    }
+    caps = {t: tenant_limits(settings, (tenants[t].limits if t in tenants else None)).max_running_jobs for t in oldest}
+    capped = [t for t, cap in caps.items() if cap > 0]
+    if capped:
+        running = dict(
+            session.execute(
+                select(model.tenant_id, func.count())
+                .where(model.status == "running", model.tenant_id.in_(capped))
+                .group_by(model.tenant_id)
+            ).all()
+        )
+        for tenant_id in capped:
+            if running.get(tenant_id, 0) >= caps[tenant_id]:
+                del oldest[tenant_id]
+        if not oldest:
+            return None
+    counters = dict(
+        session.execute(
+            select(TenantService.tenant_id, TenantService.counter).where(
+                TenantService.queue == queue, TenantService.tenant_id.in_(oldest)
+            )
+        ).all()
+    )
+    floor = min(counters.values(), default=0.0)
+    # A tenant without a counter row (jobs from before the scheduler) counts as level with the smallest.
+    tenant_id = min(oldest, key=lambda t: (counters.get(t, floor), oldest[t], t))
+    job = session.execute(
+        select(model.id, model.cost)
+        .where(model.status == "queued", model.tenant_id == tenant_id, *filters)
+        .order_by(model.created_at, model.id)
+        .limit(1)
+    ).first()
+    if job is None:  # taken meanwhile
+        return None
+    weight = tenants[tenant_id].weight if tenant_id in tenants else 1.0
+    return Candidate(job.id, tenant_id, float(job.cost or 0.0), float(weight or 1.0))
