@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Query
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -151,6 +151,37 @@ def commit_created(
             raise
         return stored
     return status_code, body
+
+
+# Admission: the tenant's queued-jobs cap, and the fair scheduler's lift ---------------------------------
+
+
+def admit(context: AppContext, session: Session, tenant: Tenant, model, count: int) -> None:
+    """Call in the creating transaction, before adding ``count`` new jobs of ``model``: 429 queue_full over the
+    tenant's cap on queued jobs (trainings + generations); lifts the tenant's fair-share counter if it had
+    nothing queued (shared/scheduler.py). On PostgreSQL the tenant's row is locked until the commit, so that
+    concurrent creates through any replica cannot pass the cap together."""
+    from shared.db import Generation, Training
+    from shared.limits import tenant_limits
+    from shared.scheduler import lift_on_submit
+
+    cap = tenant_limits(context.settings, tenant.limits).max_queued_jobs
+    if cap > 0:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+        queued = sum(
+            session.scalar(select(func.count()).select_from(m).where(m.tenant_id == tenant.id, m.status == "queued"))
+            for m in (Training, Generation)
+        )
+        if queued + count > cap:
+            raise ApiError(
+                429,
+                "queue_full",
+                f"this tenant has {queued} queued jobs and may queue at most {cap}; "
+                f"{count} more do not fit: wait for some to finish",
+                {"queued": queued, "limit": cap, "requested": count},
+                headers={"Retry-After": "10"},
+            )
+    lift_on_submit(session, model, tenant.id)
 
 
 # Enqueueing: the row is committed first; a failed send is repaired by the reaper -------------------

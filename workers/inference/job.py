@@ -1,10 +1,13 @@
 """Generation jobs on the resident engine, gathered into mixed-adapter batches.
 
-A task claims its row, waits ``KRONA_BATCH_WAIT_MS`` for company, claims up to
-``KRONA_ENGINE_MAX_BATCH - 1`` more queued generations with the same size, steps and guidance, and
-runs them as one batch on the worker's engine (each sample with its own adapter and scale). The
-other rows' own messages later find them claimed and do nothing. After a batch, the adapters of the
-next queued requests are prefetched into the host tier of the cache.
+A task's message wakes the worker; it claims the job the fair scheduler picks (the oldest queued request
+of the tenant served least so far, shared/scheduler.py), waits ``KRONA_BATCH_WAIT_MS`` for company,
+claims more queued generations with the same size, steps and guidance (each again the fairest pick, so
+that batches mix tenants), and runs them as one batch on the worker's engine (each sample with its own
+adapter and scale). Every queued job has a message, so the messages left over later claim what remains,
+or find nothing and stop. Each finished request records its usage (its share of the batch's time, images,
+steps, pixels) with its final status. After a batch, the adapters of the next queued requests are
+prefetched into the host tier of the cache.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import time
 from sqlalchemy import select
 
 from shared.db import Adapter, Generation
+from shared.usage import Usage
 
-from ..lease import Heartbeat, claim, finish, renew
+from ..lease import Heartbeat, claim_next, finish, renew
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
+from ..usage import count_usage, record_usage
 from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.inference")
@@ -68,36 +73,37 @@ def engine_for(rt: Runtime):
 
 
 def _gather(rt: Runtime, first: Generation) -> list[str]:
-    """Claim queued generations compatible with ``first`` (same size, steps, guidance), oldest first."""
+    """Claim queued generations compatible with ``first`` (same size, steps, guidance) that fit in the batch,
+    each the fair scheduler's next pick among them, so that a batch mixes tenants' requests fairly."""
     settings = rt.settings
     if settings.engine_max_batch <= 1:
         return []
     time.sleep(settings.batch_wait_ms / 1000)
+    taken, images = [], first.num_images
     with rt.sessions() as session:
-        candidates = session.scalars(
-            select(Generation.id)
-            .where(
-                Generation.status == "queued",
+        while images < settings.engine_max_batch:
+            compatible = (
                 Generation.width == first.width,
                 Generation.height == first.height,
                 Generation.steps == first.steps,
                 Generation.guidance_scale == first.guidance_scale,
-                Generation.id != first.id,
+                Generation.num_images <= settings.engine_max_batch - images,
             )
-            .order_by(Generation.created_at)
-            .limit(4 * settings.engine_max_batch)
-        ).all()
-        taken, images = [], first.num_images
-        for job_id in candidates:
-            row = session.get(Generation, job_id)
-            if images + row.num_images > settings.engine_max_batch:
-                continue
-            if claim(session, Generation, job_id, rt.owner, settings.lease_seconds):
-                taken.append(job_id)
-                images += row.num_images
-            if images >= settings.engine_max_batch:
+            job_id = claim_next(session, Generation, settings, rt.owner, settings.lease_seconds, filters=compatible)
+            if job_id is None:
                 break
+            taken.append(job_id)
+            images += session.scalar(select(Generation.num_images).where(Generation.id == job_id))
     return taken
+
+
+def _device(engine) -> str:
+    import torch
+
+    device = getattr(engine.pipe, "device", torch.device("cpu"))
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return str(device)
 
 
 def run_generation_job(rt: Runtime, generation_id: str) -> str:
@@ -108,11 +114,14 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
 
     lease = rt.settings.lease_seconds
     with rt.sessions() as session:
-        if not claim(session, Generation, generation_id, rt.owner, lease):
+        # The message wakes this worker; the fair scheduler says which job it serves (shared/scheduler.py).
+        first_id = claim_next(session, Generation, rt.settings, rt.owner, lease, message_job_id=generation_id)
+        if first_id is None:
             return "skipped"
-        first = session.get(Generation, generation_id)
-    ids = [generation_id, *_gather(rt, first)]
+        first = session.get(Generation, first_id)
+    ids = [first_id, *_gather(rt, first)]
     engine = engine_for(rt)
+    device = _device(engine)
     rows: dict[str, Generation] = {}
     with rt.sessions() as session:
         for job_id in ids:
@@ -123,12 +132,34 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
         """Storage and database calls ride out an outage (workers/transient.py)."""
         return retry_transient(call, what=what, window_seconds=rt.settings.transient_retry_seconds)
 
-    def fail(job_id: str, code: str, message: str) -> None:
-        def write() -> None:
-            with rt.sessions() as session:
-                finish(session, Generation, job_id, rt.owner, "failed", error_code=code, error_message=message[:2000])
+    def end(job_id: str, status: str, usage: Usage, **values) -> None:
+        """The final status and the usage record, in one transaction, by the lease owner only."""
+        row = rows[job_id]
 
-        retry(f"generation {job_id}: record the failure", write)
+        def write() -> bool:
+            with rt.sessions() as session:
+                if status == "succeeded" and not renew(session, Generation, job_id, rt.owner, lease):
+                    return False
+                if not finish(session, Generation, job_id, rt.owner, status, commit=False, **values):
+                    session.rollback()
+                    return False
+                record_usage(
+                    session, tenant_id=row.tenant_id, kind="generation", job_id=job_id, status=status, usage=usage
+                )
+                session.commit()
+                return True
+
+        if retry(f"generation {job_id}: record the {'result' if status == 'succeeded' else 'failure'}", write):
+            count_usage(
+                tenant_id=row.tenant_id,
+                kind="generation",
+                status=status,
+                usage=usage,
+                max_tenants=rt.settings.metrics_max_tenants,
+            )
+
+    def fail(job_id: str, code: str, message: str, seconds: float = 0.0) -> None:
+        end(job_id, "failed", Usage(seconds, device), error_code=code, error_message=message[:2000])
         notify(rt, Generation, "generation", job_id)
 
     runnable = []
@@ -168,19 +199,26 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
     beats = [Heartbeat(rt.sessions, Generation, j, rt.owner, lease) for j in runnable]
     for beat in beats:
         beat.__enter__()
+    started = time.perf_counter()
+    # The batch's time is shared among its requests in proportion to their cost (images x steps x pixels).
+    total_cost = sum(max(rows[j].cost, 1e-9) for j in runnable)
     try:
         outputs = engine.run(
             requests, steps=first.steps, guidance_scale=first.guidance_scale, width=first.width, height=first.height
         )
     except (ValueError, RuntimeError) as exc:
+        seconds = time.perf_counter() - started
         for job_id in runnable:
-            fail(job_id, "generation_failed", str(exc))
+            fail(job_id, "generation_failed", str(exc), seconds * max(rows[job_id].cost, 1e-9) / total_cost)
         return "failed"
     finally:
         for beat in beats:
             beat.__exit__(None, None, None)
+    batch_seconds = time.perf_counter() - started
     for job_id, images in zip(runnable, outputs, strict=True):
         row = rows[job_id]
+        share = batch_seconds * max(row.cost, 1e-9) / total_cost
+        storing = time.perf_counter()
         stored = []
         try:
             for index, array in enumerate(images):
@@ -193,15 +231,16 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
                     lambda key=key, png=png: rt.storage.put_bytes(key, png, content_type="image/png"),
                 )
                 stored.append({"index": index, "key": key, "seed": row.seed + index})
-
-            def record(job_id: str = job_id, stored: list = stored) -> None:
-                with rt.sessions() as session:
-                    if renew(session, Generation, job_id, rt.owner, lease):
-                        finish(session, Generation, job_id, rt.owner, "succeeded", images=stored)
-
-            retry(f"generation {job_id}: record the result", record)
+            usage = Usage(
+                share + time.perf_counter() - storing,
+                device,
+                images=len(images),
+                steps=row.steps,
+                pixels=row.width * row.height * len(images),
+            )
+            end(job_id, "succeeded", usage, images=stored)
         except DependencyUnavailable as exc:
-            fail(job_id, exc.code, str(exc))
+            fail(job_id, exc.code, str(exc), share)
             continue
         notify(rt, Generation, "generation", job_id)
     _prefetch(rt, engine)

@@ -22,10 +22,12 @@ from shared.db import Adapter, Training, new_id
 from shared.images import ImageLimits, decode_image
 from shared.storage import BlobNotFound
 from shared.training_spec import TrainingSpec
+from shared.usage import Usage
 
-from ..lease import Heartbeat, claim, finish, renew
+from ..lease import Heartbeat, claim_next, finish, renew
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
+from ..usage import count_usage, record_usage
 from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.training")
@@ -65,27 +67,51 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
     lease = settings.lease_seconds
     window = settings.transient_retry_seconds
     with rt.sessions() as session:
-        if not claim(session, Training, training_id, rt.owner, lease):
-            log.info("training %s not claimable (owned, finished or out of attempts)", training_id)
+        # The message wakes this worker; the fair scheduler says which training it runs (shared/scheduler.py).
+        claimed = claim_next(session, Training, settings, rt.owner, lease, message_job_id=training_id)
+        if claimed is None:
+            log.info("no training to claim (message for %s)", training_id)
             return "skipped"
+        training_id = claimed
         row = session.get(Training, training_id)
         tenant_id, image_keys, checkpoint_key = row.tenant_id, list(row.image_keys), row.checkpoint_key
         spec = TrainingSpec.from_dict({**row.params, "instance_prompt": row.instance_prompt})
         spec = TrainingSpec.from_dict({**spec.to_dict(), "checkpoint_every": settings.checkpoint_every})
         base_model = row.base_model
+    meter = _Meter(time.perf_counter(), spec.resolution or 0)
 
     def retry(what: str, call):
         """Storage and database calls ride out an outage (workers/transient.py)."""
         return retry_transient(call, what=f"training {training_id}: {what}", window_seconds=window)
 
-    def fail(code: str, message: str) -> str:
-        def write() -> None:
-            with rt.sessions() as session:
-                finish(
-                    session, Training, training_id, rt.owner, "failed", error_code=code, error_message=message[:2000]
-                )
+    def end(status: str, **values) -> bool:
+        """The final status and the usage record, in one transaction, by the lease owner only."""
+        usage = meter.usage(components)
 
-        retry("record the failure", write)
+        def write() -> bool:
+            with rt.sessions() as session:
+                if not finish(session, Training, training_id, rt.owner, status, commit=False, **values):
+                    session.rollback()
+                    return False
+                record_usage(
+                    session, tenant_id=tenant_id, kind="training", job_id=training_id, status=status, usage=usage
+                )
+                session.commit()
+                return True
+
+        ended = retry(f"record the {status} status", write)
+        if ended:
+            count_usage(
+                tenant_id=tenant_id,
+                kind="training",
+                status=status,
+                usage=usage,
+                max_tenants=settings.metrics_max_tenants,
+            )
+        return ended
+
+    def fail(code: str, message: str) -> str:
+        end("failed", error_code=code, error_message=message[:2000])
         notify(rt, Training, "training", training_id)
         return "failed"
 
@@ -127,6 +153,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
             # Progress is written at most twice a second; the heartbeat thread keeps the lease between.
             if heartbeat.lost:
                 raise LeaseLost(training_id)
+            meter.step(p.step)
             now = time.monotonic()
             if now - last_write[0] < 0.5 and p.step < p.total_steps:
                 return
@@ -169,12 +196,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
                 on_checkpoint=on_checkpoint,
             )
         except TrainingCanceled:
-
-            def record_cancel() -> None:
-                with rt.sessions() as session:
-                    finish(session, Training, training_id, rt.owner, "canceled")
-
-            retry("record the cancel", record_cancel)
+            end("canceled")
             notify(rt, Training, "training", training_id)
             return "canceled"
         except LeaseLost:
@@ -184,8 +206,11 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
             return fail(exc.code, str(exc))
         except (ValueError, FloatingPointError) as exc:
             return fail("training_failed", str(exc))
+        meter.step(result.steps)
         try:
-            return _store_adapter(rt, training_id, tenant_id, base_model, spec, result.adapter_path, retry)
+            return _store_adapter(
+                rt, training_id, tenant_id, base_model, spec, result.adapter_path, retry, meter.usage(components)
+            )
         except DependencyUnavailable as exc:
             return fail(exc.code, str(exc))
     finally:
@@ -203,13 +228,43 @@ class LeaseLost(Exception):
     pass
 
 
+class _Meter:
+    """This attempt's usage: wall-clock seconds since the claim and the steps it ran (a resumed training
+    counts from its checkpoint)."""
+
+    def __init__(self, started: float, resolution: int) -> None:
+        self.started = started
+        self.resolution = resolution
+        self.first: int | None = None
+        self.last = 0
+
+    def step(self, step: int) -> None:
+        if self.first is None:
+            self.first = step
+        self.last = max(self.last, step)
+
+    def usage(self, components) -> Usage:
+        steps = 0 if self.first is None else self.last - self.first + 1
+        device = str(components.device) if components is not None else "cpu"
+        if components is not None and components.device.type == "cuda":
+            import torch
+
+            device = f"cuda:{torch.cuda.get_device_name(components.device)}"
+        size = self.resolution
+        if not size and components is not None:
+            from workers.training import native_resolution
+
+            size = native_resolution(components)
+        return Usage(time.perf_counter() - self.started, device, steps=steps, pixels=steps * size * size)
+
+
 def _renew(rt: Runtime, training_id: str, lease: int, **values) -> bool:
     with rt.sessions() as session:
         return renew(session, Training, training_id, rt.owner, lease, **values)
 
 
 def _store_adapter(
-    rt: Runtime, training_id: str, tenant_id: str, base_model: str, spec: TrainingSpec, path: Path, retry
+    rt: Runtime, training_id: str, tenant_id: str, base_model: str, spec: TrainingSpec, path: Path, retry, usage: Usage
 ) -> str:
     from shared.krona import load_adapter
 
@@ -219,11 +274,18 @@ def _store_adapter(
     key = f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors"
     temporary = rt.storage.temporary_key(key)
     retry("store the adapter", lambda: rt.storage.put_bytes(temporary, data))
-    return retry("record the adapter", lambda: _record_adapter(rt, training_id, tenant_id, base_model, adapter_id,
-                                                                 key, temporary, data, state, config))  # fmt: skip
+    args = (rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage)
+    status = retry("record the adapter", lambda: _record_adapter(*args))
+    if status == "succeeded":
+        limit = rt.settings.metrics_max_tenants
+        count_usage(tenant_id=tenant_id, kind="training", status=status, usage=usage, max_tenants=limit)
+        notify(rt, Training, "training", training_id)
+    return status
 
 
-def _record_adapter(rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config) -> str:
+def _record_adapter(
+    rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage
+) -> str:
     """The adapter row and 'succeeded' in one transaction (retried whole after a database fault)."""
     with rt.sessions() as session:
         session.add(
@@ -253,10 +315,12 @@ def _record_adapter(rt, training_id, tenant_id, base_model, adapter_id, key, tem
             except BlobNotFound:  # a retry after a database fault: the file was committed the first time
                 if not rt.storage.exists(key):
                     raise
+            record_usage(
+                session, tenant_id=tenant_id, kind="training", job_id=training_id, status="succeeded", usage=usage
+            )
             session.commit()
         except IntegrityError:
             session.rollback()
             rt.storage.delete(key)
             return "lease_lost"
-    notify(rt, Training, "training", training_id)
     return "succeeded"

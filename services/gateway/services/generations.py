@@ -13,13 +13,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
+from shared.limits import tenant_limits
 from shared.queue import GENERATE_TASK
+from shared.scheduler import generation_cost
 from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, generation_public
 from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
 from ..errors import ApiError
-from ..jobs import commit_created, enqueue, enqueue_many, replay, request_hash
+from ..jobs import admit, commit_created, enqueue, enqueue_many, replay, request_hash
 
 __all__ = ["create_batch", "create_generation", "send_batch"]
 
@@ -35,7 +37,7 @@ def _check_requests(
         owned = set(session.scalars(select(Adapter.id).where(Adapter.id.in_(wanted), Adapter.tenant_id == tenant.id)))
     checked: dict[str, str | None] = {}
     size = context.native_size()
-    cap = context.settings.max_generation_compute
+    cap = tenant_limits(context.settings, tenant.limits).max_generation_compute
     for i, spec in enumerate(specs):
         compute = (spec.width or size) * (spec.height or size) * spec.steps * spec.num_images
         if compute > cap:
@@ -62,6 +64,7 @@ def _check_requests(
 def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate, batch_id: str | None) -> Generation:
     """The row of one request whose references were checked (not yet added)."""
     size = context.native_size()
+    width, height = spec.width or size, spec.height or size
     return Generation(
         id=new_id("gen"),
         tenant_id=tenant.id,
@@ -73,8 +76,9 @@ def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate,
         num_images=spec.num_images,
         steps=spec.steps,
         guidance_scale=spec.guidance_scale,
-        width=spec.width or size,
-        height=spec.height or size,
+        width=width,
+        height=height,
+        cost=generation_cost(width, height, spec.steps, spec.num_images),
         seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
         webhook_url=spec.webhook_url,
         webhook_state="waiting" if spec.webhook_url else None,
@@ -91,6 +95,7 @@ def create_generation(
     if stored is not None:
         return stored
     _check_requests(context, session, tenant, [spec], lambda _: "")
+    admit(context, session, tenant, Generation, 1)
     row = _new_generation(context, tenant, spec, None)
     session.add(row)
     session.flush()
@@ -114,6 +119,7 @@ def create_batch(
         return *stored, []
     batch = Batch(id=new_id("bat"), tenant_id=tenant.id, total=len(spec.generations))
     _check_requests(context, session, tenant, spec.generations, lambda i: f"generations[{i}]: ")
+    admit(context, session, tenant, Generation, len(spec.generations))
     rows = [_new_generation(context, tenant, item, batch.id) for item in spec.generations]
     session.add(batch)
     session.flush()

@@ -20,6 +20,7 @@ from shared.images import ImageError, ImageFormatRefused, ImageLimits, ImageTooL
 from shared.krona.config import check_factors_fit_shapes
 from shared.models.shapes import select_targets
 from shared.queue import TRAIN_TASK
+from shared.scheduler import training_cost
 from shared.schemas import training_public
 from shared.settings import Settings
 from shared.training_spec import TrainingSpec
@@ -27,7 +28,7 @@ from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
 from ..errors import ApiError
-from ..jobs import commit_created, enqueue, replay, request_hash
+from ..jobs import admit, commit_created, enqueue, replay, request_hash
 
 __all__ = ["CLIENT_PARAMS", "TrainingRequest", "create_training", "parse_params", "read_training_form"]
 
@@ -207,6 +208,7 @@ def create_training(
         params={k: v for k, v in spec.to_dict().items() if k in CLIENT_PARAMS or k == "steps"} | {"steps": total_steps},
         image_keys=keys,
         total_steps=total_steps,
+        cost=training_cost(total_steps, spec.resolution or context.native_size()),
         webhook_url=webhook_url,
         webhook_state="waiting" if webhook_url else None,
         enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
@@ -217,6 +219,7 @@ def create_training(
             context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
 
     try:
+        admit(context, session, tenant, Training, 1)
         session.add(row)
         session.flush()
         body = training_public(row)
