@@ -49,6 +49,7 @@ class TrainingPublic(BaseModel):
                     "updated_at": "2026-11-29T10:02:00+00:00",
                     "started_at": "2026-11-29T10:00:03+00:00",
                     "finished_at": None,
+                    "images_deleted_at": None,
                 }
             ]
         }
@@ -68,6 +69,11 @@ class TrainingPublic(BaseModel):
     updated_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    images_deleted_at: datetime | None = Field(
+        None,
+        description="when the subject photos and checkpoint were deleted from storage: as the training ended, "
+        "unless the server keeps them (KRONA_KEEP_TRAINING_IMAGES)",
+    )
 
 
 class AdapterConfig(BaseModel):
@@ -187,6 +193,7 @@ class GenerationPublic(BaseModel):
                     "updated_at": "2026-11-29T10:10:09+00:00",
                     "started_at": "2026-11-29T10:10:01+00:00",
                     "finished_at": "2026-11-29T10:10:09+00:00",
+                    "images_expired_at": None,
                 }
             ]
         }
@@ -209,6 +216,11 @@ class GenerationPublic(BaseModel):
     updated_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    images_expired_at: datetime | None = Field(
+        None,
+        description="when the images were deleted, KRONA_GENERATION_TTL_HOURS after the generation finished; "
+        "their URLs answer 410 image_expired from then on",
+    )
 
 
 class BatchCreate(BaseModel):
@@ -278,6 +290,7 @@ def training_public(row: Training) -> dict[str, Any]:
         updated_at=as_utc(row.updated_at),
         started_at=as_utc(row.started_at),
         finished_at=as_utc(row.finished_at),
+        images_deleted_at=as_utc(row.images_deleted_at),
     ).model_dump(mode="json")
 
 
@@ -324,4 +337,5 @@ def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
         updated_at=as_utc(row.updated_at),
         started_at=as_utc(row.started_at),
         finished_at=as_utc(row.finished_at),
+        images_expired_at=as_utc(row.images_expired_at),
     ).model_dump(mode="json")

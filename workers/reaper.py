@@ -4,7 +4,9 @@
   them; after MAX_ATTEMPTS claims they are marked failed;
 - queued jobs never sent (broker down at creation) or sent long ago without a claim: sent again;
 - webhook deliveries that are due but were not sent (a lost message, a crashed webhook worker): sent
-  again; a delivery whose last allowed attempt's lease expired is given up.
+  again; a delivery whose last allowed attempt's lease expired is given up;
+- every KRONA_RETENTION_INTERVAL_SECONDS, a retention pass (workers/retention.py) in a thread of its own,
+  so that a long storage sweep never delays the requeues.
 
 Every action is idempotent (claims are guarded updates), so several reapers may run at once.
 """
@@ -12,6 +14,8 @@ Every action is idempotent (claims are guarded updates), so several reapers may 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
@@ -20,12 +24,13 @@ from shared.db import Generation, Training, utcnow
 from shared.queue import GENERATE_TASK, TRAIN_TASK, WEBHOOK_TASK
 
 from .lease import MAX_ATTEMPTS
+from .retention import run_retention
 from .runtime import Runtime
 from .webhooks import due_condition
 
 log = logging.getLogger("krona.worker.reaper")
 
-__all__ = ["reap_once"]
+__all__ = ["reap_once", "start_retention_if_due"]
 
 
 def reap_once(rt: Runtime) -> dict[str, int]:
@@ -67,7 +72,39 @@ def reap_once(rt: Runtime) -> dict[str, int]:
             counts["webhooks"] += _reap_webhooks(rt, session, model, kind, now)
     if any(counts.values()):
         log.info("reaper: %s", counts)
+    start_retention_if_due(rt)
     return counts
+
+
+# This process's last retention pass (time.monotonic()), and the lock its one running pass holds.
+_last_retention: float | None = None
+_retention_running = threading.Lock()
+
+
+def start_retention_if_due(rt: Runtime) -> threading.Thread | None:
+    """Start a retention pass in a thread when none ran in the last KRONA_RETENTION_INTERVAL_SECONDS and none is
+    running; the thread, or None. A failed pass is logged and waits for the next interval like any other."""
+    global _last_retention
+    now = time.monotonic()
+    if _last_retention is not None and now - _last_retention < rt.settings.retention_interval_seconds:
+        return None
+    if not _retention_running.acquire(blocking=False):
+        return None
+    _last_retention = now
+    thread = threading.Thread(target=_retention_pass, args=(rt,), name="krona-retention", daemon=True)
+    thread.start()
+    return thread
+
+
+def _retention_pass(rt: Runtime) -> None:
+    try:
+        counts = run_retention(rt)
+        if counts["errors"] or counts["trainings_purged"] or counts["generations_expired"]:
+            log.info("retention: %s", counts)
+    except Exception:  # never fatal: the next interval tries again
+        log.exception("retention pass failed")
+    finally:
+        _retention_running.release()
 
 
 def _send(rt: Runtime, session, model, task: str, job_id: str) -> None:

@@ -249,3 +249,22 @@ def generate(args: argparse.Namespace) -> int:
         Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
         print(f"wrote {path} ({image.shape[1]}x{image.shape[0]})")
     return 0
+
+
+def admin_sweep(args: argparse.Namespace) -> int:
+    """`krona admin sweep`: one retention pass now (workers/retention.py: purge ended trainings' photos, expire
+    old generations' images, sweep orphaned blobs); prints the counts. Exit status 1 if a step failed."""
+    import json
+
+    from services.cli.stack import _settings
+    from workers.retention import run_retention
+    from workers.runtime import build_runtime
+
+    counts = run_retention(build_runtime(_settings(args.data_dir)))
+    if args.json:
+        print(json.dumps(counts, sort_keys=True))
+    else:
+        width = max(map(len, counts))
+        for name, value in counts.items():
+            print(f"{name.ljust(width)}  {value}")
+    return 1 if counts["errors"] else 0

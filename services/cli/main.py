@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("name")
     rotate.add_argument("--data-dir", help="embedded data folder (default .krona; ignored with KRONA_DATABASE_URL)")
+    _add_sweep_command(admin_sub)
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway alone (production: behind a proxy)")
     gateway.add_argument("--host", default="127.0.0.1")
@@ -148,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_sweep_command(admin_sub) -> None:
+    """`krona admin sweep` (services/cli/commands.py: admin_sweep)."""
+    sweep = admin_sub.add_parser(
+        "sweep",
+        help="run one retention pass now: purge ended trainings' photos, expire old images, delete orphaned blobs",
+    )
+    sweep.add_argument("--json", action="store_true", help="print the counts as JSON")
+    sweep.add_argument("--data-dir", help="embedded data folder (default .krona; ignored with KRONA_DATABASE_URL)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from services.cli import client, commands, stack
@@ -171,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": commands.generate,
         "models": commands.models,
     }[args.command]
+    if args.command == "admin" and args.admin_command == "sweep":
+        handler = commands.admin_sweep
     try:
         return handler(args) or 0
     except (ValueError, FileNotFoundError, KeyError, client.ClientError) as exc:

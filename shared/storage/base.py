@@ -6,6 +6,7 @@ import abc
 import re
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
@@ -55,6 +56,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str) -> Iterator[str]: ...
+
+    @abc.abstractmethod
+    def list_with_times(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """(key, last modified, UTC) of every object under ``prefix``; the retention sweep ages blobs by it."""
 
     @abc.abstractmethod
     def copy(self, source: str, dest: str) -> None: ...

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,6 +78,14 @@ class LocalStorage(Storage):
                 if key.startswith(prefix):
                     yield key
 
+    def list_with_times(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        for key in self.list(prefix):
+            try:
+                mtime = self._path(key).stat().st_mtime
+            except FileNotFoundError:  # removed since the folder was walked
+                continue
+            yield key, datetime.fromtimestamp(mtime, UTC)
+
     def copy(self, source: str, dest: str) -> None:
         src = self._path(source)
         if not src.is_file():
@@ -90,6 +99,7 @@ class LocalStorage(Storage):
             raise BlobNotFound(temporary)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
+        os.utime(dst)  # modified = when it arrived under its key, as after an S3 copy (the sweep ages by it)
         self.delete(temporary)  # prunes the empty temporary folders
 
     def check(self) -> None:

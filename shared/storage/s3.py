@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import BinaryIO
 
 from .base import BlobNotFound, Storage, StorageError, check_key
@@ -88,11 +89,16 @@ class S3Storage(Storage):
             return False
 
     def list(self, prefix: str) -> Iterator[str]:
+        for key, _ in self.list_with_times(prefix):
+            yield key
+
+    def list_with_times(self, prefix: str) -> Iterator[tuple[str, datetime]]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield item["Key"]
+                    modified = item["LastModified"]  # botocore parses it timezone-aware
+                    yield item["Key"], modified.astimezone(UTC) if modified.tzinfo else modified.replace(tzinfo=UTC)
         except Exception as exc:
             raise StorageError(f"S3 list failed: {exc}") from exc
 

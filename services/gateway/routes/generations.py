@@ -16,8 +16,8 @@ from shared.storage import BlobNotFound
 from ..deps import BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
 from ..errors import ApiError
 from ..jobs import CursorParam, created, get_owned, page
-from ..openapi import errors
-from ..services import generations
+from ..openapi import ErrorResponse, errors
+from ..services import generations, retention
 
 router = APIRouter(tags=["generations"], responses=errors(401, 422, 503))
 
@@ -84,20 +84,45 @@ def get_generation(generation_id: GenerationId, context: ContextDep, session: Se
     return generation_public(row, context.settings.public_url)
 
 
+@router.delete(
+    "/v1/generations/{generation_id}",
+    status_code=204,
+    summary="Delete an ended generation with its images",
+    responses=errors(404, 409),
+    response_class=Response,
+)
+def delete_generation(generation_id: GenerationId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """Delete a generation that has ended (succeeded, failed or canceled) and its images; 409
+    `generation_active` while it is queued or running. A batch it was part of keeps its `total`; its `counts`
+    and `generation_ids` no longer include it."""
+    retention.delete_generation(context=context, session=session, tenant=tenant, generation_id=generation_id)
+    return Response(status_code=204)
+
+
+IMAGE_EXPIRED = {
+    "model": ErrorResponse,
+    "description": "the images were deleted after the server's retention time (KRONA_GENERATION_TTL_HOURS)",
+}
+
+
 @router.get(
     "/v1/generations/{generation_id}/images/{index}",
     summary="One generated image",
-    responses={200: {"content": {"image/png": {}}}, **errors(404)},
+    responses={200: {"content": {"image/png": {}}}, **errors(404), 410: IMAGE_EXPIRED},
     response_class=Response,
 )
 def get_generation_image(
     generation_id: GenerationId, index: int, context: ContextDep, session: SessionDep, tenant: CurrentTenant
 ):
-    """One generated image (PNG)."""
+    """One generated image (PNG); 410 `image_expired` once the images were deleted after the server's retention
+    time (`images_expired_at` of the Generation)."""
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     image = next((i for i in row.images if i["index"] == index), None)
     if image is None:
         raise ApiError(404, "image_not_found", f"generation {generation_id} has no image {index} (status {row.status})")
+    if row.images_expired_at is not None:
+        expired = as_utc(row.images_expired_at).isoformat()
+        raise ApiError(410, "image_expired", f"the images of {generation_id} were deleted at {expired} (retention)")
     try:
         data = context.storage.get_bytes(image["key"])
     except BlobNotFound:

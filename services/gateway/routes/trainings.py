@@ -1,4 +1,4 @@
-"""/v1/trainings: upload subject photos, follow the fine-tune, cancel it."""
+"""/v1/trainings: upload subject photos, follow the fine-tune, cancel it, delete it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +20,7 @@ from ..errors import ApiError
 from ..events import TooManyStreams
 from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import errors
+from ..services import retention
 from ..services.trainings import (
     CLIENT_PARAMS,
     MAX_NAME_CHARS,
@@ -146,6 +147,21 @@ def cancel_training(training_id: TrainingId, context: ContextDep, session: Sessi
         with contextlib.suppress(Exception):  # the reaper delivers pending webhooks
             context.enqueuer.send(WEBHOOK_TASK, f"training:{row.id}")
     return training_public(row)
+
+
+@router.delete(
+    "/{training_id}",
+    status_code=204,
+    summary="Delete an ended training with its photos",
+    responses=errors(404, 409),
+    response_class=Response,
+)
+def delete_training(training_id: TrainingId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """Delete a training that has ended (succeeded, failed or canceled), with its subject photos and checkpoint;
+    409 `training_active` while it is queued or running (cancel it first). The adapter it produced is a resource
+    of its own and stays: delete it with `DELETE /v1/adapters/{adapter_id}`."""
+    retention.delete_training(context=context, session=session, tenant=tenant, training_id=training_id)
+    return Response(status_code=204)
 
 
 def _owned_training(training_id: TrainingId, context: ContextDep, tenant: CurrentTenant) -> str:

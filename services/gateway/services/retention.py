@@ -1,0 +1,76 @@
+"""Deleting a finished training or generation: its blobs first, then its row.
+
+Blobs first, so that a storage outage answers 503 with everything still in place (the client tries again);
+the row goes in a guarded DELETE once they are gone. The read transaction is closed before storage is
+called, so no database connection waits on storage.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from shared.db import TERMINAL_STATUSES, Generation, Tenant, Training
+
+from ..context import AppContext
+from ..errors import ApiError
+from ..jobs import get_owned
+
+__all__ = ["delete_generation", "delete_training"]
+
+
+def delete_training(*, context: AppContext, session: Session, tenant: Tenant, training_id: str) -> None:
+    """Delete an ended training, its subject photos and checkpoint (everything under its storage folder).
+
+    404 for another tenant's; 409 ``training_active`` while it is queued or running. The adapter it produced
+    is a resource of its own and stays.
+    """
+    row = get_owned(session, Training, training_id, tenant, "training")
+    if row.status not in TERMINAL_STATUSES:
+        raise ApiError(
+            409,
+            "training_active",
+            f"training {training_id} is {row.status}; cancel it first (POST /v1/trainings/{training_id}/cancel) "
+            "and delete it once it has stopped",
+        )
+    keys = [*row.image_keys, *([row.checkpoint_key] if row.checkpoint_key else [])]
+    tenant_id = row.tenant_id
+    prefix = f"tenants/{tenant_id}/trainings/{training_id}/"
+    session.rollback()  # ends the read transaction: storage calls may be slow
+    for key in keys:
+        context.storage.delete(key)
+    context.storage.delete_prefix(prefix)
+    session.execute(
+        delete(Training).where(
+            Training.id == training_id, Training.tenant_id == tenant_id, Training.status.in_(TERMINAL_STATUSES)
+        )
+    )
+    session.commit()
+
+
+def delete_generation(*, context: AppContext, session: Session, tenant: Tenant, generation_id: str) -> None:
+    """Delete an ended generation and its images. 404 for another tenant's; 409 ``generation_active`` while it
+    is queued or running. A batch it belonged to keeps its ``total``; its counts and ids no longer include it.
+    """
+    row = get_owned(session, Generation, generation_id, tenant, "generation")
+    if row.status not in TERMINAL_STATUSES:
+        raise ApiError(
+            409,
+            "generation_active",
+            f"generation {generation_id} is {row.status}; delete it once it has finished",
+        )
+    keys = [image["key"] for image in row.images or []]
+    tenant_id = row.tenant_id
+    prefix = f"tenants/{tenant_id}/generations/{generation_id}/"
+    session.rollback()  # ends the read transaction: storage calls may be slow
+    for key in keys:
+        context.storage.delete(key)
+    context.storage.delete_prefix(prefix)
+    session.execute(
+        delete(Generation).where(
+            Generation.id == generation_id,
+            Generation.tenant_id == tenant_id,
+            Generation.status.in_(TERMINAL_STATUSES),
+        )
+    )
+    session.commit()
