@@ -9,8 +9,8 @@ After Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024), the
 - a worker takes the oldest queued job of the tenant with the smallest counter (``pick``), so the
   service each tenant receives, divided by its weight, stays level among tenants with queued work;
 - a tenant that had nothing queued is lifted, when it submits, to the smallest counter among the tenants
-  that are waiting (``lift_on_submit``): idle time is not saved up as credit, and a new tenant starts
-  level with the others, not at zero.
+  that are waiting, or, when none wait, to the largest counter (``lift_on_submit``): idle time is not
+  saved up as credit, and a new tenant starts level with the others, not at zero.
 
 The counters live in the database, so every worker and every gateway replica (and the embedded mode's
 SQLite) sees the same ones; the broker's messages only wake workers (a message takes the fairest job,
@@ -72,24 +72,33 @@ def _ensure_counter(session: Session, tenant_id: str, queue: str, start: float) 
     )
 
 
-def _waiting_floor(session: Session, model, queue: str, tenant_id: str) -> float | None:
-    """The smallest counter among the other tenants with queued jobs in this queue (None if none wait)."""
+def _floor(session: Session, model, queue: str, tenant_id: str) -> float | None:
+    """Where a tenant that had nothing queued starts: the smallest counter among the other tenants with queued
+    jobs; when none wait, the largest counter of the queue (S-LoRA's "last client to leave": whoever was
+    served last is level with the newcomer). None when the queue has no counters yet."""
     waiting = select(model.tenant_id).where(model.status == "queued", model.tenant_id != tenant_id).distinct()
-    return session.scalar(
+    floor = session.scalar(
         select(func.min(TenantService.counter)).where(
             TenantService.queue == queue, TenantService.tenant_id.in_(waiting)
         )
     )
+    if floor is None:
+        floor = session.scalar(
+            select(func.max(TenantService.counter)).where(
+                TenantService.queue == queue, TenantService.tenant_id != tenant_id
+            )
+        )
+    return floor
 
 
 def lift_on_submit(session: Session, model, tenant_id: str) -> None:
     """Call in the transaction that adds a tenant's new jobs, before adding them. A tenant with nothing
-    queued is lifted to the waiting tenants' smallest counter; a backlogged tenant keeps its counter."""
+    queued is lifted to the floor (``_floor``); a backlogged tenant keeps its counter."""
     queue = QUEUE_OF[model]
     backlogged = session.scalar(select(model.id).where(model.status == "queued", model.tenant_id == tenant_id).limit(1))
     if backlogged is not None:
         return
-    floor = _waiting_floor(session, model, queue, tenant_id)
+    floor = _floor(session, model, queue, tenant_id)
     _ensure_counter(session, tenant_id, queue, floor or 0.0)
     if floor is not None:
         session.execute(

@@ -25,12 +25,17 @@ _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying ag
 _DESCRIPTIONS = {
     400: ("malformed request (cursor, multipart body, Idempotency-Key)", None),
     401: ("missing, invalid or revoked API key", {"WWW-Authenticate": {"schema": {"type": "string"}}}),
+    403: ("the key's role does not allow this route (admin routes need an admin key, tenant routes a tenant's)", None),
     404: ("no such resource for this tenant (another tenant's resources answer 404 too)", None),
     409: ("conflict: Idempotency-Key reused for another request, or the state does not allow it", None),
     413: ("request, file or batch over the limit", None),
     415: ("unsupported media type (not multipart, or not PNG/JPEG/WebP)", None),
     422: ("invalid fields; `details` lists each field and what is wrong", None),
-    429: ("too many requests or streams", _RETRY_AFTER),
+    429: (
+        "rate_limited (this key's token bucket is empty), queue_full (the tenant's cap on queued jobs), or too "
+        "many progress streams",
+        _RETRY_AFTER,
+    ),
     503: ("a dependency is down: database_unavailable, storage_unavailable or broker_unavailable", _RETRY_AFTER),
 }
 
@@ -59,6 +64,12 @@ _REQUEST_ID = {
 }
 _LOCATION = {"description": "path of the created resource, e.g. /v1/trainings/trn_…", "schema": {"type": "string"}}
 
+_RATE_LIMIT_HEADERS = {
+    "RateLimit-Limit": {"description": "the key's bucket size (burst)", "schema": {"type": "integer"}},
+    "RateLimit-Remaining": {"description": "requests left in the bucket now", "schema": {"type": "integer"}},
+    "RateLimit-Reset": {"description": "seconds until the bucket is full again", "schema": {"type": "integer"}},
+}
+
 SSE_DESCRIPTION = (
     "Server-sent events. `event: progress` carries the Training (JSON) at each change of status, step or loss; "
     "one `event: done` carries it in its terminal state, and the stream ends. Comment lines (`: ping`) keep "
@@ -79,6 +90,19 @@ def install_openapi(app) -> None:
         schema = generate()
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
+                if operation.get("security"):  # every authenticated request takes a token (shared/limits.py)
+                    description, headers = _DESCRIPTIONS[429]
+                    operation["responses"].setdefault(
+                        "429",
+                        {
+                            "description": description,
+                            "headers": dict(headers or {}),
+                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                        },
+                    )
+                    for status, response in operation["responses"].items():
+                        if status < "400" or status == "429":
+                            response.setdefault("headers", {}).update(_RATE_LIMIT_HEADERS)
                 form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
                 if form is not None:  # the form routes take no fields but their own (and cap how many)
                     name = form["schema"].get("$ref", "").rsplit("/", 1)[-1]

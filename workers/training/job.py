@@ -215,6 +215,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
             return fail(exc.code, str(exc))
     finally:
         heartbeat.__exit__(None, None, None)
+        _purge_inputs(rt, training_id)
         if components is not None and any(
             "default" in layer.krona_a for layer in krona_layers(components.unet).values()
         ):
@@ -226,6 +227,17 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
 
 class LeaseLost(Exception):
     pass
+
+
+def _purge_inputs(rt: Runtime, training_id: str) -> None:
+    """The subject's photos and the checkpoint go when the training has ended (unless KRONA_KEEP_TRAINING_IMAGES);
+    a storage fault is left to the reaper's next retention pass (workers/retention.py)."""
+    from workers.retention import purge_training_inputs
+
+    try:
+        purge_training_inputs(rt, training_id)
+    except Exception:
+        log.warning("training %s: could not delete its inputs yet; the retention pass will", training_id, exc_info=True)
 
 
 class _Meter:

@@ -1,0 +1,57 @@
+"""/v1/usage: what the tenant's finished jobs used, per day, month or in total (shared/usage.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
+
+from shared.usage import default_range, parse_day, usage_totals
+
+from ..deps import CurrentTenant, SessionDep
+from ..errors import ApiError
+from ..openapi import errors
+
+router = APIRouter(prefix="/v1/usage", tags=["usage"], responses=errors(401, 422, 503))
+
+DAY = r"^\d{4}-\d{2}-\d{2}$"
+
+
+class UsagePeriod(BaseModel):
+    period: str = Field(description="YYYY-MM-DD, YYYY-MM or 'total'", examples=["2026-11-29"])
+    kind: Literal["training", "generation"]
+    jobs: int = Field(description="finished jobs (succeeded, failed or canceled)")
+    worker_seconds: float = Field(description="wall-clock seconds of workers on these jobs (a batch's time is shared)")
+    images: int
+    steps: int = Field(description="training steps, or denoising steps of the generations")
+    pixels: int = Field(description="pixels produced: width x height per image (trainings: per step)")
+    devices: dict[str, float] = Field(description="worker seconds per device, e.g. {'cuda:NVIDIA H100': 12.5}")
+
+
+class UsageReport(BaseModel):
+    start: str
+    end: str
+    granularity: Literal["day", "month", "total"]
+    data: list[UsagePeriod]
+
+
+@router.get("", response_model=UsageReport, summary="This tenant's usage", responses=errors(400))
+def get_usage(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    start: Annotated[str | None, Query(description="first UTC day (default: 29 days before end)", pattern=DAY)] = None,
+    end: Annotated[str | None, Query(description="last UTC day, included (default: today)", pattern=DAY)] = None,
+    granularity: Literal["day", "month", "total"] = "day",
+):
+    """Totals of the tenant's finished jobs per period and kind; periods without usage are left out (366 days
+    at most per request). Each job is recorded once, when it ends, with the worker time it took."""
+    try:
+        first, last = parse_day(start, "start"), parse_day(end, "end")
+        default_first, default_last = default_range(last)
+        first, last = first or default_first, last or default_last
+        data = usage_totals(session, tenant.id, first, last, granularity)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_range", str(exc)) from None
+    body = {"start": first.isoformat(), "end": last.isoformat(), "granularity": granularity, "data": data}
+    return body

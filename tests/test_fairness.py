@@ -1,0 +1,262 @@
+"""Fair scheduling across tenants (issue 11): the weighted virtual counters of shared/scheduler.py, claimed
+through workers.lease.claim_next as the workers do, on PostgreSQL and SQLite; and the embedded stack, where a
+tenant's single generation must not wait behind another tenant's batch of 200."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import uuid
+
+import pytest
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db(request, tmp_path):
+    """(session factory, settings) on a migrated database of each kind."""
+    from shared.db import make_engine, make_session_factory, upgrade_to_head
+    from shared.settings import Settings
+
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+        _cancel_leftovers(url)
+    else:
+        url = f"sqlite:///{tmp_path / 'fair.db'}"
+        upgrade_to_head(url)
+    engine = make_engine(url)
+    yield make_session_factory(engine), Settings(database_url=url, data_dir=tmp_path)
+    engine.dispose()
+
+
+def _cancel_leftovers(url: str) -> None:
+    """The session's PostgreSQL holds other tests' queued jobs: they would compete (as other tenants do)."""
+    from sqlalchemy import update
+
+    from shared.db import Generation, make_engine, make_session_factory
+
+    engine = make_engine(url)
+    with make_session_factory(engine)() as session:
+        session.execute(update(Generation).where(Generation.status == "queued").values(status="canceled"))
+        session.commit()
+    engine.dispose()
+
+
+def _tenant(sessions, weight: float = 1.0, **limits) -> str:
+    from shared.db import Tenant
+    from shared.tenants import create_tenant
+
+    with sessions() as session:
+        tenant, _ = create_tenant(session, f"fair-{uuid.uuid4().hex[:8]}")
+        session.commit()
+        row = session.get(Tenant, tenant.id)
+        row.weight, row.limits = weight, limits
+        session.commit()
+        return tenant.id
+
+
+def _submit(sessions, tenant_id: str, count: int, size: int = 64, steps: int = 20, images: int = 1) -> list[str]:
+    """Queued generations, added as the gateway adds them (the lift first, in the same transaction)."""
+    from shared.db import Generation, new_id
+    from shared.scheduler import generation_cost, lift_on_submit
+
+    with sessions() as session:
+        lift_on_submit(session, Generation, tenant_id)
+        ids = [new_id("gen") for _ in range(count)]
+        session.add_all(
+            Generation(
+                id=job_id,
+                tenant_id=tenant_id,
+                prompt="p",
+                width=size,
+                height=size,
+                steps=steps,
+                num_images=images,
+                seed=0,
+                cost=generation_cost(size, size, steps, images),
+            )
+            for job_id in ids
+        )
+        session.commit()
+    return ids
+
+
+def _claim(sessions, settings, owner: str = "w1") -> tuple[str, str, float] | None:
+    """(job id, tenant id, cost) of the next job a worker takes, finished at once (None when nothing is left)."""
+    from shared.db import Generation
+    from workers.lease import claim_next, finish
+
+    with sessions() as session:
+        job_id = claim_next(session, Generation, settings, owner, 60)
+        if job_id is None:
+            return None
+        row = session.get(Generation, job_id)
+        finish(session, Generation, job_id, owner, "succeeded")
+        return job_id, row.tenant_id, row.cost
+
+
+def test_one_request_is_served_next_after_another_tenants_backlog(db):
+    sessions, settings = db
+    a, b = _tenant(sessions), _tenant(sessions)
+    _submit(sessions, b, 3)  # B was served before A existed: A must not start with that as credit
+    for _ in range(3):
+        assert _claim(sessions, settings)[1] == b
+    _submit(sessions, a, 200)
+    for _ in range(5):  # A is served a while alone
+        assert _claim(sessions, settings)[1] == a
+    (b_job,) = _submit(sessions, b, 1)
+    # FIFO would serve B after A's 195 others; the fair scheduler serves it within the next two claims
+    # (at a tie with A's counter the older job goes first).
+    served = [_claim(sessions, settings)[0] for _ in range(2)]
+    assert b_job in served
+
+
+def test_two_flooding_tenants_get_service_in_their_weights_ratio(db):
+    """Weights 2:1, both backlogged with jobs of mixed cost: served cost within 10% of 2:1."""
+    sessions, settings = db
+    heavy, light = _tenant(sessions, weight=2.0), _tenant(sessions, weight=1.0)
+    rng = random.Random(0)
+    for tenant in (heavy, light):
+        for _ in range(6):
+            _submit(sessions, tenant, 25, size=rng.choice([64, 128]), steps=rng.choice([10, 20, 40]))
+    served = {heavy: 0.0, light: 0.0}
+    for _ in range(150):  # both still have queued jobs at the end (300 each)
+        _, tenant, cost = _claim(sessions, settings)
+        served[tenant] += cost
+    ratio = served[heavy] / served[light]
+    assert abs(ratio - 2.0) / 2.0 < 0.10, served
+
+
+def test_idle_time_is_no_credit_and_a_new_tenant_starts_level(db):
+    """A tenant that was served much while alone is not starved when B arrives, nor does B get a burst:
+    from B's arrival, service alternates."""
+    sessions, settings = db
+    a, b = _tenant(sessions), _tenant(sessions)
+    _submit(sessions, a, 60)
+    for _ in range(30):
+        _claim(sessions, settings)
+    _submit(sessions, b, 30)
+    order = [_claim(sessions, settings)[1] for _ in range(20)]
+    assert 9 <= order.count(b) <= 11, order  # level: neither B's burst nor A's starvation
+    runs = [len(list(group)) for _, group in itertools.groupby(order)]
+    assert max(runs) <= 2, order
+
+
+def test_a_tenant_at_its_running_cap_is_skipped(db):
+    from shared.db import Generation
+    from workers.lease import claim_next
+
+    sessions, settings = db
+    capped, other = _tenant(sessions, max_running_jobs=1), _tenant(sessions)
+    _submit(sessions, capped, 3)
+    with sessions() as session:
+        first = claim_next(session, Generation, settings, "w1", 60)
+        assert session.get(Generation, first).tenant_id == capped
+        assert claim_next(session, Generation, settings, "w2", 60) is None  # capped has one running; other: none
+    _submit(sessions, other, 1)
+    with sessions() as session:
+        second = claim_next(session, Generation, settings, "w2", 60)
+        assert session.get(Generation, second).tenant_id == other
+
+
+def test_concurrent_workers_never_claim_a_job_twice(postgres_url, tmp_path):
+    """Eight workers claim at once from three tenants' queues: every job exactly once."""
+    from shared.db import Generation, make_engine, make_session_factory
+    from shared.settings import Settings
+    from workers.lease import claim_next
+
+    _cancel_leftovers(postgres_url)
+    engine = make_engine(postgres_url)
+    sessions, settings = make_session_factory(engine), Settings(database_url=postgres_url, data_dir=tmp_path)
+    tenants = [_tenant(sessions) for _ in range(3)]
+    submitted = set()
+    for tenant in tenants:
+        submitted |= set(_submit(sessions, tenant, 40))
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        with sessions() as session:
+            while True:
+                job_id = claim_next(session, Generation, settings, name, 60, filters=(Generation.id.in_(submitted),))
+                if job_id is None:
+                    return
+                with lock:
+                    claimed.append(job_id)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(claimed) == sorted(submitted)
+    engine.dispose()
+
+
+# The embedded stack -------------------------------------------------------------------------------------
+
+
+def _second_tenant(data_dir) -> str:
+    from shared.db import make_engine, make_session_factory
+    from shared.tenants import create_tenant
+
+    engine = make_engine(f"sqlite:///{data_dir / 'krona.db'}")
+    with make_session_factory(engine)() as session:
+        _, key = create_tenant(session, "tenant-b")
+        session.commit()
+    engine.dispose()
+    return key
+
+
+def _generate_and_wait(client, key: str, timeout: float = 120) -> float:
+    started = time.monotonic()
+    job = client.post(
+        "/v1/generations", headers={"Authorization": f"Bearer {key}"}, json={"prompt": "b", "steps": 20}
+    ).json()
+    while time.monotonic() - started < timeout:
+        status = client.get(f"/v1/generations/{job['id']}", headers={"Authorization": f"Bearer {key}"}).json()
+        if status["status"] in ("succeeded", "failed", "canceled"):
+            assert status["status"] == "succeeded", status
+            return time.monotonic() - started
+        time.sleep(0.1)
+    raise AssertionError(f"generation {job['id']} did not finish in {timeout} s")
+
+
+def test_on_the_embedded_stack_a_single_request_does_not_wait_behind_a_batch_of_200(tiny_folders, tmp_path):
+    import httpx
+    from conftest import KronaUp
+
+    up = KronaUp(tmp_path)
+    try:
+        up.wait(up.ready, "krona up ready", 120)
+        key_a, key_b = up.api_key(), _second_tenant(up.data_dir)
+        with httpx.Client(base_url=up.base, timeout=30) as client:
+            _generate_and_wait(client, key_b)  # warm: the engine loads on the first request
+            idle = min(_generate_and_wait(client, key_b) for _ in range(2))
+            batch = client.post(
+                "/v1/batches",
+                headers={"Authorization": f"Bearer {key_a}"},
+                json={"generations": [{"prompt": f"a{i}", "steps": 20} for i in range(200)]},
+            )
+            assert batch.status_code == 202, batch.text
+            time.sleep(1.0)  # A's backlog is being served
+            loaded = _generate_and_wait(client, key_b)
+            assert loaded <= 3 * idle + 2.0, f"B took {loaded:.2f} s under A's backlog, {idle:.2f} s idle"
+            # A's batch still finishes, and the usage report adds up to what the jobs recorded.
+            headers_a = {"Authorization": f"Bearer {key_a}"}
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                counts = client.get(f"/v1/batches/{batch.json()['id']}", headers=headers_a).json()["counts"]
+                if counts["succeeded"] + counts["failed"] == 200:
+                    break
+                time.sleep(1)
+            assert counts["succeeded"] == 200, counts
+            usage_a = client.get("/v1/usage", headers=headers_a, params={"granularity": "total"}).json()["data"]
+            usage_b = client.get("/v1/usage", headers={"Authorization": f"Bearer {key_b}"}).json()["data"]
+        assert [(u["kind"], u["jobs"], u["images"], u["steps"]) for u in usage_a] == [
+            ("generation", 200, 200, 200 * 20)
+        ]
+        assert sum(u["jobs"] for u in usage_b) == 4 and all(u["worker_seconds"] > 0 for u in usage_a + usage_b)
+    finally:
+        up.stop()
