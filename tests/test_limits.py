@@ -1,0 +1,161 @@
+"""Limits and metering (issue 11): the per-key token bucket (429 with Retry-After and RateLimit-*), shared by
+gateway replicas and exact under 120 concurrent clients; the per-tenant cap on queued jobs; per-tenant
+overrides of the compute cap; GET /v1/usage against the recorded figures."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import update
+
+
+def _tenant_of(api, name: str = "acme"):
+    from shared.tenants import tenant_for_key
+
+    with api.context.sessions() as session:
+        tenant = tenant_for_key(session, api.keys[name])
+        session.expunge(tenant)
+        return tenant
+
+
+def _set(api, name: str = "acme", weight: float | None = None, **limits) -> str:
+    from shared.db import Tenant
+
+    tenant = _tenant_of(api, name)
+    values = {"limits": limits} | ({"weight": weight} if weight is not None else {})
+    with api.context.sessions() as session:
+        session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
+        session.commit()
+    return tenant.id
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after_and_ratelimit_headers(api):
+    _set(api, rate_limit_per_second=0.5, rate_limit_burst=3)
+    answers = [api.client.get("/v1/trainings", headers=api.headers()) for _ in range(4)]
+    assert [a.status_code for a in answers] == [200, 200, 200, 429]
+    assert [a.headers["RateLimit-Remaining"] for a in answers] == ["2", "1", "0", "0"]
+    assert all(a.headers["RateLimit-Limit"] == "3" for a in answers)
+    refused = answers[-1]
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 2 and int(refused.headers["RateLimit-Reset"]) >= 4
+    assert refused.json()["error"]["details"] == {"limit_per_second": 0.5, "burst": 3}
+    # The other tenant's keys have their own buckets (the defaults).
+    other = api.client.get("/v1/trainings", headers=api.headers("globex"))
+    assert other.status_code == 200 and int(other.headers["RateLimit-Limit"]) == api.context.settings.rate_limit_burst
+
+
+def test_the_bucket_is_exact_for_120_concurrent_clients_across_two_gateway_replicas(api, tmp_path):
+    """Two apps on one database (two replicas), 120 clients at once on one key: exactly the burst gets through."""
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from shared.storage import LocalStorage
+
+    _set(api, rate_limit_per_second=0.001, rate_limit_burst=50)
+    replica = create_app(api.context.settings, enqueuer=api.enqueuer, storage=LocalStorage(tmp_path / "blobs"))
+    statuses: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(120)
+    with TestClient(replica) as second:
+        clients = [api.client, second]
+
+        def call(i: int) -> None:
+            start.wait(timeout=60)
+            status = clients[i % 2].get("/v1/adapters", headers=api.headers()).status_code
+            with lock:
+                statuses.append(status)
+
+        with ThreadPoolExecutor(max_workers=120) as pool:
+            list(pool.map(call, range(120)))
+    assert sorted(set(statuses)) == [200, 429]
+    assert statuses.count(200) == 50 and statuses.count(429) == 70
+
+
+def test_the_queued_jobs_cap_refuses_what_does_not_fit_and_writes_nothing(api):
+    from shared.db import Generation
+
+    tenant_id = _set(api, max_queued_jobs=3)
+    four = {"generations": [{"prompt": f"p{i}"} for i in range(4)]}
+    refused = api.client.post("/v1/batches", headers=api.headers(), json=four)
+    assert refused.status_code == 429 and refused.headers["Retry-After"]
+    error = refused.json()["error"]
+    assert error["code"] == "queue_full" and error["details"] == {"queued": 0, "limit": 3, "requested": 4}
+    assert api.client.post(
+        "/v1/batches", headers=api.headers(), json={"generations": four["generations"][:3]}
+    ).is_success
+    one_more = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x"})
+    assert one_more.status_code == 429 and one_more.json()["error"]["details"]["queued"] == 3
+    # Another tenant is not affected; a finished job frees a place.
+    assert api.client.post("/v1/generations", headers=api.headers("globex"), json={"prompt": "x"}).status_code == 202
+    with api.context.sessions() as session:
+        job = session.query(Generation).filter_by(tenant_id=tenant_id, status="queued").first()
+        job.status = "succeeded"
+        session.commit()
+    assert api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x"}).status_code == 202
+
+
+def test_the_compute_cap_is_overridden_per_tenant(api):
+    _set(api, max_generation_compute=64 * 64 * 10)
+    small = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x", "steps": 10})
+    assert small.status_code == 202
+    big = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x", "steps": 11})
+    assert big.status_code == 422 and big.json()["error"]["details"]["limit"] == 64 * 64 * 10
+    assert api.client.post(
+        "/v1/generations", headers=api.headers("globex"), json={"prompt": "x", "steps": 11}
+    ).is_success
+
+
+def test_jobs_carry_their_cost_and_new_tenants_their_counter(api):
+    from shared.db import Generation, TenantService
+
+    tenant_id = _tenant_of(api).id
+    job = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x", "steps": 10, "num_images": 2})
+    with api.context.sessions() as session:
+        assert session.get(Generation, job.json()["id"]).cost == 64 * 64 * 10 * 2 / 4096
+        assert session.get(TenantService, (tenant_id, "infer")) is not None
+
+
+def test_usage_reports_what_the_jobs_recorded_per_day_month_and_total(api):
+    from datetime import UTC, datetime
+
+    from shared.db import UsageRecord
+
+    tenant_id, other_id = _tenant_of(api).id, _tenant_of(api, "globex").id
+    records = [
+        (tenant_id, "generation", "2026-11-02", 1.5, 4, 20, 4 * 64 * 64, "cpu"),
+        (tenant_id, "generation", "2026-11-02", 0.5, 1, 25, 64 * 64, "cuda:H100"),
+        (tenant_id, "generation", "2026-11-20", 2.0, 2, 20, 2 * 64 * 64, "cpu"),
+        (tenant_id, "training", "2026-11-20", 30.0, 0, 100, 100 * 64 * 64, "cpu"),
+        (tenant_id, "generation", "2026-10-31", 9.0, 9, 9, 9, "cpu"),  # before the range
+        (other_id, "generation", "2026-11-02", 7.0, 7, 7, 7, "cpu"),  # another tenant's
+    ]
+    with api.context.sessions() as session:
+        for i, (tenant, kind, day, seconds, images, steps, pixels, device) in enumerate(records):
+            session.add(
+                UsageRecord(
+                    tenant_id=tenant, kind=kind, job_id=f"gen_{i:024d}", status="succeeded", device=device,
+                    worker_seconds=seconds, images=images, steps=steps, pixels=pixels, day=day,
+                    finished_at=datetime.fromisoformat(day).replace(tzinfo=UTC),
+                )
+            )  # fmt: skip
+        session.commit()
+    params = {"start": "2026-11-01", "end": "2026-11-30"}
+    daily = api.client.get("/v1/usage", headers=api.headers(), params=params).json()
+    assert daily["granularity"] == "day" and daily["start"] == "2026-11-01"
+    assert [(d["period"], d["kind"], d["jobs"], d["images"]) for d in daily["data"]] == [
+        ("2026-11-02", "generation", 2, 5),
+        ("2026-11-20", "generation", 1, 2),
+        ("2026-11-20", "training", 1, 0),
+    ]
+    assert daily["data"][0]["devices"] == {"cpu": 1.5, "cuda:H100": 0.5} and daily["data"][0]["worker_seconds"] == 2.0
+    total = api.client.get("/v1/usage", headers=api.headers(), params=params | {"granularity": "total"}).json()
+    assert [(d["kind"], d["jobs"], d["steps"], d["pixels"]) for d in total["data"]] == [
+        ("generation", 3, 65, 7 * 64 * 64),
+        ("training", 1, 100, 100 * 64 * 64),
+    ]
+    monthly = api.client.get("/v1/usage", headers=api.headers(), params=params | {"granularity": "month"}).json()
+    assert {d["period"] for d in monthly["data"]} == {"2026-11"}
+    bad = api.client.get("/v1/usage", headers=api.headers(), params={"start": "2026-12-01", "end": "2026-11-01"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_range"
+    assert api.client.get("/v1/usage", headers=api.headers(), params={"start": "2026-13-01"}).status_code in (400, 422)
