@@ -10,8 +10,11 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.limits import LimitOverrides
+
 if TYPE_CHECKING:
-    from shared.db import Adapter, Generation, Training
+    from shared.db import Adapter, ApiKey, Generation, Tenant, Training
+    from shared.settings import Settings
 
 T = TypeVar("T")
 
@@ -338,4 +341,169 @@ def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
         started_at=as_utc(row.started_at),
         finished_at=as_utc(row.finished_at),
         images_expired_at=as_utc(row.images_expired_at),
+    ).model_dump(mode="json")
+
+
+# API keys and tenants (issue 11) ---------------------------------------------------------------------
+
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [{"name": "ci"}]})
+
+    name: str | None = Field(None, min_length=1, max_length=100, description="a label for people; not unique")
+
+    @field_validator("name")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+class ApiKeyPublic(BaseModel):
+    """A tenant's API key as listed: never the key itself (only its first characters) nor its hash."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "key_7c1d2e3f4a5b6c7d8e9f0a1b",
+                    "name": "ci",
+                    "prefix": "krona_Xy3_9a",
+                    "created_at": "2026-11-29T10:00:00+00:00",
+                    "last_used_at": "2026-11-29T10:05:00+00:00",
+                    "revoked_at": None,
+                }
+            ]
+        }
+    )
+
+    id: str = Field(examples=["key_7c1d2e3f4a5b6c7d8e9f0a1b"])
+    name: str | None = None
+    prefix: str = Field(description="the key's first 12 characters, to tell keys apart")
+    created_at: datetime
+    last_used_at: datetime | None = Field(None, description="to the minute when no rate limit applies")
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    key: str = Field(description="the key itself: shown only in this answer (the server keeps its SHA-256)")
+
+
+class LimitsBody(LimitOverrides):
+    """Per-tenant overrides of the server's limits; absent (or, in a PATCH, null) takes the server's default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("rate_limit_burst", "max_queued_jobs", "max_running_jobs", "max_generation_compute", mode="before")
+    @classmethod
+    def _integral_number(cls, value: Any) -> Any:
+        # JSON Schema's integer includes 5.0; strict mode still refuses true and "5".
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"name": "acme", "weight": 2, "limits": {"max_queued_jobs": 500}}]},
+    )
+
+    name: str = Field(pattern=TENANT_NAME_PATTERN, description="1-100 letters, digits, '-', '_' or '.'; unique")
+    weight: float = Field(1.0, gt=0, le=1000, description="share of the workers under contention (default 1)")
+    limits: LimitsBody | None = None
+
+
+class TenantUpdate(BaseModel):
+    """Only what is sent changes: `weight` null is back to 1; a limit set to null (or `limits` null: all of them)
+    goes back to the server's default."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [{"weight": 3, "limits": {"rate_limit_per_second": 20, "max_queued_jobs": None}}]
+        },
+    )
+
+    weight: float | None = Field(None, gt=0, le=1000)
+    limits: LimitsBody | None = None
+
+
+class EffectiveLimits(BaseModel):
+    """What applies to the tenant: each override, else the server's setting of the same name."""
+
+    rate_limit_per_second: float = Field(description="requests per second per API key; 0 = no limit")
+    rate_limit_burst: int
+    max_queued_jobs: int = Field(description="queued trainings + generations; 0 = no cap")
+    max_running_jobs: int = Field(description="per queue; 0 = no cap")
+    max_generation_compute: int = Field(description="width x height x steps x num_images of one generation")
+
+
+class TenantPublic(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "ten_1a2b3c4d5e6f708192a3b4c5",
+                    "name": "acme",
+                    "weight": 2.0,
+                    "limits": {"max_queued_jobs": 500},
+                    "effective_limits": {
+                        "rate_limit_per_second": 20.0,
+                        "rate_limit_burst": 200,
+                        "max_queued_jobs": 500,
+                        "max_running_jobs": 0,
+                        "max_generation_compute": 209715200,
+                    },
+                    "created_at": "2026-11-29T10:00:00+00:00",
+                }
+            ]
+        }
+    )
+
+    id: str = Field(examples=["ten_1a2b3c4d5e6f708192a3b4c5"])
+    name: str
+    weight: float
+    limits: dict[str, int | float] = Field(description="the overrides set on this tenant; the rest are the defaults")
+    effective_limits: EffectiveLimits
+    created_at: datetime
+
+
+class TenantCreated(BaseModel):
+    tenant: TenantPublic
+    api_key: str = Field(description="the tenant's first API key: shown only in this answer")
+    webhook_secret: str = Field(description="signs the tenant's webhook deliveries: shown only in this answer")
+
+
+def api_key_public(row: ApiKey, key: str | None = None) -> dict[str, Any]:
+    """The listed shape; with ``key``, the answer to its creation (the only time the key is shown)."""
+    fields = {
+        "id": row.id,
+        "name": row.name,
+        "prefix": row.prefix,
+        "created_at": as_utc(row.created_at),
+        "last_used_at": as_utc(row.last_used_at),
+        "revoked_at": as_utc(row.revoked_at),
+    }
+    if key is None:
+        return ApiKeyPublic(**fields).model_dump(mode="json")
+    return ApiKeyCreated(**fields, key=key).model_dump(mode="json")
+
+
+def tenant_public(row: Tenant, settings: Settings) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from shared.limits import tenant_limits
+
+    overrides = {k: v for k, v in (row.limits or {}).items() if v is not None}
+    return TenantPublic(
+        id=row.id,
+        name=row.name,
+        weight=row.weight if row.weight is not None else 1.0,
+        limits=overrides,
+        effective_limits=asdict(tenant_limits(settings, overrides)),
+        created_at=as_utc(row.created_at),
     ).model_dump(mode="json")

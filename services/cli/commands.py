@@ -1,4 +1,5 @@
-"""Handlers of the local `krona` subcommands (adapter files, counts, models, demo)."""
+"""Handlers of the local `krona` subcommands (adapter files, counts, models, demo) and of `krona admin`'s keys,
+tenants and usage."""
 
 from __future__ import annotations
 
@@ -249,6 +250,230 @@ def generate(args: argparse.Namespace) -> int:
         Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
         print(f"wrote {path} ({image.shape[1]}x{image.shape[0]})")
     return 0
+
+
+# krona admin: API keys, tenants, usage ------------------------------------------------------------------
+# (create-tenant and rotate-webhook-secret live in services/cli/stack.py.) They share the gateway's service
+# functions (services/gateway/services/tenants.py), so the command line and the API cannot drift apart.
+
+
+def admin(args: argparse.Namespace) -> int:
+    from services.cli import stack
+
+    handler = _ADMIN_COMMANDS.get(args.admin_command)
+    if handler is None:
+        return stack.admin(args)
+    from shared.db import make_engine, make_session_factory
+
+    settings = stack._settings(args.data_dir)
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            return handler(args, settings, session)
+    finally:
+        engine.dispose()
+
+
+def _admin_create_admin_key(args, settings, session) -> int:
+    from shared.tenants import new_api_key
+
+    key, row = new_api_key(session, None, name=args.name, role="admin")
+    session.commit()
+    print(f"admin key {row.id} created; the key (shown once; it manages tenants through /v1/tenants):")
+    print(key)
+    return 0
+
+
+def _admin_create_key(args, settings, session) -> int:
+    from services.gateway.services.tenants import find_tenant
+    from shared.tenants import new_api_key
+
+    tenant = find_tenant(session, args.tenant)
+    key, row = new_api_key(session, tenant, name=args.name)
+    session.commit()
+    print(f"API key {row.id} created for tenant {tenant.name}; the key (shown once):")
+    print(key)
+    return 0
+
+
+def _admin_list_keys(args, settings, session) -> int:
+    from sqlalchemy import select
+
+    from services.gateway.services.tenants import find_tenant
+    from shared.db import ApiKey
+
+    tenant = find_tenant(session, args.tenant)
+    rows = session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at)).all()
+    _table(
+        ["id", "prefix", "name", "created", "last used", "revoked"],
+        [
+            [r.id, r.prefix + "…", r.name or "", _when(r.created_at), _when(r.last_used_at), _when(r.revoked_at)]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def _admin_revoke_key(args, settings, session) -> int:
+    from services.gateway.errors import ApiError
+    from services.gateway.services.tenants import revoke_key
+
+    try:
+        revoked = revoke_key(session=session, tenant=None, key_id=args.key_id)
+    except ApiError as exc:
+        raise ValueError(f"{exc.message} (krona admin list-keys TENANT)") from None
+    print(f"API key {args.key_id} {'revoked' if revoked else 'was already revoked'}")
+    return 0
+
+
+def _admin_list_tenants(args, settings, session) -> int:
+    from sqlalchemy import select
+
+    from shared.db import Tenant
+
+    rows = session.scalars(select(Tenant).order_by(Tenant.created_at)).all()
+    overrides = [", ".join(f"{k}={_number(v)}" for k, v in sorted((r.limits or {}).items())) for r in rows]
+    _table(
+        ["id", "name", "weight", "limit overrides", "created"],
+        [[r.id, r.name, f"{r.weight:g}", o or "-", _when(r.created_at)] for r, o in zip(rows, overrides, strict=True)],
+    )
+    return 0
+
+
+LIMIT_NAMES = ("rate_limit_per_second", "rate_limit_burst", "max_queued_jobs", "max_running_jobs",
+               "max_generation_compute")  # fmt: skip
+
+
+def _admin_set_limits(args, settings, session) -> int:
+    from pydantic import ValidationError
+
+    from services.gateway.services.tenants import DEFAULT_WEIGHT, apply_limits, find_tenant
+    from shared.limits import tenant_limits
+    from shared.schemas import TenantUpdate
+
+    tenant = find_tenant(session, args.tenant)
+    given = {name: getattr(args, name) for name in LIMIT_NAMES if getattr(args, name) is not None}
+    both = sorted(set(args.clear) & ({*given, "weight"} if args.weight is not None else set(given)))
+    if both:
+        raise ValueError(f"{', '.join(both)}: set and cleared at once; give one")
+    if not given and args.weight is None and not args.clear:
+        raise ValueError("nothing to change: give --weight, a limit (e.g. --max-queued-jobs 100) or --clear NAME")
+    try:  # the API's own checks (ranges), with the API's body model
+        TenantUpdate.model_validate({"weight": args.weight, "limits": given}, strict=False)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = "--" + str(error["loc"][-1]).replace("_", "-")
+        raise ValueError(f"{field}: {error['msg']}") from None
+    if args.weight is not None:
+        tenant.weight = args.weight
+    elif "weight" in args.clear:
+        tenant.weight = DEFAULT_WEIGHT
+    apply_limits(tenant, {**given, **{name: None for name in args.clear if name != "weight"}})
+    session.commit()
+    limits = tenant_limits(settings, tenant.limits)
+    print(f"tenant {tenant.name}: weight {tenant.weight:g}")
+    _table(
+        ["limit", "in effect", "source"],
+        [
+            [name, _number(getattr(limits, name)), "override" if name in tenant.limits else "default"]
+            for name in LIMIT_NAMES
+        ],
+    )
+    return 0
+
+
+def _admin_delete_tenant(args, settings, session) -> int:
+    import sys
+
+    from services.gateway.services.tenants import delete_tenant, find_tenant
+    from shared.storage import storage_from_settings
+
+    tenant = find_tenant(session, args.tenant)
+    if not args.yes:
+        raise ValueError(
+            f"this deletes tenant {tenant.name} ({tenant.id}) with all its jobs, adapters, keys, usage and files; "
+            "add --yes to do it"
+        )
+    name, tenant_id = tenant.name, tenant.id
+    blobs = delete_tenant(session=session, storage=storage_from_settings(settings), tenant_id=tenant_id)
+    if blobs is None:
+        print(
+            f"krona admin: tenant {name} ({tenant_id}) deleted, but its files under tenants/{tenant_id}/ could not be "
+            "removed (storage unreachable); the storage sweep removes them",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"tenant {name} ({tenant_id}) deleted with all its rows and {blobs} files")
+    return 0
+
+
+def _admin_usage(args, settings, session) -> int:
+    import json
+
+    from sqlalchemy import select
+
+    from services.gateway.services.tenants import find_tenant
+    from shared.db import Tenant
+    from shared.usage import default_range, parse_day, usage_totals
+
+    tenant_id = find_tenant(session, args.tenant).id if args.tenant else None
+    first, last = default_range()
+    end = parse_day(args.end, "--end") or last
+    start = parse_day(args.start, "--start") or (end - (last - first))
+    totals = usage_totals(session, tenant_id, start, end, args.granularity)
+    if args.json:
+        print(json.dumps({"start": start.isoformat(), "end": end.isoformat(), "data": totals}, indent=2))
+        return 0
+    names = dict(session.execute(select(Tenant.id, Tenant.name)).all())
+    print(f"usage {start} to {end} (UTC), per {args.granularity}:")
+    _table(
+        ["period", "tenant", "kind", "jobs", "worker s", "images", "steps", "pixels", "devices (s)"],
+        [
+            [
+                e["period"],
+                names.get(e["tenant_id"], e["tenant_id"]),
+                e["kind"],
+                e["jobs"],
+                f"{e['worker_seconds']:.1f}",
+                e["images"],
+                e["steps"],
+                f"{e['pixels']:,}",
+                ", ".join(f"{d}={s:.1f}" for d, s in e["devices"].items()),
+            ]
+            for e in totals
+        ],
+    )
+    return 0
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def _when(value) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else "-"
+
+
+def _table(header: list[str], rows: list[list]) -> None:
+    """Columns padded to their widest cell; '(none)' under the header when there are no rows."""
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(none)")
+
+
+_ADMIN_COMMANDS = {
+    "create-admin-key": _admin_create_admin_key,
+    "create-key": _admin_create_key,
+    "list-keys": _admin_list_keys,
+    "revoke-key": _admin_revoke_key,
+    "list-tenants": _admin_list_tenants,
+    "set-limits": _admin_set_limits,
+    "delete-tenant": _admin_delete_tenant,
+    "usage": _admin_usage,
+}
 
 
 def admin_sweep(args: argparse.Namespace) -> int:

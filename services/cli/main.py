@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("name")
     rotate.add_argument("--data-dir", help="embedded data folder (default .krona; ignored with KRONA_DATABASE_URL)")
     _add_sweep_command(admin_sub)
+    _add_key_and_tenant_commands(admin_sub)
 
     gateway = sub.add_parser("gateway", help="run the HTTP gateway alone (production: behind a proxy)")
     gateway.add_argument("--host", default="127.0.0.1")
@@ -149,6 +150,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_key_and_tenant_commands(admin_sub) -> None:
+    """`krona admin` keys, tenants and usage (services/cli/commands.py: admin). TENANT is a name or a ten_… id."""
+    data_dir = "embedded data folder (default .krona; ignored with KRONA_DATABASE_URL)"
+    admin_key = admin_sub.add_parser(
+        "create-admin-key", help="create an admin key (the /v1/tenants routes); shown once"
+    )
+    admin_key.add_argument("--name", help="a label for people")
+    create_key = admin_sub.add_parser("create-key", help="create an API key for a tenant and print it once")
+    create_key.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
+    create_key.add_argument("--name", help="a label for people")
+    list_keys = admin_sub.add_parser("list-keys", help="a tenant's API keys (prefix, name, times; never the key)")
+    list_keys.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
+    revoke = admin_sub.add_parser("revoke-key", help="revoke an API key (its next request answers 401)")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="key_… (krona admin list-keys)")
+    admin_sub.add_parser("list-tenants", help="every tenant with its weight and limit overrides")
+    limits = admin_sub.add_parser(
+        "set-limits",
+        help="set a tenant's weight and limit overrides (others are kept)",
+        description="Set a tenant's fair-share weight and overrides of the server's limits; --clear NAME puts a "
+        "limit back to the server's default. Prints the limits in effect.",
+    )
+    limits.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
+    limits.add_argument("--weight", type=float, help="share of the workers under contention (>0, <=1000; default 1)")
+    limits.add_argument("--rate-limit-per-second", type=float, help="requests per second per key (0 = no limit)")
+    limits.add_argument("--rate-limit-burst", type=int, help="token bucket size")
+    limits.add_argument("--max-queued-jobs", type=int, help="queued trainings + generations (0 = no cap)")
+    limits.add_argument("--max-running-jobs", type=int, help="running jobs per queue (0 = no cap)")
+    limits.add_argument("--max-generation-compute", type=int, help="width x height x steps x images of one request")
+    limits.add_argument(
+        "--clear",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        type=lambda name: name.replace("-", "_"),
+        choices=[
+            "weight",
+            "rate_limit_per_second",
+            "rate_limit_burst",
+            "max_queued_jobs",
+            "max_running_jobs",
+            "max_generation_compute",
+        ],
+        help="back to the server's default (weight: back to 1)",
+    )
+    delete = admin_sub.add_parser("delete-tenant", help="delete a tenant with all its rows and files (no undo)")
+    delete.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
+    delete.add_argument("--yes", action="store_true", help="required: confirms the deletion")
+    usage = admin_sub.add_parser("usage", help="worker time and work done per tenant and period (a table)")
+    usage.add_argument("--tenant", help="one tenant's name or id (default: every tenant)")
+    usage.add_argument("--start", help="first UTC day, YYYY-MM-DD (default: 29 days before --end)")
+    usage.add_argument("--end", help="last UTC day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--granularity", default="day", choices=["day", "month", "total"])
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for parser in (admin_key, create_key, list_keys, revoke, admin_sub.choices["list-tenants"], limits, delete, usage):
+        parser.add_argument("--data-dir", help=data_dir)
+
+
 def _add_sweep_command(admin_sub) -> None:
     """`krona admin sweep` (services/cli/commands.py: admin_sweep)."""
     sweep = admin_sub.add_parser(
@@ -166,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = {
         "up": stack.up,
         "migrate": stack.migrate,
-        "admin": stack.admin,
+        "admin": commands.admin,
         "gateway": stack.gateway,
         "worker": stack.worker,
         "trainings": client.trainings,

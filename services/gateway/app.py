@@ -22,7 +22,7 @@ from .errors import install_error_handlers
 from .events import ProgressHub
 from .middleware import BodySizeLimit, RequestContext
 from .openapi import camel_case_operation_id, install_openapi
-from .routes import adapters, generations, health, trainings, webhooks
+from .routes import adapters, generations, health, keys, tenants, trainings, webhooks
 
 log = logging.getLogger("krona.gateway")
 
@@ -111,7 +111,15 @@ def create_app(
     app.state.context = context
     install_openapi(app)
     install_error_handlers(app)
-    for router in (trainings.router, adapters.router, generations.router, webhooks.router, health.router):
+    for router in (
+        trainings.router,
+        adapters.router,
+        generations.router,
+        webhooks.router,
+        keys.router,
+        tenants.router,
+        health.router,
+    ):
         app.include_router(router)
 
     # Outermost first: the request id and metrics see every answer, including the body limit's 413.
