@@ -24,7 +24,7 @@ from shared.scheduler import charge, pick
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["MAX_ATTEMPTS", "Heartbeat", "claim", "claim_next", "finish", "renew", "worker_identity"]
+__all__ = ["MAX_ATTEMPTS", "Heartbeat", "claim", "claim_next", "finish", "renew", "wake_if_capped", "worker_identity"]
 
 MAX_ATTEMPTS = 3
 
@@ -95,6 +95,34 @@ def claim_next(
             return candidate.job_id
         session.rollback()  # another worker took it first: pick again
     return None
+
+
+def wake_if_capped(rt, model, task: str, tenant_ids: set[str]) -> int:
+    """After jobs of these tenants ended: a tenant with a running-jobs cap may have had queued jobs skipped by
+    claims while it was at its cap (their messages spent on other jobs); send one message for its oldest queued
+    job, so that it does not wait for the reaper. Returns how many were sent."""
+    from shared.db import Tenant
+    from shared.limits import tenant_limits
+
+    sent = 0
+    for tenant_id in tenant_ids:
+        try:
+            with rt.sessions() as session:
+                tenant = session.get(Tenant, tenant_id)
+                if tenant is None or tenant_limits(rt.settings, tenant.limits).max_running_jobs <= 0:
+                    continue
+                job_id = session.scalar(
+                    select(model.id)
+                    .where(model.tenant_id == tenant_id, model.status == "queued")
+                    .order_by(model.created_at)
+                    .limit(1)
+                )
+            if job_id is not None:
+                rt.send(task, job_id)
+                sent += 1
+        except Exception:  # the reaper sends it later
+            continue
+    return sent
 
 
 def renew(session: Session, model, job_id: str, owner: str, lease_seconds: int, **values: Any) -> bool:

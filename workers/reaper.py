@@ -2,7 +2,8 @@
 
 - running jobs whose lease expired (their worker died): sent again, so a live worker claims and resumes
   them; after MAX_ATTEMPTS claims they are marked failed;
-- queued jobs never sent (broker down at creation) or sent long ago without a claim: sent again;
+- queued jobs never sent (broker down at creation), or, while no worker of their queue holds a job, sent
+  long ago without a claim: sent again;
 - webhook deliveries that are due but were not sent (a lost message, a crashed webhook worker): sent
   again; a delivery whose last allowed attempt's lease expired is given up;
 - every KRONA_RETENTION_INTERVAL_SECONDS, a retention pass (workers/retention.py) in a thread of its own,
@@ -61,9 +62,17 @@ def reap_once(rt: Runtime) -> dict[str, int]:
                     continue
                 _send(rt, session, model, task, row.id)
                 counts["requeued"] += 1
+            # A message wakes a worker, which claims the fairest job, not necessarily the message's own: while a
+            # worker of this queue holds a live lease, messages are being consumed and a long-queued job is only
+            # waiting its turn. Only jobs never sent (broker down at creation) are sent then; when no worker
+            # holds a job, the jobs queued longer than the grace are sent again (their messages may be lost).
+            busy = session.scalar(
+                select(model.id).where(model.status == "running", model.lease_expires_at >= now).limit(1)
+            )
+            unsent = model.enqueued_at.is_(None)
             stale = session.scalars(
                 select(model.id).where(
-                    model.status == "queued", or_(model.enqueued_at.is_(None), model.enqueued_at < now - grace)
+                    model.status == "queued", unsent if busy else or_(unsent, model.enqueued_at < now - grace)
                 )
             ).all()
             for job_id in stale:

@@ -105,6 +105,8 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
     settings = rt.settings
     with rt.sessions() as session:
         row = session.get(model, job_id)
+        if row is None:  # the job was deleted (DELETE /v1/…, or its tenant) after the claim
+            return "skipped"
         secret = session.scalar(select(Tenant.webhook_secret).where(Tenant.id == row.tenant_id))
         body = training_public(row) if kind == "training" else generation_public(row, settings.public_url)
         url = row.webhook_url

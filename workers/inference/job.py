@@ -19,9 +19,10 @@ import time
 from sqlalchemy import select
 
 from shared.db import Adapter, Generation
+from shared.queue import GENERATE_TASK
 from shared.usage import Usage
 
-from ..lease import Heartbeat, claim_next, finish, renew
+from ..lease import Heartbeat, claim_next, finish, renew, wake_if_capped
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
 from ..usage import count_usage, record_usage
@@ -243,6 +244,7 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
             fail(job_id, exc.code, str(exc), share)
             continue
         notify(rt, Generation, "generation", job_id)
+    wake_if_capped(rt, Generation, GENERATE_TASK, {rows[j].tenant_id for j in runnable})
     _prefetch(rt, engine)
     log.info("batch of %d generations (%d images); cache %s", len(runnable), sum(map(len, outputs)), engine.stats())
     return "succeeded"

@@ -20,11 +20,12 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.db import Adapter, Training, new_id
 from shared.images import ImageLimits, decode_image
+from shared.queue import TRAIN_TASK
 from shared.storage import BlobNotFound
 from shared.training_spec import TrainingSpec
 from shared.usage import Usage
 
-from ..lease import Heartbeat, claim_next, finish, renew
+from ..lease import Heartbeat, claim_next, finish, renew, wake_if_capped
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
 from ..usage import count_usage, record_usage
@@ -216,6 +217,7 @@ def run_training_job(rt: Runtime, training_id: str) -> str:
     finally:
         heartbeat.__exit__(None, None, None)
         _purge_inputs(rt, training_id)
+        wake_if_capped(rt, Training, TRAIN_TASK, {tenant_id})
         if components is not None and any(
             "default" in layer.krona_a for layer in krona_layers(components.unet).values()
         ):
