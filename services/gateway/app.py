@@ -22,7 +22,7 @@ from .errors import install_error_handlers
 from .events import ProgressHub
 from .middleware import BodySizeLimit, RequestContext
 from .openapi import camel_case_operation_id, install_openapi
-from .routes import adapters, generations, health, keys, tenants, trainings, webhooks
+from .routes import adapters, generations, health, keys, tenants, trainings, usage, webhooks
 
 log = logging.getLogger("krona.gateway")
 
@@ -118,6 +118,7 @@ def create_app(
         webhooks.router,
         keys.router,
         tenants.router,
+        usage.router,
         health.router,
     ):
         app.include_router(router)
