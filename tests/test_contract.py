@@ -96,6 +96,7 @@ OPERATION_IDS = {
     ("get", "/v1/generations"): "listGenerations",
     ("get", "/v1/generations/{generation_id}"): "getGeneration",
     ("delete", "/v1/generations/{generation_id}"): "deleteGeneration",
+    ("get", "/v1/usage"): "getUsage",
     ("get", "/v1/generations/{generation_id}/images/{index}"): "getGenerationImage",
     ("post", "/v1/batches"): "createBatch",
     ("get", "/v1/batches"): "listBatches",

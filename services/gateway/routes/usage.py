@@ -13,9 +13,10 @@ from ..deps import CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..openapi import errors
 
-router = APIRouter(prefix="/v1/usage", tags=["usage"], responses=errors(401, 422, 503))
+# A calendar day, as a string: pydantic's date would also take numbers (as Unix times).
+DAY = {"pattern": r"^\d{4}-\d{2}-\d{2}$", "json_schema_extra": {"format": "date"}, "examples": ["2026-11-29"]}
 
-DAY = r"^\d{4}-\d{2}-\d{2}$"
+router = APIRouter(prefix="/v1/usage", tags=["usage"], responses=errors(401, 422, 503))
 
 
 class UsagePeriod(BaseModel):
@@ -40,8 +41,8 @@ class UsageReport(BaseModel):
 def get_usage(
     session: SessionDep,
     tenant: CurrentTenant,
-    start: Annotated[str | None, Query(description="first UTC day (default: 29 days before end)", pattern=DAY)] = None,
-    end: Annotated[str | None, Query(description="last UTC day, included (default: today)", pattern=DAY)] = None,
+    start: Annotated[str | None, Query(description="first UTC day (default: 29 days before end)", **DAY)] = None,
+    end: Annotated[str | None, Query(description="last UTC day, included (default: today)", **DAY)] = None,
     granularity: Literal["day", "month", "total"] = "day",
 ):
     """Totals of the tenant's finished jobs per period and kind; periods without usage are left out (366 days
