@@ -29,6 +29,10 @@ def test_training_then_generation_through_a_real_worker(stack):
     )
     assert done["status"] == "succeeded", done
     assert done["progress"]["step"] == 4 and done["adapter_id"]
+    # Retention: the subject's photos (and the checkpoint) left storage when the training ended.
+    storage = client.app.state.context.storage
+    assert done["images_deleted_at"] is not None
+    assert [k for k in storage.list("tenants/") if f"/trainings/{training['id']}/" in k] == []
     adapter_id = done["adapter_id"]
     native = client.get(f"/v1/adapters/{adapter_id}/file", headers=headers)
     assert native.status_code == 200 and all(
@@ -55,6 +59,13 @@ def test_training_then_generation_through_a_real_worker(stack):
         png = client.get(f"/v1/generations/{generation['id']}/images/{image['index']}", headers=headers)
         assert png.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(png.content)).size == (96, 64)
+    # Metering: the usage report is what the two jobs did.
+    usage = client.get("/v1/usage", headers=headers, params={"granularity": "total"}).json()["data"]
+    assert [(u["kind"], u["jobs"], u["images"], u["steps"], u["pixels"]) for u in usage] == [
+        ("generation", 1, 2, 3, 96 * 64 * 2),
+        ("training", 1, 0, 4, 4 * 64 * 64),
+    ]
+    assert all(u["worker_seconds"] > 0 and list(u["devices"]) == ["cpu"] for u in usage)
 
 
 def test_kill_9_mid_training_resumes_from_the_checkpoint(stack):
