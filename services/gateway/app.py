@@ -33,6 +33,13 @@ Authenticate with `Authorization: Bearer <api key>`. Errors are
 `{"error": {"code": "...", "message": "...", "details": ...}}`. Creating routes accept an
 `Idempotency-Key` header: the same key from the same tenant returns the first answer (24 h).
 A resource of another tenant answers 404.
+
+Keys are a tenant's (its own resources, `/v1/api-keys`, `/v1/usage`) or an admin's (`/v1/tenants`);
+the other kind answers 403. Each key has a token bucket (requests per second and burst, per-tenant
+overrides): every authenticated answer carries `RateLimit-Limit`, `RateLimit-Remaining` and
+`RateLimit-Reset`, and an empty bucket answers 429 `rate_limited` with `Retry-After`. A tenant's
+queued jobs are capped (429 `queue_full`). Workers serve tenants fairly: the next job comes from the
+tenant served least so far, weighted by its share, with service counted as the jobs' cost.
 """
 
 
