@@ -159,3 +159,45 @@ def test_usage_reports_what_the_jobs_recorded_per_day_month_and_total(api):
     bad = api.client.get("/v1/usage", headers=api.headers(), params={"start": "2026-12-01", "end": "2026-11-01"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_range"
     assert api.client.get("/v1/usage", headers=api.headers(), params={"start": "2026-13-01"}).status_code in (400, 422)
+
+
+def test_the_queued_jobs_cap_is_exact_for_120_concurrent_creates(api):
+    """The tenant's row is locked while a create commits (PostgreSQL): 120 at once, a cap of 50, 50 accepted."""
+    from sqlalchemy import func, select
+
+    from shared.db import Generation
+
+    tenant_id = _set(api, max_queued_jobs=50)
+    start = threading.Barrier(120)
+
+    def create(i: int) -> int:
+        start.wait(timeout=60)
+        return api.client.post("/v1/generations", headers=api.headers(), json={"prompt": f"p{i}"}).status_code
+
+    with ThreadPoolExecutor(max_workers=120) as pool:
+        statuses = list(pool.map(create, range(120)))
+    assert statuses.count(202) == 50 and statuses.count(429) == 70, sorted(set(statuses))
+    with api.context.sessions() as session:
+        queued = session.scalar(select(func.count()).select_from(Generation).where(Generation.tenant_id == tenant_id))
+    assert queued == 50
+
+
+def test_per_tenant_metric_labels_are_bounded():
+    from prometheus_client import REGISTRY
+
+    from shared.usage import Usage
+    from workers import usage as metering
+
+    labels = metering.TenantLabels(2)
+    assert [labels(t) for t in ("ten_a", "ten_b", "ten_c", "ten_a", "ten_d")] == [
+        "ten_a", "ten_b", "other", "ten_a", "other"
+    ]  # fmt: skip
+    before = REGISTRY.get_sample_value("krona_tenant_images_total", {"tenant": "other"}) or 0.0
+    metering._labels = metering.TenantLabels(0)  # this process names no tenant: everything is "other"
+    try:
+        metering.count_usage(
+            tenant_id="ten_x", kind="generation", status="succeeded", usage=Usage(1.0, "cpu", images=3), max_tenants=0
+        )
+    finally:
+        metering._labels = None
+    assert REGISTRY.get_sample_value("krona_tenant_images_total", {"tenant": "other"}) == before + 3
