@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,10 @@ from shared.krona import KronaConfig, adapter_state_dict, load_adapter, save_ada
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_help_is_fast_and_imports_no_torch():
+def test_help_imports_no_torch():
     code = "import sys; from services.cli.main import build_parser; build_parser(); print('torch' in sys.modules)"
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
     assert out.stdout.strip() == "False"
-    assert time.perf_counter() - start < 10  # generous: it is ~0.1 s; torch alone would take seconds
     result = subprocess.run(
         [sys.executable, "-m", "services.cli.main", "--help"], capture_output=True, text=True, cwd=REPO_ROOT
     )
