@@ -159,8 +159,17 @@ class SeaweedFS:
                 }
             )
         )
-        self.port = _free_port()
-        self.ports = {name: _free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
+        # Every listener `weed mini -h` names gets a free port of its own, so two runs at once never collide:
+        # the HTTP and gRPC port of each server. Iceberg's and Lance's catalogs are turned off (port 0).
+        http = ("master", "volume", "filer", "admin", "webdav")
+        grpc = ("s3", "master", "volume", "filer", "admin")
+        free: list[int] = []
+        while len(free) < 1 + len(http) + len(grpc):
+            if (port := _free_port()) not in free:
+                free.append(port)
+        self.port = free[0]
+        self.ports = dict(zip(http, free[1 : 1 + len(http)], strict=True))
+        self.grpc_ports = dict(zip(grpc, free[1 + len(http) :], strict=True))
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.process = None
         self.info = {"endpoint": self.endpoint, "access_key": S3_KEY, "secret_key": S3_SECRET, "server": self}
@@ -173,12 +182,12 @@ class SeaweedFS:
         import urllib.request
 
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        ports = self.ports
         cmd = [
             weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", f"-s3.config={self.config}", f"-s3.port={self.port}",
-            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-            f"-admin.port={ports['admin']}", f"-webdav.port={ports['webdav']}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            *(f"-{name}.port={port}" for name, port in self.ports.items()),
+            *(f"-{name}.port.grpc={port}" for name, port in self.grpc_ports.items()),
         ]  # fmt: skip
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
