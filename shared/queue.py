@@ -8,7 +8,7 @@ wake-up call, so losing one costs latency (the reaper re-enqueues), never a job.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -25,6 +25,7 @@ __all__ = [
     "WEBHOOK_TASK",
     "celery_app",
     "make_celery",
+    "send",
 ]
 
 TRAIN_QUEUE = "train"
@@ -45,7 +46,11 @@ TASK_ROUTES = {
 
 
 def make_celery(settings: Settings) -> Celery:
-    """The Celery app with the reliability policy of DESIGN.md."""
+    """The Celery app with the reliability policy of DESIGN.md, set here once for every task.
+
+    Acknowledged late and rejected (re-queued) when the worker dies mid-task, one message prefetched at a
+    time: a job's message is never lost with a crashed worker, and a long job holds no others back.
+    """
     from celery import Celery
 
     broker = settings.resolved_broker_url
@@ -67,6 +72,14 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def send(app: Celery, task: str, job_id: str, *, countdown: float | None = None, producer: Any = None) -> None:
+    """Send ``task`` for ``job_id`` by name to its queue (the gateway and the workers both send this way).
+
+    ``countdown`` delays delivery by that many seconds; ``producer`` reuses one connection for a batch.
+    """
+    app.send_task(task, args=[job_id], queue=TASK_ROUTES[task]["queue"], countdown=countdown, producer=producer)
 
 
 @lru_cache

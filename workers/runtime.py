@@ -27,9 +27,9 @@ class Runtime:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, task: str, job_id: str, *, countdown: float | None = None) -> None:
-        from shared.queue import TASK_ROUTES, celery_app
+        from shared.queue import celery_app, send
 
-        celery_app().send_task(task, args=[job_id], queue=TASK_ROUTES[task]["queue"], countdown=countdown)
+        send(celery_app(), task, job_id, countdown=countdown)
 
 
 def build_runtime(settings: Settings | None = None, storage: Storage | None = None) -> Runtime:

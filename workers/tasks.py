@@ -1,5 +1,9 @@
 """Celery tasks: thin. Each takes an id, and calls the domain code with the process's runtime.
 
+The delivery policy (late acknowledgement, re-queue when the worker dies, prefetch of one) is the app's,
+set once in ``shared/queue.py``; no task needs another. Retries are not Celery's either: the row says
+what is due, and the reaper re-sends it (see ``workers/webhooks.py`` for the webhook's schedule).
+
 Start a worker with ``celery -A workers.tasks worker -Q train,infer --pool solo -c 1`` (``krona worker``
 does, and ``krona up`` starts one), and a webhook worker with ``-Q webhooks --pool threads -c 8``
 (``krona worker --queues webhooks``). The reaper runs in a thread of every worker.
@@ -19,7 +23,7 @@ log = logging.getLogger("krona.worker")
 app = celery_app()
 
 
-@app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=TRAIN_TASK)
 def train_task(training_id: str) -> str:
     from workers.runtime import runtime
     from workers.training.job import run_training_job
@@ -27,7 +31,7 @@ def train_task(training_id: str) -> str:
     return run_training_job(runtime(), training_id)
 
 
-@app.task(name=GENERATE_TASK, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=GENERATE_TASK)
 def generate_task(generation_id: str) -> str:
     from workers.inference.job import run_generation_job
     from workers.runtime import runtime
@@ -35,7 +39,7 @@ def generate_task(generation_id: str) -> str:
     return run_generation_job(runtime(), generation_id)
 
 
-@app.task(name=WEBHOOK_TASK, acks_late=True)
+@app.task(name=WEBHOOK_TASK)
 def webhook_task(ref: str) -> str:
     # One attempt; the schedule of the next one is kept on the job's row (workers/webhooks.py), not in Celery.
     from workers.runtime import runtime

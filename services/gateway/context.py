@@ -36,19 +36,18 @@ class CeleryEnqueuer:
         self.app = make_celery(settings)
 
     def send(self, task: str, job_id: str) -> None:
-        from shared.queue import TASK_ROUTES
+        from shared.queue import send
 
-        self.app.send_task(task, args=[job_id], queue=TASK_ROUTES[task]["queue"])
+        send(self.app, task, job_id)
 
     def send_many(self, task: str, job_ids: list[str]) -> int:
-        from shared.queue import TASK_ROUTES
+        from shared.queue import send
 
-        queue = TASK_ROUTES[task]["queue"]
         sent = 0
         with self.app.producer_or_acquire() as producer:  # one producer (and connection) for the whole batch
             for job_id in job_ids:
                 try:
-                    self.app.send_task(task, args=[job_id], queue=queue, producer=producer)
+                    send(self.app, task, job_id, producer=producer)
                 except Exception:
                     if sent == 0:
                         raise
