@@ -8,6 +8,23 @@ After the attempt: ``delivered`` (2xx), ``rejected`` (another 4xx: retrying woul
 task is sent again with a countdown for the next attempt; the reaper sends overdue ones (a lost
 message or a crashed worker) and gives up leases that expired on the last attempt.
 
+Why the schedule is not Celery's ``autoretry_for`` / ``retry_backoff`` / ``retry_backoff_max``: Celery
+keeps a retry's count and time in the message, and those three guarantees need them on the row.
+
+- Exact attempt count: Celery counts ``request.retries`` per message. A message the reaper sends again
+  (after broker loss or a crashed worker) starts at 0, and a duplicate message counts on its own, so
+  ``max_retries`` bounds the retries of one message, not the POSTs a receiver gets (when the retries were
+  Celery's, a receiver got 16 POSTs with a limit of 5). ``webhook_attempts``, counted by the claim, is exact.
+- Never in flight twice: only the guarded claim on the row gives that; Celery's retry would still have
+  to go through it.
+- Survives broker loss: a retry that exists only as a message is gone with the broker (or with the
+  worker holding it as an ETA task). ``webhook_next_attempt_at`` outlives both, and the reaper acts on it.
+
+Keeping both would mean two schedules that must agree: ``retry_backoff`` adds random jitter, so Celery's
+retry would often arrive before the row's next attempt is due, find nothing to claim, and leave the
+delivery to the reaper, late. So the task makes one attempt, and the message that wakes the next one is
+only a wake-up call, as for jobs; the backoff is ``retry_delay``.
+
 Deliveries run on their own queue (``webhooks``) and worker pool, so a slow receiver never holds a
 GPU worker.
 """
@@ -33,11 +50,12 @@ __all__ = ["JOB_KINDS", "deliver_webhook", "notify", "retry_delay"]
 JOB_KINDS = {"training": Training, "generation": Generation}
 # A claim outlives the request's deadline by this much before another worker may take it over.
 LEASE_MARGIN_SECONDS = 30
+MAX_RETRY_DELAY_SECONDS = 300.0
 
 
 def retry_delay(attempt: int, base_seconds: float) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1-based): base * 2^(attempt-1), at most 300."""
-    return min(300.0, base_seconds * 2 ** (attempt - 1))
+    return min(MAX_RETRY_DELAY_SECONDS, base_seconds * 2 ** (attempt - 1))
 
 
 def due_condition(model, now):
@@ -97,9 +115,7 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
     """
     kind, _, job_id = ref.partition(":")
     model = JOB_KINDS.get(kind)
-    if model is None:
-        return "skipped"
-    attempt = _claim(rt, model, job_id)
+    attempt = None if model is None else _claim(rt, model, job_id)
     if attempt is None:
         return "skipped"
     settings = rt.settings
@@ -111,6 +127,7 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         body = training_public(row) if kind == "training" else generation_public(row, settings.public_url)
         url = row.webhook_url
     payload = json.dumps({"type": f"{kind}.{body['status']}", "data": body}, separators=(",", ":")).encode()
+
     try:
         target = resolve_webhook_target(url, allow_private=settings.allow_private_webhooks)
     except ValueError as exc:  # refused now (DNS changed, or the setting did): never retried
@@ -130,21 +147,24 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
     except DeliveryError as exc:
         status, error = None, str(exc)
     now = utcnow()
-    if error is None:
+
+    if error is None:  # the receiver answered: 2xx delivered, another 4xx rejected (retrying would not help)
         state = "delivered" if 200 <= status < 300 else "rejected"
+        last_error = None if state == "delivered" else f"HTTP {status}"
         _finish(
-            rt, model, job_id, attempt, webhook_state=state, webhook_delivered_at=now,
-            webhook_last_error=None if state == "delivered" else f"HTTP {status}",
-        )  # fmt: skip
+            rt, model, job_id, attempt, webhook_state=state, webhook_delivered_at=now, webhook_last_error=last_error
+        )
         return state
     if attempt >= settings.webhook_max_attempts:
         _finish(rt, model, job_id, attempt, webhook_state="given_up", webhook_last_error=error[:1000])
         log.warning("webhook of %s given up after %d attempts: %s", ref, attempt, error)
         return "given_up"
+    # Worth another attempt (network error, deadline, 5xx, 429): the row says when; the message only wakes it.
     delay = retry_delay(attempt, settings.webhook_retry_base_seconds)
+    next_attempt_at = now + timedelta(seconds=delay)
     _finish(
-        rt, model, job_id, attempt, webhook_state="pending", webhook_last_error=error[:1000],
-        webhook_next_attempt_at=now + timedelta(seconds=delay),
+        rt, model, job_id, attempt, webhook_state="pending", webhook_next_attempt_at=next_attempt_at,
+        webhook_last_error=error[:1000],
     )  # fmt: skip
     log.info("webhook of %s failed (attempt %d): %s; next in %.1f s", ref, attempt, error, delay)
     from shared.queue import WEBHOOK_TASK
