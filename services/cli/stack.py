@@ -189,7 +189,8 @@ def up(args: argparse.Namespace) -> int:
     from shared.models import resolve_base_model
 
     upgrade_to_head(settings.resolved_database_url)
-    # Build (once) or resolve the base model here, so that the gateway can read its UNet config.
+    # Build (once) or resolve the base model here, before the children start, so that the first job does not
+    # wait for the build (the gateway reads the UNet config either way, without building).
     resolve_base_model(settings.base_model)
     key_file = _ensure_default_tenant(settings)
     env = {**os.environ, "KRONA_DATA_DIR": str(settings.data_dir.resolve())}

@@ -1,8 +1,9 @@
 """Base models by name: the built-in tiny models, a local diffusers folder, or a Hugging Face Hub id.
 
-`resolve_base_model` and `unet_config` import neither torch nor diffusers when the model is a folder
-(or an already built tiny model), so the gateway can validate adapter factor sizes against a base model
-without loading it.
+`unet_config` imports neither torch nor diffusers and builds nothing, so the gateway can validate adapter
+factor sizes against a base model without loading it: a built-in tiny model's UNet config comes from its
+cached folder, or from `TINY_MODEL_CONFIGS` when no worker has built it yet. `resolve_base_model` builds
+a built-in model that is not cached (that needs torch); call it where the model will be loaded.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from shared.models.tiny import TINY_MODELS, ensure_tiny_model
+from shared.models.tiny import TINY_MODELS, ensure_tiny_model, tiny_model_path, tiny_unet_config
 
 logger = logging.getLogger(__name__)
 
@@ -99,10 +100,15 @@ def is_sdxl(pipe: Any) -> bool:
 
 
 def unet_config(name_or_path: str | Path) -> dict[str, Any]:
-    """The base model's `unet/config.json` as a dict, read without loading any weights.
+    """The base model's `unet/config.json` as a dict, read without loading any weights or building a model.
 
-    For a Hub id the file is fetched through `huggingface_hub` (and its cache).
+    A built-in tiny model that is not cached yet gives its config from `TINY_MODEL_CONFIGS` (the keys it
+    leaves out take diffusers' defaults). For a Hub id the file is fetched through `huggingface_hub` (and
+    its cache).
     """
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS and not (tiny_model_path(name) / "model_index.json").is_file():
+        return tiny_unet_config(name)
     source = resolve_base_model(name_or_path)
     local = Path(source)
     if local.is_dir():

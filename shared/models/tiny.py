@@ -198,6 +198,15 @@ def tiny_model_path(name: str) -> Path:
     return model_cache_root() / f"{name}-{digest}"
 
 
+def tiny_unet_config(name: str) -> dict[str, Any]:
+    """Tiny model `name`'s UNet config as `unet/config.json` would start, without torch or a build.
+
+    Only the keys `TINY_MODEL_CONFIGS` sets, plus `_class_name`; the others take diffusers' defaults (as
+    `shared.models.shapes.attention_projection_shapes` applies them).
+    """
+    return {"_class_name": "UNet2DConditionModel", **copy.deepcopy(_config_or_raise(name)["unet"])}
+
+
 def ensure_tiny_model(name: str) -> Path:
     """Build tiny model `name` into its cache folder unless it is already there; return the folder.
 
