@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=".krona", help="database, broker, blobs and api-key (default .krona)")
 
     migrate = sub.add_parser(
-        "migrate", help="bring the database (KRONA_DATABASE_URL or the embedded one) to the schema head"
+        "migrate",
+        help="bring the database (KRONA_DATABASE_URL or the embedded one) to the schema head, and create the S3 "
+        "bucket (KRONA_S3_BUCKET) if it is missing",
     )
     migrate.add_argument("--data-dir", help="embedded data folder (default .krona)")
 

@@ -36,7 +36,22 @@ def migrate(args: argparse.Namespace) -> int:
     settings = _settings(getattr(args, "data_dir", None))
     upgrade_to_head(settings.resolved_database_url)
     print(f"database at migration head: {settings.resolved_database_url.split('@')[-1]}")
+    _ensure_bucket(settings)
     return 0
+
+
+def _ensure_bucket(settings) -> None:
+    """With S3 storage: create the bucket when it is missing, and say which happened (no-op for a local folder)."""
+    from shared.storage import S3Storage, StorageError, storage_from_settings
+
+    storage = storage_from_settings(settings)
+    if not isinstance(storage, S3Storage):
+        return
+    try:
+        created = storage.ensure_bucket()
+    except StorageError as exc:
+        raise ValueError(str(exc)) from exc  # printed as `krona migrate: error: …`
+    print(f"S3 bucket {storage.bucket!r} at {storage.endpoint}: {'created' if created else 'exists'}")
 
 
 def admin(args: argparse.Namespace) -> int:
@@ -189,6 +204,7 @@ def up(args: argparse.Namespace) -> int:
     from shared.models import resolve_base_model
 
     upgrade_to_head(settings.resolved_database_url)
+    _ensure_bucket(settings)
     # Build (once) or resolve the base model here, before the children start, so that the first job does not
     # wait for the build (the gateway reads the UNet config either way, without building).
     resolve_base_model(settings.base_model)

@@ -1,4 +1,8 @@
-"""Storage in an S3-compatible bucket (AWS S3, MinIO, SeaweedFS): path-style addressing, SigV4."""
+"""Storage in an S3-compatible bucket (AWS S3, MinIO, SeaweedFS): path-style addressing, SigV4.
+
+The bucket is not created at start-up: `krona migrate` creates it when it is missing (``ensure_bucket``).
+A missing bucket is reported as such, naming the bucket, the endpoint and that command.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ class S3Storage(Storage):
         from botocore.config import Config
 
         self.bucket = bucket
+        self.endpoint = endpoint
+        self.region = region
         self.client = boto3.client(
             "s3",
             endpoint_url=endpoint,
@@ -41,20 +47,55 @@ class S3Storage(Storage):
         try:
             return fn(*args, **kwargs)
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
+            code = _error_code(exc)
+            if code == "NoSuchBucket":
+                raise StorageError(self._missing_bucket()) from exc
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise BlobNotFound(kwargs.get("Key", "")) from None
             raise StorageError(f"S3 {code}: {exc}") from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 unreachable: {exc}") from exc
 
-    def ensure_bucket(self) -> None:
-        from botocore.exceptions import ClientError
+    def _missing_bucket(self) -> str:
+        return f"S3 bucket {self.bucket!r} does not exist at {self.endpoint}; `krona migrate` creates it"
+
+    def bucket_exists(self) -> bool:
+        """Whether the bucket exists; StorageError when S3 is unreachable or refuses these credentials."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except ClientError:
-            self._call(self.client.create_bucket, Bucket=self.bucket)
+            return True
+        except ClientError as exc:
+            code = _error_code(exc)  # HEAD answers have no body: the code is the HTTP status
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            if code in ("403", "AccessDenied"):
+                raise StorageError(
+                    f"S3 at {self.endpoint} refused access to bucket {self.bucket!r} (HTTP 403): check "
+                    f"KRONA_S3_ACCESS_KEY and KRONA_S3_SECRET_KEY, and that the key may use this bucket"
+                ) from exc
+            raise StorageError(f"S3 {code}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 unreachable: {exc}") from exc
+
+    def ensure_bucket(self) -> bool:
+        """Create the bucket unless it exists; whether it was created. StorageError as for ``bucket_exists``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if self.bucket_exists():
+            return False
+        # AWS wants the bucket's region named, except for its default region.
+        location = {"CreateBucketConfiguration": {"LocationConstraint": self.region}}
+        try:
+            self.client.create_bucket(Bucket=self.bucket, **({} if self.region == "us-east-1" else location))
+        except ClientError as exc:
+            if _error_code(exc) == "BucketAlreadyOwnedByYou":  # another `krona migrate` created it meanwhile
+                return False
+            raise StorageError(f"S3 at {self.endpoint} could not create bucket {self.bucket!r}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 unreachable: {exc}") from exc
+        return True
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._call(self.client.put_object, Bucket=self.bucket, Key=check_key(key), Body=data, ContentType=content_type)
@@ -100,6 +141,8 @@ class S3Storage(Storage):
                     modified = item["LastModified"]  # botocore parses it timezone-aware
                     yield item["Key"], modified.astimezone(UTC) if modified.tzinfo else modified.replace(tzinfo=UTC)
         except Exception as exc:
+            if _error_code(exc) == "NoSuchBucket":
+                raise StorageError(self._missing_bucket()) from exc
             raise StorageError(f"S3 list failed: {exc}") from exc
 
     def copy(self, source: str, dest: str) -> None:
@@ -112,9 +155,16 @@ class S3Storage(Storage):
         )
 
     def check(self) -> None:
-        self._call(self.client.head_bucket, Bucket=self.bucket)
+        if not self.bucket_exists():
+            raise StorageError(self._missing_bucket())
 
     def presigned_url(self, key: str, expires_seconds: int = 3600) -> str | None:
         return self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": check_key(key)}, ExpiresIn=expires_seconds
         )
+
+
+def _error_code(exc: Exception) -> str:
+    """The error code of a botocore ClientError ("NoSuchBucket", "404", "AccessDenied", …); "" for other errors."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
