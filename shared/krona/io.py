@@ -24,9 +24,10 @@ MAX_ADAPTER_BYTES = 256 * 1024 * 1024
 
 
 def validate_state_dict(state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Check keys, 2-D floating factors, A/B pairs and finiteness; ValueError with the first problem."""
-    if not state_dict:
-        raise ValueError("adapter holds no tensors")
+    """Check keys, 2-D floating factors, A/B pairs and finiteness; ValueError with the first problem.
+
+    The one check of native factors (``convert.pair_factors``), which the gateway runs on numpy arrays.
+    """
     group_factors(state_dict)
 
 

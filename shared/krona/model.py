@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from .config import KronaConfig, check_factors_fit_shapes
-from .keys import KRONA_A_SUFFIX, KRONA_B_SUFFIX, short_name, split_state_dict_key
+from .convert import ArrayLibrary, pair_factors
+from .keys import KRONA_A_SUFFIX, KRONA_B_SUFFIX, short_name
 from .layer import KronaLinear
 
 __all__ = [
@@ -136,26 +137,19 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return state
 
 
+TORCH = ArrayLibrary(
+    is_array=lambda x: isinstance(x, torch.Tensor),
+    dtype_name=lambda t: str(t.dtype).removeprefix("torch."),
+    all_finite=lambda t: t.device.type == "meta" or bool(torch.isfinite(t).all()),
+)
+
+
 def group_factors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module path -> (A, B); checks that every path has both factors and that they are 2-D and finite."""
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        path, kind = split_state_dict_key(key)
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{key} must be a 2-D tensor, got shape {shape}")
-        if not tensor.dtype.is_floating_point:
-            raise ValueError(f"{key} must be a floating-point tensor, got {tensor.dtype}")
-        if tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            raise ValueError(f"{key} contains NaN or infinite values")
-        halves.setdefault(path, {})[kind] = tensor
-    pairs = {}
-    for path, parts in halves.items():
-        if set(parts) != {"krona_a", "krona_b"}:
-            missing = {"krona_a", "krona_b"} - set(parts)
-            raise ValueError(f"{path} has no {missing.pop()} factor")
-        pairs[path] = (parts["krona_a"], parts["krona_b"])
-    return pairs
+    """Module path -> (A, B); checks that every path has both factors, 2-D, floating and finite.
+
+    The same check (and messages) as the gateway's numpy one: ``convert.pair_factors`` read with torch.
+    """
+    return pair_factors(state_dict, TORCH)
 
 
 @torch.no_grad()
@@ -175,8 +169,6 @@ def load_adapter_state_dict(
     loads as is). Everything is checked before anything is written.
     """
     pairs = group_factors(state_dict)
-    if not pairs:
-        raise ValueError("state dict holds no adapter factors")
     modules = dict(model.named_modules())
     existing = {p: m for p, m in krona_layers(model).items() if name in m.krona_a}
     if existing:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from shared.db import Adapter
-from shared.krona.convert import lycoris_arrays, read_safetensors_bytes
+from shared.krona.convert import lycoris_arrays, read_safetensors_bytes, safetensors_bytes
 from shared.schemas import AdapterPublic, Page, adapter_public
 from shared.storage import BlobNotFound
 
@@ -74,8 +74,6 @@ def download_adapter_file(
     headers = {"Content-Disposition": f'attachment; filename="{adapter_id}.{format}.safetensors"'}
     if format == "krona":
         return Response(data, media_type="application/octet-stream", headers=headers)
-    from safetensors.numpy import save
-
     arrays, _ = read_safetensors_bytes(data, adapter_id)
     lokr, not_rebuildable = lycoris_arrays(arrays)
     meta = {"ss_network_module": "lycoris.kohya", "ss_base_model_version": row.base_model}
@@ -83,7 +81,7 @@ def download_adapter_file(
         headers["X-Krona-Note"] = (
             "loads in ComfyUI/A1111/Forge; the lycoris-lora Python library cannot rebuild these factor shapes"
         )
-    return Response(save(lokr, metadata=meta), media_type="application/octet-stream", headers=headers)
+    return Response(safetensors_bytes(lokr, meta), media_type="application/octet-stream", headers=headers)
 
 
 @router.post(
