@@ -7,16 +7,25 @@ PIP    := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install test lint format demo bench bench-quick clean services
+# The Docker images' pinned requirements, generated from pyproject.toml's extras (deploy/docker/requirements.py).
+REQUIREMENTS := deploy/docker/requirements-gateway.txt deploy/docker/requirements-worker.txt
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install test lint format demo bench bench-quick clean services requirements
+
+# torch first (pinned, CPU), then the project with its dev extras (gateway, worker and the test tools) at
+# the versions the images pin, so the tests run what the images ship.
+$(VENV)/.installed: pyproject.toml $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(FIND_LINKS) "torch==$(TORCH_VERSION)"
-	$(PIP) install -q $(FIND_LINKS) -e ".[dev]"
+	$(PIP) install -q $(FIND_LINKS) $(addprefix -r ,$(REQUIREMENTS)) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
+
+# After changing pyproject.toml's dependencies or installing another version of one: rewrite the pins.
+requirements:
+	$(PY) deploy/docker/requirements.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -160,3 +160,28 @@ def test_deploy_files_set_exactly_settings_the_code_reads():
     required = {"KRONA_DATABASE_URL", "KRONA_BROKER_URL", "KRONA_S3_ENDPOINT", "KRONA_S3_ACCESS_KEY",
                 "KRONA_S3_SECRET_KEY", "KRONA_BASE_MODEL", "KRONA_ENV"}  # fmt: skip
     assert required <= _variables(sources["kubernetes"])
+
+
+def _pinned(image: str) -> dict[str, str]:
+    """Package name -> the line of deploy/docker/requirements-<image>.txt that pins it."""
+    lines = (ROOT / f"deploy/docker/requirements-{image}.txt").read_text().splitlines()
+    return {re.split(r"[\[=]", line)[0].lower(): line for line in lines if line and not line.startswith("#")}
+
+
+def test_docker_requirements_are_generated_from_the_extras():
+    """The committed files are what deploy/docker/requirements.py writes from pyproject.toml (`make requirements`)."""
+    script = ROOT / "deploy/docker/requirements.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    gateway, worker = _pinned("gateway"), _pinned("worker")
+    assert all(re.fullmatch(r"[\w.-]+(\[[\w,]+\])?==\S+", line) for line in [*gateway.values(), *worker.values()])
+    # The gateway image (which also runs the webhook worker) pulls no torch; the worker image's torch is a
+    # CUDA build its Dockerfile installs from PyTorch's index, before these pins.
+    assert not {"torch", "diffusers", "transformers", "accelerate"} & set(gateway)
+    assert {"fastapi", "uvicorn", "python-multipart", "celery", "boto3"} <= set(gateway)
+    assert {"diffusers", "transformers", "accelerate", "celery", "boto3"} <= set(worker) and "torch" not in worker
+    assert "fastapi" not in worker
+    for image in ("gateway", "worker"):
+        dockerfile = (ROOT / f"deploy/docker/{image}.Dockerfile").read_text()
+        assert f"COPY deploy/docker/requirements-{image}.txt /tmp/requirements.txt" in dockerfile
+        assert "pip install -r /tmp/requirements.txt" in dockerfile

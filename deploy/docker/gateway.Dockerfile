@@ -4,6 +4,7 @@ FROM python:3.11.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 RUN groupadd --system --gid 10001 krona && useradd --system --uid 10001 --gid krona --home /app krona
+# requirements-gateway.txt is generated from pyproject.toml's [gateway] extra (deploy/docker/requirements.py).
 COPY deploy/docker/requirements-gateway.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
 COPY shared /app/shared

@@ -10,9 +10,10 @@ RUN apt-get update \
 WORKDIR /app
 RUN groupadd --system --gid 10001 krona && useradd --system --uid 10001 --gid krona --home /app krona \
  && mkdir -p /cache && chown krona:krona /cache
-COPY deploy/docker/requirements-gateway.txt deploy/docker/requirements-worker.txt /tmp/
+# requirements-worker.txt is generated from pyproject.toml's [worker] extra (deploy/docker/requirements.py).
+COPY deploy/docker/requirements-worker.txt /tmp/requirements.txt
 RUN python3.11 -m pip install --index-url https://download.pytorch.org/whl/cu124 torch==2.6.0 \
- && python3.11 -m pip install -r /tmp/requirements-worker.txt
+ && python3.11 -m pip install -r /tmp/requirements.txt
 COPY shared /app/shared
 COPY workers /app/workers
 COPY services /app/services
