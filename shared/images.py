@@ -1,4 +1,5 @@
-"""Decoding uploaded images safely: limits checked on the header first, EXIF orientation, RGB.
+"""Decoding uploaded images safely (limits checked on the header first, EXIF orientation, RGB), and
+encoding generated ones as PNG.
 
 Torch-free (Pillow and numpy only), so the gateway validates uploads with the same rules the trainer
 applies, before anything is stored.
@@ -25,8 +26,10 @@ __all__ = [
     "ImageUnreadable",
     "SubjectImage",
     "decode_image",
+    "encode_png",
     "list_image_files",
     "load_subject_images",
+    "to_uint8",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -137,3 +140,17 @@ def load_subject_images(
     if len(files) > limits.max_count:
         raise ValueError(f"{len(files)} images{where}; at most {limits.max_count} are accepted")
     return [decode_image(Path(f).read_bytes(), Path(f).name, limits) for f in files]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] (a pipeline's ``output_type="np"``, (H, W, 3)) as uint8: clipped, then rounded."""
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """A float image in [0, 1] (H, W, 3), as ``to_uint8`` converts it, encoded as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -4,32 +4,30 @@ The parts (`load_components`, `prepare_data`, `build_adapter`, `train_step`, `sa
 `save_trained_adapter`) are callable on their own; `train` runs them with progress, cancellation,
 checkpoints and validation images. `check_factors_fit_base_model` validates a job against the base
 model's UNet config (no weights) before anything heavy starts.
+
+    components.py    load_components, encode_prompt: the frozen pipeline on the device
+    data.py          prepare_data: images and prompts encoded once
+    adapter.py       build_adapter, save_trained_adapter: the factors that train
+    step.py          TrainState, train_step, denoising_loss: one optimizer step
+    checkpoints.py   save_checkpoint, find_latest_checkpoint, load_checkpoint: exact resume
+    class_images.py  generate_class_images: prior preservation
+    validation.py    render_validation_images
+    preflight.py     check_factors_fit_base_model
+    trainer.py       train: the loop
 """
 
 from shared.images import ImageLimits, SubjectImage, decode_image, list_image_files, load_subject_images
 from shared.training_spec import TrainingSpec
 
+from .adapter import build_adapter, save_trained_adapter
+from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .class_images import generate_class_images
 from .components import Components, encode_prompt, load_components, native_resolution
-from .data import to_training_tensor
-from .trainer import (
-    PreparedData,
-    Progress,
-    TrainingCanceled,
-    TrainingResult,
-    TrainState,
-    build_adapter,
-    denoising_loss,
-    find_latest_checkpoint,
-    generate_class_images,
-    load_checkpoint,
-    prepare_data,
-    render_validation_images,
-    save_checkpoint,
-    save_trained_adapter,
-    train,
-    train_step,
-)
-from .validation import check_factors_fit_base_model
+from .data import PreparedData, prepare_data, to_training_tensor
+from .preflight import check_factors_fit_base_model
+from .step import TrainState, denoising_loss, train_step
+from .trainer import Progress, TrainingCanceled, TrainingResult, train
+from .validation import render_validation_images
 
 __all__ = [
     "Components",

@@ -1,17 +1,53 @@
-"""Checks of a training job that need the base model's shapes but not its weights."""
+"""Validation images: what the adapter renders for the validation prompt, during and after training."""
 
 from __future__ import annotations
 
-from shared.krona import count_adapter_parameters
-from shared.models import resolve_base_model, unet_config
+import os
+from pathlib import Path
+
+import torch
+
+from shared.images import encode_png
 from shared.training_spec import TrainingSpec
 
+from .components import Components, native_resolution
 
-def check_factors_fit_base_model(spec: TrainingSpec, base_model: str) -> int:
-    """Resolve ``base_model`` and check the factors against its UNet config (meta device, no weights).
+__all__ = ["render_validation_images"]
 
-    Returns the adapter's parameter count; raises ValueError (unknown model, a1/a2 not dividing a
-    target layer, unknown target module) before any weights are loaded.
-    """
-    config = unet_config(resolve_base_model(base_model))
-    return count_adapter_parameters(config, spec.krona_config())
+
+@torch.no_grad()
+def render_validation_images(
+    components: Components, spec: TrainingSpec, directory: str | os.PathLike, step: int
+) -> list[Path]:
+    """Images of ``validation_prompt`` (or the instance prompt) with the adapter as it is now."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = components.pipe
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    moved = []
+    if components.device.type != "cpu":  # encoders were parked on the CPU after caching
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            module = getattr(pipe, name, None)
+            if module is not None and next(module.parameters()).device != components.device:
+                module.to(components.device)
+                moved.append(module)
+    resolution = spec.resolution or native_resolution(components)
+    generator = torch.Generator().manual_seed(spec.seed)
+    paths = []
+    for index in range(spec.num_validation_images):
+        image = pipe(
+            spec.validation_prompt or spec.instance_prompt,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=spec.validation_steps,
+            generator=generator,
+            output_type="np",
+        ).images[0]
+        path = out / f"step-{step:07d}-{index}.png"
+        path.write_bytes(encode_png(image))
+        paths.append(path)
+    for module in moved:
+        module.to("cpu")
+    pipe.unet.train(was_training)
+    return paths
