@@ -55,8 +55,12 @@ class KronaLinear(WrapsLinear):
         self.krona_b = nn.ParameterDict()
         self.scales: dict[str, float] = {}
         self.active_adapters: list[str] = []
-        # name -> the scale it was merged with, so that unmerge subtracts exactly what merge added.
+        # name -> the scale it was merged with, in the order of merging.
         self.merged_adapters: dict[str, float] = {}
+        # The base weight before the first merge, while any adapter is merged (see merge): a buffer so that
+        # it follows .to(); not persistent, so that state dicts do not carry it.
+        self.unmerged_weight: torch.Tensor | None
+        self.register_buffer("unmerged_weight", None, persistent=False)
         # False: recompute X @ B.T in backward (less activation memory, one more GEMM); see kron_delta.
         self.keep_intermediate = True
 
@@ -101,38 +105,72 @@ class KronaLinear(WrapsLinear):
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scale * (A ⊗ B) as a dense (out_features x in_features) tensor in float32; for merging and tests."""
-        a = self.krona_a[name].float()
-        b = self.krona_b[name].float()
-        return self.scales[name] * torch.kron(a, b)
+    def delta_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """scale * (A ⊗ B) as a dense (out_features x in_features) tensor; for merging and tests.
+
+        Computed in ``dtype``, by default the wider of the factors' dtype and float32.
+        """
+        a, b = self.krona_a[name], self.krona_b[name]
+        dtype = dtype or torch.promote_types(a.dtype, torch.float32)
+        return self.scales[name] * torch.kron(a.to(dtype), b.to(dtype))
+
+    def _plus_update(self, weight: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        """weight + scale * (A ⊗ B), summed in the wider of the weight's dtype and float32, rounded once."""
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        a = self.krona_a[name].to(device=weight.device, dtype=wide)
+        b = self.krona_b[name].to(device=weight.device, dtype=wide)
+        return (weight.to(wide) + scale * torch.kron(a, b)).to(weight.dtype)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """Add scale * (A ⊗ B) into the base weight; refuses (and changes nothing) if the result is not finite."""
+        """Add scale * (A ⊗ B) into the base weight; refuses (and changes nothing) if the result is not finite.
+
+        The sum is computed in the wider of the weight's dtype and float32 (the compute dtype) and
+        rounded once to the weight's dtype. With ΔW = scale * (A ⊗ B), u the unit roundoff of the
+        weight's dtype (2^-11 float16, 2^-8 bfloat16, 2^-24 float32, 2^-53 float64) and u_c that of the
+        compute dtype, each merged weight is within u |W + ΔW| + 4 u_c (|W| + |ΔW|) of the exact sum,
+        and each output of the merged layer within 8 u Σ_j (|W| + |ΔW|)_ij |x_j| of the factored
+        layer's (tests/test_merge_exact.py). On a whole model the roundings add up over the layers:
+        on the tiny test UNet merged and factored outputs differ by at most 16 u of the largest output
+        in float16 and bfloat16, and by 3e-15 of the largest output in float64.
+
+        Memory: the first merge keeps a copy of the unmerged weight (``unmerged_weight``, out_features x
+        in_features in the weight's dtype and on its device) until the last merged adapter is unmerged,
+        so that unmerge restores it bit for bit. That doubles the memory of the merged layers' weights
+        while merged: for all attention projections, 178 MiB (SD 1.5) or 1.8 GiB (SDXL) in float16.
+        """
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is already merged")
         weight = self.base_layer.weight
-        merged = weight.float() + self.delta_weight(name).to(weight.device)
+        merged = self._plus_update(weight, name, self.scales[name])
         if not torch.isfinite(merged).all():
             raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is left unmerged")
-        weight.copy_(merged.to(weight.dtype))
+        if self.unmerged_weight is None:
+            self.unmerged_weight = weight.detach().clone()
+        weight.copy_(merged)
         self.merged_adapters[name] = self.scales[name]
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
-        """Subtract what merge(name) added (with the scale used at merge time)."""
+        """Take adapter ``name`` out of the base weight, exactly.
+
+        The weight becomes the kept unmerged weight plus the other merged adapters, added again in the
+        order they were merged (with the scales they were merged with): bit for bit what merging only
+        those would have given, and the original weight once none is left. Changes made to the base
+        weight while an adapter was merged are lost.
+        """
         if name not in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is not merged")
-        weight = self.base_layer.weight
-        a = self.krona_a[name].float()
-        b = self.krona_b[name].float()
-        delta = self.merged_adapters[name] * torch.kron(a, b)
-        restored = weight.float() - delta.to(weight.device)
+        restored = self.unmerged_weight
+        for other, scale in self.merged_adapters.items():
+            if other != name:
+                restored = self._plus_update(restored, other, scale)
         if not torch.isfinite(restored).all():
             raise ValueError(f"unmerging adapter {name!r} gives non-finite weights; left merged")
-        weight.copy_(restored.to(weight.dtype))
+        self.base_layer.weight.copy_(restored)
         del self.merged_adapters[name]
+        if not self.merged_adapters:
+            self.unmerged_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

@@ -246,8 +246,14 @@ def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
 def merge_adapter(model: nn.Module, name: str = "default") -> None:
     """Fuse adapter ``name`` into the base weights (W += scale * A ⊗ B) on every layer.
 
-    Each layer checks its result for NaN/inf before writing; on a failure the layers merged so far
-    are unmerged again, so the model is never left half merged.
+    Sums are computed in the wider of the weight's dtype and float32 and rounded once (see
+    KronaLinear.merge): on a float64 model the merged output equals the factored one to ~1e-15
+    relative; in float16/bfloat16 each merged weight is within half an ulp of the exact sum. Each
+    layer keeps a copy of its unmerged weight until unmerged (memory: one more copy of the adapted
+    weights, 178 MiB for SD 1.5's attention projections in float16, 1.8 GiB for SDXL's), so that
+    ``unmerge_adapter`` restores the weights bit for bit. Each layer checks its result for NaN/inf
+    before writing; on a failure the layers merged so far are unmerged again, so the model is never
+    left half merged.
     """
     done: list[KronaLinear] = []
     try:
@@ -261,7 +267,7 @@ def merge_adapter(model: nn.Module, name: str = "default") -> None:
 
 
 def unmerge_adapter(model: nn.Module, name: str = "default") -> None:
-    """Undo merge_adapter: W -= scale * A ⊗ B with the scale used when merging."""
+    """Undo merge_adapter exactly: each layer's weight is restored bit for bit (other merged adapters stay)."""
     for _, layer in sorted(_layers_with(model, name).items()):
         layer.unmerge(name)
 
