@@ -12,13 +12,14 @@ prefetched into the host tier of the cache.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
+from contextlib import ExitStack
 
 from sqlalchemy import select
 
 from shared.db import Adapter, Generation
+from shared.images import encode_png
 from shared.queue import GENERATE_TASK
 from shared.usage import Usage
 
@@ -108,9 +109,6 @@ def _device(engine) -> str:
 
 
 def run_generation_job(rt: Runtime, generation_id: str) -> str:
-    import numpy as np
-    from PIL import Image
-
     from .engine import AdapterShapeError, Request
 
     lease = rt.settings.lease_seconds
@@ -197,24 +195,21 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
         )
         for j in runnable
     ]
-    beats = [Heartbeat(rt.sessions, Generation, j, rt.owner, lease) for j in runnable]
-    for beat in beats:
-        beat.__enter__()
-    started = time.perf_counter()
-    # The batch's time is shared among its requests in proportion to their cost (images x steps x pixels).
-    total_cost = sum(max(rows[j].cost, 1e-9) for j in runnable)
-    try:
-        outputs = engine.run(
-            requests, steps=first.steps, guidance_scale=first.guidance_scale, width=first.width, height=first.height
-        )
-    except (ValueError, RuntimeError) as exc:
-        seconds = time.perf_counter() - started
+    with ExitStack() as heartbeats:  # one lease per request, renewed while the batch runs
         for job_id in runnable:
-            fail(job_id, "generation_failed", str(exc), seconds * max(rows[job_id].cost, 1e-9) / total_cost)
-        return "failed"
-    finally:
-        for beat in beats:
-            beat.__exit__(None, None, None)
+            heartbeats.enter_context(Heartbeat(rt.sessions, Generation, job_id, rt.owner, lease))
+        started = time.perf_counter()
+        # The batch's time is shared among its requests in proportion to their cost (images x steps x pixels).
+        total_cost = sum(max(rows[j].cost, 1e-9) for j in runnable)
+        try:
+            outputs = engine.run(
+                requests, steps=first.steps, guidance_scale=first.guidance_scale, width=first.width, height=first.height
+            )
+        except (ValueError, RuntimeError) as exc:
+            seconds = time.perf_counter() - started
+            for job_id in runnable:
+                fail(job_id, "generation_failed", str(exc), seconds * max(rows[job_id].cost, 1e-9) / total_cost)
+            return "failed"
     batch_seconds = time.perf_counter() - started
     for job_id, images in zip(runnable, outputs, strict=True):
         row = rows[job_id]
@@ -223,10 +218,8 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
         stored = []
         try:
             for index, array in enumerate(images):
-                buffer = io.BytesIO()
-                Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
                 key = f"tenants/{row.tenant_id}/generations/{job_id}/{index}.png"
-                png = buffer.getvalue()
+                png = encode_png(array)
                 retry(
                     f"generation {job_id}: store image {index}",
                     lambda key=key, png=png: rt.storage.put_bytes(key, png, content_type="image/png"),

@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import shutil
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import Adapter, Training, new_id
-from shared.images import ImageLimits, decode_image
+from shared.images import ImageLimits, SubjectImage, decode_image
 from shared.queue import TRAIN_TASK
 from shared.storage import BlobNotFound
 from shared.training_spec import TrainingSpec
@@ -43,7 +45,7 @@ def _checkpoint_archive(folder: Path) -> bytes:
     return buffer.getvalue()
 
 
-def _restore_checkpoint(data: bytes, into: Path) -> None:
+def _unpack_checkpoint(data: bytes, into: Path) -> None:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
         tar.extractall(into, filter="data")
 
@@ -61,170 +63,238 @@ def _components(rt: Runtime, base_model: str, spec: TrainingSpec):
 
 def run_training_job(rt: Runtime, training_id: str) -> str:
     """Run (or resume) training ``training_id``; returns the final status, or 'skipped' if not ours to run."""
-    from shared.krona import delete_adapter, krona_layers
-    from workers.training import TrainingCanceled, train
+    claimed = _claim(rt, training_id)
+    if claimed is None:
+        return "skipped"
+    attempt = _Attempt(rt, claimed)
+    work = Path(tempfile.mkdtemp(prefix=f"krona-{claimed.training_id}-"))
+    try:
+        # The heartbeat keeps the lease through phases without progress writes (loading, class images).
+        with Heartbeat(rt.sessions, Training, claimed.training_id, rt.owner, rt.settings.lease_seconds) as heartbeat:
+            return attempt.run(work, heartbeat)
+    finally:
+        _purge_inputs(rt, claimed.training_id)
+        wake_if_capped(rt, Training, TRAIN_TASK, {claimed.tenant_id})
+        attempt.remove_adapter()
+        shutil.rmtree(work, ignore_errors=True)
 
+
+@dataclass(frozen=True)
+class _Claimed:
+    """What the attempt reads from the training's row once, right after claiming it."""
+
+    training_id: str
+    tenant_id: str
+    image_keys: list[str]
+    checkpoint_key: str | None
+    spec: TrainingSpec
+    base_model: str
+
+
+def _claim(rt: Runtime, message_job_id: str) -> _Claimed | None:
     settings = rt.settings
-    lease = settings.lease_seconds
-    window = settings.transient_retry_seconds
     with rt.sessions() as session:
         # The message wakes this worker; the fair scheduler says which training it runs (shared/scheduler.py).
-        claimed = claim_next(session, Training, settings, rt.owner, lease, message_job_id=training_id)
-        if claimed is None:
-            log.info("no training to claim (message for %s)", training_id)
-            return "skipped"
-        training_id = claimed
+        training_id = claim_next(
+            session, Training, settings, rt.owner, settings.lease_seconds, message_job_id=message_job_id
+        )
+        if training_id is None:
+            log.info("no training to claim (message for %s)", message_job_id)
+            return None
         row = session.get(Training, training_id)
-        tenant_id, image_keys, checkpoint_key = row.tenant_id, list(row.image_keys), row.checkpoint_key
         spec = TrainingSpec.from_dict({**row.params, "instance_prompt": row.instance_prompt})
         spec = TrainingSpec.from_dict({**spec.to_dict(), "checkpoint_every": settings.checkpoint_every})
-        base_model = row.base_model
-    meter = _Meter(time.perf_counter(), spec.resolution or 0)
+        return _Claimed(
+            training_id=training_id,
+            tenant_id=row.tenant_id,
+            image_keys=list(row.image_keys),
+            checkpoint_key=row.checkpoint_key,
+            spec=spec,
+            base_model=row.base_model,
+        )
 
-    def retry(what: str, call):
+
+class _Attempt:
+    """This worker's attempt at one claimed training: the storage and database calls around ``train`` (each
+    riding out an outage, workers/transient.py) and the callbacks ``train`` makes (progress, the cancel flag,
+    checkpoints). The final status is written only by the lease owner, with the attempt's usage."""
+
+    def __init__(self, rt: Runtime, claimed: _Claimed) -> None:
+        self.rt = rt
+        self.claimed = claimed
+        self.training_id = claimed.training_id
+        self.lease = rt.settings.lease_seconds
+        self.meter = _Meter(time.perf_counter(), claimed.spec.resolution or 0)
+        self.components = None
+        self.heartbeat: Heartbeat | None = None
+        self._last_progress_write = 0.0
+
+    def run(self, work: Path, heartbeat: Heartbeat) -> str:
+        from workers.training import TrainingCanceled, train
+
+        self.heartbeat = heartbeat
+        try:
+            images = self._read_images()
+        except DependencyUnavailable as exc:
+            return self.fail(exc.code, str(exc))
+        except Exception as exc:
+            return self.fail("images_unreadable", f"could not read the training images: {exc}")
+        checkpoint_dir = work / "checkpoints"
+        try:
+            resume = self._restore_checkpoint(checkpoint_dir)
+        except DependencyUnavailable as exc:
+            return self.fail(exc.code, str(exc))
+        spec = self.claimed.spec
+        self.components = _components(self.rt, self.claimed.base_model, spec)
+        try:
+            result = train(
+                spec,
+                self.components,
+                images,
+                work / "adapter.safetensors",
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                on_progress=self.on_progress,
+                should_cancel=self.should_cancel,
+                on_checkpoint=self.on_checkpoint,
+            )
+        except TrainingCanceled:
+            self.end("canceled")
+            notify(self.rt, Training, "training", self.training_id)
+            return "canceled"
+        except LeaseLost:
+            log.warning("training %s: lease lost to another worker; stopping", self.training_id)
+            return "lease_lost"
+        except DependencyUnavailable as exc:
+            return self.fail(exc.code, str(exc))
+        except (ValueError, FloatingPointError) as exc:
+            return self.fail("training_failed", str(exc))
+        self.meter.step(result.steps)
+        claimed = self.claimed
+        try:
+            return _store_adapter(
+                self.rt,
+                self.training_id,
+                claimed.tenant_id,
+                claimed.base_model,
+                spec,
+                result.adapter_path,
+                self.retry,
+                self.meter.usage(self.components),
+            )
+        except DependencyUnavailable as exc:
+            return self.fail(exc.code, str(exc))
+
+    def retry(self, what: str, call):
         """Storage and database calls ride out an outage (workers/transient.py)."""
-        return retry_transient(call, what=f"training {training_id}: {what}", window_seconds=window)
+        window = self.rt.settings.transient_retry_seconds
+        return retry_transient(call, what=f"training {self.training_id}: {what}", window_seconds=window)
 
-    def end(status: str, **values) -> bool:
+    def end(self, status: str, **values) -> bool:
         """The final status and the usage record, in one transaction, by the lease owner only."""
-        usage = meter.usage(components)
+        rt, tenant_id = self.rt, self.claimed.tenant_id
+        usage = self.meter.usage(self.components)
 
         def write() -> bool:
             with rt.sessions() as session:
-                if not finish(session, Training, training_id, rt.owner, status, commit=False, **values):
+                if not finish(session, Training, self.training_id, rt.owner, status, commit=False, **values):
                     session.rollback()
                     return False
                 record_usage(
-                    session, tenant_id=tenant_id, kind="training", job_id=training_id, status=status, usage=usage
+                    session, tenant_id=tenant_id, kind="training", job_id=self.training_id, status=status, usage=usage
                 )
                 session.commit()
                 return True
 
-        ended = retry(f"record the {status} status", write)
+        ended = self.retry(f"record the {status} status", write)
         if ended:
             count_usage(
                 tenant_id=tenant_id,
                 kind="training",
                 status=status,
                 usage=usage,
-                max_tenants=settings.metrics_max_tenants,
+                max_tenants=rt.settings.metrics_max_tenants,
             )
         return ended
 
-    def fail(code: str, message: str) -> str:
-        end("failed", error_code=code, error_message=message[:2000])
-        notify(rt, Training, "training", training_id)
+    def fail(self, code: str, message: str) -> str:
+        self.end("failed", error_code=code, error_message=message[:2000])
+        notify(self.rt, Training, "training", self.training_id)
         return "failed"
 
-    work = Path(tempfile.mkdtemp(prefix=f"krona-{training_id}-"))
-    components = None
-    heartbeat = Heartbeat(rt.sessions, Training, training_id, rt.owner, lease).__enter__()
-    try:
+    def _read_images(self) -> list[SubjectImage]:
+        settings, storage = self.rt.settings, self.rt.storage
         limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+        return [
+            decode_image(self.retry("read the images", lambda k=k: storage.get_bytes(k)), Path(k).name, limits)
+            for k in self.claimed.image_keys
+        ]
+
+    def _restore_checkpoint(self, into: Path) -> bool:
+        """Unpack the training's checkpoint from storage into ``into``; False (start over) when there is none or
+        it does not read. An outage of the storage raises DependencyUnavailable."""
+        key = self.claimed.checkpoint_key
+        if not key:
+            return False
         try:
-            images = [
-                decode_image(retry("read the images", lambda k=k: rt.storage.get_bytes(k)), Path(k).name, limits)
-                for k in image_keys
-            ]
-        except DependencyUnavailable as exc:
-            return fail(exc.code, str(exc))
-        except Exception as exc:
-            return fail("images_unreadable", f"could not read the training images: {exc}")
-        checkpoint_dir = work / "checkpoints"
-        resume = False
-        if checkpoint_key:
-            try:
-                data = retry("read the checkpoint", lambda: rt.storage.get_bytes(checkpoint_key))
-            except DependencyUnavailable as exc:
-                return fail(exc.code, str(exc))
-            except Exception:
-                data = None
-                log.warning("checkpoint %s unreadable; starting over", checkpoint_key, exc_info=True)
-            try:
-                if data is not None:
-                    _restore_checkpoint(data, checkpoint_dir)
-                    resume = True
-                    log.warning("training %s resumes from its checkpoint %s", training_id, checkpoint_key)
-            except Exception:
-                log.warning("checkpoint %s unreadable; starting over", checkpoint_key, exc_info=True)
-        components = _components(rt, base_model, spec)
-        last_write = [0.0]
-
-        def on_progress(p) -> None:
-            # Progress is written at most twice a second; the heartbeat thread keeps the lease between.
-            if heartbeat.lost:
-                raise LeaseLost(training_id)
-            meter.step(p.step)
-            now = time.monotonic()
-            if now - last_write[0] < 0.5 and p.step < p.total_steps:
-                return
-            last_write[0] = now
-            values = {
-                "step": p.step,
-                "total_steps": p.total_steps,
-                "loss": p.loss,
-                "eta_seconds": round(p.eta_seconds, 1),
-            }
-            if not retry("write progress", lambda: _renew(rt, training_id, lease, **values)):
-                raise LeaseLost(training_id)
-
-        def should_cancel() -> bool:
-            def read() -> bool:
-                with rt.sessions() as session:
-                    return bool(session.scalar(select(Training.cancel_requested).where(Training.id == training_id)))
-
-            return retry("read the cancel flag", read)
-
-        def on_checkpoint(folder: Path) -> None:
-            key = f"tenants/{tenant_id}/trainings/{training_id}/checkpoint.tar"
-            temporary = rt.storage.temporary_key(key)
-            archive = _checkpoint_archive(folder)
-            retry("store the checkpoint", lambda: rt.storage.put_bytes(temporary, archive))
-            retry("store the checkpoint", lambda: rt.storage.commit(temporary, key))
-            if not retry("record the checkpoint", lambda: _renew(rt, training_id, lease, checkpoint_key=key)):
-                raise LeaseLost(training_id)
-
+            data = self.retry("read the checkpoint", lambda: self.rt.storage.get_bytes(key))
+        except DependencyUnavailable:
+            raise
+        except Exception:
+            log.warning("checkpoint %s unreadable; starting over", key, exc_info=True)
+            return False
         try:
-            result = train(
-                spec,
-                components,
-                images,
-                work / "adapter.safetensors",
-                checkpoint_dir=checkpoint_dir,
-                resume=resume,
-                on_progress=on_progress,
-                should_cancel=should_cancel,
-                on_checkpoint=on_checkpoint,
-            )
-        except TrainingCanceled:
-            end("canceled")
-            notify(rt, Training, "training", training_id)
-            return "canceled"
-        except LeaseLost:
-            log.warning("training %s: lease lost to another worker; stopping", training_id)
-            return "lease_lost"
-        except DependencyUnavailable as exc:
-            return fail(exc.code, str(exc))
-        except (ValueError, FloatingPointError) as exc:
-            return fail("training_failed", str(exc))
-        meter.step(result.steps)
-        try:
-            return _store_adapter(
-                rt, training_id, tenant_id, base_model, spec, result.adapter_path, retry, meter.usage(components)
-            )
-        except DependencyUnavailable as exc:
-            return fail(exc.code, str(exc))
-    finally:
-        heartbeat.__exit__(None, None, None)
-        _purge_inputs(rt, training_id)
-        wake_if_capped(rt, Training, TRAIN_TASK, {tenant_id})
+            _unpack_checkpoint(data, into)
+        except Exception:
+            log.warning("checkpoint %s unreadable; starting over", key, exc_info=True)
+            return False
+        log.warning("training %s resumes from its checkpoint %s", self.training_id, key)
+        return True
+
+    def on_progress(self, p) -> None:
+        # Progress is written at most twice a second; the heartbeat thread keeps the lease between.
+        if self.heartbeat is not None and self.heartbeat.lost:
+            raise LeaseLost(self.training_id)
+        self.meter.step(p.step)
+        now = time.monotonic()
+        if now - self._last_progress_write < 0.5 and p.step < p.total_steps:
+            return
+        self._last_progress_write = now
+        values = {
+            "step": p.step,
+            "total_steps": p.total_steps,
+            "loss": p.loss,
+            "eta_seconds": round(p.eta_seconds, 1),
+        }
+        if not self.retry("write progress", lambda: _renew(self.rt, self.training_id, self.lease, **values)):
+            raise LeaseLost(self.training_id)
+
+    def should_cancel(self) -> bool:
+        def read() -> bool:
+            with self.rt.sessions() as session:
+                return bool(session.scalar(select(Training.cancel_requested).where(Training.id == self.training_id)))
+
+        return self.retry("read the cancel flag", read)
+
+    def on_checkpoint(self, folder: Path) -> None:
+        rt, training_id = self.rt, self.training_id
+        key = f"tenants/{self.claimed.tenant_id}/trainings/{training_id}/checkpoint.tar"
+        temporary = rt.storage.temporary_key(key)
+        archive = _checkpoint_archive(folder)
+        self.retry("store the checkpoint", lambda: rt.storage.put_bytes(temporary, archive))
+        self.retry("store the checkpoint", lambda: rt.storage.commit(temporary, key))
+        if not self.retry("record the checkpoint", lambda: _renew(rt, training_id, self.lease, checkpoint_key=key)):
+            raise LeaseLost(training_id)
+
+    def remove_adapter(self) -> None:
+        """The worker keeps the components for the next job: take this training's factors out of the UNet."""
+        from shared.krona import delete_adapter, krona_layers
+
+        components = self.components
         if components is not None and any(
             "default" in layer.krona_a for layer in krona_layers(components.unet).values()
         ):
             delete_adapter(components.unet, "default")
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
 
 
 class LeaseLost(Exception):
