@@ -29,6 +29,7 @@ __all__ = [
     "encode_png",
     "list_image_files",
     "load_subject_images",
+    "save_image",
     "to_uint8",
 ]
 
@@ -154,3 +155,11 @@ def encode_png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(to_uint8(image)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def save_image(image: np.ndarray, path: str | os.PathLike) -> None:
+    """A float image in [0, 1] (H, W, 3), as ``to_uint8`` converts it, saved in the format of the path's
+    extension (Pillow's rule: ``.png`` is PNG)."""
+    from PIL import Image
+
+    Image.fromarray(to_uint8(image)).save(path)

@@ -215,10 +215,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def generate(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
 
+    from shared.images import save_image
     from shared.krona import load_into_pipeline
     from shared.models import load_pipeline
 
@@ -247,7 +246,7 @@ def generate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}")
-        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
+        save_image(image, path)
         print(f"wrote {path} ({image.shape[1]}x{image.shape[0]})")
     return 0
 

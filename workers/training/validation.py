@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from shared.images import encode_png
+from shared.images import save_image
 from shared.training_spec import TrainingSpec
 
 from .components import Components, native_resolution
@@ -45,7 +45,7 @@ def render_validation_images(
             output_type="np",
         ).images[0]
         path = out / f"step-{step:07d}-{index}.png"
-        path.write_bytes(encode_png(image))
+        save_image(image, path)
         paths.append(path)
     for module in moved:
         module.to("cpu")
