@@ -1,78 +1,51 @@
-"""`krona demo`: the adapter's whole life on a tiny offline model, in about half a minute on a CPU.
+"""`krona demo --local`: the adapter's whole life on a tiny offline model, in about half a minute on a CPU.
 
-Builds (once) the tiny SD-1.5-shaped pipeline, injects a KronA adapter with the paper's factors,
-fits it for a few steps to one synthetic image (a toy stand-in: the DreamBooth trainer is `krona
-train`, issue 3), saves it natively and as a LyCORIS LoKr file, loads it into a fresh pipeline
-with `load_into_pipeline`, checks merge == factored, and writes images with and without it. The
-tiny model has random weights, so its images are noise: the demo shows the mechanics, not art.
+Builds (once) the tiny SD-1.5-shaped pipeline, trains a KronA adapter with the paper's factors for a few
+steps on one synthetic image with the DreamBooth trainer that `krona train` and the workers run
+(`workers.training.train`), exports it as a LyCORIS LoKr file too, loads it into a fresh pipeline with
+`load_into_pipeline`, checks merge == factored, and writes images with and without it. The tiny model has
+random weights, so its images are noise: the demo shows the mechanics, not art.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from shared.images import SubjectImage, save_image
 from shared.krona import (
-    KronaConfig,
     LyCORISCompatibilityWarning,
-    adapter_state_dict,
     count_adapter_parameters,
-    inject_adapter,
+    load_adapter,
     load_into_pipeline,
     merge_adapter,
-    save_adapter,
     to_lycoris,
     unmerge_adapter,
 )
 from shared.models import REFERENCE_UNET_CONFIGS, load_pipeline, resolve_base_model
+from shared.training_spec import TrainingSpec
 
 PROMPT = "a photo of sks square"
+STEPS = 30
 
 
-def _synthetic_subject(size: int) -> torch.Tensor:
-    """A red square on a blue background, as a (1, 3, size, size) tensor in [-1, 1]."""
-    img = torch.full((3, size, size), -1.0)
-    img[2] = 0.6
+def _synthetic_subject(size: int) -> SubjectImage:
+    """A red square on a blue background, (size, size, 3) uint8: the subject the adapter learns."""
+    pixels = np.zeros((size, size, 3), dtype=np.uint8)
+    pixels[..., 2] = 204
     lo, hi = size // 4, 3 * size // 4
-    img[:, lo:hi, lo:hi] = torch.tensor([0.9, -0.8, -0.8]).view(3, 1, 1)
-    return img.unsqueeze(0)
-
-
-def _toy_fit(pipe, steps: int, seed: int) -> list[float]:
-    """Denoising-loss steps on the synthetic image that touch only the KronA factors."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        latents = pipe.vae.encode(_synthetic_subject(64)).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        text = pipe.text_encoder(ids)[0]
-    params = [p for n, p in pipe.unet.named_parameters() if "krona_" in n]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (1,))
-        noisy = pipe.scheduler.add_noise(latents, noise, t)
-        pred = pipe.unet(noisy, t, encoder_hidden_states=text).sample
-        loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    pixels[lo:hi, lo:hi] = (242, 25, 25)
+    return SubjectImage(name="square.png", pixels=pixels)
 
 
 def _generate(pipe, seed: int) -> np.ndarray:
     g = torch.Generator().manual_seed(seed)
     return pipe(PROMPT, num_inference_steps=4, generator=g, output_type="np").images[0]
-
-
-def _save_png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
 def _quiet_libraries() -> None:
@@ -87,32 +60,37 @@ def _quiet_libraries() -> None:
 
 
 def run_demo(out: Path, base: str) -> None:
+    from workers.training import check_factors_fit_base_model, load_components, native_resolution, train
+
     _quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_base_model(base)
     print(f"[1/6] base model {base!r} at {folder}")
     if base.startswith("tiny-"):
         print("      (random weights built offline: images are noise; the mechanics are real)")
-    pipe = load_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    _save_png(_generate(pipe, seed=0), out / "base.png")
+    # The name given, not the cache folder, goes into the adapter's metadata.
+    components = dataclasses.replace(load_components(folder, device="cpu"), base_model=base)
+    save_image(_generate(components.pipe, seed=0), out / "base.png")
 
-    config = KronaConfig(a1=64, a2=8)
-    paths = inject_adapter(pipe.unet, config)
-    n_params = sum(p.numel() for n, p in pipe.unet.named_parameters() if "krona_" in n)
-    print(f"[2/6] injected KronA a1=64 a2=8 into {len(paths)} attention projections: {n_params:,} parameters")
+    # A few steps at a learning rate a random tiny UNet responds to (the paper's 1e-3 is for 500 real steps).
+    spec = TrainingSpec(instance_prompt=PROMPT, steps=STEPS, gradient_accumulation=1, learning_rate=1e-2, a1=64, a2=8)
+    n_params = check_factors_fit_base_model(spec, folder)
+    targets = ", ".join(spec.target_modules)
+    print(f"[2/6] KronA a1=64 a2=8 on every {targets} of the UNet: {n_params:,} trainable parameters")
     for name in ("sd15", "sdxl"):
-        full = count_adapter_parameters(REFERENCE_UNET_CONFIGS[name], config)
+        full = count_adapter_parameters(REFERENCE_UNET_CONFIGS[name], spec.krona_config())
         print(f"      the same adapter on the real {name} UNet: {full:,} parameters")
 
-    pipe.unet.requires_grad_(False)
-    for n, p in pipe.unet.named_parameters():
-        p.requires_grad_("krona_" in n)
-    losses = _toy_fit(pipe, steps=30, seed=0)
-    print(f"[3/6] toy fit, 30 steps: loss {np.mean(losses[:5]):.4f} (first 5) -> {np.mean(losses[-5:]):.4f} (last 5)")
+    subject = _synthetic_subject(native_resolution(components))
+    result = train(spec, components, [subject], out / "adapter.safetensors")
+    losses = result.losses
+    print(
+        f"[3/6] trained {result.steps} steps with the DreamBooth trainer (workers.training): "
+        f"loss {np.mean(losses[:5]):.4f} (first 5) -> {np.mean(losses[-5:]):.4f} (last 5)"
+    )
 
-    state = adapter_state_dict(pipe.unet)
-    native = save_adapter(out / "adapter.safetensors", state, config, {"base_model": base, "created_by": "krona demo"})
+    native = result.adapter_path
+    state, _, _ = load_adapter(native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LyCORISCompatibilityWarning)
         lyco = to_lycoris(state)
@@ -127,7 +105,7 @@ def run_demo(out: Path, base: str) -> None:
     fresh.set_progress_bar_config(disable=True)
     loaded = load_into_pipeline(fresh, native, scale=1.0)
     adapted = _generate(fresh, seed=0)
-    _save_png(adapted, out / "adapted.png")
+    save_image(adapted, out / "adapted.png")
     base_img = np.asarray(Image.open(out / "base.png"), dtype=np.float32) / 255
     change = float(np.abs(adapted - base_img).mean())
     print(f"[5/6] loaded {len(loaded)} layers into a fresh pipeline; mean |adapted - base| = {change:.4f}")
