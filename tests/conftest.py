@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models built from config with fixed seeds (never downloaded)."""
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,16 +75,16 @@ REDIS_URL = "redis://127.0.0.1:6379/15"
 S3_KEY, S3_SECRET = "krona-test-key", "krona-test-secret"
 
 
-@pytest.fixture(scope="session")
-def postgres_url():
-    """A fresh, migrated database for this test session, dropped at the end."""
+@contextlib.contextmanager
+def fresh_postgres_database(prefix: str = "krona_test"):
+    """A new, migrated PostgreSQL database (its URL), dropped on exit."""
     import uuid
 
     from sqlalchemy import create_engine, text
 
     from shared.db import upgrade_to_head
 
-    name = f"krona_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -91,14 +92,28 @@ def postgres_url():
     except Exception as exc:
         pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required (make test starts it): {exc}")
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    upgrade_to_head(url)
-    yield url
-    from shared.db import make_engine
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
-    make_engine(url).dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A fresh, migrated database for this test session, dropped at the end."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def stack_database():
+    """A database of its own for a ``stack``: its real worker takes the fairest queued job of any tenant, so
+    other tests' queued rows in the session's database would be served (or failed) before this test's."""
+    with fresh_postgres_database("krona_stack") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -283,8 +298,10 @@ def stack_s3(s3_server):
 
 
 @pytest.fixture
-def stack(postgres_url, redis_url, stack_s3, tiny_folders, tmp_path, monkeypatch):
-    """The gateway (TestClient) on PostgreSQL, Redis and SeaweedFS, one tenant, and ``start_worker(name, queues)``."""
+def stack(stack_database, redis_url, stack_s3, tiny_folders, tmp_path, monkeypatch):
+    """The gateway (TestClient) on PostgreSQL (a database of its own), Redis and SeaweedFS, one tenant, and
+    ``start_worker(name, queues)``."""
+    postgres_url = stack_database
     import os
     import signal
     import subprocess

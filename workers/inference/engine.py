@@ -221,13 +221,17 @@ class Engine:
         for path, layer in self.layers.items():
             weight = layer.base_layer.weight
             a, b = self._factors(flat, path)
-            merged = weight.float() + scale * torch.kron(a.float(), b.float()).to(weight.device)
+            # In the wider of the weight's dtype and float32, rounded once; checked after rounding (a float16
+            # overflow is an inf only then).
+            compute = torch.promote_types(weight.dtype, torch.float32)
+            delta = scale * torch.kron(a.to(compute), b.to(compute)).to(weight.device)
+            merged = (weight.to(compute) + delta).to(weight.dtype)
             if not torch.isfinite(merged).all():
                 for p, w in originals.items():
                     self.layers[p].base_layer.weight.copy_(w)
                 raise ValueError(f"merging {adapter_id} gives non-finite weights")
             originals[path] = weight.detach().clone()
-            weight.copy_(merged.to(weight.dtype))
+            weight.copy_(merged)
         self.merged = (adapter_id, scale, originals)
 
     @torch.no_grad()
