@@ -1,0 +1,95 @@
+"""The DreamBooth evaluation prompts (25 for objects, 25 for live subjects) and the text CLIP-T scores.
+
+The prompts ship as data (`prompts.json`, with its source and license): DreamBooth's dataset file
+`prompts_and_classes.txt` (github.com/google/dreambooth, CC BY 4.0), the set DreamBooth and DiffuseKronA
+report CLIP-I, CLIP-T and DINO on. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+PROMPT_SETS = ("default", "object", "live")
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One evaluation prompt: what the model is asked (`prompt`) and what CLIP-T compares its images to (`text`)."""
+
+    prompt: str
+    text: str
+
+
+@cache
+def prompt_data() -> dict[str, Any]:
+    """`prompts.json`: `object` and `live` templates (with `{identifier}` and `{class_noun}`), `source`, `seeds`."""
+    with resources.files(__package__).joinpath("prompts.json").open("r", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def is_live_subject(class_noun: str) -> bool:
+    """Whether DreamBooth evaluates `class_noun` with its live-subject prompts (its live subjects: dogs and cats)."""
+    return class_noun.strip().lower() in prompt_data()["live_classes"]
+
+
+def prompt_templates(prompts: str, class_noun: str) -> list[str]:
+    """The templates of a prompt set: `default` (live prompts for a live class, object prompts otherwise),
+    `object`, `live`, or a text file with one template per line (blank lines and `#` comments skipped).
+
+    A template may hold `{identifier}` and `{class_noun}`; a line without them is taken as written.
+    """
+    if prompts == "default":
+        prompts = "live" if is_live_subject(class_noun) else "object"
+    if prompts in ("object", "live"):
+        return list(prompt_data()[prompts])
+    path = Path(prompts)
+    if not path.is_file():
+        raise ValueError(f"--prompts {prompts!r} is neither {', '.join(PROMPT_SETS)} nor a file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    templates = [line for line in lines if line and not line.startswith("#")]
+    if not templates:
+        raise ValueError(f"prompt file {path} has no prompts (one per line)")
+    return templates
+
+
+def clip_t_text(prompt: str, identifier: str, class_noun: str) -> str:
+    """The prompt as CLIP-T reads it: the rare identifier means nothing to CLIP, so it is removed where the class
+    noun follows ("a sks dog in the snow" → "a dog in the snow") and replaced by the class noun elsewhere
+    ("a photo of sks" → "a photo of dog"), as DreamBooth and DiffuseKronA score text alignment.
+    """
+    if not identifier:
+        return prompt
+    # Lookarounds rather than \b, so identifiers such as "<new1>" match too.
+    token = rf"(?<!\w){re.escape(identifier)}(?!\w)"
+    noun = re.escape(class_noun)  # a prefix: "sks dogs" → "dogs"
+    # "sks dog" → "dog"; then any identifier left alone → the class noun.
+    text = re.sub(rf"{token}\s+(?={noun})", "", prompt) if class_noun else prompt
+    text = re.sub(token, class_noun, text)
+    return " ".join(text.split())
+
+
+def evaluation_prompts(prompts: str = "default", *, identifier: str = "sks", class_noun: str) -> list[EvalPrompt]:
+    """The prompts to generate from, filled in, each with its CLIP-T text."""
+    if not class_noun.strip():
+        raise ValueError("the class noun is empty; give the subject's class, e.g. --class-noun dog")
+    result = []
+    for template in prompt_templates(prompts, class_noun):
+        try:
+            prompt = template.format(identifier=identifier, class_noun=class_noun)
+        except (KeyError, IndexError) as error:
+            raise ValueError(
+                f"prompt template {template!r} has an unknown field {error}; use {{identifier}} and {{class_noun}}"
+            ) from None
+        result.append(EvalPrompt(prompt=" ".join(prompt.split()), text=clip_t_text(prompt, identifier, class_noun)))
+    return result
+
+
+def image_seeds(per_prompt: int, base_seed: int = 0) -> list[int]:
+    """The seeds of one prompt's images: image k gets `base_seed + k` (the same for every prompt)."""
+    return [base_seed + k for k in range(per_prompt)]
