@@ -251,6 +251,37 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from shared.eval.run import METRICS, evaluate, write_report
+
+    if not 0 <= args.scale <= 2:
+        raise ValueError(f"--scale must be between 0 and 2, got {args.scale}")
+    report = evaluate(
+        base=args.base,
+        adapter=args.adapter,
+        images_dir=args.images,
+        class_noun=args.class_noun,
+        out_dir=args.out,
+        identifier=args.identifier,
+        prompts=args.prompts,
+        per_prompt=args.per_prompt,
+        adapter_scale=args.scale,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        base_seed=args.seed,
+        clip_model=args.clip,
+        dino_model=args.dino,
+        device=args.device,
+    )
+    rows = [[r.prompt, *(f"{getattr(r, m):.4f}" for m in METRICS)] for r in report.prompts]
+    rows.append(["mean", *(f"{report.scores[m]:.4f}" for m in METRICS)])
+    _table(["prompt", "CLIP-I", "CLIP-T", "DINO"], rows)
+    json_path = Path(args.json) if args.json else Path(args.out) / "eval.json"
+    write_report(report, json_path)
+    print(f"wrote {json_path} and {report.grid} ({len(report.prompts)} prompts x {report.per_prompt} images)")
+    return 0
+
+
 # krona admin: API keys, tenants, usage ------------------------------------------------------------------
 # (create-tenant and rotate-webhook-secret live in services/cli/stack.py.) They share the gateway's service
 # functions (services/gateway/services/tenants.py), so the command line and the API cannot drift apart.

@@ -94,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 
+    evaluate = sub.add_parser(
+        "eval",
+        help="score an adapter: CLIP-I, CLIP-T and DINO on DreamBooth's prompts",
+        description="Generate --per-prompt images for each evaluation prompt (DreamBooth's 25 live-subject prompts "
+        "for dogs and cats, its 25 object prompts otherwise) and score them against the subject's real images: "
+        "CLIP-I and DINO (mean cosine of image embeddings, generated vs real) and CLIP-T (image vs prompt, the "
+        "identifier removed). Image k of every prompt uses seed --seed + k. Writes the images, grid.png and a JSON "
+        "report under --out.",
+    )
+    evaluate.add_argument("--base", required=True, help="tiny-sd, tiny-sdxl, a diffusers folder or a hub id")
+    evaluate.add_argument("--adapter", help="native Krona or LyCORIS LoKr file (default: the base model alone)")
+    evaluate.add_argument("--scale", type=float, default=1.0, help="adapter scale, 0-2 (default 1)")
+    evaluate.add_argument("--images", required=True, help="folder of the subject's real images")
+    evaluate.add_argument("--class-noun", required=True, help='the subject\'s class as prompted, e.g. "dog"')
+    evaluate.add_argument("--identifier", default="sks", help="the rare token of the instance prompt (default sks)")
+    evaluate.add_argument(
+        "--prompts",
+        default="default",
+        help="default (by class), object, live, or a file of templates with {identifier} and {class_noun}",
+    )
+    evaluate.add_argument("--per-prompt", type=int, default=4, help="images per prompt (default 4)")
+    evaluate.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    evaluate.add_argument("--guidance-scale", type=float, default=7.5)
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of each prompt's first image (default 0)")
+    evaluate.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP model: hub id or folder")
+    evaluate.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT model: hub id or folder")
+    evaluate.add_argument("--out", default="out/eval", help="folder for images and grid.png (default out/eval)")
+    evaluate.add_argument("--json", help="report path (default <out>/eval.json)")
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+
     up = sub.add_parser("up", help="run the embedded service: gateway + worker, SQLite, local blobs, tiny-sd")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
@@ -241,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "count": commands.count,
         "train": commands.train,
         "generate": commands.generate,
+        "eval": commands.evaluate,
         "models": commands.models,
     }[args.command]
     if args.command == "admin" and args.admin_command == "sweep":
