@@ -82,3 +82,29 @@ def test_eval_refuses_bad_input_before_loading_anything(tmp_path, subject_images
     assert "--per-prompt" in capsys.readouterr().err
     assert main([*common, "--images", str(subject_images), "--prompts", "nonesuch"]) == 2
     assert "--prompts" in capsys.readouterr().err
+
+
+def test_eval_adds_held_out_denoising_losses(model_cache, tmp_path, adapter_file, subject_images, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {identifier} {class_noun}\n")
+    class_images = tmp_path / "class"
+    class_images.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, dtype=np.uint8)).save(class_images / "gray.png")
+    report_path = tmp_path / "report.json"
+    args = [
+        "eval", "--base", "tiny-sd", "--adapter", str(adapter_file), "--images", str(subject_images),
+        "--class-noun", "dog", "--prompts", str(prompts), "--per-prompt", "1", "--steps", "1",
+        "--clip", "tiny-clip", "--dino", "tiny-dino", "--out", str(tmp_path / "eval"), "--json", str(report_path),
+        "--heldout-images", str(subject_images), "--class-images", str(class_images), "--loss-samples", "2",
+        "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    assert "held-out denoising loss" in capsys.readouterr().out
+    losses = json.loads(report_path.read_text())["heldout_loss"]
+    assert (
+        losses["subject (held out)"]["prompt"] == "a photo of sks dog" and losses["subject (held out)"]["images"] == 2
+    )
+    assert losses["class"]["prompt"] == "a photo of a dog" and losses["class"]["images"] == 1
+    for result in losses.values():
+        assert 0 < result["base"] < 10 and 0 < result["adapter"] < 10
+        assert result["adapter"] != result["base"]  # the (random, non-zero) adapter changes the prediction

@@ -256,6 +256,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     if not 0 <= args.scale <= 2:
         raise ValueError(f"--scale must be between 0 and 2, got {args.scale}")
+    loss_sets = _heldout_sets(args)  # checked before anything is generated
     report = evaluate(
         base=args.base,
         adapter=args.adapter,
@@ -276,10 +277,47 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = [[r.prompt, *(f"{getattr(r, m):.4f}" for m in METRICS)] for r in report.prompts]
     rows.append(["mean", *(f"{report.scores[m]:.4f}" for m in METRICS)])
     _table(["prompt", "CLIP-I", "CLIP-T", "DINO"], rows)
+    if loss_sets:
+        from workers.training.heldout import heldout_losses
+
+        report.heldout_loss = heldout_losses(
+            args.base,
+            args.adapter,
+            loss_sets,
+            adapter_scale=args.scale,
+            resolution=args.resolution,
+            seed=args.seed,
+            samples=args.loss_samples,
+            device=args.device,
+        )
+        print()
+        _table(
+            ["held-out denoising loss", "images", "base", "adapter"],
+            [
+                [name, r["images"], f"{r['base']:.5f}", f"{r['adapter']:.5f}" if "adapter" in r else "-"]
+                for name, r in report.heldout_loss.items()
+            ],
+        )
     json_path = Path(args.json) if args.json else Path(args.out) / "eval.json"
     write_report(report, json_path)
     print(f"wrote {json_path} and {report.grid} ({len(report.prompts)} prompts x {report.per_prompt} images)")
     return 0
+
+
+def _heldout_sets(args: argparse.Namespace) -> dict:
+    """`krona eval`'s held-out loss sets: name -> (decoded images, prompt)."""
+    from shared.images import load_subject_images
+
+    sets = {}
+    if args.heldout_images:
+        prompt = args.instance_prompt or f"a photo of {args.identifier} {args.class_noun}"
+        sets["subject (held out)"] = (load_subject_images(args.heldout_images), prompt)
+    if args.class_images:
+        prompt = args.class_prompt or f"a photo of a {args.class_noun}"
+        sets["class"] = (load_subject_images(args.class_images), prompt)
+    if sets and not 1 <= args.loss_samples <= 1024:
+        raise ValueError(f"--loss-samples must be between 1 and 1024, got {args.loss_samples}")
+    return sets
 
 
 # krona admin: API keys, tenants, usage ------------------------------------------------------------------

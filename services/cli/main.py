@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT model: hub id or folder")
     evaluate.add_argument("--out", default="out/eval", help="folder for images and grid.png (default out/eval)")
     evaluate.add_argument("--json", help="report path (default <out>/eval.json)")
+    evaluate.add_argument(
+        "--heldout-images", help="subject photos left out of training: adds their held-out denoising loss"
+    )
+    evaluate.add_argument("--instance-prompt", help='for --heldout-images (default "a photo of <identifier> <class>")')
+    evaluate.add_argument("--class-images", help="images of the class: adds their denoising loss (language drift)")
+    evaluate.add_argument("--class-prompt", help='for --class-images (default "a photo of a <class>")')
+    evaluate.add_argument("--loss-samples", type=int, default=16, help="noise draws per held-out loss (default 16)")
+    evaluate.add_argument("--resolution", type=int, help="image size of the held-out loss (default: native)")
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda if available)")
 
     up = sub.add_parser("up", help="run the embedded service: gateway + worker, SQLite, local blobs, tiny-sd")

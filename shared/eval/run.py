@@ -57,6 +57,9 @@ class EvalReport:
     scores: dict[str, float] = field(default_factory=dict)
     prompts: list[PromptResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Set by the caller (`krona eval --heldout-images/--class-images`, workers.training.heldout): per set,
+    # the prompt, the image count and the base and adapted mean denoising losses.
+    heldout_loss: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
