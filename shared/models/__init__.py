@@ -4,6 +4,7 @@ Importing this package is cheap: torch, diffusers and transformers are imported 
 that need them.
 """
 
+from shared.models.hub import RECOMMENDED_HUB_IDS, REMOVED_HUB_IDS, BaseModelNotFound
 from shared.models.reference import REFERENCE_UNET_CONFIGS
 from shared.models.registry import BUILTIN_MODELS, is_sdxl, load_pipeline, resolve_base_model, unet_config
 from shared.models.tiny import (
@@ -17,8 +18,11 @@ from shared.models.tokenizer import build_clip_tokenizer, write_clip_tokenizer_f
 
 __all__ = [
     "BUILTIN_MODELS",
+    "RECOMMENDED_HUB_IDS",
     "REFERENCE_UNET_CONFIGS",
+    "REMOVED_HUB_IDS",
     "TINY_MODEL_CONFIGS",
+    "BaseModelNotFound",
     "build_clip_tokenizer",
     "build_tiny_pipeline",
     "ensure_tiny_model",

