@@ -31,6 +31,7 @@ __all__ = [
     "Batch",
     "Generation",
     "IdempotencyKey",
+    "SchemaCompatibility",
     "Tenant",
     "TenantService",
     "Training",
@@ -251,3 +252,14 @@ class UsageRecord(Base):
     pixels: Mapped[int] = mapped_column(BigInteger, default=0)
     day: Mapped[str] = mapped_column(String(10))  # UTC date, YYYY-MM-DD
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SchemaCompatibility(Base):
+    """One row: the oldest code revision (migration head) that can run on this schema. Code older than the
+    database accepts it when it has this revision (shared/db/session.py ``check_migrated``); an additive
+    migration leaves it alone, one that breaks older code sets it to its own revision."""
+
+    __tablename__ = "schema_compatibility"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    compatible_from: Mapped[str] = mapped_column(String(32))

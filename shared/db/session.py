@@ -1,13 +1,15 @@
-"""Engines and sessions; the check that refuses an unmigrated database."""
+"""Engines and sessions; the check that refuses a database whose schema the code cannot run on."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = [
+    "DatabaseNewerThanCode",
     "DatabaseNotMigrated",
     "check_migrated",
     "head_revision",
@@ -17,10 +19,15 @@ __all__ = [
 ]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+log = logging.getLogger("krona.db")
 
 
 class DatabaseNotMigrated(RuntimeError):
-    """The database schema is not at the code's migration head."""
+    """The database schema is not one the code can run on (older than the code's migration head, or none)."""
+
+
+class DatabaseNewerThanCode(DatabaseNotMigrated):
+    """The database was migrated by a newer release whose schema this code cannot run on."""
 
 
 def make_engine(
@@ -70,29 +77,60 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-def head_revision() -> str:
-    """The newest migration in migrations/versions (read from the files, no database needed)."""
+def _scripts():
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    return ScriptDirectory.from_config(config).get_current_head()
+    return ScriptDirectory.from_config(config)
+
+
+def head_revision() -> str:
+    """The newest migration in migrations/versions (read from the files, no database needed)."""
+    return _scripts().get_current_head()
 
 
 def check_migrated(engine: Engine) -> None:
-    """Raise DatabaseNotMigrated with the command to run unless the database is at the migration head."""
-    head = head_revision()
+    """Return when the code can run on the database's schema; raise DatabaseNotMigrated (with what to do) if not.
+
+    Accepted: the database at the code's migration head, or at a revision the code does not have (a newer
+    release migrated it: the previous release's pods during a rolling upgrade, or a rollback) whose
+    ``schema_compatibility.compatible_from`` is a revision the code has. Additive migrations keep
+    ``compatible_from``; one that breaks older code sets it to itself (migrations/versions/0004_*.py), and
+    then older code refuses with DatabaseNewerThanCode. A database older than the head, or unmigrated, is
+    refused: run `krona migrate` first.
+    """
+    scripts = _scripts()
+    head = scripts.get_current_head()
+    known = {script.revision for script in scripts.walk_revisions()}
+    compatible_from = None
     with engine.connect() as conn:
         current = None
         if inspect(conn).has_table("alembic_version"):
             current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    if current != head:
-        where = engine.url.render_as_string(hide_password=True)
-        raise DatabaseNotMigrated(
-            f"database {where} is at migration {current or 'none'}, the code needs {head}; "
-            "run `krona migrate` (or `alembic upgrade head`) first"
+        if current is not None and current not in known and inspect(conn).has_table("schema_compatibility"):
+            compatible_from = conn.execute(text("SELECT compatible_from FROM schema_compatibility")).scalar()
+    if current == head:
+        return
+    where = engine.url.render_as_string(hide_password=True)
+    if current is not None and current not in known:
+        if compatible_from in known:
+            log.warning(
+                "database %s is at migration %s, newer than this code's %s; it runs on code from %s on, so this "
+                "code starts (deploy the newer release to finish the rollout)",
+                where, current, head, compatible_from,
+            )  # fmt: skip
+            return
+        raise DatabaseNewerThanCode(
+            f"database {where} is at migration {current}, made by a newer release whose schema needs code from "
+            f"migration {compatible_from or 'unknown'} on; this code has {head}: deploy the release that has "
+            f"{current} (or downgrade the database with that release's `alembic downgrade {head}`)"
         )
+    raise DatabaseNotMigrated(
+        f"database {where} is at migration {current or 'none'}, the code needs {head}; "
+        "run `krona migrate` (or `alembic upgrade head`) first"
+    )
 
 
 def upgrade_to_head(url: str) -> None:
