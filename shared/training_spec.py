@@ -11,9 +11,19 @@ from typing import Any
 
 from shared.krona import DEFAULT_TARGET_MODULES, KronaConfig
 
-__all__ = ["MAX_PROMPT_CHARS", "MAX_TARGET_MODULES", "MAX_TARGET_MODULE_CHARS", "MIXED_PRECISION", "TrainingSpec"]
+__all__ = [
+    "MAX_PROMPT_CHARS",
+    "MAX_TARGET_MODULES",
+    "MAX_TARGET_MODULE_CHARS",
+    "METHODS",
+    "MIXED_PRECISION",
+    "TrainingSpec",
+]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# "krona": DiffuseKronA factors (the product); "lora": PEFT LoRA on the same targets and loop, the paper's
+# baseline, for comparisons (`krona train --method lora`; not a service parameter).
+METHODS = ("krona", "lora")
 # Caps on the free text a client sends in a training's params.
 MAX_PROMPT_CHARS = 1000
 MAX_TARGET_MODULES = 16
@@ -36,6 +46,8 @@ class TrainingSpec:
         slightly faster steps, but ~2% more activation memory than LoRA rank 4 (off: at or below LoRA's).
     checkpoint_every: save factors, optimizer and RNG state every N steps (0: only at the end).
     validation_every: also render validation images every N steps (0: only at the end).
+    method: "krona" (the Kronecker factors) or "lora" (PEFT LoRA of rank ``lora_rank``, alpha = rank so its
+        update has scale 1, on the same target modules, trained by the same loop: the paper's baseline).
     """
 
     instance_prompt: str
@@ -67,6 +79,8 @@ class TrainingSpec:
     validation_every: int = 0
     num_validation_images: int = 2
     validation_steps: int = 25
+    method: str = "krona"
+    lora_rank: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
@@ -103,6 +117,9 @@ class TrainingSpec:
         _check_int("validation_every", self.validation_every, 0, 100_000)
         _check_int("num_validation_images", self.num_validation_images, 1, 16)
         _check_int("validation_steps", self.validation_steps, 1, 1000)
+        _check_int("lora_rank", self.lora_rank, 1, 1024)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check_float("learning_rate", self.learning_rate, 0.0, 1.0, open_low=True)
         _check_float("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
         _check_float("adam_weight_decay", self.adam_weight_decay, 0.0, 10.0)

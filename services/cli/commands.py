@@ -175,10 +175,13 @@ def train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         validation_prompt=args.validation_prompt,
         validation_every=args.validation_every,
+        method=args.method,
+        lora_rank=args.rank,
     )
     images = load_subject_images(args.images)
     n_params = check_factors_fit_base_model(spec, args.base)
-    print(f"{len(images)} images, KronA a1={spec.a1} a2={spec.a2}: {n_params:,} trainable parameters")
+    adapter = f"LoRA rank {spec.lora_rank}" if spec.method == "lora" else f"KronA a1={spec.a1} a2={spec.a2}"
+    print(f"{len(images)} images, {adapter}: {n_params:,} trainable parameters")
     components = load_components(args.base, device=args.device, mixed_precision=spec.mixed_precision)
     checkpoint_dir = args.resume or args.checkpoint_dir or f"{args.out}.checkpoints"
     total = spec.resolved_steps(components.sdxl)

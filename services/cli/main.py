@@ -55,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--a1", type=int, default=64, help="rows of A (default 64)")
     train.add_argument("--a2", type=int, default=8, help="columns of A (default 8)")
     train.add_argument("--targets", default="to_q,to_k,to_v,to_out.0", help="comma-separated module names")
+    train.add_argument(
+        "--method",
+        default="krona",
+        choices=["krona", "lora"],
+        help="krona (default) or lora: PEFT LoRA on the same targets and loop, the baseline to compare with "
+        "(a diffusers LoRA file, which krona eval and pipe.load_lora_weights read)",
+    )
+    train.add_argument("--rank", type=int, default=4, help="LoRA rank with --method lora (default 4; alpha = rank)")
     train.add_argument("--resolution", type=int, help="training size (default: the model's native size)")
     train.add_argument("--batch-size", type=int, default=1)
     train.add_argument("--grad-accum", type=int, default=4, help="gradient accumulation steps (default 4)")

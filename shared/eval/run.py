@@ -1,5 +1,6 @@
-"""One evaluation run: generate the evaluation prompts' images with a base model (and an adapter), score them
-with CLIP-I, CLIP-T and DINO against the subject's real images, and write the images, a grid and a JSON report.
+"""One evaluation run: generate the evaluation prompts' images with a base model (and an adapter: KronA, LyCORIS
+LoKr or diffusers LoRA), score them with CLIP-I, CLIP-T and DINO against the subject's real images, and write the
+images, a grid and a JSON report.
 
 The generation is `krona generate`'s path (`shared.models.load_pipeline` + `shared.krona.load_into_pipeline`
 + the diffusers pipeline); the pipeline is freed before the scoring models load, so both never share memory.
@@ -79,6 +80,16 @@ def save_grid(rows: list[list[np.ndarray]], path: str | os.PathLike) -> None:
     save_image(grid, path)
 
 
+def is_diffusers_lora(path: str | os.PathLike) -> bool:
+    """A diffusers/PEFT LoRA file (``…lora_A.weight`` or ``…lora.down.weight`` keys), not a KronA or LoKr one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    lokr_or_krona = any(".lokr_w" in key or ".krona_" in key for key in keys)
+    return not lokr_or_krona and any(".lora_A." in key or ".lora.down." in key for key in keys)
+
+
 def generate_images(
     base: str,
     adapter: str | None,
@@ -98,7 +109,11 @@ def generate_images(
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(base, device=device)
-    if adapter:
+    if adapter and is_diffusers_lora(adapter):
+        # `krona train --method lora` (the baseline) writes diffusers' LoRA format.
+        pipe.load_lora_weights(str(adapter), adapter_name="evaluated")
+        pipe.set_adapters(["evaluated"], adapter_weights=[adapter_scale])
+    elif adapter:
         load_into_pipeline(pipe, adapter, scale=adapter_scale)
     pipe.set_progress_bar_config(disable=True)
     images = []

@@ -13,6 +13,7 @@ from shared.krona import adapter_state_dict, inject_adapter, krona_layers, save_
 from shared.training_spec import TrainingSpec
 
 from .components import Components
+from .lora import build_lora_adapter, save_lora_adapter
 
 __all__ = ["ADAPTER_NAME", "build_adapter", "save_trained_adapter"]
 
@@ -20,7 +21,12 @@ ADAPTER_NAME = "default"
 
 
 def build_adapter(components: Components, spec: TrainingSpec) -> list[torch.nn.Parameter]:
-    """Inject the KronA factors (float32, seeded by spec.seed) and return them; nothing else trains."""
+    """Inject the KronA factors (float32, seeded by spec.seed) and return them; nothing else trains.
+
+    With ``spec.method == "lora"``: LoRA on the same targets instead (``lora.build_lora_adapter``).
+    """
+    if spec.method == "lora":
+        return build_lora_adapter(components, spec)
     unet = components.unet
     unet.requires_grad_(False)
     generator = torch.Generator().manual_seed(spec.seed)
@@ -39,11 +45,14 @@ def build_adapter(components: Components, spec: TrainingSpec) -> list[torch.nn.P
 
 
 def save_trained_adapter(path: str | os.PathLike, components: Components, spec: TrainingSpec, steps: int) -> Path:
-    """The final adapter file (native format), with the base model and training parameters in its metadata."""
-    factors = adapter_state_dict(components.unet, ADAPTER_NAME)
+    """The final adapter file (native format; diffusers' LoRA format for ``method="lora"``), with the base model
+    and training parameters in its metadata."""
     metadata = {
         "base_model": components.base_model,
         "created_by": "krona train",
         "training": json.dumps({**spec.to_dict(), "steps": steps}),
     }
+    if spec.method == "lora":
+        return save_lora_adapter(path, components, metadata)
+    factors = adapter_state_dict(components.unet, ADAPTER_NAME)
     return save_adapter(path, factors, spec.krona_config(), metadata)

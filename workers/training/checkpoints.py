@@ -16,6 +16,7 @@ from shared.training_spec import TrainingSpec
 
 from .adapter import ADAPTER_NAME
 from .components import Components
+from .lora import load_lora_state_dict, lora_state_dict
 from .step import TrainState
 
 __all__ = ["CHECKPOINT_PREFIX", "find_latest_checkpoint", "load_checkpoint", "save_checkpoint"]
@@ -32,8 +33,14 @@ def save_checkpoint(
     final = root / f"{CHECKPOINT_PREFIX}{state.step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        factors = adapter_state_dict(components.unet, ADAPTER_NAME)
-        save_adapter(tmp / "adapter.safetensors", factors, spec.krona_config(), {"base_model": components.base_model})
+        if spec.method == "lora":
+            from safetensors.torch import save_file
+
+            save_file(lora_state_dict(components), tmp / "lora.safetensors")
+        else:
+            factors = adapter_state_dict(components.unet, ADAPTER_NAME)
+            metadata = {"base_model": components.base_model}
+            save_adapter(tmp / "adapter.safetensors", factors, spec.krona_config(), metadata)
         torch.save(state.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"generator": state.generator.get_state(), "torch": torch.get_rng_state()}, tmp / "rng.pt")
         meta = {"step": state.step, "losses": state.losses, "spec": spec.to_dict(), "base_model": components.base_model}
@@ -71,8 +78,13 @@ def load_checkpoint(path: str | os.PathLike, components: Components, spec: Train
     differing = sorted(k for k, v in spec.to_dict().items() if k not in ignore and saved.to_dict()[k] != v)
     if differing:
         raise ValueError(f"checkpoint {path} was made with different settings ({', '.join(differing)}); cannot resume")
-    factors, _, _ = load_adapter(path / "adapter.safetensors")
-    load_adapter_state_dict(components.unet, factors, ADAPTER_NAME)
+    if spec.method == "lora":
+        from safetensors.torch import load_file
+
+        load_lora_state_dict(components, load_file(path / "lora.safetensors"))
+    else:
+        factors, _, _ = load_adapter(path / "adapter.safetensors")
+        load_adapter_state_dict(components.unet, factors, ADAPTER_NAME)
     state.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     state.generator.set_state(rng["generator"])

@@ -36,12 +36,23 @@ def heldout_losses(
 
     `samples` draws of (image, latent, noise, timestep) per set, from `seed`; without an adapter, only `base`.
     """
+    from shared.eval.run import is_diffusers_lora
     from shared.krona import load_into_pipeline, set_adapter_scale
 
     if not 1 <= samples <= 1024:
         raise ValueError(f"the held-out loss takes 1 to 1024 samples, got {samples}")
     components = load_components(base_model, device=device)
-    if adapter:
+    lora = bool(adapter) and is_diffusers_lora(adapter)
+
+    def set_scale(scale: float) -> None:
+        if lora:
+            components.pipe.set_adapters(["heldout"], adapter_weights=[scale])
+        else:
+            set_adapter_scale(components.unet, scale, "heldout")
+
+    if lora:
+        components.pipe.load_lora_weights(str(adapter), adapter_name="heldout")
+    elif adapter:
         load_into_pipeline(components.pipe, adapter, scale=adapter_scale, name="heldout")
     results: dict[str, dict[str, float | int | str]] = {}
     for name, (images, prompt) in sets.items():
@@ -49,10 +60,10 @@ def heldout_losses(
         data = prepare_data(components, images, spec)
         result: dict[str, float | int | str] = {"prompt": prompt, "images": len(images)}
         if adapter:
-            set_adapter_scale(components.unet, 0.0, "heldout")
+            set_scale(0.0)
         result["base"] = denoising_loss(components, data, seed=seed, samples=samples)
         if adapter:
-            set_adapter_scale(components.unet, adapter_scale, "heldout")
+            set_scale(adapter_scale)
             result["adapter"] = denoising_loss(components, data, seed=seed, samples=samples)
         results[name] = result
     return results

@@ -6,6 +6,8 @@ from shared.krona import count_adapter_parameters
 from shared.models import resolve_base_model, unet_config
 from shared.training_spec import TrainingSpec
 
+from .lora import count_lora_parameters
+
 __all__ = ["check_factors_fit_base_model"]
 
 
@@ -16,4 +18,6 @@ def check_factors_fit_base_model(spec: TrainingSpec, base_model: str) -> int:
     target layer, unknown target module) before any weights are loaded.
     """
     config = unet_config(resolve_base_model(base_model))
+    if spec.method == "lora":
+        return count_lora_parameters(config, spec)
     return count_adapter_parameters(config, spec.krona_config())
