@@ -232,8 +232,9 @@ def test_on_the_embedded_stack_a_single_request_does_not_wait_behind_a_batch_of_
         up.wait(up.ready, "krona up ready", 120)
         key_a, key_b = up.api_key(), _second_tenant(up.data_dir)
         with httpx.Client(base_url=up.base, timeout=30) as client:
-            _generate_and_wait(client, key_b)  # warm: the engine loads on the first request
-            idle = min(_generate_and_wait(client, key_b) for _ in range(2))
+            for _ in range(3):  # warm: the engine loads on the first request, the next ones are still slower
+                _generate_and_wait(client, key_b)
+            idle = min(_generate_and_wait(client, key_b) for _ in range(3))
             batch = client.post(
                 "/v1/batches",
                 headers={"Authorization": f"Bearer {key_a}"},
@@ -257,6 +258,6 @@ def test_on_the_embedded_stack_a_single_request_does_not_wait_behind_a_batch_of_
         assert [(u["kind"], u["jobs"], u["images"], u["steps"]) for u in usage_a] == [
             ("generation", 200, 200, 200 * 20)
         ]
-        assert sum(u["jobs"] for u in usage_b) == 4 and all(u["worker_seconds"] > 0 for u in usage_a + usage_b)
+        assert sum(u["jobs"] for u in usage_b) == 7 and all(u["worker_seconds"] > 0 for u in usage_a + usage_b)
     finally:
         up.stop()
