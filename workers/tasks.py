@@ -7,14 +7,23 @@ what is due, and the reaper re-sends it (see ``workers/webhooks.py`` for the web
 Start a worker with ``celery -A workers.tasks worker -Q train,infer --pool solo -c 1`` (``krona worker``
 does, and ``krona up`` starts one), and a webhook worker with ``-Q webhooks --pool threads -c 8``
 (``krona worker --queues webhooks``). The reaper runs in a thread of every worker.
+
+Lifecycle: a worker whose start-up check fails (the database schema, the settings) exits with status 1
+instead of running without its reaper; SIGTERM drains (workers/drain.py): a training checkpoints and hands
+over, a batch finishes, and a message that arrives meanwhile goes back to its queue. While the worker runs, a
+thread touches ``ALIVE_FILE`` every ``ALIVE_INTERVAL_SECONDS``: the container's liveness probe reads its age,
+which a worker busy with one long job (the solo pool answers no broadcast) still keeps fresh.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
+from pathlib import Path
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.exceptions import Reject
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from shared.queue import GENERATE_TASK, REAP_TASK, TRAIN_TASK, WEBHOOK_TASK, celery_app
 
@@ -22,12 +31,25 @@ log = logging.getLogger("krona.worker")
 
 app = celery_app()
 
+# The liveness file: touched by a thread while the worker runs (deploy/k8s probes and the image's HEALTHCHECK).
+ALIVE_FILE = Path(tempfile.gettempdir()) / "krona-worker.alive"
+ALIVE_INTERVAL_SECONDS = 10
+
+
+def _unless_draining(job_id: str) -> None:
+    """A message taken after SIGTERM goes back to its queue unclaimed, for a worker that stays."""
+    from workers.drain import drain_requested
+
+    if drain_requested():
+        raise Reject(f"draining; {job_id} goes back to the queue", requeue=True)
+
 
 @app.task(name=TRAIN_TASK)
 def train_task(training_id: str) -> str:
     from workers.runtime import runtime
     from workers.training.job import run_training_job
 
+    _unless_draining(training_id)
     return run_training_job(runtime(), training_id)
 
 
@@ -36,6 +58,7 @@ def generate_task(generation_id: str) -> str:
     from workers.inference.job import run_generation_job
     from workers.runtime import runtime
 
+    _unless_draining(generation_id)
     return run_generation_job(runtime(), generation_id)
 
 
@@ -83,16 +106,42 @@ def _reaper_loop() -> None:
             outage = None
 
 
+def _alive_loop() -> None:
+    while True:
+        try:
+            ALIVE_FILE.touch()
+        except OSError:  # a full or read-only /tmp: the probe fails, which is the right answer
+            log.warning("cannot touch %s", ALIVE_FILE, exc_info=True)
+        if _stop.wait(ALIVE_INTERVAL_SECONDS):
+            return
+
+
 @worker_ready.connect
 def _start(**_kwargs) -> None:
     from workers.runtime import runtime
 
-    rt = runtime()  # fails fast on an unmigrated database
+    try:
+        rt = runtime()  # the settings, the database and its schema (shared/db/session.py check_migrated)
+    except Exception as exc:
+        # Celery logs and ignores a signal handler's exception, which would leave a worker running with no
+        # reaper on a database it cannot use: exit instead, so that the container (or `krona up`) restarts it.
+        log.critical("worker cannot start: %s: %s", exc.__class__.__name__, exc)
+        raise SystemExit(1) from exc  # not an Exception: Celery lets it end the worker (status 1)
     threading.Thread(target=_reaper_loop, name="krona-reaper", daemon=True).start()
+    threading.Thread(target=_alive_loop, name="krona-alive", daemon=True).start()
     if rt.settings.worker_metrics_port:
         from workers.metrics import start_metrics_server
 
         start_metrics_server(rt.settings.worker_metrics_port)
+
+
+@worker_shutting_down.connect
+def _drain(sig: str = "SIGTERM", how: str = "Warm", **_kwargs) -> None:
+    # Sent from Celery's signal handler (SIGTERM, SIGINT) in the main process, before the warm shutdown waits
+    # for the running task: the task sees the flag at its next step (workers/drain.py).
+    from workers.drain import request_drain
+
+    request_drain(f"{sig}, {how.lower()} shutdown")
 
 
 @worker_shutdown.connect

@@ -16,6 +16,8 @@ from pathlib import Path
 from services.cli.supervisor import Child, Supervisor
 
 DEFAULT_TENANT = "default"
+# How long `krona up` waits for its job worker to drain when it stops (one training step and a checkpoint).
+WORKER_STOP_SECONDS = 120.0
 
 
 def _settings(data_dir: str | None = None, *, export: bool = False):
@@ -215,7 +217,8 @@ def up(args: argparse.Namespace) -> int:
     supervisor = Supervisor(
         [
             Child("gateway", gateway_cmd, env),
-            Child("worker", worker_command("train,infer", "krona-embedded@%h"), env),
+            # SIGTERM drains the job worker: a training checkpoints and hands over, a batch finishes.
+            Child("worker", worker_command("train,infer", "krona-embedded@%h"), env, stop_timeout=WORKER_STOP_SECONDS),
             Child(
                 "webhooks",
                 worker_command("webhooks", "krona-webhooks@%h", webhook_concurrency=settings.webhook_concurrency),

@@ -2,6 +2,10 @@
 
 The supervisor writes its view to ``<data dir>/processes.json`` (name, pid, state, restarts, last exit
 code) so that the gateway's `/readyz` can say whether the workers are running or being restarted.
+
+Stopping sends SIGTERM to every child at once and waits up to each child's ``stop_timeout`` before SIGKILL:
+a job worker drains in that time (workers/drain.py: a training checkpoints and hands over, a batch finishes),
+so a worker gets a longer wait than the gateway.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Child:
     started_at: float = 0.0
     restart_at: float | None = None
     backoff: float = field(default=1.0)
+    # Seconds between SIGTERM and SIGKILL when the supervisor stops (a worker drains in this time).
+    stop_timeout: float = 20.0
 
     @property
     def state(self) -> str:
@@ -102,20 +108,24 @@ class Supervisor:
         finally:
             self.stop()
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM to every child, then wait for each up to its ``stop_timeout`` (or ``timeout``) and SIGKILL."""
+        started = time.monotonic()
         for child in self.children:
             child.restart_at = None
             if child.process is not None and child.process.poll() is None:
                 child.process.terminate()
-        deadline = time.monotonic() + timeout
         for child in self.children:
             if child.process is None:
                 continue
+            deadline = started + (child.stop_timeout if timeout is None else timeout)
             try:
                 child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                print(f"krona up: {child.name} did not stop in time; killing it", file=sys.stderr, flush=True)
                 child.process.kill()
                 child.process.wait()
+            child.last_exit_code = child.process.returncode
         self._write_state()
 
     def _write_state(self) -> None:

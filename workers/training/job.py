@@ -27,6 +27,7 @@ from shared.storage import BlobNotFound
 from shared.training_spec import TrainingSpec
 from shared.usage import Usage
 
+from ..drain import drain_requested, hand_over_training
 from ..lease import Heartbeat, claim_next, finish, renew, wake_if_capped
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
@@ -158,7 +159,9 @@ class _Attempt:
                 should_cancel=self.should_cancel,
                 on_checkpoint=self.on_checkpoint,
             )
-        except TrainingCanceled:
+        except TrainingCanceled as stopped:
+            if drain_requested() and not self.cancel_requested():  # SIGTERM: another worker resumes (drain.py)
+                return hand_over_training(self.rt, self.training_id, stopped.checkpoint, self.on_checkpoint)
             self.end("canceled")
             notify(self.rt, Training, "training", self.training_id)
             return "canceled"
@@ -270,6 +273,10 @@ class _Attempt:
             raise LeaseLost(self.training_id)
 
     def should_cancel(self) -> bool:
+        # A draining worker stops like a cancel (a checkpoint of this step), then hands the training over.
+        return drain_requested() or self.cancel_requested()
+
+    def cancel_requested(self) -> bool:
         def read() -> bool:
             with self.rt.sessions() as session:
                 return bool(session.scalar(select(Training.cancel_requested).where(Training.id == self.training_id)))
