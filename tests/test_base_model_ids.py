@@ -71,10 +71,10 @@ def test_the_error_for_a_removed_id_names_it_and_its_mirrors(removed):
 
 
 def _hub_error(cls_name: str):
-    import httpx2
+    import httpx
     from huggingface_hub import errors
 
-    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/x/y"))
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/x/y"))
     return getattr(errors, cls_name)("404 Client Error: Repository Not Found", response=response)
 
 
@@ -131,7 +131,7 @@ def test_known_ids_are_read_without_the_hub_or_a_cache(monkeypatch, tmp_path):
 
 def test_an_unwritable_cache_fetches_the_config_into_memory(monkeypatch, tmp_path):
     """No writable cache (the gateway's container): the one small file is read into memory, nothing written."""
-    import httpx2
+    import httpx
     import huggingface_hub
     import huggingface_hub.utils
 
@@ -145,7 +145,7 @@ def test_an_unwritable_cache_fetches_the_config_into_memory(monkeypatch, tmp_pat
     class Session:
         def get(self, url, **_kwargs):
             assert url.endswith("/acme/custom-sd/resolve/main/unet/config.json"), url
-            return httpx2.Response(200, json=config, request=httpx2.Request("GET", url))
+            return httpx.Response(200, json=config, request=httpx.Request("GET", url))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unwritable)
     monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: Session())

@@ -1,90 +1,364 @@
-"""Deployment files, validated statically (there is no Docker engine or cluster here)."""
+"""Deployment files, validated statically (there is no Docker engine or cluster here), and the autoscaler's
+queries run on a migrated PostgreSQL database."""
 
+import ipaddress
 import re
+import secrets
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from shared.settings import Settings
+from shared.settings import PLACEHOLDER_SECRET, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy/k8s"
 OVERLAYS = ("cpu", "gpu")
 # Read by code outside Settings: the tiny-model cache (shared/models/tiny.py); the image tag (compose only).
 OTHER_VARIABLES = {"KRONA_MODEL_CACHE", "KRONA_VERSION"}
+SECRET_FILES = ("secrets.env", "keda.env")  # git-ignored, made from the *.env.example files next to them
 
 
-def _render(overlay: str) -> list[dict]:
+def _kustomize(path: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is needed to render the Kustomize overlays"
-    out = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
+def _copy_with_secrets(destination: Path) -> tuple[Path, dict[str, str]]:
+    """deploy/k8s copied to ``destination`` with the secret files an operator writes: every value of the
+    examples replaced by a random one (the copy leaves out any real secret files of this checkout)."""
+    tree = destination / "k8s"
+    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns(*SECRET_FILES))
+    values = {}
+    for name in SECRET_FILES:
+        lines = []
+        for line in (tree / "base" / f"{name}.example").read_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _ = line.split("=", 1)
+                values[key] = f"test-{secrets.token_hex(8)}"
+                line = f"{key}={values[key]}"
+            lines.append(line)
+        (tree / "base" / name).write_text("\n".join(lines) + "\n")
+    return tree, values
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, list[dict]]:
+    tree, _ = _copy_with_secrets(tmp_path_factory.mktemp("deploy"))
+    return {overlay: _kustomize(tree / "overlays" / overlay) for overlay in OVERLAYS}
+
+
+def _find(objects, kind, name=None):
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert found, (kind, name)
+    return found if name is None else found[0]
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_renders_and_validates_against_the_kubernetes_schemas(overlay):
+def test_overlay_renders_and_validates_against_the_kubernetes_schemas(rendered, overlay):
     import kubernetes_validate
 
-    objects = _render(overlay)
+    objects = rendered[overlay]
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     for expected in [
-        ("Deployment", "krona-gateway"), ("Service", "krona-gateway"), ("Ingress", "krona-gateway"),
-        ("PodDisruptionBudget", "krona-gateway"), ("HorizontalPodAutoscaler", "krona-gateway"),
-        ("Deployment", "krona-worker-train"), ("Deployment", "krona-worker-infer"), ("Job", "krona-migrate"),
-        ("ConfigMap", "krona-config"), ("Secret", "krona-secrets"), ("ScaledObject", "krona-worker-train"),
-        ("ScaledObject", "krona-worker-infer"), ("NetworkPolicy", "datastores-from-krona-only"),
-        ("Deployment", "krona-webhooks"),
+        ("Namespace", "krona"), ("Deployment", "krona-gateway"), ("Service", "krona-gateway"),
+        ("Ingress", "krona-gateway"), ("PodDisruptionBudget", "krona-gateway"),
+        ("HorizontalPodAutoscaler", "krona-gateway"), ("Deployment", "krona-worker-train"),
+        ("Deployment", "krona-worker-infer"), ("Job", "krona-migrate-1.0.0"), ("ConfigMap", "krona-config"),
+        ("Secret", "krona-keda"), ("TriggerAuthentication", "krona-postgres"),
+        ("ScaledObject", "krona-worker-train"), ("ScaledObject", "krona-worker-infer"),
+        ("NetworkPolicy", "krona-ingress"), ("NetworkPolicy", "krona-egress"), ("Deployment", "krona-webhooks"),
     ]:  # fmt: skip
         assert expected in kinds, expected
+    assert any(kind == "Secret" and name.startswith("krona-secrets-") for kind, name in kinds)  # hashed name
     for obj in objects:
         if obj["apiVersion"].startswith("keda.sh/"):
             # KEDA's CRDs are not in kubernetes-validate's bundled schemas (it only ships the core API);
-            # their fields are checked by test_keda_scales_each_queue below instead.
+            # their fields are checked by test_keda_scales_each_queue_on_the_database_truth below instead.
             continue
         kubernetes_validate.validate(obj, "1.37", strict=True)
 
 
-def test_keda_scales_each_queue():
-    objects = _render("gpu")
+def test_rendering_stops_without_the_secret_files(tmp_path):
+    """No placeholder is ever applied: without the operator's secrets.env, kustomize refuses to render."""
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns(*SECRET_FILES))
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path / "k8s/overlays/gpu")], capture_output=True, text=True)
+    assert out.returncode != 0 and "secrets.env" in out.stderr
+    ignored = subprocess.run(
+        ["git", "check-ignore", *(f"deploy/k8s/base/{name}" for name in SECRET_FILES), ".env"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ignored.stdout.split() == [*(f"deploy/k8s/base/{name}" for name in SECRET_FILES), ".env"]
+
+
+def test_no_secret_value_is_a_placeholder(tmp_path):
+    tree, values = _copy_with_secrets(tmp_path)
+    for overlay in OVERLAYS:
+        objects = _kustomize(tree / "overlays" / overlay)
+        secret_objects = [o for o in objects if o["kind"] == "Secret"]
+        assert {o["metadata"]["name"].rsplit("-", 1)[0] for o in secret_objects} == {"krona-secrets", "krona"}
+        import base64
+
+        for obj in secret_objects:
+            for key, encoded in obj["data"].items():
+                value = base64.b64decode(encoded).decode()
+                assert value == values[key]  # only what the operator's files say
+                assert PLACEHOLDER_SECRET not in value and value.strip()
+    # No committed manifest carries a secret value: Secrets come only from the generator.
+    for path in K8S.rglob("*.yaml"):
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        assert not any(d.get("kind") == "Secret" for d in documents), path
+        assert PLACEHOLDER_SECRET not in path.read_text(), path
+    # A secrets.env copied from the example and left unedited is refused by the settings (the pods crash-loop
+    # with the reason) rather than run with a placeholder.
+    example = dict(
+        line.split("=", 1)
+        for line in (K8S / "base/secrets.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    config = yaml.safe_load((K8S / "base/config.yaml").read_text())["data"]
+    fields = {k.removeprefix("KRONA_").lower(): v for k, v in {**config, **example}.items()}
+    with pytest.raises(ValueError, match="placeholder"):
+        Settings(**fields)
+
+
+def _scale_targets(objects) -> set[str]:
+    targets = {o["spec"]["scaleTargetRef"]["name"] for o in objects if o["kind"] == "ScaledObject"}
+    targets |= {o["spec"]["scaleTargetRef"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
+    return targets
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaled_deployments_set_no_replicas(rendered, overlay):
+    objects = rendered[overlay]
+    targets = _scale_targets(objects)
+    assert {"krona-gateway", "krona-worker-train", "krona-worker-infer"} <= targets
+    for deployment in _find(objects, "Deployment"):
+        if deployment["metadata"]["name"] in targets:
+            assert "replicas" not in deployment["spec"], deployment["metadata"]["name"]
+
+
+def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
+    """Queued plus running jobs per queue, read from PostgreSQL (a Redis list loses a message once a worker takes
+    it, so a running training would count zero); each query runs here with the expected counts, by index."""
+    from sqlalchemy import text
+
+    from shared.db import Generation, Training, make_engine, make_session_factory
+    from shared.tenants import create_tenant
+
+    objects = rendered["gpu"]
     scaled = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ScaledObject"}
     deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
-    for name, queue in (("krona-worker-train", "train"), ("krona-worker-infer", "infer")):
+    auth = _find(objects, "TriggerAuthentication", "krona-postgres")
+    (ref,) = auth["spec"]["secretTargetRef"]
+    keda_secret = _find(objects, "Secret", ref["name"])
+    assert ref["parameter"] == "connection" and ref["key"] in keda_secret["data"]
+    queries = {}
+    for name, table in (("krona-worker-train", "trainings"), ("krona-worker-infer", "generations")):
         spec = scaled[name]["spec"]
         assert spec["scaleTargetRef"]["name"] in deployments
         (trigger,) = spec["triggers"]
-        assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queue
+        assert trigger["type"] == "postgresql" and trigger["authenticationRef"]["name"] == "krona-postgres"
+        assert float(trigger["metadata"]["targetQueryValue"]) >= 1
+        queries[table] = trigger["metadata"]["query"]
+        assert table in queries[table]
     assert scaled["krona-worker-train"]["spec"]["minReplicaCount"] == 0  # training scales to zero
+    assert scaled["krona-worker-infer"]["spec"]["minReplicaCount"] >= 1
+
+    engine = make_engine(postgres_url)
+    sessions = make_session_factory(engine)
+    with sessions() as session:
+        tenant, _ = create_tenant(session, f"keda-{uuid.uuid4().hex[:6]}")
+        session.flush()
+        counts = {table: session.execute(text(query)).scalar() for table, query in queries.items()}
+        statuses = ["queued", "queued", "running", "succeeded", "failed", "canceled"]
+        for status in statuses:
+            session.add(Training(tenant_id=tenant.id, base_model="tiny-sd", instance_prompt="x", status=status))
+        for status in [*statuses, "running"]:
+            session.add(Generation(tenant_id=tenant.id, prompt="x", width=64, height=64, seed=0, status=status))
+        session.flush()
+        after = {table: session.execute(text(query)).scalar() for table, query in queries.items()}
+        # Queued and running only (a running training keeps its worker, however long it runs).
+        assert after["trainings"] - counts["trainings"] == 3
+        assert after["generations"] - counts["generations"] == 4
+        # A status-first index answers each query (seq scans off here: the test tables are too small to need one).
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        for table, query in queries.items():
+            plan = "\n".join(row[0] for row in session.execute(text(f"EXPLAIN {query}")))
+            assert re.search(rf"Index (Only )?Scan (using|on) ix_{table}_status", plan), plan
+        session.rollback()
+    engine.dispose()
+
+
+# The Pod Security Standards' "restricted" level (kubernetes.io/docs/concepts/security/pod-security-standards).
+_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}  # fmt: skip
+
+
+def _pod_templates(objects):
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+            yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_the_restricted_pod_security_level(rendered, overlay):
+    objects = rendered[overlay]
+    namespace = _find(objects, "Namespace", "krona")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    pods = list(_pod_templates(objects))
+    assert len(pods) == 5
+    for name, pod in pods:
+        pod_context = pod.get("securityContext", {})
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= _RESTRICTED_VOLUMES, (name, volume)
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            context = container.get("securityContext", {})
+            merged = {**pod_context, **context}
+            assert merged.get("runAsNonRoot") is True, name
+            assert merged.get("runAsUser", 1) != 0, name
+            assert merged.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), name
+            assert context.get("allowPrivilegeEscalation") is False, name
+            assert not context.get("privileged"), name
+            assert context.get("capabilities", {}).get("drop") == ["ALL"], name
+            assert set(context.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, name
+            assert all("hostPort" not in port for port in container.get("ports", [])), name
+            # Not required by the level, but every Krona container runs with a read-only root filesystem.
+            assert context.get("readOnlyRootFilesystem") is True, name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_block_instance_metadata_and_name_only_created_namespaces(rendered, overlay):
+    objects = rendered[overlay]
+    created = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
+    for obj in objects:
+        if obj["kind"] not in ("Namespace",) and "namespace" in obj["metadata"]:
+            assert obj["metadata"]["namespace"] in created, (obj["kind"], obj["metadata"]["name"])
+    egress = _find(objects, "NetworkPolicy", "krona-egress")["spec"]
+    assert egress["podSelector"] == {} and egress["policyTypes"] == ["Egress"]
+    metadata_ips = [ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")]
+    for rule in egress["egress"]:
+        assert rule.get("to"), "a rule without `to` allows every destination"
+        for peer in rule["to"]:
+            if "ipBlock" not in peer:
+                assert "namespaceSelector" in peer  # pods of named namespaces only
+                continue
+            block = peer["ipBlock"]
+            cidr = ipaddress.ip_network(block["cidr"])
+            excepted = [ipaddress.ip_network(e) for e in block.get("except", [])]
+            for ip in metadata_ips:
+                if ip.version == cidr.version and ip in cidr:
+                    assert any(ip in e for e in excepted), (block, ip)
+
+
+def test_the_datastores_policy_comes_with_its_namespace():
+    objects = _kustomize(K8S / "datastores")
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects} == {
+        ("Namespace", "krona-data"),
+        ("NetworkPolicy", "datastores-from-krona-only"),
+    }
+    policy = _find(objects, "NetworkPolicy", "datastores-from-krona-only")
+    assert policy["metadata"]["namespace"] == "krona-data"
+    sources = policy["spec"]["ingress"][0]["from"][0]
+    components = sources["podSelector"]["matchExpressions"][0]["values"]
+    assert set(components) == {"gateway", "worker", "migrate"}
+
+
+def test_ingress_has_tls_and_a_class_and_routes_neither_metrics_nor_probes(rendered):
+    ingress = _find(rendered["gpu"], "Ingress", "krona-gateway")["spec"]
+    assert ingress["ingressClassName"]
+    hosts = {rule["host"] for rule in ingress["rules"]}
+    assert hosts <= {host for tls in ingress["tls"] for host in tls["hosts"]} and all(
+        t["secretName"] for t in ingress["tls"]
+    )
+    paths = [(p["path"], p["pathType"]) for rule in ingress["rules"] for p in rule["http"]["paths"]]
+    assert ("/v1", "Prefix") in paths
+    for internal in ("/metrics", "/healthz", "/readyz"):
+        for path, kind in paths:
+            routed = (
+                internal == path if kind == "Exact" else internal.startswith(path.rstrip("/") + "/") or internal == path
+            )
+            assert not routed, (internal, path, kind)
+
+
+def test_migrate_job_runs_on_the_slim_image_and_is_named_after_its_tag(rendered, tmp_path):
+    job = _find(rendered["gpu"], "Job", "krona-migrate-1.0.0")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "krona-gateway:1.0.0"  # not the CUDA worker image
+    assert container["command"][-1] == "migrate"
+    assert job["spec"]["backoffLimit"] >= 6 and job["spec"]["ttlSecondsAfterFinished"] > 0
+    # A new tag (set where an operator sets it, in the overlay) gives a new Job, which `kubectl apply` can create;
+    # the old one's pod template could not be changed.
+    tree, _ = _copy_with_secrets(tmp_path)
+    overlay = tree / "overlays/gpu/kustomization.yaml"
+    overlay.write_text(overlay.read_text() + "images:\n  - name: krona-gateway\n    newTag: 1.1.0-rc.2\n")
+    (job,) = [o for o in _kustomize(overlay.parent) if o["kind"] == "Job"]
+    assert job["metadata"]["name"] == "krona-migrate-1.1.0-rc.2"
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "krona-gateway:1.1.0-rc.2"
 
 
 def _workers(objects):
     return [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"].startswith("krona-worker")]
 
 
-def test_gpu_and_cpu_overlays():
-    for worker in _workers(_render("gpu")):
+def test_gpu_and_cpu_overlays(rendered):
+    for worker in _workers(rendered["gpu"]):
         pod = worker["spec"]["template"]["spec"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert "--concurrency" in pod["containers"][0]["command"] and "1" in pod["containers"][0]["command"]
-        # Longer than a checkpoint interval of training, so a stopped trainer loses at most one interval.
+        # Room for a training step and its checkpoint (the drain), or a whole generation batch.
         assert pod["terminationGracePeriodSeconds"] >= 300
-    cpu = _render("cpu")
+    cpu = rendered["cpu"]
     for worker in _workers(cpu):
         assert "nvidia.com/gpu" not in worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    config = next(o for o in cpu if o["kind"] == "ConfigMap")
+    config = _find(cpu, "ConfigMap", "krona-config")
     assert config["data"]["KRONA_WORKER_DEVICE"] == "cpu"
 
 
-def test_network_policy_lets_only_krona_reach_the_datastores():
-    policy = next(o for o in _render("cpu") if o["metadata"]["name"] == "datastores-from-krona-only")
-    assert policy["metadata"]["namespace"] == "krona-data"
-    sources = policy["spec"]["ingress"][0]["from"][0]
-    components = sources["podSelector"]["matchExpressions"][0]["values"]
-    assert set(components) == {"gateway", "worker", "migrate"}
+def _alive_check() -> str:
+    """The probe command's script: the age of the file workers/tasks.py touches."""
+    from workers.tasks import ALIVE_FILE, ALIVE_INTERVAL_SECONDS
+
+    assert ALIVE_INTERVAL_SECONDS * 3 <= 60
+    return f"import os, sys, time; sys.exit(time.time() - os.path.getmtime('/tmp/{ALIVE_FILE.name}') > 60)"
+
+
+def test_worker_probes_read_the_liveness_file_a_busy_worker_keeps_fresh(rendered):
+    check = ["python", "-c", _alive_check()]
+    objects = rendered["gpu"]
+    workers = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] != "krona-gateway"]
+    assert len(workers) == 3
+    for worker in workers:
+        pod = worker["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["startupProbe"]["exec"]["command"] == check
+        assert container["livenessProbe"]["exec"]["command"] == check
+        assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}  # where the file is written
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ("worker-train", "worker-infer", "worker-cpu", "worker-webhooks"):
+        assert compose[name]["healthcheck"]["test"] == ["CMD", *check], name
+    dockerfile = (ROOT / "deploy/docker/worker.Dockerfile").read_text()
+    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :]
+    assert "inspect" not in healthcheck.split("\nCMD")[0] and _alive_check() in healthcheck
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_scratch_volume_has_a_size_limit(rendered, overlay):
+    for name, pod in _pod_templates(rendered[overlay]):
+        for volume in pod.get("volumes", []):
+            if "emptyDir" in volume:
+                assert volume["emptyDir"].get("sizeLimit"), (name, volume["name"])
+    for worker in _workers(rendered[overlay]):
+        mounts = {m["mountPath"] for m in worker["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+        assert "/cache" in mounts
 
 
 def test_compose_file_validates_and_wires_the_stack():
@@ -113,10 +387,21 @@ def test_compose_file_validates_and_wires_the_stack():
     for name in ("gateway", "worker-train", "worker-infer"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["gateway"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    # The migration runs on the slim image: no CUDA image is pulled to migrate.
+    assert services["migrate"]["image"].startswith("krona-gateway") and services["migrate"]["command"][-1] == "migrate"
+    # Each GPU worker reserves a GPU of its own by index (`count: 1` would give both GPU 0).
+    gpus = []
     for name in ("worker-train", "worker-infer"):
         (device,) = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert device["driver"] == "nvidia" and device["count"] == 1 and device["capabilities"] == ["gpu"]
-        assert any(v.startswith("hf-cache:") for v in services[name]["volumes"])
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device
+        (gpu,) = device["device_ids"]
+        gpus.append(re.fullmatch(r"\$\{(\w+):-(\d+)\}", gpu).groups())
+        assert any(v.startswith("hf-cache:/cache/huggingface") for v in services[name]["volumes"])
+    assert gpus == [("TRAIN_GPU", "0"), ("INFER_GPU", "1")]
+    env_example = (ROOT / ".env.example").read_text()
+    assert "TRAIN_GPU=0" in env_example and "INFER_GPU=1" in env_example
+    # The gateway needs no model cache (it never downloads or builds a model).
+    assert "volumes" not in services["gateway"]
     assert services["worker-cpu"]["profiles"] == ["cpu"]
     # Webhook deliveries have their own worker (a thread pool on the slim image), never a GPU worker's queue.
     hooks = services["worker-webhooks"]
@@ -124,6 +409,7 @@ def test_compose_file_validates_and_wires_the_stack():
     assert "deploy" not in hooks
     for name in ("worker-train", "worker-infer", "worker-cpu"):
         assert "webhooks" not in services[name]["command"][services[name]["command"].index("-Q") + 1]
+        assert services[name]["command"][0] == "python"
 
 
 def test_dockerfiles_pass_hadolint_and_run_as_non_root():
@@ -138,19 +424,40 @@ def test_dockerfiles_pass_hadolint_and_run_as_non_root():
         assert ":" in base and not base.endswith(":latest"), base
         assert re.search(r"^USER 10001$", text, re.M)
         assert "HEALTHCHECK" in text
+        # The caches exist in the image, owned by the user, so the volumes mounted there are writable.
+        assert "mkdir -p /cache/huggingface /cache/krona && chown -R krona:krona /cache" in text
+        assert "HF_HOME=/cache/huggingface" in text and "--home-dir /home/krona --create-home" in text
+
+
+def test_the_images_ship_the_python_and_torch_the_tests_ran():
+    import torch
+
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    for image in ("gateway", "worker"):
+        text = (ROOT / f"deploy/docker/{image}.Dockerfile").read_text()
+        base = re.search(r"^FROM python:(\d+)\.(\d+)\.\d+-slim-\w+$", text, re.M)
+        assert base and f"{base.group(1)}.{base.group(2)}" == minor, (image, base)
+    worker = (ROOT / "deploy/docker/worker.Dockerfile").read_text()
+    tested = torch.__version__.split("+")[0]
+    makefile = re.search(r"^TORCH_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(tested)}$", worker, re.M) and makefile == tested
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cu\d+$", worker, re.M)
+    assert 'pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in worker
+    assert "python3.11=" not in worker and "apt-get" not in worker  # no distribution Python to pin
 
 
 def _variables(text: str) -> set[str]:
     return set(re.findall(r"\b(KRONA_[A-Z0-9_]+)\b", text))
 
 
-def test_deploy_files_set_exactly_settings_the_code_reads():
+def test_deploy_files_set_exactly_settings_the_code_reads(rendered):
     fields = {f"KRONA_{name.upper()}" for name in Settings.model_fields}
-    rendered = "\n".join(yaml.safe_dump(o) for overlay in OVERLAYS for o in _render(overlay))
+    text = "\n".join(yaml.safe_dump(o) for overlay in OVERLAYS for o in rendered[overlay])
     sources = {
         "docker-compose.yml": (ROOT / "docker-compose.yml").read_text(),
         ".env.example": (ROOT / ".env.example").read_text(),
-        "kubernetes": rendered,
+        "kubernetes": text,
+        "secrets.env.example": (K8S / "base/secrets.env.example").read_text(),
         "Dockerfiles": "\n".join(p.read_text() for p in (ROOT / "deploy/docker").glob("*.Dockerfile")),
     }
     for name, text in sources.items():
@@ -175,10 +482,10 @@ def test_docker_requirements_are_generated_from_the_extras():
     assert result.returncode == 0, result.stdout + result.stderr
     gateway, worker = _pinned("gateway"), _pinned("worker")
     assert all(re.fullmatch(r"[\w.-]+(\[[\w,]+\])?==\S+", line) for line in [*gateway.values(), *worker.values()])
-    # The gateway image (which also runs the webhook worker) pulls no torch; the worker image's torch is a
-    # CUDA build its Dockerfile installs from PyTorch's index, before these pins.
+    # The gateway image (which also runs the webhook worker and the migration) pulls no torch; the worker image's
+    # torch is a CUDA build its Dockerfile installs from PyTorch's index, before these pins.
     assert not {"torch", "diffusers", "transformers", "accelerate"} & set(gateway)
-    assert {"fastapi", "uvicorn", "python-multipart", "celery", "boto3"} <= set(gateway)
+    assert {"fastapi", "uvicorn", "python-multipart", "celery", "boto3", "alembic", "psycopg"} <= set(gateway)
     assert {"diffusers", "transformers", "accelerate", "celery", "boto3"} <= set(worker) and "torch" not in worker
     assert "fastapi" not in worker
     for image in ("gateway", "worker"):

@@ -1,9 +1,17 @@
-# The gateway and the webhook worker: slim CPU image, no torch (neither imports it).
+# The gateway, the webhook worker and the migrate step: slim CPU image, no torch (none of them imports it).
+# The same Python as the tests (3.11; tests/test_deploy.py checks the minor version).
 FROM python:3.11.11-slim-bookworm
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Caches live under /cache, created and owned by the non-root user (a compose volume mounted there starts with
+# that owner). The gateway needs no cache and no writable home at all: it reads a base model's UNet config
+# without downloading or building the model (tests/test_gateway_readonly_home.py), so Kubernetes runs it with a
+# read-only root filesystem.
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/home/krona XDG_CACHE_HOME=/cache HF_HOME=/cache/huggingface KRONA_MODEL_CACHE=/cache/krona
 WORKDIR /app
-RUN groupadd --system --gid 10001 krona && useradd --system --uid 10001 --gid krona --home /app krona
+RUN groupadd --system --gid 10001 krona \
+ && useradd --system --uid 10001 --gid krona --home-dir /home/krona --create-home krona \
+ && mkdir -p /cache/huggingface /cache/krona && chown -R krona:krona /cache
 # requirements-gateway.txt is generated from pyproject.toml's [gateway] extra (deploy/docker/requirements.py).
 COPY deploy/docker/requirements-gateway.txt /tmp/requirements.txt
 RUN pip install -r /tmp/requirements.txt
