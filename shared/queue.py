@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from shared.settings import Settings
 
 __all__ = [
+    "EVALUATE_TASK",
     "GENERATE_TASK",
     "INFER_QUEUE",
     "REAP_TASK",
@@ -36,12 +37,15 @@ TRAIN_TASK = "krona.train"
 GENERATE_TASK = "krona.generate"
 WEBHOOK_TASK = "krona.webhook"
 REAP_TASK = "krona.reap"
+# Scoring an adapter (POST /v1/adapters/{id}/evaluations): GPU work of the training workers' kind.
+EVALUATE_TASK = "krona.evaluate"
 
 TASK_ROUTES = {
     TRAIN_TASK: {"queue": TRAIN_QUEUE},
     GENERATE_TASK: {"queue": INFER_QUEUE},
     WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
     REAP_TASK: {"queue": INFER_QUEUE},
+    EVALUATE_TASK: {"queue": TRAIN_QUEUE},
 }
 
 

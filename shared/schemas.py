@@ -85,6 +85,30 @@ class AdapterConfig(BaseModel):
     targets: list[str]
 
 
+class EvaluationModels(BaseModel):
+    clip: str = Field(description="the CLIP model of CLIP-I and CLIP-T (hub id or folder)")
+    dino: str = Field(description="the DINO ViT of the DINO score")
+
+
+class AdapterEvaluation(BaseModel):
+    """The adapter's scores (DreamBooth's metrics, shared/eval) and the state of the job that computes them."""
+
+    status: Literal["queued", "running", "succeeded", "failed"]
+    clip_i: float | None = Field(None, description="CLIP image similarity, generated vs the subject's photos")
+    clip_t: float | None = Field(None, description="CLIP similarity of the generated images and their prompts")
+    dino: float | None = Field(None, description="DINO ViT-S/16 similarity, generated vs the subject's photos")
+    prompts: int = Field(description="evaluation prompts used (the first N of DreamBooth's for the class)")
+    images_per_prompt: int
+    steps: int = Field(description="denoising steps per image")
+    class_noun: str
+    identifier: str
+    reference_images: int = Field(description="the subject's real images the scores compare against")
+    models: EvaluationModels
+    error: ErrorInfo | None = None
+    requested_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
 class AdapterPublic(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
@@ -113,6 +137,9 @@ class AdapterPublic(BaseModel):
     sha256: str
     training_id: str | None = None
     created_at: datetime
+    evaluation: AdapterEvaluation | None = Field(
+        None, description="CLIP-I/CLIP-T/DINO scores (params.evaluate or POST .../evaluations); null: not evaluated"
+    )
 
 
 class GenerationCreate(BaseModel):
@@ -309,7 +336,16 @@ def adapter_public(row: Adapter) -> dict[str, Any]:
         sha256=row.sha256,
         training_id=row.training_id,
         created_at=as_utc(row.created_at),
+        evaluation=evaluation_public(row.evaluation),
     ).model_dump(mode="json")
+
+
+def evaluation_public(stored: dict[str, Any] | None) -> AdapterEvaluation | None:
+    """The public part of ``adapters.evaluation`` (the worker's lease and the reference image keys stay inside)."""
+    if not stored:
+        return None
+    public = {name: stored.get(name) for name in AdapterEvaluation.model_fields if name in stored}
+    return AdapterEvaluation.model_validate(public)
 
 
 def generation_public(row: Generation, public_url: str) -> dict[str, Any]:

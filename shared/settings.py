@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/krona.db")
     broker_url: str | None = Field(None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db")
     base_model: str = Field("tiny-sd", description="base model: tiny-sd, tiny-sdxl, a folder or a hub id")
+    # Adapter evaluation (params.evaluate, POST /v1/adapters/{id}/evaluations; workers/evaluation.py). The
+    # defaults are shared/eval/metrics.py's; tests set tiny-clip / tiny-dino (built from config, no download).
+    eval_clip_model: str = Field(
+        "openai/clip-vit-large-patch14", description="CLIP model for CLIP-I/CLIP-T: hub id, folder or tiny-clip"
+    )
+    eval_dino_model: str = Field("facebook/dino-vits16", description="DINO model: hub id, folder or tiny-dino")
 
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; unset = local blob folder")
     s3_bucket: str = "krona"

@@ -17,6 +17,7 @@ __all__ = [
     "MAX_TARGET_MODULE_CHARS",
     "METHODS",
     "MIXED_PRECISION",
+    "EvaluationRequest",
     "TrainingSpec",
 ]
 
@@ -28,6 +29,88 @@ METHODS = ("krona", "lora")
 MAX_PROMPT_CHARS = 1000
 MAX_TARGET_MODULES = 16
 MAX_TARGET_MODULE_CHARS = 100
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """How an adapter is scored (CLIP-I, CLIP-T, DINO; shared/eval): the first ``prompts`` of DreamBooth's
+    evaluation prompts for the class, ``per_prompt`` images each (seeds 0..per_prompt-1), ``steps`` denoising
+    steps. Kept small on purpose: the score is a check, not the paper's 25 x 4 protocol (use `krona eval`).
+
+    class_noun: the subject's class ("dog"); ``None`` takes the last word of the instance prompt.
+    identifier: the rare token ("sks"); ``None`` takes the word before the class noun in the instance prompt.
+    """
+
+    prompts: int = 4
+    per_prompt: int = 2
+    steps: int = 25
+    class_noun: str | None = None
+    identifier: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("evaluate.prompts", self.prompts, 1, 25)
+        _check_int("evaluate.per_prompt", self.per_prompt, 1, 4)
+        _check_int("evaluate.steps", self.steps, 1, 100)
+        for name in ("class_noun", "identifier"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.strip() or len(value) > 100 or "\x00" in value:
+                raise ValueError(f"evaluate.{name} must be a non-empty string of at most 100 characters")
+
+    @classmethod
+    def parse(cls, value: Any) -> EvaluationRequest | None:
+        """``params.evaluate``: false/None (no evaluation), true (the defaults) or an object of the fields."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if not isinstance(value, dict):
+            raise ValueError('evaluate must be true, false or an object such as {"prompts": 4, "per_prompt": 2}')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown evaluate fields: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**value)
+
+    def initial_state(
+        self,
+        *,
+        instance_prompt: str,
+        clip_model: str,
+        dino_model: str,
+        reference_images: int,
+        requested_at: str,
+        status: str = "queued",
+    ) -> dict[str, Any]:
+        """The JSON of ``adapters.evaluation`` for this request, before any score (shared/schemas.py presents it)."""
+        identifier, class_noun = self.subject_words(instance_prompt)
+        return {
+            "status": status,
+            "clip_i": None,
+            "clip_t": None,
+            "dino": None,
+            "prompts": self.prompts,
+            "images_per_prompt": self.per_prompt,
+            "steps": self.steps,
+            "class_noun": class_noun,
+            "identifier": identifier,
+            "reference_images": reference_images,
+            "models": {"clip": clip_model, "dino": dino_model},
+            "error": None,
+            "requested_at": requested_at,
+            "finished_at": None,
+        }
+
+    def subject_words(self, instance_prompt: str) -> tuple[str, str]:
+        """(identifier, class noun): the given ones, or read off the instance prompt ("a photo of sks dog")."""
+        words = instance_prompt.split()
+        class_noun = self.class_noun or (words[-1] if words else "")
+        identifier = self.identifier
+        if identifier is None:
+            index = len(words) - 1 - words[::-1].index(class_noun) if class_noun in words else len(words)
+            identifier = words[index - 1] if index >= 1 else ""
+        return identifier, class_noun
 
 
 @dataclass(frozen=True)
@@ -46,6 +129,7 @@ class TrainingSpec:
         slightly faster steps, but ~2% more activation memory than LoRA rank 4 (off: at or below LoRA's).
     checkpoint_every: save factors, optimizer and RNG state every N steps (0: only at the end).
     validation_every: also render validation images every N steps (0: only at the end).
+    evaluate: score the adapter after training (``EvaluationRequest``): false, true or an object of its fields.
     method: "krona" (the Kronecker factors) or "lora" (PEFT LoRA of rank ``lora_rank``, alpha = rank so its
         update has scale 1, on the same target modules, trained by the same loop: the paper's baseline).
     """
@@ -81,6 +165,8 @@ class TrainingSpec:
     validation_steps: int = 25
     method: str = "krona"
     lora_rank: int = 4
+    # params.evaluate: score the adapter after training (EvaluationRequest's fields, stored as a dict).
+    evaluate: bool | dict[str, Any] = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
@@ -135,6 +221,11 @@ class TrainingSpec:
         if self.prior_preservation and not (self.class_prompt and self.class_prompt.strip()):
             raise ValueError("prior_preservation needs a class_prompt, e.g. 'a photo of a dog'")
         self.krona_config()  # a1/a2/target_modules validation
+        self.evaluation()  # params.evaluate validation
+
+    def evaluation(self) -> EvaluationRequest | None:
+        """What ``evaluate`` asks for, or None."""
+        return EvaluationRequest.parse(self.evaluate)
 
     def krona_config(self) -> KronaConfig:
         return KronaConfig(a1=self.a1, a2=self.a2, target_modules=self.target_modules)

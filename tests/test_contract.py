@@ -92,6 +92,7 @@ OPERATION_IDS = {
     ("get", "/v1/adapters/{adapter_id}"): "getAdapter",
     ("delete", "/v1/adapters/{adapter_id}"): "deleteAdapter",
     ("get", "/v1/adapters/{adapter_id}/file"): "downloadAdapterFile",
+    ("post", "/v1/adapters/{adapter_id}/evaluations"): "evaluateAdapter",
     ("post", "/v1/generations"): "createGeneration",
     ("get", "/v1/generations"): "listGenerations",
     ("get", "/v1/generations/{generation_id}"): "getGeneration",

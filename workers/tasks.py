@@ -25,7 +25,7 @@ from pathlib import Path
 from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from shared.queue import GENERATE_TASK, REAP_TASK, TRAIN_TASK, WEBHOOK_TASK, celery_app
+from shared.queue import EVALUATE_TASK, GENERATE_TASK, REAP_TASK, TRAIN_TASK, WEBHOOK_TASK, celery_app
 
 log = logging.getLogger("krona.worker")
 
@@ -60,6 +60,15 @@ def generate_task(generation_id: str) -> str:
 
     _unless_draining(generation_id)
     return run_generation_job(runtime(), generation_id)
+
+
+@app.task(name=EVALUATE_TASK)
+def evaluate_task(adapter_id: str) -> str:
+    from workers.evaluation import run_evaluation_job
+    from workers.runtime import runtime
+
+    _unless_draining(adapter_id)
+    return run_evaluation_job(runtime(), adapter_id)
 
 
 @app.task(name=WEBHOOK_TASK)

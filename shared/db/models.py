@@ -172,6 +172,8 @@ class Adapter(Base):
     storage_key: Mapped[str] = mapped_column(Text)
     training_id: Mapped[str | None] = mapped_column(String(32), default=None, unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # CLIP-I/CLIP-T/DINO scores and the evaluation job's state (workers/evaluation.py); None: never evaluated.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Batch(Base):

@@ -174,6 +174,7 @@ class _Attempt:
             return self.fail("training_failed", str(exc))
         self.meter.step(result.steps)
         claimed = self.claimed
+        evaluation = self._evaluate(result.adapter_path)
         try:
             return _store_adapter(
                 self.rt,
@@ -184,9 +185,27 @@ class _Attempt:
                 result.adapter_path,
                 self.retry,
                 self.meter.usage(self.components),
+                evaluation,
             )
         except DependencyUnavailable as exc:
             return self.fail(exc.code, str(exc))
+
+    def _evaluate(self, adapter_path: Path) -> dict | None:
+        """params.evaluate: score the adapter against the subject's photos now, before they are purged
+        (workers/evaluation.py); the scores go into the adapter's row with it."""
+        request = self.claimed.spec.evaluation()
+        if request is None:
+            return None
+        from workers.evaluation import evaluate_trained_adapter
+
+        return evaluate_trained_adapter(
+            self.rt,
+            request=request,
+            instance_prompt=self.claimed.spec.instance_prompt,
+            base_model=self.claimed.base_model,
+            adapter_path=adapter_path,
+            image_keys=self.claimed.image_keys,
+        )
 
     def retry(self, what: str, call):
         """Storage and database calls ride out an outage (workers/transient.py)."""
@@ -355,7 +374,15 @@ def _renew(rt: Runtime, training_id: str, lease: int, **values) -> bool:
 
 
 def _store_adapter(
-    rt: Runtime, training_id: str, tenant_id: str, base_model: str, spec: TrainingSpec, path: Path, retry, usage: Usage
+    rt: Runtime,
+    training_id: str,
+    tenant_id: str,
+    base_model: str,
+    spec: TrainingSpec,
+    path: Path,
+    retry,
+    usage: Usage,
+    evaluation: dict | None = None,
 ) -> str:
     from shared.krona import load_adapter
 
@@ -365,7 +392,7 @@ def _store_adapter(
     key = f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors"
     temporary = rt.storage.temporary_key(key)
     retry("store the adapter", lambda: rt.storage.put_bytes(temporary, data))
-    args = (rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage)
+    args = (rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage, evaluation)
     status = retry("record the adapter", lambda: _record_adapter(*args))
     if status == "succeeded":
         limit = rt.settings.metrics_max_tenants
@@ -375,7 +402,7 @@ def _store_adapter(
 
 
 def _record_adapter(
-    rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage
+    rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage, evaluation=None
 ) -> str:
     """The adapter row and 'succeeded' in one transaction (retried whole after a database fault)."""
     with rt.sessions() as session:
@@ -391,6 +418,7 @@ def _record_adapter(
                 sha256=hashlib.sha256(data).hexdigest(),
                 storage_key=key,
                 training_id=training_id,
+                evaluation=evaluation,
             )
         )
         # The adapter row and the terminal state commit together, and only by the lease owner;

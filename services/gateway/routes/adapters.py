@@ -1,4 +1,4 @@
-"""/v1/adapters: list, inspect, download (native or LyCORIS), upload, delete."""
+"""/v1/adapters: list, inspect, download (native or LyCORIS), upload, delete, evaluate."""
 
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ from ..deps import AdapterId, ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import errors
-from ..services.adapters import MAX_BASE_MODEL_CHARS, MAX_NAME_CHARS, read_upload_form, store_upload
+from ..services.adapters import (
+    MAX_BASE_MODEL_CHARS,
+    MAX_EVALUATION_PARAMS_BYTES,
+    MAX_NAME_CHARS,
+    read_evaluation_form,
+    read_upload_form,
+    request_evaluation,
+    store_upload,
+)
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=errors(401, 422, 503))
 
@@ -31,6 +39,24 @@ AdapterFile = Annotated[
 ]
 AdapterName = Annotated[str | None, Form(max_length=MAX_NAME_CHARS)]
 BaseModelName = Annotated[str | None, Form(max_length=MAX_BASE_MODEL_CHARS, description="must be the server's")]
+ReferenceImages = Annotated[
+    list[UploadFile],
+    File(
+        description="1-20 real photos of the subject that CLIP-I and DINO compare the generated images with: "
+        "PNG, JPEG or WebP, the training photos' limits (deleted when the evaluation ends)",
+        json_schema_extra={"minItems": 1, "maxItems": 20},
+    ),
+]
+EvaluationParams = Annotated[
+    str | None,
+    Form(
+        max_length=MAX_EVALUATION_PARAMS_BYTES,
+        description="JSON object: prompts (1-25, default 4: the first N of DreamBooth's evaluation prompts for the "
+        "class), per_prompt (1-4, default 2), steps (1-100, default 25), class_noun (default: the last word of the "
+        "training's instance prompt; required for an uploaded adapter), identifier (default: the word before it)",
+        examples=['{"prompts": 4, "per_prompt": 2, "class_noun": "dog"}'],
+    ),
+]
 
 
 @router.get("", response_model=Page[AdapterPublic], summary="List adapters, newest first", responses=errors(400))
@@ -116,6 +142,32 @@ async def upload_adapter(
         )
     )
     return created(body, 201, "adapters")
+
+
+@router.post(
+    "/{adapter_id}/evaluations",
+    status_code=202,
+    response_model=AdapterPublic,
+    summary="Score the adapter (CLIP-I, CLIP-T, DINO) against photos of its subject",
+    responses=errors(404, 409, 413, 415),
+    form_limits={"max_fields": 5, "max_part_size": 1024 * 1024},
+)
+async def evaluate_adapter(
+    adapter_id: AdapterId,
+    context: ContextDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    images: ReferenceImages,
+    params: EvaluationParams = None,
+):
+    """Queue an evaluation: a worker generates the first `prompts` DreamBooth evaluation prompts for the class,
+    `per_prompt` images each, and scores them: CLIP-I and DINO against these photos, CLIP-T against the prompts.
+    The answer is the adapter with `evaluation.status` queued; poll `GET /v1/adapters/{id}` for the scores.
+    A training with `params.evaluate` is scored against its own photos before they are deleted. 409 while an
+    evaluation of this adapter runs; a new request replaces a queued one."""
+    submitted = await read_evaluation_form(context.settings, images=images, raw_params=params)
+    service = partial(request_evaluation, context=context, session=session, tenant=tenant, adapter_id=adapter_id)
+    return await run_in_threadpool(service, submitted=submitted)
 
 
 @router.delete(

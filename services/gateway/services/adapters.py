@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import UploadFile
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.db import Adapter, Tenant, new_id
+from shared.db import Adapter, Tenant, Training, new_id, utcnow
+from shared.images import ImageError, ImageFormatRefused, ImageLimits, ImageTooLarge, ImageUnreadable, decode_image
 from shared.krona.convert import adapter_bytes, native_arrays_from_upload, read_safetensors_bytes
+from shared.queue import EVALUATE_TASK
 from shared.schemas import adapter_public
 from shared.settings import Settings
+from shared.training_spec import EvaluationRequest
 
 from ..context import AppContext
 from ..errors import ApiError
 
-__all__ = ["AdapterUpload", "read_upload_form", "store_upload"]
+__all__ = [
+    "AdapterUpload",
+    "EvaluationUpload",
+    "read_evaluation_form",
+    "read_upload_form",
+    "request_evaluation",
+    "store_upload",
+]
 
 MAX_ADAPTER_BYTES = 256 * 1024 * 1024
 MAX_NAME_CHARS = 200
@@ -95,3 +107,119 @@ async def read_upload_form(
     if base_model and base_model != settings.base_model:
         raise ApiError(422, "base_model_mismatch", f"this server serves {settings.base_model!r}, not {base_model!r}")
     return AdapterUpload(data=data, label=file.filename or "file", name=name)
+
+
+# Evaluations (POST /v1/adapters/{id}/evaluations; run by workers/evaluation.py) ------------------------------
+
+MAX_EVALUATION_PARAMS_BYTES = 4096
+_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+
+
+@dataclass(frozen=True)
+class EvaluationUpload:
+    request: EvaluationRequest
+    files: list[tuple[str, bytes]]
+
+
+async def read_evaluation_form(
+    settings: Settings, *, images: list[UploadFile], raw_params: str | None
+) -> EvaluationUpload:
+    """The reference images' bytes and the parsed params (4xx for what needs no decoding)."""
+    uploads = [item for item in images if hasattr(item, "read")]
+    if not uploads:
+        raise ApiError(422, "too_few_images", "send at least 1 reference image of the subject")
+    if len(uploads) > settings.max_images:
+        raise ApiError(413, "too_many_images", f"at most {settings.max_images} images are accepted")
+    if raw_params is not None and len(raw_params.encode()) > MAX_EVALUATION_PARAMS_BYTES:
+        raise ApiError(422, "invalid_params", f"params is limited to {MAX_EVALUATION_PARAMS_BYTES:,} bytes of JSON")
+    try:
+        params = json.loads(raw_params) if raw_params else None
+        params = {} if params is None else params  # JSON null: the defaults
+        if not isinstance(params, dict):
+            raise ValueError('params must be a JSON object, e.g. {"prompts": 4, "class_noun": "dog"}')
+        request = EvaluationRequest.parse(params)
+    except json.JSONDecodeError:
+        raise ApiError(422, "invalid_params", "params is not valid JSON") from None
+    except (ValueError, TypeError) as exc:
+        raise ApiError(422, "invalid_params", str(exc)) from None
+    files: list[tuple[str, bytes]] = []
+    for index, upload in enumerate(uploads):
+        data = await upload.read(settings.max_image_bytes + 1)
+        label = upload.filename or f"image {index}"
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
+        files.append((label, data))
+    return EvaluationUpload(request=request or EvaluationRequest(), files=files)
+
+
+def request_evaluation(
+    *, context: AppContext, session: Session, tenant: Tenant, adapter_id: str, submitted: EvaluationUpload
+) -> dict[str, Any]:
+    """Store the reference images, mark the adapter's evaluation queued and send the job; the Adapter's body.
+
+    409 while an evaluation of the adapter is running; a queued one is replaced (its message may be lost).
+    """
+    from ..jobs import get_owned
+
+    settings = context.settings
+    get_owned(session, Adapter, adapter_id, tenant, "adapter")
+    limits = ImageLimits(
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
+    )
+    images: list[tuple[bytes, str]] = []
+    for label, data in submitted.files:
+        try:
+            decoded = decode_image(data, label, limits)
+        except (ImageUnreadable, ImageFormatRefused) as exc:
+            raise ApiError(415, "unsupported_image", str(exc)) from None
+        except ImageTooLarge as exc:
+            raise ApiError(413, "invalid_image", str(exc)) from None
+        except ImageError as exc:
+            raise ApiError(422, "invalid_image", str(exc)) from None
+        images.append((data, _EXTENSIONS.get(decoded.format, "png")))
+
+    row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).one()
+    previous = row.evaluation or {}
+    if previous.get("status") == "running" and previous.get("lease_expires_at", "") >= utcnow().isoformat():
+        session.rollback()
+        raise ApiError(409, "evaluation_running", f"adapter {adapter_id} is being evaluated; wait for the result")
+    request = submitted.request
+    instance_prompt = ""
+    if row.training_id:
+        instance_prompt = session.scalar(select(Training.instance_prompt).where(Training.id == row.training_id)) or ""
+    _, class_noun = request.subject_words(instance_prompt)
+    if not class_noun:
+        session.rollback()
+        raise ApiError(
+            422, "invalid_params", 'this adapter has no training to take the class from: give params.class_noun ("dog")'
+        )
+    request_id = new_id("evl")
+    prefix = f"tenants/{tenant.id}/adapters/{adapter_id}/evaluation/{request_id}"
+    keys = [f"{prefix}/{index:02d}.{ext}" for index, (_, ext) in enumerate(images)]
+    try:
+        for key, (data, ext) in zip(keys, images, strict=True):
+            context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
+    except Exception:
+        session.rollback()
+        with contextlib.suppress(Exception):
+            context.storage.delete_prefix(prefix + "/")
+        raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
+    state = request.initial_state(
+        instance_prompt=instance_prompt,
+        clip_model=settings.eval_clip_model,
+        dino_model=settings.eval_dino_model,
+        reference_images=len(keys),
+        requested_at=utcnow().isoformat(),
+    )
+    row.evaluation = {**state, "reference_keys": keys}
+    session.commit()
+    for key in previous.get("reference_keys", []):  # a replaced queued request's images
+        with contextlib.suppress(Exception):
+            context.storage.delete(key)
+    try:
+        context.enqueuer.send(EVALUATE_TASK, adapter_id)
+    except Exception:
+        raise ApiError(
+            503, "broker_unavailable", "the evaluation is stored but could not be queued; POST it again"
+        ) from None
+    return adapter_public(row)

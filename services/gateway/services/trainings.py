@@ -48,6 +48,7 @@ CLIENT_PARAMS = {
     "random_flip",
     "gradient_accumulation",
     "validation_prompt",
+    "evaluate",
 }
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 # Caps on the free-text form fields (name is a String(200) column).
