@@ -67,18 +67,20 @@ def test_sigterm_mid_training_checkpoints_and_a_second_worker_resumes_at_once(st
     assert f":{first.pid}:" in row().lease_owner
     second, second_alive = _start_worker(stack, monkeypatch, tmp_path, "second", "train")
     _poll(second_alive.exists, "the second worker ready", 120, 0.2)
-    assert row().status == "running" and f":{first.pid}:" in row().lease_owner  # still the first worker's
+    before = row()
+    assert before.status == "running" and f":{first.pid}:" in before.lease_owner  # still the first worker's
+    step_seconds = before.eta_seconds / (before.total_steps - before.step)  # this machine's pace, under its load
 
     stopped = time.monotonic()
     os.kill(first.pid, signal.SIGTERM)
     released = _poll(lambda: (r := row()).lease_owner is None and r, "the lease released", 30, 0.02)
-    release_seconds = time.monotonic() - stopped
+    released_at = time.monotonic()
     drained_at = _checkpoint_step(storage, released.checkpoint_key)
     assert released.status == "running" and released.attempts == 0  # a drain is not a failed attempt
     assert drained_at >= 4
     assert first.wait(timeout=60) == 0  # the warm shutdown ended: the worker exits on its own
     _poll(lambda: (owner := row().lease_owner) is not None and f":{second.pid}:" in owner, "the second claims", 10)
-    resume_seconds = time.monotonic() - stopped
+    claimed_at = time.monotonic()
 
     done = wait_for(client, f"/v1/trainings/{training['id']}", headers, lambda b: b["status"] != "running", 300)
     assert done["status"] == "succeeded" and done["progress"]["step"] == 30, done
@@ -92,9 +94,11 @@ def test_sigterm_mid_training_checkpoints_and_a_second_worker_resumes_at_once(st
     second_log = (stack["logs"] / "second.log").read_text()
     assert "resumes from its checkpoint" in second_log
     assert "draining" in (stack["logs"] / "first.log").read_text()
-    # The bounds: the lease within a second, the second worker within a few.
-    assert release_seconds < 1.0, release_seconds
-    assert resume_seconds < 5.0, resume_seconds
+    # The bounds. The step in flight at SIGTERM finishes first (a step cannot be cut), then the checkpoint,
+    # its upload and the release take under a second (0.25 s measured here on an idle machine); the step's time
+    # is doubled for a loaded one. The second worker claims the training within seconds of the release.
+    assert released_at - stopped < 1.0 + 2 * step_seconds, (released_at - stopped, step_seconds)
+    assert claimed_at - released_at < 5.0, claimed_at - released_at
 
 
 def test_sigterm_during_a_generation_batch_finishes_it_and_takes_no_new_job(stack, monkeypatch, tmp_path):
