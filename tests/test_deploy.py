@@ -150,7 +150,7 @@ def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
     it, so a running training would count zero); each query runs here with the expected counts, by index."""
     from sqlalchemy import text
 
-    from shared.db import Generation, Training, make_engine, make_session_factory
+    from shared.db import Adapter, Generation, Training, make_engine, make_session_factory
     from shared.tenants import create_tenant
 
     objects = rendered["gpu"]
@@ -183,16 +183,25 @@ def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
             session.add(Training(tenant_id=tenant.id, base_model="tiny-sd", instance_prompt="x", status=status))
         for status in [*statuses, "running"]:
             session.add(Generation(tenant_id=tenant.id, prompt="x", width=64, height=64, seed=0, status=status))
+        # Standalone evaluations run on the train queue too (krona.evaluate); null: never evaluated.
+        for status in ["queued", "running", "succeeded", "failed", None]:
+            evaluation = None if status is None else {"status": status}
+            session.add(Adapter(tenant_id=tenant.id, base_model="tiny-sd", num_parameters=1, size_bytes=1,
+                                sha256="0" * 64, storage_key="k", evaluation=evaluation))  # fmt: skip
         session.flush()
         after = {table: session.execute(text(query)).scalar() for table, query in queries.items()}
         # Queued and running only (a running training keeps its worker, however long it runs).
-        assert after["trainings"] - counts["trainings"] == 3
+        assert after["trainings"] - counts["trainings"] == 3 + 2
         assert after["generations"] - counts["generations"] == 4
-        # A status-first index answers each query (seq scans off here: the test tables are too small to need one).
+        # Indexes answer each query (seq scans off here: the test tables are too small to need one).
         session.execute(text("SET LOCAL enable_seqscan = off"))
+        indexes = {"trainings": ["ix_trainings_status", "ix_adapters_evaluation_status"],
+                   "generations": ["ix_generations_status"]}  # fmt: skip
         for table, query in queries.items():
             plan = "\n".join(row[0] for row in session.execute(text(f"EXPLAIN {query}")))
-            assert re.search(rf"Index (Only )?Scan (using|on) ix_{table}_status", plan), plan
+            assert "Seq Scan" not in plan, plan
+            for index in indexes[table]:
+                assert re.search(rf"Index (Only )?Scan (using|on) {index}", plan), plan
         session.rollback()
     engine.dispose()
 
