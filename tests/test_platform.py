@@ -50,3 +50,20 @@ def test_a_generation_over_the_compute_cap_is_422_and_writes_nothing(api):
     assert api.enqueuer.sent == []
     ok = {"prompt": "x", "width": 1024, "height": 1024, "steps": 50, "num_images": 4}  # exactly the default cap
     assert api.client.post("/v1/generations", headers=api.headers(), json=ok).status_code == 202
+
+
+def test_a_base_model_the_server_cannot_read_answers_503_naming_it(api, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from shared.storage import LocalStorage
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    settings = api.context.settings.model_copy(update={"base_model": "nobody-krona/no-such-model"})
+    app = create_app(settings, enqueuer=api.enqueuer, storage=LocalStorage(tmp_path / "blobs"))
+    with TestClient(app) as client:
+        answer = client.post("/v1/generations", headers=api.headers(), json={"prompt": "x"})
+    assert answer.status_code == 503
+    error = answer.json()["error"]
+    assert error["code"] == "base_model_unavailable" and "nobody-krona/no-such-model" in error["message"]

@@ -83,11 +83,16 @@ class AppContext:
         return self._native_size or 512
 
     def _load_base_model_config(self) -> None:
-        from shared.models import unet_config
+        from shared.models import BaseModelNotFound, unet_config
         from shared.models.shapes import attention_projection_shapes
 
         # unet_config reads the config without building the model (resolve_base_model would build a tiny one).
-        config: dict[str, Any] = unet_config(self.settings.base_model)
+        try:
+            config: dict[str, Any] = unet_config(self.settings.base_model)
+        except BaseModelNotFound as exc:  # the server's KRONA_BASE_MODEL names no model it can read
+            from .errors import ApiError
+
+            raise ApiError(503, "base_model_unavailable", str(exc)) from None
         self._shapes = attention_projection_shapes(config)
         # The VAE downsamples by 8 in every SD-family model.
         self._native_size = int(config.get("sample_size", 64)) * 8

@@ -20,6 +20,7 @@ from sqlalchemy import select
 
 from shared.db import Adapter, Generation
 from shared.images import encode_png
+from shared.models import BaseModelNotFound
 from shared.queue import GENERATE_TASK
 from shared.usage import Usage
 
@@ -119,8 +120,7 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
             return "skipped"
         first = session.get(Generation, first_id)
     ids = [first_id, *_gather(rt, first)]
-    engine = engine_for(rt)
-    device = _device(engine)
+    device = "none"  # until the engine loads
     rows: dict[str, Generation] = {}
     with rt.sessions() as session:
         for job_id in ids:
@@ -161,6 +161,13 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
         end(job_id, "failed", Usage(seconds, device), error_code=code, error_message=message[:2000])
         notify(rt, Generation, "generation", job_id)
 
+    try:
+        engine = engine_for(rt)
+    except BaseModelNotFound as exc:  # a removed or mistyped id: say so, do not retry as a lost worker
+        for job_id in rows:
+            fail(job_id, "base_model_not_found", str(exc))
+        return "failed"
+    device = _device(engine)
     runnable = []
     for job_id, row in rows.items():
         if row.adapter_id:

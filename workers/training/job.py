@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from shared.db import Adapter, Training, new_id
 from shared.images import ImageLimits, SubjectImage, decode_image
+from shared.models import BaseModelNotFound
 from shared.queue import TRAIN_TASK
 from shared.storage import BlobNotFound
 from shared.training_spec import TrainingSpec
@@ -146,7 +147,10 @@ class _Attempt:
         except DependencyUnavailable as exc:
             return self.fail(exc.code, str(exc))
         spec = self.claimed.spec
-        self.components = _components(self.rt, self.claimed.base_model, spec)
+        try:
+            self.components = _components(self.rt, self.claimed.base_model, spec)
+        except BaseModelNotFound as exc:  # a removed or mistyped id: say so, do not retry as a lost worker
+            return self.fail("base_model_not_found", str(exc))
         try:
             result = train(
                 spec,
