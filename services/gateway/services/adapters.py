@@ -13,7 +13,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import Adapter, Tenant, Training, new_id, utcnow
-from shared.images import ImageError, ImageFormatRefused, ImageLimits, ImageTooLarge, ImageUnreadable, decode_image
 from shared.krona.convert import adapter_bytes, native_arrays_from_upload, read_safetensors_bytes
 from shared.queue import EVALUATE_TASK
 from shared.schemas import adapter_public
@@ -112,7 +111,6 @@ async def read_upload_form(
 # Evaluations (POST /v1/adapters/{id}/evaluations; run by workers/evaluation.py) ------------------------------
 
 MAX_EVALUATION_PARAMS_BYTES = 4096
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 
 
 @dataclass(frozen=True)
@@ -160,23 +158,11 @@ def request_evaluation(
     409 while an evaluation of the adapter is running; a queued one is replaced (its message may be lost).
     """
     from ..jobs import get_owned
+    from .trainings import decode_uploaded_images
 
     settings = context.settings
     get_owned(session, Adapter, adapter_id, tenant, "adapter")
-    limits = ImageLimits(
-        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
-    )
-    images: list[tuple[bytes, str]] = []
-    for label, data in submitted.files:
-        try:
-            decoded = decode_image(data, label, limits)
-        except (ImageUnreadable, ImageFormatRefused) as exc:
-            raise ApiError(415, "unsupported_image", str(exc)) from None
-        except ImageTooLarge as exc:
-            raise ApiError(413, "invalid_image", str(exc)) from None
-        except ImageError as exc:
-            raise ApiError(422, "invalid_image", str(exc)) from None
-        images.append((data, _EXTENSIONS.get(decoded.format, "png")))
+    images = decode_uploaded_images(settings, submitted.files)
 
     row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).one()
     previous = row.evaluation or {}

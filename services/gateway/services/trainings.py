@@ -30,7 +30,14 @@ from ..context import AppContext
 from ..errors import ApiError
 from ..jobs import admit, commit_created, enqueue, replay, request_hash
 
-__all__ = ["CLIENT_PARAMS", "TrainingRequest", "create_training", "parse_params", "read_training_form"]
+__all__ = [
+    "CLIENT_PARAMS",
+    "TrainingRequest",
+    "create_training",
+    "decode_uploaded_images",
+    "parse_params",
+    "read_training_form",
+]
 
 # Parameters a client may set; the rest of TrainingSpec is the worker's business (precision, etc.).
 CLIENT_PARAMS = {
@@ -140,6 +147,26 @@ async def read_training_form(
     )
 
 
+def decode_uploaded_images(settings: Settings, files: list[tuple[str, bytes]]) -> list[tuple[bytes, str]]:
+    """(bytes, extension) of each uploaded photo, decoded and checked against the upload limits: 415 for a format
+    that is not PNG/JPEG/WebP, 413 over the size limits, 422 for one too small or damaged."""
+    limits = ImageLimits(
+        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
+    )
+    images: list[tuple[bytes, str]] = []
+    for label, data in files:
+        try:
+            decoded = decode_image(data, label, limits)
+        except (ImageUnreadable, ImageFormatRefused) as exc:
+            raise ApiError(415, "unsupported_image", str(exc)) from None
+        except ImageTooLarge as exc:
+            raise ApiError(413, "invalid_image", str(exc)) from None
+        except ImageError as exc:  # too small, damaged
+            raise ApiError(422, "invalid_image", str(exc)) from None
+        images.append((data, _EXTENSIONS[decoded.format]))
+    return images
+
+
 def create_training(
     *,
     context: AppContext,
@@ -155,20 +182,7 @@ def create_training(
     settings = context.settings
     spec, webhook_url, name = submitted.spec, submitted.webhook_url, submitted.name
     # Everything below reads or checks; nothing is written until all of it passed.
-    limits = ImageLimits(
-        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
-    )
-    images: list[tuple[bytes, str]] = []
-    for label, data in submitted.files:
-        try:
-            decoded = decode_image(data, label, limits)
-        except (ImageUnreadable, ImageFormatRefused) as exc:
-            raise ApiError(415, "unsupported_image", str(exc)) from None
-        except ImageTooLarge as exc:
-            raise ApiError(413, "invalid_image", str(exc)) from None
-        except ImageError as exc:  # too small, damaged
-            raise ApiError(422, "invalid_image", str(exc)) from None
-        images.append((data, _EXTENSIONS[decoded.format]))
+    images = decode_uploaded_images(settings, submitted.files)
     try:
         check_factors_fit_shapes(select_targets(context.base_model_shapes(), spec.target_modules), spec.krona_config())
     except ValueError as exc:
