@@ -8,9 +8,10 @@ Two ways in:
 - ``POST /v1/adapters/{id}/evaluations`` (uploaded reference images): the gateway stores the images and the
   request in ``adapters.evaluation`` (status queued) and sends ``EVALUATE_TASK``; ``run_evaluation_job``
   takes it. The lease lives in the same JSON (owner and expiry, taken under a row lock): a repeated message is
-  skipped while the lease holds, and a message after a crash takes over once it expired. There is no reaper
-  pass for evaluations: a lost message leaves the evaluation queued until the client POSTs again (the gateway
-  accepts a new request over a queued one, or over a running one whose lease expired).
+  skipped while the lease holds, and a message after a crash takes over once it expired. The
+  reaper (workers/reaper.py) sends an evaluation again when it stayed queued for the enqueue grace since it
+  was last sent, or when its lease expired (a crashed worker); the gateway also accepts a new request over a
+  queued one, or over a running one whose lease expired.
 
 The images are generated with the base model loaded by ``shared.eval.run`` (freed before the scoring models
 load); models come from ``KRONA_EVAL_CLIP_MODEL`` / ``KRONA_EVAL_DINO_MODEL``.

@@ -4,6 +4,7 @@
   them; after MAX_ATTEMPTS claims they are marked failed;
 - queued jobs never sent (broker down at creation), or, while no worker of their queue holds a job, sent
   long ago without a claim: sent again;
+- adapter evaluations queued and not sent for a grace period, or running with an expired lease: sent again;
 - webhook deliveries that are due but were not sent (a lost message, a crashed webhook worker): sent
   again; a delivery whose last allowed attempt's lease expired is given up;
 - every KRONA_RETENTION_INTERVAL_SECONDS, a retention pass (workers/retention.py) in a thread of its own,
@@ -21,8 +22,8 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from shared.db import Generation, Training, utcnow
-from shared.queue import GENERATE_TASK, TRAIN_TASK, WEBHOOK_TASK
+from shared.db import Adapter, Generation, Training, utcnow
+from shared.queue import EVALUATE_TASK, GENERATE_TASK, TRAIN_TASK, WEBHOOK_TASK
 
 from .lease import MAX_ATTEMPTS
 from .retention import run_retention
@@ -37,7 +38,7 @@ __all__ = ["reap_once", "start_retention_if_due"]
 def reap_once(rt: Runtime) -> dict[str, int]:
     now = utcnow()
     grace = timedelta(seconds=rt.settings.enqueue_grace_seconds)
-    counts = {"requeued": 0, "failed": 0, "webhooks": 0}
+    counts = {"requeued": 0, "failed": 0, "webhooks": 0, "evaluations": 0}
     for model, task, kind in ((Training, TRAIN_TASK, "training"), (Generation, GENERATE_TASK, "generation")):
         with rt.sessions() as session:
             expired = session.scalars(
@@ -79,10 +80,43 @@ def reap_once(rt: Runtime) -> dict[str, int]:
                 _send(rt, session, model, task, job_id)
                 counts["requeued"] += 1
             counts["webhooks"] += _reap_webhooks(rt, session, model, kind, now)
+    counts["evaluations"] = _reap_evaluations(rt, now, grace)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     start_retention_if_due(rt)
     return counts
+
+
+def _reap_evaluations(rt: Runtime, now, grace: timedelta) -> int:
+    """Adapter evaluations (workers/evaluation.py) whose message may be lost: queued and last sent more than the
+    grace ago, or running with an expired lease (their worker died). Each is sent again and stamped, so that a
+    long wait behind other jobs costs one extra message per grace period, not one per pass."""
+    status = Adapter.evaluation["status"].as_string()
+    with rt.sessions() as session:
+        rows = session.execute(
+            select(Adapter.id).where(Adapter.evaluation.is_not(None), status.in_(("queued", "running")))
+        ).all()
+        sent = 0
+        for (adapter_id,) in rows:
+            row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).first()
+            state = dict((row.evaluation if row is not None else None) or {})
+            last_sent = state.get("enqueued_at") or state.get("requested_at") or ""
+            due = (state.get("status") == "queued" and last_sent < (now - grace).isoformat()) or (
+                state.get("status") == "running" and state.get("lease_expires_at", "") < now.isoformat()
+            )
+            if not due:
+                session.rollback()
+                continue
+            try:
+                rt.send(EVALUATE_TASK, adapter_id)
+            except Exception:
+                session.rollback()
+                log.warning("reaper could not enqueue the evaluation of %s", adapter_id)
+                continue
+            row.evaluation = {**state, "enqueued_at": now.isoformat()}
+            session.commit()
+            sent += 1
+    return sent
 
 
 # This process's last retention pass (time.monotonic()), and the lock its one running pass holds.
