@@ -226,9 +226,11 @@ def test_sweep_deletes_old_orphans_and_leaves_young_and_referenced_blobs(api):
     live_training = _finished_training(api, "queued")
     with api.context.sessions() as session:
         adapter_key = f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa.safetensors"
+        evaluation_key = f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa/evaluation/evl_1/00.png"
         session.add(Adapter(id="adp_aaaaaaaaaaaaaaaaaaaaaaaa", tenant_id=tenant_id, base_model="tiny-sd",
                             config={"a1": 64, "a2": 8}, num_parameters=1, size_bytes=1, sha256="0" * 64,
-                            storage_key=adapter_key))  # fmt: skip
+                            storage_key=adapter_key,
+                            evaluation={"status": "queued", "reference_keys": [evaluation_key]}))  # fmt: skip
         session.commit()
     orphans = [
         "tenants/ten_000000000000000000000000/adapters/adp_bbbbbbbbbbbbbbbbbbbbbbbb.safetensors",  # tenant gone
@@ -237,11 +239,13 @@ def test_sweep_deletes_old_orphans_and_leaves_young_and_referenced_blobs(api):
         f"tenants/{tenant_id}/generations/{kept_generation.id}/9.png",  # its row does not name it
         f"tenants/{tenant_id}/adapters/adp_cccccccccccccccccccccccc.safetensors",  # adapter gone
         "tmp/0123456789abcdef0123456789abcdef/tenants/x/adapters/a.safetensors",  # an abandoned upload
+        f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa/evaluation/evl_0/00.png",  # an ended request's
+        f"tenants/{tenant_id}/adapters/adp_cccccccccccccccccccccccc/evaluation/evl_1/00.png",  # adapter gone
     ]
     young = [f"tenants/{tenant_id}/trainings/trn_111111111111111111111111/images/00.png", "tmp/ffff/x.bin"]
     unknown = f"tenants/{tenant_id}/notes.txt"
-    referenced = [adapter_key, *(i["key"] for i in kept_generation.images), *live_training.image_keys]
-    for key in [*orphans, *young, unknown, adapter_key]:
+    referenced = [adapter_key, evaluation_key, *(i["key"] for i in kept_generation.images), *live_training.image_keys]
+    for key in [*orphans, *young, unknown, adapter_key, evaluation_key]:
         api.context.storage.put_bytes(key, b"x")
     for key in [*orphans, unknown, *referenced]:
         _age(api, key, 7200)
@@ -252,6 +256,7 @@ def test_sweep_deletes_old_orphans_and_leaves_young_and_referenced_blobs(api):
         assert api.context.storage.exists(key), key
     assert counts["deleted_tenant"] == 1 and counts["deleted_training"] == 1 and counts["deleted_generation"] == 2
     assert counts["deleted_adapter"] == 1 and counts["deleted_tmp"] == 1 and counts["unknown"] == 1
+    assert counts["deleted_evaluation"] == 2
     assert counts["young"] >= 2 and counts["kept"] >= len(referenced)
     assert sweep_storage(rt, now=utcnow() + timedelta(hours=2))["deleted_tmp"] == 1  # the young one, aged
 

@@ -149,7 +149,8 @@ def _layout(key: str) -> tuple[str, str, str | None]:
     """(kind, tenant id, row id) of a key under ``tenants/``, as the gateway and the workers write them:
 
     tenants/{t}/trainings/{id}/images/{i}.{ext}, tenants/{t}/trainings/{id}/checkpoint.tar,
-    tenants/{t}/generations/{id}/{index}.png, tenants/{t}/adapters/{id}.safetensors; anything else is "other".
+    tenants/{t}/generations/{id}/{index}.png, tenants/{t}/adapters/{id}.safetensors, an evaluation's reference
+    images tenants/{t}/adapters/{id}/evaluation/{request}/{i}.{ext}; anything else is "other".
     """
     parts = key.split("/")
     tenant_id = parts[1] if len(parts) > 1 else ""
@@ -157,6 +158,8 @@ def _layout(key: str) -> tuple[str, str, str | None]:
         return parts[2][:-1], tenant_id, parts[3]
     if len(parts) == 4 and parts[2] == "adapters":
         return "adapter", tenant_id, parts[3].split(".", 1)[0]
+    if len(parts) >= 6 and parts[2] == "adapters" and parts[4] == "evaluation":
+        return "evaluation", tenant_id, parts[3]
     return "other", tenant_id, None
 
 
@@ -181,7 +184,7 @@ def sweep_storage(rt: Runtime, now: datetime | None = None) -> dict[str, int]:
     files of queued or running jobs, are left. Everything old under ``tmp/`` goes (two-phase writes whose
     commit never came). Returns counts: scanned, young (left for their age), unknown (left for their
     layout), kept (a row names them), and deleted_tmp, deleted_tenant, deleted_training, deleted_generation,
-    deleted_adapter.
+    deleted_adapter, deleted_evaluation (reference images of an evaluation that ended or whose adapter is gone).
     """
     cutoff = (now or utcnow()) - timedelta(seconds=rt.settings.sweep_grace_seconds)
     counts = dict.fromkeys(
@@ -194,6 +197,7 @@ def sweep_storage(rt: Runtime, now: datetime | None = None) -> dict[str, int]:
             "deleted_training",
             "deleted_generation",
             "deleted_adapter",
+            "deleted_evaluation",
         ),
         0,
     )
@@ -222,7 +226,13 @@ def _verdicts(rt: Runtime, keys: list[str]) -> list[tuple[str, str]]:
     """(key, counter) for each of these keys under ``tenants/`` that no row keeps: ``deleted_*`` to delete it,
     ``unknown`` to leave it (a layout the sweep does not know, of a tenant that exists)."""
     layouts = {key: _layout(key) for key in keys}
-    wanted: dict[str, set[str]] = {"tenant": set(), "training": set(), "generation": set(), "adapter": set()}
+    wanted: dict[str, set[str]] = {
+        "tenant": set(),
+        "training": set(),
+        "generation": set(),
+        "adapter": set(),
+        "evaluation": set(),
+    }
     for kind, tenant_id, row_id in layouts.values():
         wanted["tenant"].add(tenant_id)
         if row_id is not None:
@@ -242,6 +252,7 @@ def _verdicts(rt: Runtime, keys: list[str]) -> list[tuple[str, str]]:
         Generation.images,
     )
     adapter_columns = (Adapter.id, Adapter.tenant_id, Adapter.storage_key)
+    evaluation_columns = (Adapter.id, Adapter.tenant_id, Adapter.evaluation)
     with rt.sessions() as session:
         tenants = set(session.scalars(select(Tenant.id).where(Tenant.id.in_(sorted(wanted["tenant"])))))
         rows = {
@@ -250,6 +261,7 @@ def _verdicts(rt: Runtime, keys: list[str]) -> list[tuple[str, str]]:
                 ("training", training_columns),
                 ("generation", generation_columns),
                 ("adapter", adapter_columns),
+                ("evaluation", evaluation_columns),
             )
         }
     keep_images = rt.settings.keep_training_images
@@ -270,6 +282,9 @@ def _kept(kind: str, row, key: str, keep_images: bool) -> bool:
     """Whether ``row`` (of a training, generation or adapter) still keeps the blob at ``key``."""
     if kind == "adapter":
         return row.storage_key == key
+    if kind == "evaluation":  # an evaluation's reference images, until it ends
+        state = row.evaluation or {}
+        return state.get("status") in ("queued", "running") and key in (state.get("reference_keys") or [])
     if kind == "training":
         if row.images_deleted_at is not None:
             return False
