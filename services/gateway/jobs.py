@@ -70,7 +70,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 def page(
     session: Session, model, tenant: Tenant, *, limit: int, cursor: str | None, filters=()
 ) -> tuple[list, str | None]:
-    query = select(model).where(model.tenant_id == tenant.id, *filters)
+    return page_of(session, model, select(model).where(model.tenant_id == tenant.id, *filters), limit, cursor)
+
+
+def page_of(session: Session, model, query, limit: int, cursor: str | None) -> tuple[list, str | None]:
+    """One page of ``query``'s rows, newest first, after ``cursor``; and the next page's cursor (or None)."""
     if cursor is not None:  # an empty cursor is not "no cursor"
         created_at, last_id = decode_cursor(cursor)
         query = query.where(

@@ -140,13 +140,9 @@ async def read_evaluation_form(
         raise ApiError(422, "invalid_params", "params is not valid JSON") from None
     except (ValueError, TypeError) as exc:
         raise ApiError(422, "invalid_params", str(exc)) from None
-    files: list[tuple[str, bytes]] = []
-    for index, upload in enumerate(uploads):
-        data = await upload.read(settings.max_image_bytes + 1)
-        label = upload.filename or f"image {index}"
-        if len(data) > settings.max_image_bytes:
-            raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
-        files.append((label, data))
+    from .trainings import read_uploads
+
+    files = await read_uploads(settings, uploads)
     return EvaluationUpload(request=request or EvaluationRequest(), files=files)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,7 +21,7 @@ from shared.tenants import create_tenant as create_tenant_row
 from shared.tenants import new_api_key
 
 from ..errors import ApiError
-from ..jobs import decode_cursor, encode_cursor
+from ..jobs import page_of
 
 __all__ = [
     "apply_limits",
@@ -89,15 +89,7 @@ def find_tenant(session: Session, name_or_id: str) -> Tenant:
 
 def list_tenants(*, session: Session, limit: int, cursor: str | None) -> tuple[list[Tenant], str | None]:
     """Every tenant, newest first, a page at a time (the cursor of services/gateway/jobs.py)."""
-    query = select(Tenant)
-    if cursor is not None:
-        created_at, last_id = decode_cursor(cursor)
-        query = query.where(
-            or_(Tenant.created_at < created_at, and_(Tenant.created_at == created_at, Tenant.id < last_id))
-        )
-    rows = list(session.scalars(query.order_by(Tenant.created_at.desc(), Tenant.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return page_of(session, Tenant, select(Tenant), limit, cursor)
 
 
 def create_tenant(*, session: Session, settings: Settings, spec: TenantCreate) -> dict[str, Any]:

@@ -37,6 +37,7 @@ __all__ = [
     "decode_uploaded_images",
     "parse_params",
     "read_training_form",
+    "read_uploads",
 ]
 
 # Parameters a client may set; the rest of TrainingSpec is the worker's business (precision, etc.).
@@ -130,13 +131,7 @@ async def read_training_form(
         raise ApiError(422, "invalid_params", f"params is limited to {MAX_PARAMS_BYTES:,} bytes of JSON")
     spec = parse_params(raw_params, instance_prompt, settings.max_train_steps)
 
-    files: list[tuple[str, bytes]] = []
-    for index, upload in enumerate(uploads):
-        data = await upload.read(settings.max_image_bytes + 1)
-        label = upload.filename or f"image {index}"
-        if len(data) > settings.max_image_bytes:
-            raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
-        files.append((label, data))
+    files = await read_uploads(settings, uploads)
     return TrainingRequest(
         instance_prompt=instance_prompt,
         name=name,
@@ -145,6 +140,18 @@ async def read_training_form(
         spec=spec,
         files=files,
     )
+
+
+async def read_uploads(settings: Settings, uploads: list[UploadFile]) -> list[tuple[str, bytes]]:
+    """(label, bytes) of each uploaded file, read up to the image size limit (413 ``image_too_large`` over it)."""
+    files: list[tuple[str, bytes]] = []
+    for index, upload in enumerate(uploads):
+        data = await upload.read(settings.max_image_bytes + 1)
+        label = upload.filename or f"image {index}"
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
+        files.append((label, data))
+    return files
 
 
 def decode_uploaded_images(settings: Settings, files: list[tuple[str, bytes]]) -> list[tuple[bytes, str]]:
