@@ -2,6 +2,7 @@
 
     python benchmarks/gateway_load.py [--rates 50,100,200,300,400] [--seconds 10] [--workers 1]
                                       [--json benchmarks/results/gateway_load.json]
+    python benchmarks/gateway_load.py --smoke [--json out.json]     # the capacity ratio alone, ~30 s
 
 Starts `krona gateway` on a fresh PostgreSQL database (127.0.0.1:5432, trust auth) with Redis
 (127.0.0.1:6379, db 14) as the broker and no worker, then drives it from a separate process over
@@ -10,6 +11,14 @@ time, so a stalled server cannot hide behind a slow client (no coordinated omiss
 p50/p99/max, errors (anything but 202, or no answer in 30 s) and "lost" (answered 202 but not in the
 database). Then the event-stream figure: the most followers of one running training for which
 `/healthz` keeps p99 <= 100 ms.
+
+The capacity ratio: the highest rate of creates that keeps p99 <= 50 ms (and no error), divided by the
+highest rate of `GET /healthz` that does, both measured in the same run against the same gateway (a ladder
+of rates x1.5, then bisection to ~10%). `/healthz` does no I/O, so the ratio says how much a create costs
+next to the cheapest answer this gateway gives, on whatever machine it runs: a change that makes creates
+slower lowers it, a slower or busier machine mostly does not. `--smoke` measures only this ratio, with short
+steps, and tests/test_gateway_load_smoke.py fails CI when it falls below half of the figure recorded in
+BENCHMARKS.md.
 
 On a 2-core machine the load generator, the gateway, PostgreSQL and Redis share the cores; the
 numbers are for the whole machine, not for the gateway alone.
@@ -42,6 +51,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -88,14 +106,26 @@ class _RawClient:
             writer.close()
 
 
-async def _open_loop(base: str, key: str, rate: float, seconds: float) -> dict:
+def _request(base: str, key: str, path: str) -> bytes:
+    """The raw HTTP/1.1 request: a create (``/v1/generations``) or a GET of ``path``."""
     host, port = base.removeprefix("http://").split(":")
+    if path != "/v1/generations":
+        return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
     payload = json.dumps(BODY).encode()
-    request = (
+    return (
         f"POST /v1/generations HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
     ).encode() + payload
-    client = _RawClient(host, int(port), request)
+
+
+async def _open_loop(
+    base: str, key: str, rate: float, seconds: float, path: str = "/v1/generations", warm_up: bool = False
+) -> dict:
+    host, port = base.removeprefix("http://").split(":")
+    expected = 202 if path == "/v1/generations" else 200
+    client = _RawClient(host, int(port), _request(base, key, path))
+    for _ in range(10 if warm_up else 0):  # a connection open and the server's threads awake, not measured
+        await client.post()
     latencies: list[float] = []
     ids: list[str] = []
     errors: dict[str, int] = {}
@@ -109,7 +139,7 @@ async def _open_loop(base: str, key: str, rate: float, seconds: float) -> dict:
         except Exception as exc:
             kind = exc.__class__.__name__
         latencies.append(time.perf_counter() - due)
-        if kind != "202":
+        if kind != str(expected):
             errors[kind] = errors.get(kind, 0) + 1
 
     count = int(rate * seconds)
@@ -162,6 +192,54 @@ async def _followers(base: str, key: str, training_id: str, followers: int, prob
     return {"opened": len(opened), "p99_ms": _percentile(latencies, 0.99) * 1000}
 
 
+def _capacity(base: str, key: str, path: str, seconds: float, start: float = 25.0, top: float = 5000.0) -> dict:
+    """The highest open-loop rate of ``path`` whose p99 stays <= 50 ms with no error: rates x1.5 from ``start``
+    until one fails, then bisection between the last good and the first bad rate until they are ~10% apart."""
+    probes: list[dict] = []
+
+    def probe(rate: float) -> bool:
+        # At least 100 requests, so that p99 is not simply the slowest one.
+        run = _in_separate_process("load", base, key, rate, max(seconds, 100 / rate), path, True)
+        p99 = _percentile(run["latencies"], 0.99) * 1000
+        ok = p99 <= 50 and not run["errors"]
+        probes.append({"rate": round(rate, 1), "p99_ms": round(p99, 1), "errors": sum(run["errors"].values())})
+        time.sleep(0.5)  # let a backlog drain before the next probe
+        return ok
+
+    def holds(rate: float) -> bool:
+        # A rate fails only if it fails twice: saturation repeats, a stall of the machine (other work) does not.
+        return probe(rate) or probe(rate)
+
+    good, bad, rate = 0.0, None, start
+    while rate <= top:
+        if not holds(rate):
+            bad = rate
+            break
+        good, rate = rate, rate * 1.5
+    while bad is not None and bad > good * 1.1:
+        middle = (good + bad) / 2 if good else bad / 2
+        if middle < 1:
+            break
+        if holds(middle):
+            good = middle
+        else:
+            bad = middle
+    return {"rate": round(good, 1), "probes": probes}
+
+
+def capacity_ratio(base: str, key: str, seconds: float) -> dict:
+    """Creates/s at p99 <= 50 ms over /healthz/s at p99 <= 50 ms, measured one after the other."""
+    creates = _capacity(base, key, "/v1/generations", seconds, start=50.0)
+    healthz = _capacity(base, key, "/healthz", seconds, start=100.0)
+    ratio = creates["rate"] / healthz["rate"] if healthz["rate"] else 0.0
+    return {
+        "creates_per_second_p99_under_50ms": creates["rate"],
+        "healthz_per_second_p99_under_50ms": healthz["rate"],
+        "create_to_healthz_ratio": round(ratio, 4),
+        "probes": {"creates": creates["probes"], "healthz": healthz["probes"]},
+    }
+
+
 def _client_process(kind: str, args: tuple, out: multiprocessing.Queue) -> None:
     coroutine = _open_loop(*args) if kind == "load" else _followers(*args)
     out.put(asyncio.run(coroutine))
@@ -182,8 +260,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each rate")
     parser.add_argument("--workers", type=int, default=1, help="gateway processes (krona gateway --workers)")
     parser.add_argument("--followers", default="50,100,200", help="event-stream followers to try")
+    parser.add_argument("--capacity-seconds", type=float, default=3.0, help="duration of each capacity probe")
+    parser.add_argument("--smoke", action="store_true", help="only the capacity ratio, with 1.5 s probes")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    if args.smoke:
+        args.rates, args.followers, args.capacity_seconds = "", "", min(args.capacity_seconds, 1.5)
 
     import redis
     from sqlalchemy import create_engine, select, text
@@ -203,6 +285,9 @@ def main() -> int:
     sessions = make_session_factory(engine)
     with sessions() as session:
         tenant, key = create_tenant(session, "bench")
+        # Limits are policies, not capacities: raised so that the figures measure the server, but still on, so
+        # that every create pays for the rate-limit bucket and the queued-jobs cap as in production.
+        tenant.limits = {"rate_limit_per_second": 100_000, "rate_limit_burst": 100_000, "max_queued_jobs": 10_000_000}
         session.commit()
         tenant_id = tenant.id
     port = _free_port()
@@ -216,7 +301,13 @@ def main() -> int:
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    results: dict = {"machine": f"{os.cpu_count()} cores", "gateway_workers": args.workers, "rates": []}
+    results: dict = {
+        "machine": f"{os.cpu_count()} cores",
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "gateway_workers": args.workers,
+        "rates": [],
+    }
     try:
         import httpx
 
@@ -231,8 +322,16 @@ def main() -> int:
                 raise SystemExit("the gateway did not start")
             time.sleep(0.2)
         httpx.post(f"{base}/v1/generations", json=BODY, headers={"Authorization": f"Bearer {key}"})  # warm up
-        print(f"{'rate':>6} {'sent':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} {'lost':>5}")
-        for rate in [float(r) for r in args.rates.split(",")]:
+        capacity = capacity_ratio(base, key, args.capacity_seconds)
+        results["capacity"] = capacity
+        print(
+            f"capacity at p99 <= 50 ms: creates {capacity['creates_per_second_p99_under_50ms']:.0f}/s, "
+            f"/healthz {capacity['healthz_per_second_p99_under_50ms']:.0f}/s, "
+            f"ratio {capacity['create_to_healthz_ratio']:.4f}\n"
+        )
+        if args.rates:
+            print(f"{'rate':>6} {'sent':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} {'lost':>5}")
+        for rate in [float(r) for r in args.rates.split(",") if r]:
             run = _in_separate_process("load", base, key, rate, args.seconds)
             with sessions() as session:
                 found = 0
@@ -262,8 +361,9 @@ def main() -> int:
             session.commit()
             training_id = training.id
         results["followers"] = []
-        print(f"\n{'followers':>9} {'opened':>7} {'healthz p99 ms':>15}")
-        for count in [int(n) for n in args.followers.split(",")]:
+        if args.followers:
+            print(f"\n{'followers':>9} {'opened':>7} {'healthz p99 ms':>15}")
+        for count in [int(n) for n in args.followers.split(",") if n]:
             figure = _in_separate_process("followers", base, key, training_id, count, 60)
             results["followers"].append({"followers": count, **figure})
             print(f"{count:>9} {figure['opened']:>7} {figure['p99_ms']:>15.1f}")
@@ -278,6 +378,9 @@ def main() -> int:
     good = [r["rate"] for r in results["rates"] if r["p99_ms"] <= 50 and r["errors"] == 0 and r["lost"] == 0]
     held = [f["followers"] for f in results["followers"] if f["opened"] == f["followers"] and f["p99_ms"] <= 100]
     results["summary"] = {
+        "create_to_healthz_ratio": results["capacity"]["create_to_healthz_ratio"],
+        "creates_per_second_p99_under_50ms": results["capacity"]["creates_per_second_p99_under_50ms"],
+        "healthz_per_second_p99_under_50ms": results["capacity"]["healthz_per_second_p99_under_50ms"],
         "p99_ms_at_200": by_rate[200.0]["p99_ms"] if 200.0 in by_rate else None,
         "max_rate_p99_under_50ms": max(good) if good else 0,
         "errors": sum(r["errors"] for r in results["rates"]),

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COST_UNIT_PIXELS",
+    "QUEUED_COLUMN",
     "QUEUE_OF",
     "Candidate",
     "charge",
@@ -72,11 +73,15 @@ def _ensure_counter(session: Session, tenant_id: str, queue: str, start: float) 
     )
 
 
+# The tenants column that counts a model's queued jobs (kept by triggers: migrations/versions/0007_*.py).
+QUEUED_COLUMN = {Training: Tenant.queued_trainings, Generation: Tenant.queued_generations}
+
+
 def _floor(session: Session, model, queue: str, tenant_id: str) -> float | None:
     """Where a tenant that had nothing queued starts: the smallest counter among the other tenants with queued
     jobs; when none wait, the largest counter of the queue (S-LoRA's "last client to leave": whoever was
     served last is level with the newcomer). None when the queue has no counters yet."""
-    waiting = select(model.tenant_id).where(model.status == "queued", model.tenant_id != tenant_id).distinct()
+    waiting = select(Tenant.id).where(QUEUED_COLUMN[model] > 0, Tenant.id != tenant_id)
     floor = session.scalar(
         select(func.min(TenantService.counter)).where(
             TenantService.queue == queue, TenantService.tenant_id.in_(waiting)
@@ -91,13 +96,16 @@ def _floor(session: Session, model, queue: str, tenant_id: str) -> float | None:
     return floor
 
 
-def lift_on_submit(session: Session, model, tenant_id: str) -> None:
-    """Call in the transaction that adds a tenant's new jobs, before adding them. A tenant with nothing
-    queued is lifted to the floor (``_floor``); a backlogged tenant keeps its counter."""
-    queue = QUEUE_OF[model]
-    backlogged = session.scalar(select(model.id).where(model.status == "queued", model.tenant_id == tenant_id).limit(1))
-    if backlogged is not None:
+def lift_on_submit(session: Session, model, tenant_id: str, *, backlogged: bool | None = None) -> None:
+    """Call before adding a tenant's new jobs. A tenant with nothing queued is lifted to the floor (``_floor``);
+    a backlogged tenant keeps its counter. ``backlogged``: what the caller read of the tenant's queued counter
+    (the gateway has the tenant's row from authentication), else it is read here. The gateway runs it in an
+    autocommit session of its own, so that the counter's row is not locked across the create's transaction."""
+    if backlogged is None:
+        backlogged = bool(session.scalar(select(QUEUED_COLUMN[model]).where(Tenant.id == tenant_id)))
+    if backlogged:
         return
+    queue = QUEUE_OF[model]
     floor = _floor(session, model, queue, tenant_id)
     _ensure_counter(session, tenant_id, queue, floor or 0.0)
     if floor is not None:

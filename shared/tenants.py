@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from shared.db import ApiKey, Tenant, new_id, utcnow
@@ -76,14 +76,18 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
     return found[1] if found is not None else None
 
 
+# Built once: this runs on every authenticated request.
+_PRINCIPAL = (
+    select(ApiKey, Tenant)
+    .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+)
+
+
 def principal_for_key(session: Session, key: str) -> tuple[ApiKey, Tenant | None] | None:
     """(key row, its tenant) for an unrevoked ``key`` (the tenant is None for an admin key), or None: one query,
     by the key's hash (keys are never stored)."""
-    row = session.execute(
-        select(ApiKey, Tenant)
-        .outerjoin(Tenant, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
-    ).first()
+    row = session.execute(_PRINCIPAL, {"key_hash": hash_key(key)}).first()
     if row is None:
         return None
     api_key, tenant = row

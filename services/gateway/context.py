@@ -70,6 +70,15 @@ class AppContext:
     progress: ProgressHub | None = None
     _shapes: dict[str, tuple[int, int]] | None = field(default=None)
     _native_size: int | None = field(default=None)
+    _autocommit: Engine | None = field(default=None)
+
+    def autocommit_session(self) -> Session:
+        """A session whose every statement commits on its own: no BEGIN/COMMIT round trips, and a row lock taken
+        by an UPDATE lasts only inside that statement (never while this process waits for the GIL). For the
+        per-request key lookup and rate-limit bucket (deps.authenticate)."""
+        if self._autocommit is None:
+            self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        return self.sessions(bind=self._autocommit)
 
     def base_model_shapes(self) -> dict[str, tuple[int, int]]:
         """Attention projections of the configured base model, read once from its unet/config.json."""

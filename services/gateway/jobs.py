@@ -5,16 +5,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Query
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.db import IdempotencyKey, Tenant, utcnow
+from shared.limits import tenant_limits
+from shared.scheduler import QUEUED_COLUMN, lift_on_submit
 
 from .context import AppContext
 from .errors import ApiError
@@ -159,33 +162,60 @@ def commit_created(
 
 # Admission: the tenant's queued-jobs cap, and the fair scheduler's lift ---------------------------------
 
+# What the database's insert trigger raises for a queued job over tenants.queued_cap (migrations 0007).
+QUEUE_FULL_ERROR = "krona_queue_full"
 
-def admit(context: AppContext, session: Session, tenant: Tenant, model, count: int) -> None:
-    """Call in the creating transaction, before adding ``count`` new jobs of ``model``: 429 queue_full over the
-    tenant's cap on queued jobs (trainings + generations); lifts the tenant's fair-share counter if it had
-    nothing queued (shared/scheduler.py). On PostgreSQL the tenant's row is locked until the commit, so that
-    concurrent creates through any replica cannot pass the cap together."""
-    from shared.db import Generation, Training
-    from shared.limits import tenant_limits
-    from shared.scheduler import lift_on_submit
 
-    cap = tenant_limits(context.settings, tenant.limits).max_queued_jobs
-    if cap > 0:
-        session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
-        queued = sum(
-            session.scalar(select(func.count()).select_from(m).where(m.tenant_id == tenant.id, m.status == "queued"))
-            for m in (Training, Generation)
+@contextmanager
+def admission(context: AppContext, session: Session, tenant: Tenant, model, count: int) -> Iterator[None]:
+    """Wrap the adding and committing of ``count`` new queued jobs of ``model``: 429 queue_full when they do not
+    fit under the tenant's cap on queued jobs (trainings + generations); lifts the tenant's fair-share counter
+    first if it had nothing queued (shared/scheduler.py: ``lift_on_submit``).
+
+    The cap is enforced by the database (migrations/versions/0007_*.py): triggers keep the tenant's queued
+    counters (``tenants.queued_trainings``, ``queued_generations``), and the insert trigger refuses a job over
+    ``tenants.queued_cap`` when the transaction commits (PostgreSQL) or at the insert (SQLite). So the tenant's
+    row is locked only inside the commit, never across this request's round trips, and concurrent creates
+    through any replica cannot pass the cap together. The effective cap (the tenant's override, else the
+    setting) is stored on the row when it differs."""
+    cap = tenant_limits(context.settings, tenant.limits).max_queued_jobs or None
+    if cap is not None and count > cap:
+        raise _queue_full(tenant.queued_jobs, cap, count)
+    # The tenant's row was read when its key was checked (deps.authenticate): its queued counter of this queue
+    # says whether it is backlogged without another query.
+    backlogged = getattr(tenant, QUEUED_COLUMN[model].key) > 0
+    if tenant.queued_cap != cap or not backlogged:
+        # Outside the create's transaction, each statement committing on its own: storing the cap and lifting
+        # the counter lock the tenant's rows only for a statement, so that the tenant's concurrent creates do
+        # not wait for each other. Both are idempotent; a lift for a create that then fails costs nothing.
+        with context.autocommit_session() as own:
+            if tenant.queued_cap != cap:
+                own.execute(update(Tenant).where(Tenant.id == tenant.id).values(queued_cap=cap))
+                tenant.queued_cap = cap
+            if not backlogged:
+                lift_on_submit(own, model, tenant.id, backlogged=False)
+    try:
+        yield
+    except DBAPIError as exc:
+        if QUEUE_FULL_ERROR not in str(exc.orig):
+            raise
+        session.rollback()
+        queued = session.scalar(
+            select(Tenant.queued_trainings + Tenant.queued_generations).where(Tenant.id == tenant.id)
         )
-        if queued + count > cap:
-            raise ApiError(
-                429,
-                "queue_full",
-                f"this tenant has {queued} queued jobs and may queue at most {cap}; "
-                f"{count} more do not fit: wait for some to finish",
-                {"queued": queued, "limit": cap, "requested": count},
-                headers={"Retry-After": "10"},
-            )
-    lift_on_submit(session, model, tenant.id)
+        session.rollback()
+        raise _queue_full(queued, cap or 0, count) from None
+
+
+def _queue_full(queued: int, cap: int, count: int) -> ApiError:
+    return ApiError(
+        429,
+        "queue_full",
+        f"this tenant has {queued} queued jobs and may queue at most {cap}; "
+        f"{count} more do not fit: wait for some to finish",
+        {"queued": queued, "limit": cap, "requested": count},
+        headers={"Retry-After": "10"},
+    )
 
 
 # Enqueueing: the row is committed first; a failed send is repaired by the reaper -------------------

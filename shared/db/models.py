@@ -78,7 +78,18 @@ class Tenant(Base):
     weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     # Overrides of the settings' limits (shared/limits.py: TenantLimits); absent keys take the defaults.
     limits: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
+    # Queued trainings and generations, kept by triggers (migrations/versions/0007_*.py), and the cap on their sum
+    # that the insert trigger enforces (NULL: none); the gateway stores the tenant's effective cap there
+    # (services/gateway/jobs.py: admission). Read-only for the code: only the triggers write the counters.
+    queued_trainings: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    queued_generations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    queued_cap: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def queued_jobs(self) -> int:
+        """Queued trainings + generations (what ``max_queued_jobs`` caps)."""
+        return (self.queued_trainings or 0) + (self.queued_generations or 0)
 
 
 class ApiKey(Base):

@@ -21,7 +21,7 @@ from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
 from ..errors import ApiError
-from ..jobs import admit, commit_created, enqueue, enqueue_many, replay, request_hash
+from ..jobs import admission, commit_created, enqueue, enqueue_many, replay, request_hash
 
 __all__ = ["create_batch", "create_generation", "send_batch"]
 
@@ -95,12 +95,12 @@ def create_generation(
     if stored is not None:
         return stored
     _check_requests(context, session, tenant, [spec], lambda _: "")
-    admit(context, session, tenant, Generation, 1)
     row = _new_generation(context, tenant, spec, None)
-    session.add(row)
-    session.flush()
-    public = generation_public(row, context.settings.public_url)
-    status_code, public = commit_created(session, tenant, idempotency_key, "generations", fingerprint, 202, public)
+    with admission(context, session, tenant, Generation, 1):
+        session.add(row)
+        session.flush()
+        public = generation_public(row, context.settings.public_url)
+        status_code, public = commit_created(session, tenant, idempotency_key, "generations", fingerprint, 202, public)
     if public.get("id") == row.id:
         enqueue(context, session, Generation, row.id, GENERATE_TASK)
     return status_code, public
@@ -119,18 +119,18 @@ def create_batch(
         return *stored, []
     batch = Batch(id=new_id("bat"), tenant_id=tenant.id, total=len(spec.generations))
     _check_requests(context, session, tenant, spec.generations, lambda i: f"generations[{i}]: ")
-    admit(context, session, tenant, Generation, len(spec.generations))
     rows = [_new_generation(context, tenant, item, batch.id) for item in spec.generations]
-    session.add(batch)
-    session.flush()
-    session.add_all(rows)
-    session.flush()
-    ids = sorted(row.id for row in rows)
-    counts = {status: 0 for status in ("queued", "running", "succeeded", "failed", "canceled")} | {"queued": len(ids)}
-    public = BatchPublic(
-        id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=batch.created_at
-    ).model_dump(mode="json")
-    status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
+    with admission(context, session, tenant, Generation, len(rows)):
+        session.add(batch)
+        session.flush()
+        session.add_all(rows)
+        session.flush()
+        ids = sorted(row.id for row in rows)
+        counts = {"queued": len(ids)} | {status: 0 for status in ("running", "succeeded", "failed", "canceled")}
+        public = BatchPublic(
+            id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=batch.created_at
+        ).model_dump(mode="json")
+        status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
     if public.get("id") != batch.id:  # a concurrent twin with the same Idempotency-Key won
         return status_code, public, []
     return status_code, public, ids

@@ -28,7 +28,7 @@ from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
 from ..errors import ApiError
-from ..jobs import admit, commit_created, enqueue, replay, request_hash
+from ..jobs import admission, commit_created, enqueue, replay, request_hash
 
 __all__ = [
     "CLIENT_PARAMS",
@@ -241,13 +241,13 @@ def create_training(
             context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
 
     try:
-        admit(context, session, tenant, Training, 1)
-        session.add(row)
-        session.flush()
-        body = training_public(row)
-        status_code, body = commit_created(
-            session, tenant, idempotency_key, "trainings", fingerprint, 202, body, on_conflict=remove_images
-        )
+        with admission(context, session, tenant, Training, 1):
+            session.add(row)
+            session.flush()
+            body = training_public(row)
+            status_code, body = commit_created(
+                session, tenant, idempotency_key, "trainings", fingerprint, 202, body, on_conflict=remove_images
+            )
     except Exception:
         remove_images()
         raise
