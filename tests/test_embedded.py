@@ -125,7 +125,7 @@ def test_krona_up_restarts_a_killed_worker_and_the_training_finishes(tiny_folder
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200  # the gateway keeps serving
 
         def restarted():
-            processes = httpx.get(f"{base}/readyz", timeout=5).json().get("processes", {})
+            processes = json.loads((data_dir / "processes.json").read_text())  # /readyz shows it to operators only
             return processes.get("worker", {}).get("restarts", 0) >= 1 and processes["worker"]["state"] == "running"
 
         wait(restarted, "the worker restarted", 60)

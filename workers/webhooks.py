@@ -4,9 +4,10 @@ The row is the truth, as for jobs. A delivery is claimed with a guarded update (
 ``pending`` -> ``sending``, attempts + 1, a lease longer than the request's deadline), so it is never in
 flight twice however many messages or reapers ask for it, and it stops at ``webhook_max_attempts``.
 After the attempt: ``delivered`` (2xx), ``rejected`` (another 4xx: retrying would not help),
-``pending`` with the next attempt's time (network error, deadline, 5xx, 429), or ``given_up``. The
-task is sent again with a countdown for the next attempt; the reaper sends overdue ones (a lost
-message or a crashed worker) and gives up leases that expired on the last attempt.
+``pending`` with the next attempt's time (network error, deadline, a host that does not resolve within
+RESOLVE_TIMEOUT_SECONDS, 5xx, 429), or ``given_up``. The task is sent again with a countdown for the next
+attempt; the reaper sends overdue ones (a lost message or a crashed worker) and gives up leases that
+expired on the last attempt.
 
 Why the schedule is not Celery's ``autoretry_for`` / ``retry_backoff`` / ``retry_backoff_max``: Celery
 keeps a retry's count and time in the message, and those three guarantees need them on the row.
@@ -39,7 +40,14 @@ from sqlalchemy import and_, or_, select, update
 
 from shared.db import Generation, Tenant, Training, utcnow
 from shared.schemas import generation_public, training_public
-from shared.webhooks import SIGNATURE_HEADER, DeliveryError, post, resolve_webhook_target, sign
+from shared.webhooks import (
+    SIGNATURE_HEADER,
+    DeliveryError,
+    ResolutionTimeout,
+    post,
+    resolve_webhook_target,
+    sign,
+)
 
 from .runtime import Runtime
 
@@ -128,24 +136,28 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         url = row.webhook_url
     payload = json.dumps({"type": f"{kind}.{body['status']}", "data": body}, separators=(",", ":")).encode()
 
+    status, error = None, None
     try:
         target = resolve_webhook_target(url, allow_private=settings.allow_private_webhooks)
+    except ResolutionTimeout as exc:  # the resolver hangs: a failed attempt like a network error, retried
+        target, error = None, str(exc)
     except ValueError as exc:  # refused now (DNS changed, or the setting did): never retried
         log.warning("webhook of %s refused: %s", ref, exc)
         _finish(rt, model, job_id, attempt, webhook_state="refused", webhook_last_error=str(exc)[:1000])
         return "refused"
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(payload, secret)}
-    try:
-        status = post(
-            target,
-            payload,
-            headers,
-            deadline_seconds=settings.webhook_timeout_seconds,
-            max_response_bytes=settings.webhook_max_response_bytes,
-        )
-        error = None if status < 500 and status != 429 else f"HTTP {status}"
-    except DeliveryError as exc:
-        status, error = None, str(exc)
+    if target is not None:
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(payload, secret)}
+        try:
+            status = post(
+                target,
+                payload,
+                headers,
+                deadline_seconds=settings.webhook_timeout_seconds,
+                max_response_bytes=settings.webhook_max_response_bytes,
+            )
+            error = None if status < 500 and status != 429 else f"HTTP {status}"
+        except DeliveryError as exc:
+            error = str(exc)
     now = utcnow()
 
     if error is None:  # the receiver answered: 2xx delivered, another 4xx rejected (retrying would not help)
@@ -159,7 +171,8 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         _finish(rt, model, job_id, attempt, webhook_state="given_up", webhook_last_error=error[:1000])
         log.warning("webhook of %s given up after %d attempts: %s", ref, attempt, error)
         return "given_up"
-    # Worth another attempt (network error, deadline, 5xx, 429): the row says when; the message only wakes it.
+    # Worth another attempt (network error, deadline, a hung resolver, 5xx, 429): the row says when; the message
+    # only wakes it.
     delay = retry_delay(attempt, settings.webhook_retry_base_seconds)
     next_attempt_at = now + timedelta(seconds=delay)
     _finish(

@@ -1,4 +1,5 @@
-"""ASGI middleware of the gateway: request ids, metrics and logs; the body limit, for streamed bodies too.
+"""ASGI middleware of the gateway: request ids, security headers, metrics and logs; the body limit, for streamed
+bodies too.
 
 Both are plain ASGI classes (not Starlette's BaseHTTPMiddleware, which runs each request through an
 extra task and memory streams and costs about a millisecond of CPU per request).
@@ -6,6 +7,7 @@ extra task and memory streams and costs about a millisecond of CPU per request).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -16,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_body
 
-__all__ = ["BodySizeLimit", "RequestContext", "metric_labels"]
+__all__ = ["NOSNIFF", "NO_STORE", "BodySizeLimit", "RequestContext", "metric_labels"]
 
 log = logging.getLogger("krona.gateway")
 
@@ -44,9 +46,26 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+# Security headers, built once. Every answer: no MIME sniffing (an uploaded file or an error body is never run as
+# HTML or script). Answers that may hold a tenant's data or the server's state (everything under /v1, /readyz,
+# /metrics) and every error: no-store, so that no browser or proxy cache keeps them.
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+NO_STORE = (b"cache-control", b"no-store")
+NO_STORE_PREFIXES = ("/v1/", "/readyz", "/metrics")
+# Header names these replace if a route set them too (one value each, never two).
+OURS = (NOSNIFF[0],)
+OURS_NO_STORE = (NOSNIFF[0], NO_STORE[0])
+INTERNAL_ERROR_BODY = json.dumps(error_body("internal_error", "internal error; see the gateway log")).encode()
+
+
+def _no_store_path(path: str) -> bool:
+    return path == "/v1" or path.startswith(NO_STORE_PREFIXES)
+
+
 class RequestContext:
     """X-Request-ID on every answer (the client's, or a new one), the key's RateLimit-* headers on authenticated
-    answers, Prometheus metrics and one JSON log line."""
+    answers, X-Content-Type-Options: nosniff on every answer and Cache-Control: no-store on /v1, /readyz, /metrics
+    and errors, Prometheus metrics and one JSON log line."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -57,22 +76,34 @@ class RequestContext:
             return
         request_id = _request_id(scope)
         header = (b"x-request-id", request_id.encode())
+        private = _no_store_path(scope.get("path", ""))
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [header]
+                started = True
+                no_store = private or status >= 400
+                ours = OURS_NO_STORE if no_store else OURS
+                headers = [item for item in message.get("headers", ()) if item[0].lower() not in ours]
+                headers += [header, NOSNIFF, NO_STORE] if no_store else [header, NOSNIFF]
                 rate = scope.get("state", {}).get("rate_limit")  # set by deps.current_principal
                 if rate is not None and status != 429:  # a 429 carries its own
-                    extra += [(k.lower().encode(), v.encode()) for k, v in rate.headers().items()]
-                message["headers"] = [*message.get("headers", ()), *extra]
+                    headers += [(k.lower().encode(), v.encode()) for k, v in rate.headers().items()]
+                message["headers"] = headers
             await send(message)
 
         start = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # An unhandled error: Starlette's outermost ServerErrorMiddleware answers it outside this middleware,
+            # without these headers. Answer the same 500 here (it then only logs the error and re-raises it).
+            if not started:
+                await self._internal_error(send_with_id)
+            raise
         finally:
             method, route = metric_labels(scope)
             LATENCY.labels(method, route).observe(time.perf_counter() - start)
@@ -84,6 +115,22 @@ class RequestContext:
                 status,
                 extra={"fields": {"request_id": request_id, "status": status, "route": route}},
             )
+
+    @staticmethod
+    async def _internal_error(send: Send) -> None:
+        """The 500 the app's catch-all handler would answer, sent from here so that it carries the headers."""
+        with contextlib.suppress(Exception):  # the client may be gone; the original error is what matters
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(INTERNAL_ERROR_BODY)).encode()),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": INTERNAL_ERROR_BODY})
 
 
 class BodyTooLarge(Exception):

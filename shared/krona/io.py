@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import KronaConfig
+from .convert import TORCH_DTYPE_SIZES, parse_safetensors_header, safetensors_header_length
 from .model import group_factors
 
 __all__ = ["FORMAT", "MAX_ADAPTER_BYTES", "load_adapter", "save_adapter", "validate_state_dict"]
@@ -67,20 +68,20 @@ def save_adapter(
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of any safetensors file, with clear errors for size and format problems."""
+    """Tensors and metadata of any safetensors file, with clear errors for size and format problems; the header is
+    checked with the gateway's limits (``convert.parse_safetensors_header``) before anything is loaded."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no adapter file at {path}")
     size = path.stat().st_size
     if size > MAX_ADAPTER_BYTES:
         raise ValueError(f"{path} is {size} bytes; adapter files are limited to {MAX_ADAPTER_BYTES} bytes")
+    # The header is checked (length, tensor count, dtypes, offsets) before the safetensors library reads the file,
+    # so that a crafted header is refused at once, as the gateway refuses it (convert.parse_safetensors_header).
     with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        raise ValueError(f"{path} is not a safetensors file (it is {size} bytes long)")
-    header_len = int.from_bytes(head, "little")
-    if header_len <= 0 or header_len > size - 8:
-        raise ValueError(f"{path} is not a safetensors file (bad header length {header_len})")
+        header_len = safetensors_header_length(f.read(8), size, str(path))
+        header = f.read(header_len)
+    parse_safetensors_header(header, size - 8 - header_len, str(path), dtype_sizes=TORCH_DTYPE_SIZES)
     try:
         tensors = load_file(path)
         from safetensors import safe_open

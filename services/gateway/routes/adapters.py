@@ -21,6 +21,7 @@ from ..services.adapters import (
     MAX_BASE_MODEL_CHARS,
     MAX_EVALUATION_PARAMS_BYTES,
     MAX_NAME_CHARS,
+    delete_adapter_and_files,
     read_evaluation_form,
     read_upload_form,
     request_evaluation,
@@ -178,10 +179,7 @@ async def evaluate_adapter(
     response_class=Response,
 )
 def delete_adapter(adapter_id: AdapterId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
-    """Delete the adapter and its file. Generations already made keep their images."""
-    row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
-    key = row.storage_key
-    session.delete(row)
-    session.commit()
-    context.storage.delete(key)
+    """Delete the adapter, its file and the reference photos of its evaluation, if any. Generations already made
+    keep their images."""
+    delete_adapter_and_files(context=context, session=session, tenant=tenant, adapter_id=adapter_id)
     return Response(status_code=204)

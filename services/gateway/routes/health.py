@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from shared.supervision import read_process_states
 
-from ..deps import ContextDep
+from ..deps import ContextDep, authenticate
 from ..errors import ApiError, error_body
 from ..openapi import errors
 
@@ -24,34 +24,66 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Database, broker and storage are reachable", responses=errors(503))
-def readyz(context: ContextDep):
-    """Readiness: the database, the broker and storage answer (503 names the part that does not); under
-    `krona up`, also the state of its worker processes."""
+def _bearer_token(request: Request) -> str | None:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return given.strip() if scheme.lower() == "bearer" and given.strip() else None
+
+
+def _is_metrics_token(given: str | None, token: str | None) -> bool:
+    return bool(given and token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _may_see_details(request: Request, context) -> bool:
+    """Whether the caller may see /readyz's details: it sends KRONA_METRICS_TOKEN or an admin API key."""
+    given = _bearer_token(request)
+    if given is None:
+        return False
+    if _is_metrics_token(given, context.settings.metrics_token):
+        return True
+    try:
+        return authenticate(context, given, charge=False).role == "admin"
+    except Exception:  # not a key, a tenant's key, or the database is down: the public answer
+        return False
+
+
+@router.get(
+    "/readyz",
+    summary="Database, broker and storage are reachable",
+    description="Public answer: `ready`, or 503 naming each dependency `ok` or `error`. With "
+    "`Authorization: Bearer <KRONA_METRICS_TOKEN>` or an admin API key the answer adds each error's class and, "
+    "under `krona up`, the state of its worker processes (`processes`).",
+    responses=errors(503),
+)
+def readyz(request: Request, context: ContextDep):
+    """Readiness: the database, the broker and storage answer (503 names the part that does not)."""
     checks: dict[str, str] = {}
-    try:
-        with context.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {exc.__class__.__name__}"
-    try:
-        context.enqueuer.check()
-        checks["broker"] = "ok"
-    except Exception as exc:
-        checks["broker"] = f"error: {exc.__class__.__name__}"
-    try:
-        context.storage.check()
-        checks["storage"] = "ok"
-    except Exception as exc:
-        checks["storage"] = f"error: {exc.__class__.__name__}"
-    # Under `krona up`: whether its worker processes run or are being restarted (information only; the
-    # gateway can take requests either way, and jobs wait in the queue).
-    processes = read_process_states(context.settings.data_dir.resolve())
-    extra = {} if processes is None else {"processes": processes}
-    if all(v == "ok" for v in checks.values()):
+    causes: dict[str, str] = {}
+    for name, check in (
+        ("database", lambda: _ping_database(context)),
+        ("broker", context.enqueuer.check),
+        ("storage", context.storage.check),
+    ):
+        try:
+            check()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = "error"
+            causes[name] = exc.__class__.__name__
+    extra: dict = {}
+    if _may_see_details(request, context):  # probes send no key: no lookup for them
+        checks = {name: f"error: {causes[name]}" if name in causes else "ok" for name in checks}
+        # Under `krona up`: whether its worker processes run or are being restarted (information only; the
+        # gateway can take requests either way, and jobs wait in the queue).
+        processes = read_process_states(context.settings.data_dir.resolve())
+        extra = {} if processes is None else {"processes": processes}
+    if not causes:
         return {"status": "ready", "checks": checks, **extra}
     return JSONResponse(error_body("not_ready", "a dependency is unreachable", {**checks, **extra}), status_code=503)
+
+
+def _ping_database(context) -> None:
+    with context.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
 
 
 @router.get(
@@ -75,10 +107,8 @@ def metrics(request: Request, context: ContextDep):
                 "/metrics is disabled in production until KRONA_METRICS_TOKEN is set "
                 "(then scrape it with 'Authorization: Bearer <token>')",
             )
-    else:
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <KRONA_METRICS_TOKEN>'")
+    elif not _is_metrics_token(_bearer_token(request), token):
+        raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <KRONA_METRICS_TOKEN>'")
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # `krona gateway --workers N`: the sum over processes
         from prometheus_client import CollectorRegistry, multiprocess

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi import UploadFile
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import Adapter, Tenant, Training, new_id, utcnow
-from shared.krona.convert import adapter_bytes, native_arrays_from_upload, read_safetensors_bytes
+from shared.krona.convert import adapter_bytes, max_tensors_for, native_arrays_from_upload, read_safetensors_bytes
 from shared.queue import EVALUATE_TASK
 from shared.schemas import adapter_public
 from shared.settings import Settings
@@ -25,6 +26,7 @@ from ..errors import ApiError
 __all__ = [
     "AdapterUpload",
     "EvaluationUpload",
+    "delete_adapter_and_files",
     "read_evaluation_form",
     "read_upload_form",
     "request_evaluation",
@@ -39,10 +41,13 @@ MAX_BASE_MODEL_CHARS = 300
 def _convert_upload(context: AppContext, data: bytes, label: str):
     """(stored native file, its arrays, config) for an uploaded file; ValueError if it is not a valid adapter.
 
-    Names and shapes are checked against the base model before any arithmetic (see plan_lokr_module).
+    The safetensors header is checked first, with a tensor cap from the base model's layer count (a crafted header
+    is refused in milliseconds, holding the GIL no longer); then names, shapes and low-rank sizes against the base
+    model before any arithmetic (see plan_lokr_module), so a refused file is never widened or multiplied.
     """
-    arrays, metadata = read_safetensors_bytes(data, label)
-    native, config, source = native_arrays_from_upload(arrays, metadata, context.base_model_shapes())
+    shapes = context.base_model_shapes()
+    arrays, metadata = read_safetensors_bytes(data, label, max_tensors=max_tensors_for(len(shapes)))
+    native, config, source = native_arrays_from_upload(arrays, metadata, shapes)
     stored = adapter_bytes(
         native, config, {"base_model": context.settings.base_model, "created_by": f"upload ({source})"}
     )
@@ -83,6 +88,36 @@ def store_upload(
             context.storage.delete(key)
         raise
     return adapter_public(row)
+
+
+def delete_adapter_and_files(*, context: AppContext, session: Session, tenant: Tenant, adapter_id: str) -> None:
+    """Delete the adapter's row, then its blobs: the file and its evaluation's reference photos (personal data).
+
+    The photos are the keys the row's ``evaluation.reference_keys`` names, plus, for an adapter that was ever
+    evaluated, anything else under ``tenants/<tenant>/adapters/<id>/`` (a replaced request's photos whose deletion
+    failed). The row is read under its lock, as ``request_evaluation`` writes it, so no request's photos are missed.
+    Every blob is tried; a storage fault is raised after the others were tried (503; the retention sweep removes
+    what is left, as its row is gone).
+    """
+    from ..jobs import get_owned
+
+    row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
+    session.refresh(row, with_for_update=True)
+    evaluated = row.evaluation is not None  # only an evaluation request ever wrote under the adapter's folder
+    keys = [row.storage_key, *((row.evaluation or {}).get("reference_keys") or [])]
+    session.delete(row)
+    session.commit()
+    removals = [partial(context.storage.delete, key) for key in keys]
+    if evaluated:
+        removals.append(partial(context.storage.delete_prefix, f"tenants/{tenant.id}/adapters/{adapter_id}/"))
+    failure: Exception | None = None
+    for remove in removals:
+        try:
+            remove()
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 @dataclass(frozen=True)
