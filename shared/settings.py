@@ -58,7 +58,11 @@ class Settings(BaseSettings):
     max_images: int = 20
     min_images: int = 2
     max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="pixels per uploaded photo, checked from its header before decoding (training uses 512-1024 px)",
+    )
     max_request_bytes: int = 200 * 1024 * 1024
     max_train_steps: int = 5000
     default_train_steps: int | None = None

@@ -55,8 +55,8 @@ class EvaluationRequest:
             value = getattr(self, name)
             if value is None:
                 continue
-            if not isinstance(value, str) or not value.strip() or len(value) > 100 or "\x00" in value:
-                raise ValueError(f"evaluate.{name} must be a non-empty string of at most 100 characters")
+            if not isinstance(value, str) or not value.strip() or len(value) > 100 or not value.isprintable():
+                raise ValueError(f"evaluate.{name} must be a non-empty printable string of at most 100 characters")
 
     @classmethod
     def parse(cls, value: Any) -> EvaluationRequest | None:
@@ -221,7 +221,16 @@ class TrainingSpec:
         if self.prior_preservation and not (self.class_prompt and self.class_prompt.strip()):
             raise ValueError("prior_preservation needs a class_prompt, e.g. 'a photo of a dog'")
         self.krona_config()  # a1/a2/target_modules validation
-        self.evaluation()  # params.evaluate validation
+        request = self.evaluation()  # params.evaluate validation
+        if request is not None:  # the words it reads off the instance prompt are client text too
+            for name, word in zip(
+                ("identifier", "class_noun"), request.subject_words(self.instance_prompt), strict=True
+            ):
+                if len(word) > 100 or not word.isprintable():
+                    raise ValueError(
+                        f"evaluate: the {name} read off the instance prompt must be printable and at most 100 "
+                        f"characters; give evaluate.{name}"
+                    )
 
     def evaluation(self) -> EvaluationRequest | None:
         """What ``evaluate`` asks for, or None."""

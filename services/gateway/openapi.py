@@ -36,7 +36,10 @@ _DESCRIPTIONS = {
         "many progress streams",
         _RETRY_AFTER,
     ),
-    503: ("a dependency is down: database_unavailable, storage_unavailable or broker_unavailable", _RETRY_AFTER),
+    503: (
+        "a dependency is down or busy: database_unavailable, storage_unavailable, broker_unavailable or decoder_busy",
+        _RETRY_AFTER,
+    ),
 }
 
 

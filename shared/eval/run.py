@@ -12,14 +12,18 @@ import gc
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from shared.eval.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from shared.eval.prompts import evaluation_prompts, image_seeds, prompt_data
+
+if TYPE_CHECKING:
+    from shared.images import ImageLimits
 
 METRICS = ("clip_i", "clip_t", "dino")
 
@@ -146,7 +150,7 @@ def evaluate(
     class_noun: str,
     out_dir: str | os.PathLike,
     identifier: str = "sks",
-    prompts: str = "default",
+    prompts: str | Sequence[str] = "default",
     per_prompt: int = 4,
     adapter_scale: float = 1.0,
     steps: int = 50,
@@ -155,26 +159,32 @@ def evaluate(
     clip_model: str = DEFAULT_CLIP_MODEL,
     dino_model: str = DEFAULT_DINO_MODEL,
     device: str | None = None,
+    image_limits: ImageLimits | None = None,
 ) -> EvalReport:
     """Generate, score and write `<out_dir>/images/pNN-sSEED.png` and `<out_dir>/grid.png`; return the report.
 
-    Inputs are checked before any model loads (real images, prompts, counts).
+    ``prompts``: a prompt set, a file of templates, or the templates themselves (the service passes the first
+    few of the default set). The real images are decoded with ``image_limits`` (the service's upload limits;
+    default ``ImageLimits()``). Inputs are checked before any model loads (real images, prompts, counts).
     """
     from shared.eval.metrics import ClipEmbedder, DinoEmbedder, clip_i, clip_t, dino
     from shared.eval.tiny import resolve_eval_model
-    from shared.images import list_image_files, load_subject_images, save_image
+    from shared.images import ImageLimits, list_image_files, load_subject_images, save_image
 
     if not 1 <= per_prompt <= 16:
         raise ValueError(f"--per-prompt must be between 1 and 16, got {per_prompt}")
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
-    real = [image.pixels for image in load_subject_images(images_dir)]
+    real = [image.pixels for image in load_subject_images(images_dir, image_limits or ImageLimits())]
     real_names = [str(p) for p in list_image_files(images_dir)]
     eval_prompts = evaluation_prompts(prompts, identifier=identifier, class_noun=class_noun)
     seeds = image_seeds(per_prompt, base_seed)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    source = prompt_data()["source"] if prompts in ("default", "object", "live") else str(prompts)
+    if not isinstance(prompts, str):
+        source = f"{len(eval_prompts)} templates given by the caller"
+    else:
+        source = prompt_data()["source"] if prompts in ("default", "object", "live") else prompts
 
     started = time.perf_counter()
     generated = generate_images(

@@ -193,6 +193,7 @@ def request_evaluation(
 
     settings = context.settings
     get_owned(session, Adapter, adapter_id, tenant, "adapter")
+    session.rollback()  # no database connection held while the images are decoded
     images = decode_uploaded_images(settings, submitted.files)
 
     row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).one()

@@ -16,7 +16,15 @@ from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
 from shared.db import Tenant, Training, new_id, utcnow
-from shared.images import ImageError, ImageFormatRefused, ImageLimits, ImageTooLarge, ImageUnreadable, decode_image
+from shared.images import (
+    DecoderBusy,
+    ImageError,
+    ImageFormatRefused,
+    ImageLimits,
+    ImageTooLarge,
+    ImageUnreadable,
+    validate_image,
+)
 from shared.krona.config import check_factors_fit_shapes
 from shared.models.shapes import select_targets
 from shared.queue import TRAIN_TASK
@@ -155,22 +163,27 @@ async def read_uploads(settings: Settings, uploads: list[UploadFile]) -> list[tu
 
 
 def decode_uploaded_images(settings: Settings, files: list[tuple[str, bytes]]) -> list[tuple[bytes, str]]:
-    """(bytes, extension) of each uploaded photo, decoded and checked against the upload limits: 415 for a format
-    that is not PNG/JPEG/WebP, 413 over the size limits, 422 for one too small or damaged."""
+    """(bytes, extension) of each uploaded photo, checked as the trainer will decode it (shared/images.py: the
+    structure and size on the bytes before any pixel is decoded, then a decode in one of the process's decode
+    slots, within a CPU budget): 415 for a format that is not PNG/JPEG/WebP or an animated one, 413 over the
+    byte or pixel limit, 422 for one too small, damaged or too costly to decode (too many JPEG scans or PNG
+    chunks, over the budget), 503 ``decoder_busy`` when no decode slot came free in time."""
     limits = ImageLimits(
         max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
     )
     images: list[tuple[bytes, str]] = []
     for label, data in files:
         try:
-            decoded = decode_image(data, label, limits)
+            fmt = validate_image(data, label, limits)
         except (ImageUnreadable, ImageFormatRefused) as exc:
             raise ApiError(415, "unsupported_image", str(exc)) from None
         except ImageTooLarge as exc:
             raise ApiError(413, "invalid_image", str(exc)) from None
-        except ImageError as exc:  # too small, damaged
+        except ImageError as exc:  # too small, damaged, too costly
             raise ApiError(422, "invalid_image", str(exc)) from None
-        images.append((data, _EXTENSIONS[decoded.format]))
+        except DecoderBusy as exc:
+            raise ApiError(503, "decoder_busy", f"{exc} (the server is decoding other uploads)") from None
+        images.append((data, _EXTENSIONS[fmt]))
     return images
 
 
