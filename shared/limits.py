@@ -36,6 +36,12 @@ class LimitOverrides(BaseModel):
     max_queued_jobs: int | None = Field(None, ge=0, le=10_000_000, description="0 = no cap")
     max_running_jobs: int | None = Field(None, ge=0, le=100_000, description="per queue; 0 = no cap")
     max_generation_compute: int | None = Field(None, ge=1, le=10**15)
+    max_training_compute: int | None = Field(None, ge=1, le=10**15)
+    max_class_images: int | None = Field(None, ge=0, le=10_000)
+    max_gradient_accumulation: int | None = Field(None, ge=1, le=1024)
+    max_train_resolution: int | None = Field(None, ge=64, le=4096)
+    max_api_keys: int | None = Field(None, ge=1, le=10_000)
+    max_adapters: int | None = Field(None, ge=1, le=1_000_000)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,12 @@ class TenantLimits:
     max_queued_jobs: int
     max_running_jobs: int
     max_generation_compute: int
+    max_training_compute: int
+    max_class_images: int
+    max_gradient_accumulation: int
+    max_train_resolution: int
+    max_api_keys: int
+    max_adapters: int
 
 
 def tenant_limits(settings: Settings, overrides: dict[str, Any] | None) -> TenantLimits:

@@ -2,8 +2,10 @@
 
 After Sheng et al., "Fairness in Serving Large Language Models" (OSDI 2024), the VTC of S-LoRA:
 
-- every job has a cost (``generation_cost``: width x height x steps x images in 64x64-pixel steps;
-  ``training_cost``: steps, scaled by the resolution's area in the same unit);
+- every job has a cost in one unit, a denoising step of one 64x64-pixel image (``generation_cost``: width x
+  height x steps x images; ``training_cost``: every sample of every step, its class images and its evaluation
+  images; ``evaluation_cost``), so that trainings and evaluations, which share the train queue, are charged
+  alike and no part of a job's work is free;
 - each tenant has a counter per queue (``tenant_service``); when a worker takes a job, the tenant's
   counter grows by cost / weight (``charge``);
 - a worker takes the oldest queued job of the tenant with the smallest counter (``pick``), so the
@@ -31,6 +33,7 @@ from shared.limits import tenant_limits
 
 if TYPE_CHECKING:
     from shared.settings import Settings
+    from shared.training_spec import EvaluationRequest, TrainingSpec
 
 __all__ = [
     "COST_UNIT_PIXELS",
@@ -38,6 +41,7 @@ __all__ = [
     "QUEUE_OF",
     "Candidate",
     "charge",
+    "evaluation_cost",
     "generation_cost",
     "lift_on_submit",
     "pick",
@@ -54,9 +58,32 @@ def generation_cost(width: int, height: int, steps: int, num_images: int) -> flo
     return width * height * steps * num_images / COST_UNIT_PIXELS
 
 
-def training_cost(steps: int, resolution: int) -> float:
-    """Work of a training: its steps, each as many 64x64 units as its resolution's area."""
-    return steps * resolution * resolution / COST_UNIT_PIXELS
+# A training sample's forward and backward pass cost about three UNet forwards; a denoising step with
+# classifier-free guidance, two. So one sample-step is 1.5 units.
+TRAIN_SAMPLE_STEP = 1.5
+
+
+def training_cost(spec: TrainingSpec, *, steps: int, resolution: int) -> float:
+    """Work of a training, in 64x64 denoising steps: every sample of every optimizer step (batch size x gradient
+    accumulation, doubled by prior preservation's class batch), the class images it generates, its validation
+    images and its evaluation's images, each scaled by the resolution's area."""
+    unit = resolution * resolution / COST_UNIT_PIXELS
+    samples = spec.batch_size * spec.gradient_accumulation * (2 if spec.prior_preservation else 1)
+    cost = steps * samples * TRAIN_SAMPLE_STEP
+    if spec.prior_preservation:
+        cost += spec.num_class_images * spec.validation_steps
+    if spec.validation_prompt:
+        renders = 1 + (steps // spec.validation_every if spec.validation_every else 0)
+        cost += renders * spec.num_validation_images * spec.validation_steps
+    request = spec.evaluation()
+    if request is not None:
+        cost += evaluation_cost(request, resolution) / unit
+    return cost * unit
+
+
+def evaluation_cost(request: EvaluationRequest, resolution: int) -> float:
+    """Work of an adapter evaluation: its prompts x images per prompt, each ``steps`` denoising steps."""
+    return request.prompts * request.per_prompt * request.steps * resolution * resolution / COST_UNIT_PIXELS
 
 
 def _ensure_counter(session: Session, tenant_id: str, queue: str, start: float) -> None:

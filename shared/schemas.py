@@ -433,7 +433,19 @@ class LimitsBody(LimitOverrides):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    @field_validator("rate_limit_burst", "max_queued_jobs", "max_running_jobs", "max_generation_compute", mode="before")
+    @field_validator(
+        "rate_limit_burst",
+        "max_queued_jobs",
+        "max_running_jobs",
+        "max_generation_compute",
+        "max_training_compute",
+        "max_class_images",
+        "max_gradient_accumulation",
+        "max_train_resolution",
+        "max_api_keys",
+        "max_adapters",
+        mode="before",
+    )
     @classmethod
     def _integral_number(cls, value: Any) -> Any:
         # JSON Schema's integer includes 5.0; strict mode still refuses true and "5".
@@ -476,6 +488,12 @@ class EffectiveLimits(BaseModel):
     max_queued_jobs: int = Field(description="queued trainings + generations; 0 = no cap")
     max_running_jobs: int = Field(description="per queue; 0 = no cap")
     max_generation_compute: int = Field(description="width x height x steps x num_images of one generation")
+    max_training_compute: int = Field(description="a training's cost in 64x64 denoising steps (see the README)")
+    max_class_images: int = Field(description="num_class_images of one training")
+    max_gradient_accumulation: int = Field(description="gradient_accumulation of one training")
+    max_train_resolution: int = Field(description="resolution of one training, in pixels")
+    max_api_keys: int = Field(description="active API keys")
+    max_adapters: int = Field(description="adapters, counting trainings queued or running")
 
 
 class TenantPublic(BaseModel):
@@ -493,6 +511,12 @@ class TenantPublic(BaseModel):
                         "max_queued_jobs": 500,
                         "max_running_jobs": 0,
                         "max_generation_compute": 209715200,
+                        "max_training_compute": 20000000,
+                        "max_class_images": 200,
+                        "max_gradient_accumulation": 16,
+                        "max_train_resolution": 1024,
+                        "max_api_keys": 20,
+                        "max_adapters": 1000,
                     },
                     "created_at": "2026-11-29T10:00:00+00:00",
                 }

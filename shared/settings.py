@@ -85,6 +85,21 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(
         0, ge=0, description="jobs of one queue a tenant may have running at once across workers; 0 = no cap"
     )
+    max_training_compute: int = Field(
+        20_000_000,
+        ge=1,
+        description="cap on a training's cost in 64x64 denoising steps: its steps x samples per step x 1.5, its "
+        "class images and evaluation images, each scaled by the resolution's area (422 over it)",
+    )
+    max_class_images: int = Field(
+        200, ge=0, le=10_000, description="num_class_images a training may ask for (prior preservation)"
+    )
+    max_gradient_accumulation: int = Field(16, ge=1, le=1024, description="gradient_accumulation a training may use")
+    max_train_resolution: int = Field(1024, ge=64, le=4096, description="resolution a training may ask for (pixels)")
+    max_api_keys: int = Field(20, ge=1, le=10_000, description="active (unrevoked) API keys per tenant")
+    max_adapters: int = Field(
+        1000, ge=1, le=1_000_000, description="adapters per tenant, counting trainings queued or running"
+    )
     keep_training_images: bool = Field(False, description="keep the subject photos after a training ends")
     generation_ttl_hours: float = Field(
         24.0 * 30, ge=0, description="generated images are deleted this long after they were made; 0 = never"

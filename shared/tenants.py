@@ -16,6 +16,7 @@ __all__ = [
     "create_api_key",
     "create_tenant",
     "hash_key",
+    "key_is_active",
     "new_api_key",
     "principal_for_key",
     "rotate_webhook_secret",
@@ -94,6 +95,11 @@ def principal_for_key(session: Session, key: str) -> tuple[ApiKey, Tenant | None
     if api_key.role != "admin" and tenant is None:
         return None
     return api_key, tenant
+
+
+def key_is_active(session: Session, key_id: str) -> bool:
+    """Whether the key exists (deleting a tenant deletes its keys) and is not revoked."""
+    return session.scalar(select(ApiKey.id).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))) is not None
 
 
 def rotate_webhook_secret(session: Session, tenant: Tenant) -> str:

@@ -108,6 +108,11 @@ def usage_totals(
     return [totals[k] for k in sorted(totals)]
 
 
+# The days a usage report may name: no job ran before 2000, and a range must leave room for arithmetic.
+EARLIEST_DAY = date(2000, 1, 1)
+LATEST_DAY = date(9000, 12, 31)
+
+
 def default_range(today: date | None = None) -> tuple[date, date]:
     """The last 30 days, today included."""
     today = today or utcnow().date()
@@ -119,8 +124,11 @@ def parse_day(text: str | None, what: str) -> date | None:
     if text is None or text == "":
         return None
     try:
-        if len(text) == 10:
-            return date.fromisoformat(text)
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).date()
+        day = (
+            date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text.replace("Z", "+00:00")).date()
+        )
     except ValueError:
         raise ValueError(f"{what} is not a date (YYYY-MM-DD)") from None
+    if not EARLIEST_DAY <= day <= LATEST_DAY:  # date arithmetic near year 1 or 9999 overflows
+        raise ValueError(f"{what} must be between {EARLIEST_DAY} and {LATEST_DAY}")
+    return day

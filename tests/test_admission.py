@@ -5,6 +5,7 @@ creates do not wait for each other (no lock on the tenant's row across a create'
 from __future__ import annotations
 
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -43,8 +44,8 @@ def _exercise_every_transition(sessions) -> None:
     from workers.lease import claim, finish
 
     with sessions() as session:
-        tenant, _ = create_tenant(session, "counted")
-        other, _ = create_tenant(session, "other")
+        tenant, _ = create_tenant(session, f"counted-{uuid.uuid4().hex[:6]}")
+        other, _ = create_tenant(session, f"other-{uuid.uuid4().hex[:6]}")
         session.commit()
         tenant_id, other_id = tenant.id, other.id
 
@@ -61,8 +62,9 @@ def _exercise_every_transition(sessions) -> None:
         session.commit()
     check((2, 5))
     with sessions() as session:
-        gen_ids = list(session.scalars(select(Generation.id).where(Generation.status == "queued")))
-        trn_id = session.scalar(select(Training.id).where(Training.status == "queued"))
+        mine = (Generation.tenant_id == tenant_id, Generation.status == "queued")
+        gen_ids = list(session.scalars(select(Generation.id).where(*mine).order_by(Generation.id)))
+        trn_id = session.scalar(select(Training.id).where(Training.tenant_id == tenant_id, Training.status == "queued"))
     with sessions() as session:  # a worker claims one of each
         assert claim(session, Generation, gen_ids[0], "w1", 60)
         assert claim(session, Training, trn_id, "w1", 60)

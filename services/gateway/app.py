@@ -67,12 +67,14 @@ def configure_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
-def _training_snapshot(context: AppContext, training_id: str) -> dict:
+def _training_snapshot(context: AppContext, training_id: str) -> dict | None:
+    """The training's public body, or None when its row is gone (deleted, or its tenant was)."""
     from shared.db import Training
     from shared.schemas import training_public
 
     with context.sessions() as session:
-        return training_public(session.get(Training, training_id))
+        row = session.get(Training, training_id)
+        return training_public(row) if row is not None else None
 
 
 def create_app(

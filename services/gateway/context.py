@@ -71,6 +71,7 @@ class AppContext:
     _shapes: dict[str, tuple[int, int]] | None = field(default=None)
     _native_size: int | None = field(default=None)
     _autocommit: Engine | None = field(default=None)
+    _key_checks: dict[str, tuple[float, bool]] = field(default_factory=dict)
 
     def autocommit_session(self) -> Session:
         """A session whose every statement commits on its own: no BEGIN/COMMIT round trips, and a row lock taken
@@ -85,6 +86,24 @@ class AppContext:
         if self._shapes is None:
             self._load_base_model_config()
         return self._shapes or {}
+
+    def key_is_active(self, key_id: str) -> bool:
+        """Whether the API key still authenticates (not revoked; its tenant not deleted), read at most every
+        few seconds per key and process: open event streams ask this (routes/trainings.py)."""
+        import time
+
+        from shared.tenants import key_is_active
+
+        now = time.monotonic()
+        cached = self._key_checks.get(key_id)
+        if cached is not None and now - cached[0] < 2.0:
+            return cached[1]
+        with self.autocommit_session() as session:
+            active = key_is_active(session, key_id)
+        if len(self._key_checks) > 10_000:
+            self._key_checks.clear()
+        self._key_checks[key_id] = (now, active)
+        return active
 
     def native_size(self) -> int:
         if self._native_size is None:

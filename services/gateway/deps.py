@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -97,13 +98,42 @@ def authenticate(context: AppContext, key: str | None, *, charge: bool = True) -
     return principal
 
 
-def current_principal(
+def _bearer_key(request: Request) -> str | None:
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
+
+
+class AuthenticatedRoute(APIRoute):
+    """The route class of every /v1 router: the caller's key is checked, and its rate-limit token taken, before
+    FastAPI reads the request's body. (FastAPI reads and parses a body, a multipart upload included, before it
+    solves any dependency; without this an unauthenticated client could make the gateway receive and spool up to
+    KRONA_MAX_REQUEST_BYTES before its 401.) Errors raised here are answered by the app's handlers as usual."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def authenticated(request: Request) -> Response:
+            principal = await run_in_threadpool(authenticate, request.app.state.context, _bearer_key(request))
+            request.state.principal = principal
+            request.state.rate_limit = principal.rate  # RequestContext adds the RateLimit-* headers to the answer
+            return await handler(request)
+
+        return authenticated
+
+
+async def current_principal(
     request: Request,
     context: ContextDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
-    principal = authenticate(context, credentials.credentials if credentials else None)
-    request.state.rate_limit = principal.rate  # RequestContext adds the RateLimit-* headers to the answer
+    """The principal AuthenticatedRoute found (``bearer`` only documents the scheme in OpenAPI); a route of another
+    class authenticates here."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        key = credentials.credentials if credentials else None
+        principal = await run_in_threadpool(authenticate, context, key)
+        request.state.principal = principal
+        request.state.rate_limit = principal.rate
     return principal
 
 

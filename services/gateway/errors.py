@@ -85,8 +85,8 @@ def _expects_multipart(request: Request) -> bool:
 
 async def _authentication_error(request: Request) -> JSONResponse | None:
     """For a /v1 route: the 401 this request gets from authentication, or None if its key is valid."""
-    if not request.url.path.startswith("/v1/"):
-        return None
+    if not request.url.path.startswith("/v1/") or getattr(request.state, "principal", None) is not None:
+        return None  # not a /v1 route, or its key was checked before its body was read (deps.AuthenticatedRoute)
     from starlette.concurrency import run_in_threadpool
 
     from .deps import authenticate

@@ -7,6 +7,10 @@ With N followers of one training the database sees one query per interval, not N
 loop never blocks. The poller stops when its training is finished or nobody follows it any more.
 
 A tenant may hold at most ``max_streams_per_tenant`` streams in one process (429 past that).
+
+A stream ends when its training does, when the training's row is gone (``TrainingGone``: deleted, or its
+tenant was), and when its follower may no longer see it (``FollowerRefused``: ``still_allowed``, checked every
+``check_every`` seconds while nothing changes, says the key was revoked or its tenant deleted).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,11 +29,23 @@ from shared.db import TERMINAL_STATUSES
 
 log = logging.getLogger("krona.gateway.events")
 
-__all__ = ["ProgressHub", "TooManyStreams"]
+__all__ = ["FollowerRefused", "ProgressHub", "TooManyStreams", "TrainingGone"]
 
 
 class TooManyStreams(Exception):
     """The tenant already holds its maximum of event streams in this process."""
+
+
+class TrainingGone(Exception):
+    """The followed training's row no longer exists (deleted, or its tenant was)."""
+
+
+class FollowerRefused(Exception):
+    """The follower's key no longer lets it see the training (revoked, or its tenant deleted)."""
+
+
+# The snapshot a poller publishes when the row is gone.
+_GONE: dict[str, Any] = {"status": "__gone__"}
 
 
 @dataclass
@@ -42,10 +58,11 @@ class _Topic:
 
 
 class ProgressHub:
-    """Shared snapshots of followed trainings. ``load(training_id)`` returns the public body (blocking is fine)."""
+    """Shared snapshots of followed trainings. ``load(training_id)`` returns the public body, or None when the row
+    is gone (blocking is fine: it runs in the threadpool)."""
 
     def __init__(
-        self, load: Callable[[str], dict[str, Any]], *, interval: float = 0.5, max_streams_per_tenant: int = 100
+        self, load: Callable[[str], dict[str, Any] | None], *, interval: float = 0.5, max_streams_per_tenant: int = 100
     ) -> None:
         self._load = load
         self.interval = interval
@@ -69,8 +86,16 @@ class ProgressHub:
             if self._streams[tenant_id] <= 0:
                 del self._streams[tenant_id]
 
-    async def follow(self, training_id: str) -> AsyncIterator[dict[str, Any]]:
-        """Snapshots of the training as they change, ending after a terminal one."""
+    async def follow(
+        self,
+        training_id: str,
+        *,
+        still_allowed: Callable[[], Awaitable[bool]] | None = None,
+        check_every: float = 5.0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Snapshots of the training as they change, ending after a terminal one; TrainingGone when its row is
+        deleted, FollowerRefused when ``still_allowed()`` (awaited every ``check_every`` s without a change)
+        answers False."""
         topic = self._topics.get(training_id)
         if topic is None:
             topic = self._topics[training_id] = _Topic()
@@ -81,8 +106,17 @@ class ProgressHub:
         try:
             while True:
                 async with topic.changed:
-                    await topic.changed.wait_for(lambda seen=seen: topic.version != seen)
+                    changed = lambda seen=seen: topic.version != seen  # noqa: E731
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(topic.changed.wait_for(changed), timeout=check_every)
+                    fresh = changed()
                     seen, snapshot = topic.version, topic.snapshot
+                if not fresh:
+                    if still_allowed is not None and not await still_allowed():
+                        raise FollowerRefused(training_id)
+                    continue
+                if snapshot is _GONE:
+                    raise TrainingGone(training_id)
                 yield snapshot
                 if snapshot["status"] in TERMINAL_STATUSES:
                     return
@@ -101,6 +135,11 @@ class ProgressHub:
             try:
                 body = await run_in_threadpool(self._load, training_id)
                 failures = 0
+                if body is None:  # the row is gone: every follower ends
+                    async with topic.changed:
+                        topic.snapshot, topic.version = _GONE, topic.version + 1
+                        topic.changed.notify_all()
+                    return
             except Exception as exc:  # a database blip: keep the followers, try again
                 failures += 1
                 if failures == 1:

@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import IdempotencyKey, Tenant, utcnow
+from shared.db import IdempotencyKey, Tenant, is_id, utcnow
 from shared.limits import tenant_limits
 from shared.scheduler import QUEUED_COLUMN, lift_on_submit
 
@@ -31,7 +31,8 @@ IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
 def get_owned(session: Session, model, resource_id: str, tenant: Tenant, label: str):
-    row = session.get(model, resource_id)
+    """The tenant's row of ``model``; 404 for another tenant's, an unknown or a malformed id (never queried)."""
+    row = session.get(model, resource_id) if is_id(resource_id) else None
     if row is None or row.tenant_id != tenant.id:
         raise ApiError(404, f"{label}_not_found", f"no {label} {resource_id!r}")
     return row

@@ -13,6 +13,7 @@ from .models import (
     TenantService,
     Training,
     UsageRecord,
+    is_id,
     new_id,
     utcnow,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Training",
     "UsageRecord",
     "check_migrated",
+    "is_id",
     "make_engine",
     "make_session_factory",
     "new_id",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,19 @@ def utcnow() -> datetime:
 def new_id(prefix: str) -> str:
     """``trn_3f2a…``: a resource-type prefix and 24 random hex digits (96 bits)."""
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+_ID = re.compile(r"[a-z]{3}_[0-9a-f]{24}")
+
+
+def is_id(value: str, prefix: str | None = None) -> bool:
+    """Whether ``value`` has the shape of an id ``new_id`` makes (of ``prefix`` if given): checked before a client's
+    id reaches the database, so that no text (a NUL byte, say) can make a query fail."""
+    return (
+        isinstance(value, str)
+        and _ID.fullmatch(value) is not None
+        and (prefix is None or value.startswith(prefix + "_"))
+    )
 
 
 class Base(DeclarativeBase):

@@ -13,7 +13,7 @@ from shared.krona.convert import lycoris_arrays, read_safetensors_bytes, safeten
 from shared.schemas import AdapterPublic, Page, adapter_public
 from shared.storage import BlobNotFound
 
-from ..deps import AdapterId, ContextDep, CurrentTenant, SessionDep
+from ..deps import AdapterId, AuthenticatedRoute, ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import errors
@@ -28,7 +28,9 @@ from ..services.adapters import (
     store_upload,
 )
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=errors(401, 422, 503))
+router = APIRouter(
+    route_class=AuthenticatedRoute, prefix="/v1/adapters", tags=["adapters"], responses=errors(401, 422, 503)
+)
 
 
 AdapterFile = Annotated[

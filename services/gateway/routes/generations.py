@@ -13,13 +13,13 @@ from shared.db import Batch, Generation
 from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, Page, as_utc, generation_public
 from shared.storage import BlobNotFound
 
-from ..deps import BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
+from ..deps import AuthenticatedRoute, BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
 from ..errors import ApiError
 from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import ErrorResponse, errors
 from ..services import generations, retention
 
-router = APIRouter(tags=["generations"], responses=errors(401, 422, 503))
+router = APIRouter(route_class=AuthenticatedRoute, tags=["generations"], responses=errors(401, 422, 503))
 
 
 @router.post(
@@ -55,8 +55,12 @@ def list_generations(
     session: SessionDep,
     tenant: CurrentTenant,
     status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|canceled)$")] = None,
-    adapter_id: Annotated[str | None, Query(max_length=64)] = None,
-    batch_id: Annotated[str | None, Query(max_length=64)] = None,
+    adapter_id: Annotated[
+        str | None, Query(pattern="^adp_[0-9a-f]{24}$", examples=["adp_3f2a9c0d1e2b4a5f6c7d8e9f"])
+    ] = None,
+    batch_id: Annotated[
+        str | None, Query(pattern="^bat_[0-9a-f]{24}$", examples=["bat_3f2a9c0d1e2b4a5f6c7d8e9f"])
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: CursorParam = None,
 ):

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Response
 from shared.db import ApiKey
 from shared.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, Page, api_key_public
 
-from ..deps import CurrentTenant, SessionDep, _resource_id
+from ..deps import AuthenticatedRoute, ContextDep, CurrentTenant, SessionDep, _resource_id
 from ..jobs import CursorParam, created, page
 from ..openapi import ErrorResponse, errors
 from ..services import tenants
@@ -19,18 +19,24 @@ TENANT_KEY_ONLY = {
     403: {"model": ErrorResponse, "description": "an admin key: these routes take a tenant's key (tenant_key_required)"}
 }
 
-router = APIRouter(prefix="/v1/api-keys", tags=["api-keys"], responses={**errors(401, 422, 503), **TENANT_KEY_ONLY})
+router = APIRouter(
+    route_class=AuthenticatedRoute,
+    prefix="/v1/api-keys",
+    tags=["api-keys"],
+    responses={**errors(401, 422, 503), **TENANT_KEY_ONLY},
+)
 
 ApiKeyId = _resource_id("key", "API key")
 
 
-@router.post("", status_code=201, response_model=ApiKeyCreated, summary="Create an API key", responses=errors(400))
-def create_api_key(session: SessionDep, tenant: CurrentTenant, body: ApiKeyCreate | None = None):
+@router.post("", status_code=201, response_model=ApiKeyCreated, summary="Create an API key", responses=errors(400, 409))
+def create_api_key(context: ContextDep, session: SessionDep, tenant: CurrentTenant, body: ApiKeyCreate | None = None):
     """A new key for this tenant. The key itself is in this answer only: the server keeps its SHA-256.
-    Creating a key, then revoking the old one, rotates a key without downtime."""
-    return created(
-        tenants.create_key(session=session, tenant=tenant, name=body.name if body else None), 201, "api-keys"
-    )
+    Creating a key, then revoking the old one, rotates a key without downtime. 409 `api_key_limit` when the
+    tenant has its maximum of active keys (`max_api_keys`)."""
+    name = body.name if body else None
+    key = tenants.create_key(session=session, settings=context.settings, tenant=tenant, name=name)
+    return created(key, 201, "api-keys")
 
 
 @router.get("", response_model=Page[ApiKeyPublic], summary="List API keys, newest first", responses=errors(400))

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from shared.schemas import Page, TenantCreate, TenantCreated, TenantPublic, TenantUpdate, tenant_public
 
-from ..deps import ContextDep, CurrentAdmin, SessionDep, _resource_id
+from ..deps import AuthenticatedRoute, ContextDep, CurrentAdmin, SessionDep, _resource_id
 from ..jobs import CursorParam
 from ..openapi import ErrorResponse, errors
 from ..services import tenants
@@ -19,7 +19,12 @@ ADMIN_ONLY = {
     403: {"model": ErrorResponse, "description": "not an admin key (admin_key_required): krona admin create-admin-key"}
 }
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"], responses={**errors(401, 422, 503), **ADMIN_ONLY})
+router = APIRouter(
+    route_class=AuthenticatedRoute,
+    prefix="/v1/tenants",
+    tags=["tenants"],
+    responses={**errors(401, 422, 503), **ADMIN_ONLY},
+)
 
 TenantId = _resource_id("ten", "tenant")
 

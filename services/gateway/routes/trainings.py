@@ -15,9 +15,17 @@ from starlette.concurrency import run_in_threadpool
 from shared.db import TERMINAL_STATUSES, Training, utcnow
 from shared.schemas import Page, TrainingPublic, training_public
 
-from ..deps import ContextDep, CurrentTenant, IdempotencyKey, SessionDep, TrainingId
-from ..errors import ApiError
-from ..events import TooManyStreams
+from ..deps import (
+    AuthenticatedRoute,
+    ContextDep,
+    CurrentPrincipal,
+    CurrentTenant,
+    IdempotencyKey,
+    SessionDep,
+    TrainingId,
+)
+from ..errors import ApiError, error_body
+from ..events import FollowerRefused, TooManyStreams, TrainingGone
 from ..jobs import CursorParam, created, get_owned, page
 from ..openapi import errors
 from ..services import retention
@@ -30,7 +38,9 @@ from ..services.trainings import (
 )
 from ..services.trainings import create_training as create_training_service
 
-router = APIRouter(prefix="/v1/trainings", tags=["trainings"], responses=errors(401, 422, 503))
+router = APIRouter(
+    route_class=AuthenticatedRoute, prefix="/v1/trainings", tags=["trainings"], responses=errors(401, 422, 503)
+)
 
 # The form's fields, declared for FastAPI (which parses the multipart body) and so for the OpenAPI document.
 Images = Annotated[
@@ -192,13 +202,32 @@ async def _stream_slot(context: ContextDep, tenant: CurrentTenant) -> AsyncItera
 )
 async def follow_training_events(
     context: ContextDep,
+    principal: CurrentPrincipal,
     training_id: Annotated[str, Depends(_owned_training)],
     _slot: Annotated[None, Depends(_stream_slot)],
 ) -> AsyncIterable[ServerSentEvent]:
     """`event: progress` with the Training on each change of status, step or loss, then one `event: done`.
 
     Followers share one poller per training and process (services/gateway/events.py); a comment line is
-    sent every 15 s while nothing changes, so proxies keep the connection open.
+    sent every 15 s while nothing changes, so proxies keep the connection open. The stream ends with one
+    `event: error` (the error envelope) when the training is deleted (`training_not_found`) or the key that
+    opened it is revoked or its tenant deleted (`unauthorized`, checked every few seconds).
     """
-    async for body in context.progress.follow(training_id):
-        yield ServerSentEvent(event="done" if body["status"] in TERMINAL_STATUSES else "progress", data=body)
+
+    async def still_allowed() -> bool:
+        return await run_in_threadpool(context.key_is_active, principal.key_id)
+
+    try:
+        async for body in context.progress.follow(
+            training_id, still_allowed=still_allowed, check_every=STREAM_KEY_CHECK_SECONDS
+        ):
+            yield ServerSentEvent(event="done" if body["status"] in TERMINAL_STATUSES else "progress", data=body)
+    except TrainingGone:
+        yield ServerSentEvent(event="error", data=error_body("training_not_found", f"training {training_id} is gone"))
+    except FollowerRefused:
+        message = "the API key that opened this stream was revoked, or its tenant deleted"
+        yield ServerSentEvent(event="error", data=error_body("unauthorized", message))
+
+
+# How often an open stream checks that its key is still valid (while nothing else happens on it).
+STREAM_KEY_CHECK_SECONDS = 5.0

@@ -9,14 +9,14 @@ from pydantic import BaseModel, Field
 
 from shared.usage import default_range, parse_day, usage_totals
 
-from ..deps import CurrentTenant, SessionDep
+from ..deps import AuthenticatedRoute, CurrentTenant, SessionDep
 from ..errors import ApiError
 from ..openapi import errors
 
 # A calendar day, as a string: pydantic's date would also take numbers (as Unix times).
 DAY = {"pattern": r"^\d{4}-\d{2}-\d{2}$", "json_schema_extra": {"format": "date"}, "examples": ["2026-11-29"]}
 
-router = APIRouter(prefix="/v1/usage", tags=["usage"], responses=errors(401, 422, 503))
+router = APIRouter(route_class=AuthenticatedRoute, prefix="/v1/usage", tags=["usage"], responses=errors(401, 422, 503))
 
 
 class UsagePeriod(BaseModel):

@@ -8,10 +8,12 @@ from pydantic import BaseModel, Field
 from shared.tenants import rotate_webhook_secret as rotate_secret
 from shared.webhooks import SIGNATURE_HEADER
 
-from ..deps import CurrentTenant, SessionDep
+from ..deps import AuthenticatedRoute, CurrentTenant, SessionDep
 from ..openapi import errors
 
-router = APIRouter(prefix="/v1/webhook-secret", tags=["webhooks"], responses=errors(401, 422, 503))
+router = APIRouter(
+    route_class=AuthenticatedRoute, prefix="/v1/webhook-secret", tags=["webhooks"], responses=errors(401, 422, 503)
+)
 
 
 class WebhookSecret(BaseModel):

@@ -10,11 +10,12 @@ from functools import partial
 from typing import Any
 
 from fastapi import UploadFile
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import Adapter, Tenant, Training, new_id, utcnow
+from shared.db import ACTIVE_STATUSES, Adapter, Tenant, Training, new_id, utcnow
 from shared.krona.convert import adapter_bytes, max_tensors_for, native_arrays_from_upload, read_safetensors_bytes
+from shared.limits import tenant_limits
 from shared.queue import EVALUATE_TASK
 from shared.schemas import adapter_public
 from shared.settings import Settings
@@ -54,10 +55,33 @@ def _convert_upload(context: AppContext, data: bytes, label: str):
     return stored, native, config
 
 
+def check_adapter_room(session: Session, settings: Settings, tenant: Tenant) -> None:
+    """409 ``adapter_limit`` when the tenant's adapters, with its trainings that will make one (queued or running),
+    reach its ``max_adapters``. Counted without a lock: racing creates can pass it by the few in flight."""
+    cap = tenant_limits(settings, tenant.limits).max_adapters
+    adapters = session.scalar(select(func.count()).select_from(Adapter).where(Adapter.tenant_id == tenant.id))
+    coming = session.scalar(
+        select(func.count())
+        .select_from(Training)
+        .where(Training.tenant_id == tenant.id, Training.status.in_(ACTIVE_STATUSES))
+    )
+    session.rollback()  # no connection held across what follows (decoding, storage)
+    if adapters + coming >= cap:
+        raise ApiError(
+            409,
+            "adapter_limit",
+            f"this tenant has {adapters} adapters and {coming} trainings under way, the most it may have is {cap}; "
+            "delete adapters it no longer needs (DELETE /v1/adapters/{id})",
+            {"adapters": adapters, "trainings_active": coming, "limit": cap},
+        )
+
+
 def store_upload(
     *, context: AppContext, session: Session, tenant: Tenant, data: bytes, label: str | None, name: str | None
 ) -> dict[str, Any]:
-    """Convert, store and record an uploaded adapter; the new Adapter's public body (422/503 otherwise)."""
+    """Convert, store and record an uploaded adapter; the new Adapter's public body (409 adapter_limit, 422, 503
+    otherwise)."""
+    check_adapter_room(session, context.settings, tenant)
     try:
         stored, native, config = _convert_upload(context, data, label or "file")
     except ValueError as exc:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import ApiKey, Tenant, utcnow
-from shared.limits import LimitOverrides
+from shared.db import ApiKey, Tenant, is_id, utcnow
+from shared.limits import LimitOverrides, tenant_limits
 from shared.schemas import TenantCreate, TenantUpdate, api_key_public, tenant_public
 from shared.settings import Settings
 from shared.storage import Storage
@@ -43,8 +43,25 @@ DEFAULT_WEIGHT = 1.0
 # A tenant's own keys ------------------------------------------------------------------------------------
 
 
-def create_key(*, session: Session, tenant: Tenant, name: str | None) -> dict[str, Any]:
-    """A new key for ``tenant``, committed; its public body with the key itself (shown this once)."""
+def create_key(*, session: Session, settings: Settings, tenant: Tenant, name: str | None) -> dict[str, Any]:
+    """A new key for ``tenant``, committed; its public body with the key itself (shown this once). 409
+    ``api_key_limit`` when the tenant has its maximum of active keys (the tenant's row is locked meanwhile, so
+    concurrent creates cannot pass the cap together): each key has its own rate-limit bucket, so the cap also
+    bounds a tenant's total request rate to keys x rate."""
+    cap = tenant_limits(settings, tenant.limits).max_api_keys
+    session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+    active = session.scalar(
+        select(func.count()).select_from(ApiKey).where(ApiKey.tenant_id == tenant.id, ApiKey.revoked_at.is_(None))
+    )
+    if active >= cap:
+        session.rollback()
+        raise ApiError(
+            409,
+            "api_key_limit",
+            f"this tenant has {active} active API keys, the most it may have ({cap}); revoke one first "
+            "(DELETE /v1/api-keys/{id})",
+            {"active": active, "limit": cap},
+        )
     key, row = new_api_key(session, tenant, name=name)
     session.commit()
     return api_key_public(row, key)
@@ -56,7 +73,7 @@ def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str) -> bool:
     Idempotent: a revoked key stays revoked at its first time. Returns whether this call revoked it. The next
     request with the key is refused: authentication reads the key's row on every request.
     """
-    row = session.get(ApiKey, key_id)
+    row = session.get(ApiKey, key_id) if is_id(key_id, "key") else None
     if row is None or (tenant is not None and row.tenant_id != tenant.id):
         raise ApiError(404, "api_key_not_found", f"no API key {key_id!r}")
     revoked = session.execute(
@@ -73,7 +90,7 @@ def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str) -> bool:
 
 
 def get_tenant(*, session: Session, tenant_id: str) -> Tenant:
-    tenant = session.get(Tenant, tenant_id)
+    tenant = session.get(Tenant, tenant_id) if is_id(tenant_id, "ten") else None
     if tenant is None:
         raise ApiError(404, "tenant_not_found", f"no tenant {tenant_id!r}")
     return tenant
@@ -81,7 +98,10 @@ def get_tenant(*, session: Session, tenant_id: str) -> Tenant:
 
 def find_tenant(session: Session, name_or_id: str) -> Tenant:
     """The tenant with this id or name (the CLI's TENANT argument); ValueError if there is none."""
-    tenant = session.get(Tenant, name_or_id) or session.scalar(select(Tenant).where(Tenant.name == name_or_id))
+    if "\x00" in name_or_id:
+        raise ValueError(f"no tenant {name_or_id!r}")
+    by_id = session.get(Tenant, name_or_id) if is_id(name_or_id, "ten") else None
+    tenant = by_id or session.scalar(select(Tenant).where(Tenant.name == name_or_id))
     if tenant is None:
         raise ValueError(f"no tenant {name_or_id!r} (give its name or its ten_… id; krona admin list-tenants)")
     return tenant

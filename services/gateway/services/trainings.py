@@ -26,6 +26,7 @@ from shared.images import (
     validate_image,
 )
 from shared.krona.config import check_factors_fit_shapes
+from shared.limits import TenantLimits, tenant_limits
 from shared.models.shapes import select_targets
 from shared.queue import TRAIN_TASK
 from shared.scheduler import training_cost
@@ -37,6 +38,7 @@ from shared.webhooks import check_webhook_url
 from ..context import AppContext
 from ..errors import ApiError
 from ..jobs import admission, commit_created, enqueue, replay, request_hash
+from .adapters import check_adapter_room
 
 __all__ = [
     "CLIENT_PARAMS",
@@ -162,6 +164,38 @@ async def read_uploads(settings: Settings, uploads: list[UploadFile]) -> list[tu
     return files
 
 
+def check_training_limits(spec: TrainingSpec, *, steps: int, resolution: int, limits: TenantLimits) -> float:
+    """The training's cost (shared/scheduler.py: training_cost), after checking it and the parameters that make it
+    against the tenant's limits: 422 ``invalid_params`` naming the limit, or ``compute_limit`` over the cost cap."""
+    bounds = (
+        ("resolution", resolution, limits.max_train_resolution, "max_train_resolution"),
+        ("gradient_accumulation", spec.gradient_accumulation, limits.max_gradient_accumulation,
+         "max_gradient_accumulation"),
+    )  # fmt: skip
+    if spec.prior_preservation:
+        bounds += (("num_class_images", spec.num_class_images, limits.max_class_images, "max_class_images"),)
+    for name, value, limit, setting in bounds:
+        if value > limit:
+            raise ApiError(
+                422,
+                "invalid_params",
+                f"{name} = {value} is over this tenant's limit of {limit} ({setting})",
+                {"param": name, "value": value, "limit": limit},
+            )
+    cost = training_cost(spec, steps=steps, resolution=resolution)
+    if cost > limits.max_training_compute:
+        raise ApiError(
+            422,
+            "compute_limit",
+            f"this training costs {cost:,.0f} units (64x64 denoising steps: steps x batch_size x "
+            f"gradient_accumulation x 1.5, plus class, validation and evaluation images, scaled by the "
+            f"resolution's area), over this tenant's limit of {limits.max_training_compute:,}; ask for fewer "
+            "steps, a smaller gradient_accumulation or resolution, or fewer class images",
+            {"cost": round(cost), "limit": limits.max_training_compute},
+        )
+    return cost
+
+
 def decode_uploaded_images(settings: Settings, files: list[tuple[str, bytes]]) -> list[tuple[bytes, str]]:
     """(bytes, extension) of each uploaded photo, checked as the trainer will decode it (shared/images.py: the
     structure and size on the bytes before any pixel is decoded, then a decode in one of the process's decode
@@ -201,7 +235,15 @@ def create_training(
     """
     settings = context.settings
     spec, webhook_url, name = submitted.spec, submitted.webhook_url, submitted.name
-    # Everything below reads or checks; nothing is written until all of it passed.
+    # Everything below reads or checks, the cheap checks first; nothing is written until all of it passed.
+    total_steps = spec.steps or settings.default_train_steps or spec.resolved_steps(False)
+    cost = check_training_limits(
+        spec,
+        steps=total_steps,
+        resolution=spec.resolution or context.native_size(),
+        limits=tenant_limits(settings, tenant.limits),
+    )
+    check_adapter_room(session, settings, tenant)
     images = decode_uploaded_images(settings, submitted.files)
     try:
         check_factors_fit_shapes(select_targets(context.base_model_shapes(), spec.target_modules), spec.krona_config())
@@ -233,7 +275,6 @@ def create_training(
         with contextlib.suppress(Exception):  # storage is down: the cleanup may fail too; the 503 must not
             context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
         raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
-    total_steps = spec.steps or settings.default_train_steps or spec.resolved_steps(False)
     row = Training(
         id=training_id,
         tenant_id=tenant.id,
@@ -243,7 +284,7 @@ def create_training(
         params={k: v for k, v in spec.to_dict().items() if k in CLIENT_PARAMS or k == "steps"} | {"steps": total_steps},
         image_keys=keys,
         total_steps=total_steps,
-        cost=training_cost(total_steps, spec.resolution or context.native_size()),
+        cost=cost,
         webhook_url=webhook_url,
         webhook_state="waiting" if webhook_url else None,
         enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
