@@ -21,14 +21,14 @@ not necessarily its own).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import Generation, Tenant, TenantService, Training, utcnow
+from shared.db import Evaluation, Generation, Tenant, TenantService, Training, utcnow
 from shared.limits import tenant_limits
 
 if TYPE_CHECKING:
@@ -37,20 +37,24 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COST_UNIT_PIXELS",
+    "MODELS_OF_QUEUE",
     "QUEUED_COLUMN",
     "QUEUE_OF",
     "Candidate",
     "charge",
     "evaluation_cost",
     "generation_cost",
+    "is_backlogged",
     "lift_on_submit",
     "pick",
     "training_cost",
 ]
 
 COST_UNIT_PIXELS = 64 * 64
-# The scheduler's queue of each job model (the Celery queue of the same name serves it).
-QUEUE_OF = {Training: "train", Generation: "infer"}
+# The scheduler's queue of each job model (the Celery queue of the same name serves it), and the models of each
+# queue: a train worker takes trainings and evaluations in one fair order.
+QUEUE_OF = {Training: "train", Evaluation: "train", Generation: "infer"}
+MODELS_OF_QUEUE = {"train": (Training, Evaluation), "infer": (Generation,)}
 
 
 def generation_cost(width: int, height: int, steps: int, num_images: int) -> float:
@@ -101,14 +105,19 @@ def _ensure_counter(session: Session, tenant_id: str, queue: str, start: float) 
 
 
 # The tenants column that counts a model's queued jobs (kept by triggers: migrations/versions/0007_*.py).
-QUEUED_COLUMN = {Training: Tenant.queued_trainings, Generation: Tenant.queued_generations}
+QUEUED_COLUMN = {
+    Training: Tenant.queued_trainings,
+    Evaluation: Tenant.queued_evaluations,
+    Generation: Tenant.queued_generations,
+}
 
 
 def _floor(session: Session, model, queue: str, tenant_id: str) -> float | None:
     """Where a tenant that had nothing queued starts: the smallest counter among the other tenants with queued
     jobs; when none wait, the largest counter of the queue (S-LoRA's "last client to leave": whoever was
     served last is level with the newcomer). None when the queue has no counters yet."""
-    waiting = select(Tenant.id).where(QUEUED_COLUMN[model] > 0, Tenant.id != tenant_id)
+    queued = or_(*(QUEUED_COLUMN[m] > 0 for m in MODELS_OF_QUEUE[queue]))
+    waiting = select(Tenant.id).where(queued, Tenant.id != tenant_id)
     floor = session.scalar(
         select(func.min(TenantService.counter)).where(
             TenantService.queue == queue, TenantService.tenant_id.in_(waiting)
@@ -123,13 +132,19 @@ def _floor(session: Session, model, queue: str, tenant_id: str) -> float | None:
     return floor
 
 
+def is_backlogged(tenant: Tenant, model) -> bool:
+    """Whether the tenant has queued jobs in ``model``'s queue (its counters, kept by the database)."""
+    return any(getattr(tenant, QUEUED_COLUMN[m].key) > 0 for m in MODELS_OF_QUEUE[QUEUE_OF[model]])
+
+
 def lift_on_submit(session: Session, model, tenant_id: str, *, backlogged: bool | None = None) -> None:
     """Call before adding a tenant's new jobs. A tenant with nothing queued is lifted to the floor (``_floor``);
     a backlogged tenant keeps its counter. ``backlogged``: what the caller read of the tenant's queued counter
     (the gateway has the tenant's row from authentication), else it is read here. The gateway runs it in an
     autocommit session of its own, so that the counter's row is not locked across the create's transaction."""
     if backlogged is None:
-        backlogged = bool(session.scalar(select(QUEUED_COLUMN[model]).where(Tenant.id == tenant_id)))
+        row = session.execute(select(Tenant).where(Tenant.id == tenant_id)).scalar_one_or_none()
+        backlogged = row is not None and is_backlogged(row, model)
     if backlogged:
         return
     queue = QUEUE_OF[model]
@@ -162,20 +177,42 @@ class Candidate:
     tenant_id: str
     cost: float
     weight: float
+    model: type = Generation
+
+
+def _job_filters(model, filters: Filters) -> tuple:
+    return tuple(filters(model) if callable(filters) else filters)
+
+
+Filters = Sequence | Callable
 
 
 def pick(
-    session: Session, model, settings: Settings, *, filters: Sequence = (), skip_tenants: frozenset[str] = frozenset()
+    session: Session,
+    models,
+    settings: Settings,
+    *,
+    filters: Filters = (),
+    skip_tenants: frozenset[str] = frozenset(),
 ) -> Candidate | None:
     """The next job to serve: the oldest queued job (matching ``filters``) of the tenant with the smallest
-    counter, among tenants below their running-jobs cap. None when nothing is eligible."""
-    queue = QUEUE_OF[model]
-    waiting = session.execute(
-        select(model.tenant_id, func.min(model.created_at))
-        .where(model.status == "queued", *filters)
-        .group_by(model.tenant_id)
-    ).all()
-    oldest = {tenant_id: created for tenant_id, created in waiting if tenant_id not in skip_tenants}
+    counter, among tenants below their running-jobs cap. None when nothing is eligible.
+
+    ``models``: a job model, or the models one queue serves (the train queue: ``MODELS_OF_QUEUE["train"]``,
+    trainings and evaluations, which share the tenant's counter and running cap); ``filters``: conditions on
+    the job's row, or a function of the model that returns them."""
+    models = tuple(models) if isinstance(models, tuple | list) else (models,)
+    queue = QUEUE_OF[models[0]]
+    oldest: dict[str, object] = {}
+    for model in models:
+        waiting = session.execute(
+            select(model.tenant_id, func.min(model.created_at))
+            .where(model.status == "queued", *_job_filters(model, filters))
+            .group_by(model.tenant_id)
+        ).all()
+        for tenant_id, created in waiting:
+            if tenant_id not in skip_tenants and (tenant_id not in oldest or created < oldest[tenant_id]):
+                oldest[tenant_id] = created
     if not oldest:
         return None
     tenants = {
@@ -185,13 +222,14 @@ def pick(
     caps = {t: tenant_limits(settings, (tenants[t].limits if t in tenants else None)).max_running_jobs for t in oldest}
     capped = [t for t, cap in caps.items() if cap > 0]
     if capped:
-        running = dict(
-            session.execute(
+        running: dict[str, int] = {}
+        for model in models:
+            for tenant_id, count in session.execute(
                 select(model.tenant_id, func.count())
                 .where(model.status == "running", model.tenant_id.in_(capped))
                 .group_by(model.tenant_id)
-            ).all()
-        )
+            ).all():
+                running[tenant_id] = running.get(tenant_id, 0) + count
         for tenant_id in capped:
             if running.get(tenant_id, 0) >= caps[tenant_id]:
                 del oldest[tenant_id]
@@ -207,13 +245,18 @@ def pick(
     floor = min(counters.values(), default=0.0)
     # A tenant without a counter row (jobs from before the scheduler) counts as level with the smallest.
     tenant_id = min(oldest, key=lambda t: (counters.get(t, floor), oldest[t], t))
-    job = session.execute(
-        select(model.id, model.cost)
-        .where(model.status == "queued", model.tenant_id == tenant_id, *filters)
-        .order_by(model.created_at, model.id)
-        .limit(1)
-    ).first()
-    if job is None:  # taken meanwhile
+    jobs = []
+    for model in models:
+        job = session.execute(
+            select(model.id, model.cost, model.created_at)
+            .where(model.status == "queued", model.tenant_id == tenant_id, *_job_filters(model, filters))
+            .order_by(model.created_at, model.id)
+            .limit(1)
+        ).first()
+        if job is not None:
+            jobs.append((job.created_at, job.id, job.cost, model))
+    if not jobs:  # taken meanwhile
         return None
+    _, job_id, cost, model = min(jobs, key=lambda j: (j[0], j[1]))
     weight = tenants[tenant_id].weight if tenant_id in tenants else 1.0
-    return Candidate(job.id, tenant_id, float(job.cost or 0.0), float(weight or 1.0))
+    return Candidate(job_id, tenant_id, float(cost or 0.0), float(weight or 1.0), model)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from shared.limits import LimitOverrides
 
 if TYPE_CHECKING:
-    from shared.db import Adapter, ApiKey, Generation, Tenant, Training
+    from shared.db import Adapter, ApiKey, Evaluation, Generation, Tenant, Training
     from shared.settings import Settings
 
 T = TypeVar("T")
@@ -93,7 +93,8 @@ class EvaluationModels(BaseModel):
 class AdapterEvaluation(BaseModel):
     """The adapter's scores (DreamBooth's metrics, shared/eval) and the state of the job that computes them."""
 
-    status: Literal["queued", "running", "succeeded", "failed"]
+    id: str | None = Field(None, description="the evaluation's id", examples=["evl_3f2a9c0d1e2b4a5f6c7d8e9f"])
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
     clip_i: float | None = Field(None, description="CLIP image similarity, generated vs the subject's photos")
     clip_t: float | None = Field(None, description="CLIP similarity of the generated images and their prompts")
     dino: float | None = Field(None, description="DINO ViT-S/16 similarity, generated vs the subject's photos")
@@ -324,7 +325,8 @@ def training_public(row: Training) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
-def adapter_public(row: Adapter) -> dict[str, Any]:
+def adapter_public(row: Adapter, evaluation: Evaluation | None = None) -> dict[str, Any]:
+    """The Adapter, with its latest evaluation (``latest_evaluations``) if it has one."""
     config = row.config
     return AdapterPublic(
         id=row.id,
@@ -336,16 +338,52 @@ def adapter_public(row: Adapter) -> dict[str, Any]:
         sha256=row.sha256,
         training_id=row.training_id,
         created_at=as_utc(row.created_at),
-        evaluation=evaluation_public(row.evaluation),
+        evaluation=evaluation_public(evaluation) if evaluation is not None else None,
     ).model_dump(mode="json")
 
 
-def evaluation_public(stored: dict[str, Any] | None) -> AdapterEvaluation | None:
-    """The public part of ``adapters.evaluation`` (the worker's lease and the reference image keys stay inside)."""
-    if not stored:
-        return None
-    public = {name: stored.get(name) for name in AdapterEvaluation.model_fields if name in stored}
-    return AdapterEvaluation.model_validate(public)
+def evaluation_public(row: Evaluation) -> AdapterEvaluation:
+    """The public part of an evaluation's row (its lease and the reference photos' keys stay inside)."""
+    params, scores = row.params or {}, row.scores or {}
+    return AdapterEvaluation(
+        id=row.id,
+        status=row.status,
+        clip_i=scores.get("clip_i"),
+        clip_t=scores.get("clip_t"),
+        dino=scores.get("dino"),
+        prompts=params.get("prompts") or 0,
+        images_per_prompt=params.get("images_per_prompt") or 0,
+        steps=params.get("steps") or 0,
+        class_noun=params.get("class_noun") or "",
+        identifier=params.get("identifier") or "",
+        reference_images=params.get("reference_images") or 0,
+        models=params.get("models") or {"clip": "", "dino": ""},
+        error=_error(row),
+        requested_at=as_utc(row.created_at),
+        finished_at=as_utc(row.finished_at),
+    )
+
+
+def latest_evaluations(session, adapter_ids: list[str]) -> dict[str, Evaluation]:
+    """The newest evaluation of each of these adapters that has one: one query for a page of adapters."""
+    from sqlalchemy import func, select
+
+    from shared.db import Evaluation
+
+    if not adapter_ids:
+        return {}
+    newest = (
+        select(
+            Evaluation.id,
+            func.row_number()
+            .over(partition_by=Evaluation.adapter_id, order_by=(Evaluation.created_at.desc(), Evaluation.id.desc()))
+            .label("rank"),
+        )
+        .where(Evaluation.adapter_id.in_(adapter_ids))
+        .subquery()
+    )
+    rows = session.scalars(select(Evaluation).join(newest, newest.c.id == Evaluation.id).where(newest.c.rank == 1))
+    return {row.adapter_id: row for row in rows}
 
 
 def generation_public(row: Generation, public_url: str) -> dict[str, Any]:

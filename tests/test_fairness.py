@@ -34,11 +34,12 @@ def _cancel_leftovers(url: str) -> None:
     """The session's PostgreSQL holds other tests' queued jobs: they would compete (as other tenants do)."""
     from sqlalchemy import update
 
-    from shared.db import Generation, make_engine, make_session_factory
+    from shared.db import Evaluation, Generation, Training, make_engine, make_session_factory
 
     engine = make_engine(url)
     with make_session_factory(engine)() as session:
-        session.execute(update(Generation).where(Generation.status == "queued").values(status="canceled"))
+        for model in (Generation, Training, Evaluation):
+            session.execute(update(model).where(model.status == "queued").values(status="canceled"))
         session.commit()
     engine.dispose()
 
@@ -261,3 +262,71 @@ def test_on_the_embedded_stack_a_single_request_does_not_wait_behind_a_batch_of_
         assert sum(u["jobs"] for u in usage_b) == 7 and all(u["worker_seconds"] > 0 for u in usage_a + usage_b)
     finally:
         up.stop()
+
+
+def _adapter(sessions, tenant_id: str) -> str:
+    from shared.db import Adapter, new_id
+
+    with sessions() as session:
+        adapter_id = new_id("adp")
+        session.add(Adapter(id=adapter_id, tenant_id=tenant_id, base_model="tiny-sd", config={}, num_parameters=1,
+                            size_bytes=1, sha256="0" * 64, storage_key=f"{adapter_id}.safetensors"))  # fmt: skip
+        session.commit()
+        return adapter_id
+
+
+def _submit_train_queue(sessions, tenant_id: str, model, count: int, cost: float = 1000.0) -> list[str]:
+    """Queued trainings or evaluations, added as the gateway adds them."""
+    from shared.db import Evaluation, Training, new_id
+    from shared.scheduler import lift_on_submit
+
+    adapter_id = _adapter(sessions, tenant_id) if model is Evaluation else None
+    with sessions() as session:
+        lift_on_submit(session, model, tenant_id)
+        ids = []
+        for _ in range(count):
+            if model is Evaluation:
+                row = Evaluation(id=new_id("evl"), tenant_id=tenant_id, adapter_id=adapter_id, base_model="tiny-sd",
+                                 params={}, reference_keys=[], cost=cost)  # fmt: skip
+            else:
+                row = Training(id=new_id("trn"), tenant_id=tenant_id, base_model="tiny-sd", instance_prompt="p",
+                               image_keys=[], total_steps=10, cost=cost)  # fmt: skip
+            session.add(row)
+            ids.append(row.id)
+        session.commit()
+        return ids
+
+
+def test_the_train_queue_takes_trainings_and_evaluations_in_one_fair_order(db):
+    """Issue 19: evaluations ran in message order outside the scheduler, so another tenant's training waited behind
+    all of them. Now a train worker takes the queue's fairest job of either kind, and both charge the counter."""
+    from shared.db import Evaluation, Training
+    from shared.scheduler import MODELS_OF_QUEUE
+    from workers.lease import claim_next_job
+
+    sessions, settings = db
+    spammer, other = _tenant(sessions), _tenant(sessions)
+    evaluations = _submit_train_queue(sessions, spammer, Evaluation, 20)
+    (training,) = _submit_train_queue(sessions, other, Training, 1)
+    order = []
+    with sessions() as session:
+        for i in range(4):
+            claimed = claim_next_job(session, MODELS_OF_QUEUE["train"], settings, f"w{i}", 60)
+            order.append(claimed)
+    assert (Training, training) in order[:2], order
+    assert [job for model, job in order if model is Evaluation] == evaluations[:3]
+
+
+def test_the_running_cap_counts_trainings_and_evaluations_together(db):
+    from shared.db import Evaluation, Training
+    from shared.scheduler import MODELS_OF_QUEUE
+    from workers.lease import claim_next_job
+
+    sessions, settings = db
+    capped = _tenant(sessions, max_running_jobs=1)
+    _submit_train_queue(sessions, capped, Evaluation, 1)
+    _submit_train_queue(sessions, capped, Training, 1)
+    with sessions() as session:
+        first = claim_next_job(session, MODELS_OF_QUEUE["train"], settings, "w1", 60)
+        second = claim_next_job(session, MODELS_OF_QUEUE["train"], settings, "w2", 60)
+    assert first is not None and first[0] is Evaluation and second is None

@@ -11,7 +11,7 @@ from datetime import timedelta
 from api_helpers import image_files, png
 from sqlalchemy import update
 
-from shared.db import Adapter, Batch, Generation, Training, utcnow
+from shared.db import Adapter, Batch, Evaluation, Generation, Training, utcnow
 from shared.tenants import tenant_for_key
 from workers.retention import expire_generation_images, purge_training_inputs, run_retention, sweep_storage
 from workers.runtime import Runtime
@@ -226,11 +226,17 @@ def test_sweep_deletes_old_orphans_and_leaves_young_and_referenced_blobs(api):
     live_training = _finished_training(api, "queued")
     with api.context.sessions() as session:
         adapter_key = f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa.safetensors"
-        evaluation_key = f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa/evaluation/evl_1/00.png"
+        evaluation_id = "evl_111111111111111111111111"
+        evaluation_key = f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa/evaluation/{evaluation_id}/00.png"
         session.add(Adapter(id="adp_aaaaaaaaaaaaaaaaaaaaaaaa", tenant_id=tenant_id, base_model="tiny-sd",
                             config={"a1": 64, "a2": 8}, num_parameters=1, size_bytes=1, sha256="0" * 64,
-                            storage_key=adapter_key,
-                            evaluation={"status": "queued", "reference_keys": [evaluation_key]}))  # fmt: skip
+                            storage_key=adapter_key))  # fmt: skip
+        session.flush()
+        session.add(Evaluation(id=evaluation_id, tenant_id=tenant_id, adapter_id="adp_aaaaaaaaaaaaaaaaaaaaaaaa",
+                               base_model="tiny-sd", params={}, reference_keys=[evaluation_key]))  # fmt: skip
+        session.add(Evaluation(id="evl_000000000000000000000000", tenant_id=tenant_id, status="succeeded",
+                               adapter_id="adp_aaaaaaaaaaaaaaaaaaaaaaaa", base_model="tiny-sd", params={},
+                               reference_keys=[]))  # fmt: skip
         session.commit()
     orphans = [
         "tenants/ten_000000000000000000000000/adapters/adp_bbbbbbbbbbbbbbbbbbbbbbbb.safetensors",  # tenant gone
@@ -239,8 +245,9 @@ def test_sweep_deletes_old_orphans_and_leaves_young_and_referenced_blobs(api):
         f"tenants/{tenant_id}/generations/{kept_generation.id}/9.png",  # its row does not name it
         f"tenants/{tenant_id}/adapters/adp_cccccccccccccccccccccccc.safetensors",  # adapter gone
         "tmp/0123456789abcdef0123456789abcdef/tenants/x/adapters/a.safetensors",  # an abandoned upload
-        f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa/evaluation/evl_0/00.png",  # an ended request's
-        f"tenants/{tenant_id}/adapters/adp_cccccccccccccccccccccccc/evaluation/evl_1/00.png",  # adapter gone
+        # an ended evaluation's, and one whose row (its adapter) is gone
+        f"tenants/{tenant_id}/adapters/adp_aaaaaaaaaaaaaaaaaaaaaaaa/evaluation/evl_000000000000000000000000/00.png",
+        f"tenants/{tenant_id}/adapters/adp_cccccccccccccccccccccccc/evaluation/evl_222222222222222222222222/00.png",
     ]
     young = [f"tenants/{tenant_id}/trainings/trn_111111111111111111111111/images/00.png", "tmp/ffff/x.bin"]
     unknown = f"tenants/{tenant_id}/notes.txt"

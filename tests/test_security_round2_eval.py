@@ -4,8 +4,8 @@
   substituted into the DreamBooth templates, written to a prompt file and formatted a second time, so an
   identifier ``{class_noun:>400000000}`` made the train worker build a 400 MB string (100 characters could ask
   for 40 GB). They are now substituted once, literally: bounded time and memory, the literal text in the prompt.
-- The uploaded reference images of an evaluation are deleted on every path that ends it (given up, found ended,
-  lease lost, adapter deleted), and left to the worker that took the lease over while it still runs.
+- The uploaded reference images of an evaluation are deleted on every path that ends it (succeeded, failed, given
+  up, adapter deleted), and left to the worker that took the lease over while it still runs.
 """
 
 from __future__ import annotations
@@ -136,22 +136,23 @@ def test_trusted_templates_keep_their_rules():
     assert evaluation_prompts(["{identifier} {class_noun}"], identifier="sks", class_noun="dog")[0].prompt == "sks dog"
 
 
-# Reference images: who deletes them -----------------------------------------------------------------------
+# Reference images: who deletes them, and evaluations as jobs of the train queue ---------------------------
 
 
 @pytest.fixture
 def evaluation(api):
-    """An adapter whose evaluation is queued with two reference images in storage; (runtime, adapter id, keys)."""
-    from shared.db import Adapter, new_id, utcnow
+    """An adapter with a queued evaluation (a row of ``evaluations``) and two reference images in storage;
+    (runtime, evaluation id, keys, adapter id)."""
+    from shared.db import Adapter, Evaluation, new_id, utcnow
     from shared.tenants import tenant_for_key
     from workers.runtime import Runtime
 
     storage = api.context.storage
     with api.context.sessions() as session:
         tenant = tenant_for_key(session, api.keys["acme"])
-        adapter_id = new_id("adp")
+        adapter_id, evaluation_id = new_id("adp"), new_id("evl")
         prefix = f"tenants/{tenant.id}/adapters/{adapter_id}"
-        keys = [f"{prefix}/evaluation/evl_test/{i:02d}.png" for i in range(2)]
+        keys = [f"{prefix}/evaluation/{evaluation_id}/{i:02d}.png" for i in range(2)]
         state = EvaluationRequest(class_noun="dog").initial_state(
             instance_prompt="a photo of sks dog",
             clip_model="tiny-clip",
@@ -162,7 +163,16 @@ def evaluation(api):
         session.add(
             Adapter(
                 id=adapter_id, tenant_id=tenant.id, base_model="tiny-sd", config={}, num_parameters=1, size_bytes=1,
-                sha256="0" * 64, storage_key=f"{prefix}.safetensors", evaluation={**state, "reference_keys": keys},
+                sha256="0" * 64, storage_key=f"{prefix}.safetensors",
+            )
+        )  # fmt: skip
+        session.flush()
+        params = {k: state[k] for k in ("prompts", "images_per_prompt", "steps", "class_noun", "identifier", "models",
+                                        "reference_images")}  # fmt: skip
+        session.add(
+            Evaluation(
+                id=evaluation_id, tenant_id=tenant.id, adapter_id=adapter_id, base_model="tiny-sd", params=params,
+                reference_keys=keys, cost=10.0, enqueued_at=utcnow(),
             )
         )  # fmt: skip
         session.commit()
@@ -170,23 +180,26 @@ def evaluation(api):
     for i, key in enumerate(keys):
         storage.put_bytes(key, png(i))
     rt = Runtime(settings=api.context.settings, sessions=api.context.sessions, storage=storage, owner="test")
-    return rt, adapter_id, keys
+    return rt, evaluation_id, keys, adapter_id
 
 
-def _state(rt, adapter_id):
-    from shared.db import Adapter
-
-    with rt.sessions() as session:
-        row = session.get(Adapter, adapter_id)
-        return None if row is None else dict(row.evaluation or {})
-
-
-def _set_state(rt, adapter_id, **changes):
-    from shared.db import Adapter
+def _row(rt, evaluation_id):
+    from shared.db import Evaluation
 
     with rt.sessions() as session:
-        row = session.get(Adapter, adapter_id)
-        row.evaluation = {**row.evaluation, **changes}
+        row = session.get(Evaluation, evaluation_id)
+        if row is not None:
+            session.expunge(row)
+        return row
+
+
+def _update(rt, evaluation_id, **values):
+    from sqlalchemy import update
+
+    from shared.db import Evaluation
+
+    with rt.sessions() as session:
+        session.execute(update(Evaluation).where(Evaluation.id == evaluation_id).values(**values))
         session.commit()
 
 
@@ -194,140 +207,120 @@ def _stored(rt, keys):
     return [key for key in keys if rt.storage.exists(key)]
 
 
-def test_an_evaluation_given_up_after_its_attempts_deletes_its_images(evaluation):
-    from workers.evaluation import run_evaluation_job
-    from workers.lease import MAX_ATTEMPTS
+def _claimed_by(rt, evaluation_id, owner="test"):
+    from shared.db import Evaluation
+    from workers.lease import claim
 
-    rt, adapter_id, keys = evaluation
-    _set_state(rt, adapter_id, attempts=MAX_ATTEMPTS)
-    assert run_evaluation_job(rt, adapter_id) == "skipped"
-    state = _state(rt, adapter_id)
-    assert state["status"] == "failed" and "gave up" in state["error"]["message"]
-    assert "reference_keys" not in state and "lease_owner" not in state
-    assert _stored(rt, keys) == []
+    with rt.sessions() as session:
+        assert claim(session, Evaluation, evaluation_id, owner, 60)
 
 
-def test_an_ended_evaluation_still_listing_images_deletes_them_when_its_message_comes_again(evaluation):
-    from workers.evaluation import run_evaluation_job
-
-    rt, adapter_id, keys = evaluation
-    _set_state(rt, adapter_id, status="failed")  # as the give-up path of the previous version left it
-    assert run_evaluation_job(rt, adapter_id) == "skipped"
-    assert "reference_keys" not in _state(rt, adapter_id) and _stored(rt, keys) == []
-
-
-def test_a_repeated_message_while_another_worker_runs_it_leaves_the_images(evaluation):
-    from shared.db import utcnow
-    from workers.evaluation import run_evaluation_job
-
-    rt, adapter_id, keys = evaluation
-    live = (utcnow() + timedelta(hours=1)).isoformat()
-    _set_state(rt, adapter_id, status="running", lease_owner="other", lease_expires_at=live, attempts=1)
-    assert run_evaluation_job(rt, adapter_id) == "skipped"
-    assert _stored(rt, keys) == keys and _state(rt, adapter_id)["reference_keys"] == keys
-
-
-def _score_then(rt, adapter_id, monkeypatch, change):
+def _score_then(monkeypatch, change=lambda: None, fail=False):
     """Make `score_adapter` call ``change()`` (what happens to the row while this worker scores) and succeed."""
     import workers.evaluation
 
     def score_adapter(**_):
         change()
-        return {"clip_i": 0.5, "clip_t": 0.25, "dino": 0.125}
-
-    monkeypatch.setattr(workers.evaluation, "score_adapter", score_adapter)
-
-
-def test_a_lease_taken_over_by_a_running_worker_leaves_the_images_to_it(evaluation, monkeypatch):
-    from shared.db import utcnow
-    from workers.evaluation import run_evaluation_job
-
-    rt, adapter_id, keys = evaluation
-    live = (utcnow() + timedelta(hours=1)).isoformat()
-    _score_then(rt, adapter_id, monkeypatch, lambda: _set_state(rt, adapter_id, lease_owner="b", lease_expires_at=live))
-    assert run_evaluation_job(rt, adapter_id) == "lease_lost"
-    assert _stored(rt, keys) == keys  # worker b still reads them
-    assert _state(rt, adapter_id)["lease_owner"] == "b"
-
-
-def test_a_lease_lost_to_a_worker_that_already_finished_deletes_what_is_left(evaluation, monkeypatch):
-    from workers.evaluation import run_evaluation_job
-
-    rt, adapter_id, keys = evaluation
-
-    def b_finished():  # b took the lease over and ended it, but could not delete the images (storage blip)
-        from shared.db import Adapter
-
-        with rt.sessions() as session:
-            row = session.get(Adapter, adapter_id)
-            ended = {k: v for k, v in row.evaluation.items() if k not in ("lease_owner", "reference_keys")}
-            row.evaluation = {**ended, "status": "succeeded"}
-            session.commit()
-
-    _score_then(rt, adapter_id, monkeypatch, b_finished)
-    assert run_evaluation_job(rt, adapter_id) == "lease_lost"
-    assert _stored(rt, keys) == []
-    assert _state(rt, adapter_id)["status"] == "succeeded"
-
-
-def test_a_request_replaced_meanwhile_deletes_the_old_images_only(evaluation, monkeypatch):
-    from workers.evaluation import run_evaluation_job
-
-    rt, adapter_id, keys = evaluation
-    new_keys = [key.replace("evl_test", "evl_next") for key in keys]
-    for key in new_keys:
-        rt.storage.put_bytes(key, b"new")
-
-    def replaced():  # the gateway accepted a new request over this one (its lease had expired)
-        _set_state(rt, adapter_id, status="queued", lease_owner=None, reference_keys=new_keys)
-
-    _score_then(rt, adapter_id, monkeypatch, replaced)
-    assert run_evaluation_job(rt, adapter_id) == "lease_lost"
-    assert _stored(rt, keys) == [] and _stored(rt, new_keys) == new_keys
-
-
-def test_an_adapter_deleted_during_its_evaluation_takes_the_images_with_it(evaluation, monkeypatch):
-    from shared.db import Adapter
-    from workers.evaluation import run_evaluation_job
-
-    rt, adapter_id, keys = evaluation
-
-    def deleted():
-        with rt.sessions() as session:
-            session.delete(session.get(Adapter, adapter_id))
-            session.commit()
-
-    _score_then(rt, adapter_id, monkeypatch, deleted)
-    assert run_evaluation_job(rt, adapter_id) == "lease_lost"
-    assert _stored(rt, keys) == []
-
-
-@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
-def test_an_evaluation_that_ends_deletes_its_images(evaluation, monkeypatch, outcome):
-    import workers.evaluation
-    from workers.evaluation import run_evaluation_job
-
-    rt, adapter_id, keys = evaluation
-
-    def score_adapter(**_):
-        if outcome == "failed":
+        if fail:
             raise RuntimeError("the scoring model is missing")
         return {"clip_i": 0.5, "clip_t": 0.25, "dino": 0.125}
 
     monkeypatch.setattr(workers.evaluation, "score_adapter", score_adapter)
-    assert run_evaluation_job(rt, adapter_id) == outcome
-    state = _state(rt, adapter_id)
-    assert state["status"] == outcome and "reference_keys" not in state and "lease_owner" not in state
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_an_evaluation_that_ends_deletes_its_images_and_records_its_usage(evaluation, monkeypatch, outcome):
+    from sqlalchemy import select
+
+    from shared.db import UsageRecord
+    from workers.evaluation import run_claimed_evaluation
+
+    rt, evaluation_id, keys, _ = evaluation
+    _claimed_by(rt, evaluation_id)
+    _score_then(monkeypatch, fail=outcome == "failed")
+    assert run_claimed_evaluation(rt, evaluation_id) == outcome
+    row = _row(rt, evaluation_id)
+    assert row.status == outcome and row.reference_keys == [] and row.lease_owner is None
+    assert (row.scores == {"clip_i": 0.5, "clip_t": 0.25, "dino": 0.125}) == (outcome == "succeeded")
     assert _stored(rt, keys) == []
+    with rt.sessions() as session:
+        usage = session.scalars(select(UsageRecord).where(UsageRecord.job_id == evaluation_id)).one()
+    assert usage.kind == "evaluation" and usage.status == outcome and usage.images == 4 * 2
+
+
+def test_an_evaluation_given_up_after_its_attempts_deletes_its_images(evaluation):
+    from shared.db import utcnow
+    from workers.lease import MAX_ATTEMPTS
+    from workers.reaper import reap_once
+
+    rt, evaluation_id, keys, _ = evaluation
+    rt.send = lambda *a, **k: None
+    expired = utcnow() - timedelta(minutes=1)
+    _update(rt, evaluation_id, status="running", lease_owner="gone", lease_expires_at=expired, attempts=MAX_ATTEMPTS)
+    reap_once(rt)
+    row = _row(rt, evaluation_id)
+    assert row.status == "failed" and row.error_code == "worker_lost" and row.reference_keys == []
+    assert _stored(rt, keys) == []
+
+
+def test_a_crashed_evaluation_is_sent_again_and_taken_over(evaluation):
+    from shared.db import Evaluation, utcnow
+    from workers.lease import claim_next_job
+    from workers.reaper import reap_once
+
+    rt, evaluation_id, keys, _ = evaluation
+    sent = []
+    rt.send = lambda task, job_id, **_: sent.append((task, job_id))
+    _update(rt, evaluation_id, status="running", lease_owner="gone", lease_expires_at=utcnow() - timedelta(minutes=1),
+            attempts=1)  # fmt: skip
+    reap_once(rt)
+    assert ("krona.evaluate", evaluation_id) in sent
+    with rt.sessions() as session:  # its message resumes it first, before any queued job
+        assert claim_next_job(session, (Evaluation,), rt.settings, "b", 60, message_job_id=evaluation_id) == (
+            Evaluation,
+            evaluation_id,
+        )
+    assert _stored(rt, keys) == keys
+
+
+def test_a_lease_taken_over_by_another_worker_leaves_the_images_to_it(evaluation, monkeypatch):
+    from shared.db import utcnow
+    from workers.evaluation import run_claimed_evaluation
+
+    rt, evaluation_id, keys, _ = evaluation
+    _claimed_by(rt, evaluation_id)
+    live = utcnow() + timedelta(hours=1)
+    _score_then(monkeypatch, lambda: _update(rt, evaluation_id, lease_owner="b", lease_expires_at=live))
+    assert run_claimed_evaluation(rt, evaluation_id) == "lease_lost"
+    assert _stored(rt, keys) == keys  # worker b still reads them
+    row = _row(rt, evaluation_id)
+    assert row.lease_owner == "b" and row.status == "running"
+
+
+def test_an_adapter_deleted_during_its_evaluation_takes_the_images_with_it(evaluation, api, monkeypatch):
+    from workers.evaluation import run_claimed_evaluation
+
+    rt, evaluation_id, keys, adapter_id = evaluation
+    _claimed_by(rt, evaluation_id)
+
+    def deleted():
+        answer = api.client.delete(f"/v1/adapters/{adapter_id}", headers=api.headers())
+        assert answer.status_code == 204
+
+    _score_then(monkeypatch, deleted)
+    assert run_claimed_evaluation(rt, evaluation_id) == "lease_lost"
+    assert _stored(rt, keys) == [] and _row(rt, evaluation_id) is None
 
 
 def test_an_evaluation_with_a_bad_identifier_fails_before_downloading(evaluation, monkeypatch):
     import workers.evaluation
-    from workers.evaluation import run_evaluation_job
+    from workers.evaluation import run_claimed_evaluation
 
-    rt, adapter_id, keys = evaluation
-    _set_state(rt, adapter_id, identifier="sks\ndog")
+    rt, evaluation_id, keys, _ = evaluation
+    row = _row(rt, evaluation_id)
+    _update(rt, evaluation_id, params={**row.params, "identifier": "sks\ndog"})
+    _claimed_by(rt, evaluation_id)
     monkeypatch.setattr(workers.evaluation, "score_adapter", lambda **_: pytest.fail("scored a bad identifier"))
-    assert run_evaluation_job(rt, adapter_id) == "failed"
-    state = _state(rt, adapter_id)
-    assert "printable" in state["error"]["message"] and _stored(rt, keys) == []
+    assert run_claimed_evaluation(rt, evaluation_id) == "failed"
+    row = _row(rt, evaluation_id)
+    assert "printable" in row.error_message and _stored(rt, keys) == []

@@ -1,28 +1,27 @@
-"""Scoring an adapter in the service: CLIP-I, CLIP-T and DINO (shared/eval) stored in ``adapters.evaluation``.
+"""Scoring an adapter in the service: CLIP-I, CLIP-T and DINO (shared/eval), recorded in ``evaluations``.
 
 Two ways in:
 - ``params.evaluate`` on a training: ``evaluate_trained_adapter`` runs in the training job, after ``train`` and
   before the adapter row is written and the subject's photos are purged (workers/retention.py), so the photos
-  are the reference images; the training succeeds with its adapter already scored. A failed evaluation does
-  not fail the training: the adapter gets ``evaluation.status = "failed"`` with the error.
-- ``POST /v1/adapters/{id}/evaluations`` (uploaded reference images): the gateway stores the images and the
-  request in ``adapters.evaluation`` (status queued) and sends ``EVALUATE_TASK``; ``run_evaluation_job``
-  takes it. The lease lives in the same JSON (owner and expiry, taken under a row lock): a repeated message is
-  skipped while the lease holds, and a message after a crash takes over once it expired. The
-  reaper (workers/reaper.py) sends an evaluation again when it stayed queued for the enqueue grace since it
-  was last sent, or when its lease expired (a crashed worker); the gateway also accepts a new request over a
-  queued one, or over a running one whose lease expired.
+  are the reference images; the training succeeds with its adapter already scored, and its result is an
+  ``evaluations`` row written with the adapter (``record_of_training_evaluation``). A failed evaluation does not
+  fail the training: the row says ``failed`` with the error.
+- ``POST /v1/adapters/{id}/evaluations`` (uploaded reference photos): the gateway stores the photos and inserts a
+  queued ``evaluations`` row, a job of the train queue like a training: counted in the tenant's queued jobs,
+  charged its cost (shared/scheduler.py: evaluation_cost), taken in fair order with the trainings
+  (workers/train_queue.py), leased with a heartbeat (a crashed worker's evaluation is taken over once the lease
+  expires; the reaper sends it again), and metered (a usage record of kind ``evaluation``).
+  ``run_claimed_evaluation`` runs it.
 
 The images are generated with the base model loaded by ``shared.eval.run`` (freed before the scoring models
 load); models come from ``KRONA_EVAL_CLIP_MODEL`` / ``KRONA_EVAL_DINO_MODEL``. The identifier and class noun
 are client text: they fill the trusted DreamBooth templates once, literally (shared/eval/prompts.py), and the
 reference images are decoded with the upload limits (shared/images.py).
 
-The uploaded reference images are deleted by whoever ends the request, on every path: the worker that
-finishes it (succeeded or failed), the one that gives up on it (attempts used up), the one that finds it
-ended but still listing images, the one whose adapter was deleted meanwhile, and the one whose lease was taken
-over for the images the new holder no longer lists. A worker that lost its lease to one still running the same
-request leaves the images to it. (The storage sweep, workers/retention.py, is the net under a crash.)
+The uploaded reference photos are deleted when the evaluation ends, on every path: by the worker that writes
+its result, by the reaper that gives up on it (attempts used up), with the adapter's folder when the adapter is
+deleted, by the gateway when a newer request replaces a queued one; a worker whose lease was taken over leaves
+them to the new holder. (The storage sweep, workers/retention.py, is the net under a crash.)
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from datetime import timedelta
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +38,22 @@ from shared.db import Adapter, utcnow
 from shared.images import ImageLimits
 from shared.settings import Settings
 from shared.training_spec import EvaluationRequest
+from shared.usage import Usage
 
-from .lease import MAX_ATTEMPTS, worker_identity
+from .lease import Heartbeat, finish
 from .runtime import Runtime
+from .transient import retry_transient
+from .usage import count_usage, record_usage
 
 log = logging.getLogger("krona.worker.evaluation")
 
-__all__ = ["evaluate_trained_adapter", "run_evaluation_job", "score_adapter"]
-
-# One evaluation holds its lease this long (no heartbeat): the few prompts' generations and scoring of a
-# service evaluation take minutes at most on a GPU.
-EVALUATION_LEASE_SECONDS = 3600
+__all__ = [
+    "evaluate_trained_adapter",
+    "record_of_training_evaluation",
+    "run_claimed_evaluation",
+    "run_evaluation_job",
+    "score_adapter",
+]
 
 
 def score_adapter(
@@ -161,70 +166,74 @@ def evaluate_trained_adapter(
         shutil.rmtree(work, ignore_errors=True)
 
 
-_LEASE_FIELDS = ("lease_owner", "lease_expires_at", "reference_keys")
+def record_of_training_evaluation(state: dict[str, Any], tenant_id: str, adapter_id: str, base_model: str):
+    """The ``evaluations`` row of a training's own evaluation (params.evaluate), already ended: its work was
+    charged and metered with the training's."""
+    from shared.db import Evaluation
+
+    error = state.get("error") or {}
+    now = utcnow()
+    return Evaluation(
+        tenant_id=tenant_id,
+        adapter_id=adapter_id,
+        base_model=base_model,
+        status=state["status"],
+        params=_params_of(state),
+        reference_keys=[],
+        scores={k: state.get(k) for k in ("clip_i", "clip_t", "dino")} if state["status"] == "succeeded" else None,
+        error_code=error.get("code"),
+        error_message=error.get("message"),
+        started_at=now,
+        finished_at=now,
+    )
 
 
-def _ended(state: dict[str, Any]) -> dict[str, Any]:
-    """The state as it stays once the evaluation ended: no lease, no reference images."""
-    return {k: v for k, v in state.items() if k not in _LEASE_FIELDS}
+def _params_of(state: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation row keeps of a request's state (shared/training_spec.py: EvaluationRequest.initial_state)."""
+    keys = ("prompts", "images_per_prompt", "steps", "class_noun", "identifier", "models", "reference_images")
+    return {key: state.get(key) for key in keys}
 
 
-def _claim(rt: Runtime, adapter_id: str, owner: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """Take the adapter's queued evaluation (or a running one whose lease expired).
+def run_evaluation_job(rt: Runtime, message_job_id: str) -> str:
+    """A message of the train queue (``krona.evaluate``): like ``krona.train``, it claims the queue's fairest job,
+    a training or an evaluation (workers/train_queue.py), and runs it."""
+    from workers.train_queue import run_train_queue_job
 
-    Returns (its state, or None when it is not ours to run; the reference images nobody will use any more, to
-    delete: those of a request given up here after its last attempt, or of one found ended)."""
+    return run_train_queue_job(rt, message_job_id)
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    evaluation_id: str
+    tenant_id: str
+    adapter_key: str
+    base_model: str
+    params: dict[str, Any]
+    reference_keys: list[str]
+
+
+def _read_claimed(rt: Runtime, evaluation_id: str) -> _Claimed | None:
     from sqlalchemy import select
 
+    from shared.db import Evaluation
+
     with rt.sessions() as session:
-        row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).first()
-        state = dict(row.evaluation or {}) if row is not None else {}
-        keys = list(state.get("reference_keys") or [])
-        now = utcnow()
-        expired = state.get("status") == "running" and state.get("lease_expires_at", "") < now.isoformat()
-        if state.get("status") in ("succeeded", "failed") and keys:  # ended, but its images stayed listed
-            row.evaluation = _ended(state)
-            session.commit()
-            return None, keys
-        if state.get("status") != "queued" and not expired:  # gone, ended, or running under a live lease
-            return None, []
-        if state.get("attempts", 0) >= MAX_ATTEMPTS:
-            row.evaluation = _ended(_failed(state, "evaluation_failed", f"gave up after {MAX_ATTEMPTS} attempts"))
-            session.commit()
-            return None, keys
-        state.update(
-            status="running",
-            lease_owner=owner,
-            lease_expires_at=(now + timedelta(seconds=EVALUATION_LEASE_SECONDS)).isoformat(),
-            attempts=state.get("attempts", 0) + 1,
+        row = session.execute(
+            select(Evaluation, Adapter.storage_key)
+            .join(Adapter, Adapter.id == Evaluation.adapter_id)
+            .where(Evaluation.id == evaluation_id)
+        ).first()
+        if row is None:  # its adapter (and so the evaluation) was deleted meanwhile
+            return None
+        evaluation, adapter_key = row
+        return _Claimed(
+            evaluation_id=evaluation.id,
+            tenant_id=evaluation.tenant_id,
+            adapter_key=adapter_key,
+            base_model=evaluation.base_model,
+            params=dict(evaluation.params),
+            reference_keys=list(evaluation.reference_keys or []),
         )
-        row.evaluation = state  # a new dict: the JSON column sees the change
-        session.commit()
-        return {**state, "base_model": row.base_model, "storage_key": row.storage_key}, []
-
-
-def _finish(rt: Runtime, adapter_id: str, owner: str, state: dict[str, Any]) -> tuple[bool, list[str]]:
-    """Write the final state if this worker still holds the lease.
-
-    Returns (whether it did; the reference images of ``state`` to delete now: all of them when it did or when the
-    adapter is gone, else those that the evaluation's current state does not list: a worker that took the
-    lease over still needs the ones it lists)."""
-    from sqlalchemy import select
-
-    keys = list(state.get("reference_keys") or [])
-    with rt.sessions() as session:
-        row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).first()
-        if row is None:
-            session.rollback()
-            return False, keys
-        current = row.evaluation or {}
-        if current.get("lease_owner") != owner:
-            session.rollback()
-            still_listed = set(current.get("reference_keys") or [])
-            return False, [key for key in keys if key not in still_listed]
-        row.evaluation = _ended(state)
-        session.commit()
-        return True, keys
 
 
 def _delete_references(rt: Runtime, keys: list[str]) -> None:
@@ -235,47 +244,94 @@ def _delete_references(rt: Runtime, keys: list[str]) -> None:
             log.warning("could not delete evaluation image %s", key, exc_info=True)
 
 
-def run_evaluation_job(rt: Runtime, adapter_id: str) -> str:
-    """Run adapter ``adapter_id``'s requested evaluation; the final status, 'skipped' if not ours to run, or
-    'lease_lost' if another worker took it over (or the adapter was deleted) meanwhile.
+def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
+    """Run evaluation ``evaluation_id``, which this worker has just claimed: score the adapter against the
+    uploaded reference photos, then write the result with the usage record, by the lease owner only. The final
+    status, or 'lease_lost' when another worker took it over or its adapter was deleted meanwhile.
 
-    The reference images (uploaded with the request) are deleted from storage when it ends, on every path (the
-    module's docstring lists them); a worker still running the request keeps them.
-    """
-    owner = worker_identity()
-    claimed, orphaned = _claim(rt, adapter_id, owner)
-    _delete_references(rt, orphaned)
+    The reference photos are deleted when the evaluation ends, on every path (a worker whose lease was taken over
+    leaves them to the new holder; the reaper deletes those of one it gives up on; the storage sweep is the net)."""
+    from shared.db import Evaluation
+
+    claimed = _read_claimed(rt, evaluation_id)
     if claimed is None:
-        log.info("no evaluation to run for adapter %s", adapter_id)
-        return "skipped"
-    base_model, storage_key = claimed.pop("base_model"), claimed.pop("storage_key")
-    reference_keys = list(claimed.get("reference_keys", []))
-    work = Path(tempfile.mkdtemp(prefix=f"krona-eval-{adapter_id}-"))
+        return "lease_lost"
+    started = time.perf_counter()
+    state = {**claimed.params, "images_per_prompt": claimed.params.get("images_per_prompt", 1)}
+    work = Path(tempfile.mkdtemp(prefix=f"krona-eval-{evaluation_id}-"))
+    values: dict[str, Any]
     try:
-        _subject_words(claimed)
-        adapter_path = work / "adapter.safetensors"
-        adapter_path.write_bytes(rt.storage.get_bytes(storage_key))
-        references = _write_references(
-            work / "references", [(key, rt.storage.get_bytes(key)) for key in reference_keys]
-        )
-        scores = score_adapter(
-            base_model=base_model,
-            adapter_path=adapter_path,
-            reference_dir=references,
-            state=claimed,
-            device=rt.settings.worker_device,
-            work=work,
-            image_limits=_image_limits(rt.settings),
-        )
-        final = _scored(claimed, scores)
+        with Heartbeat(rt.sessions, Evaluation, evaluation_id, rt.owner, rt.settings.lease_seconds):
+            _subject_words(state)
+            adapter_path = work / "adapter.safetensors"
+            adapter_path.write_bytes(rt.storage.get_bytes(claimed.adapter_key))
+            photos = [(key, rt.storage.get_bytes(key)) for key in claimed.reference_keys]
+            references = _write_references(work / "references", photos)
+            scores = score_adapter(
+                base_model=claimed.base_model,
+                adapter_path=adapter_path,
+                reference_dir=references,
+                state=state,
+                device=rt.settings.worker_device,
+                work=work,
+                image_limits=_image_limits(rt.settings),
+            )
+        status, values = "succeeded", {"scores": scores}
     except Exception as exc:
-        log.warning("evaluation of adapter %s failed", adapter_id, exc_info=True)
-        final = _failed(claimed, "evaluation_failed", f"{exc.__class__.__name__}: {exc}")
+        log.warning("evaluation %s failed", evaluation_id, exc_info=True)
+        status = "failed"
+        values = {"error_code": "evaluation_failed", "error_message": f"{exc.__class__.__name__}: {exc}"[:2000]}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    finished, orphaned = _finish(rt, adapter_id, owner, final)
-    _delete_references(rt, orphaned)
-    if not finished:
-        log.warning("adapter %s: evaluation lease lost (or the adapter was deleted)", adapter_id)
+    images = int(state.get("prompts") or 0) * int(state.get("images_per_prompt") or 0)
+    usage = Usage(time.perf_counter() - started, _device_name(rt), images=images, steps=images * int(state["steps"]))
+    ended = _end(rt, claimed, status, usage, values)
+    if ended is None:  # another worker holds it now and needs the photos
+        log.warning("evaluation %s: lease lost", evaluation_id)
         return "lease_lost"
-    return final["status"]
+    _delete_references(rt, claimed.reference_keys)
+    if not ended:
+        return "lease_lost"  # the adapter was deleted meanwhile
+    count_usage(
+        tenant_id=claimed.tenant_id,
+        kind="evaluation",
+        status=status,
+        usage=usage,
+        max_tenants=rt.settings.metrics_max_tenants,
+    )
+    return status
+
+
+def _device_name(rt: Runtime) -> str:
+    import torch
+
+    device = rt.settings.worker_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    return device
+
+
+def _end(rt: Runtime, claimed: _Claimed, status: str, usage: Usage, values: dict[str, Any]) -> bool | None:
+    """Write the final status, the result and the usage record in one transaction, by the lease owner: True; the
+    row is gone (its adapter was deleted): False; another worker owns it now: None."""
+    from shared.db import Evaluation
+
+    def write() -> bool | None:
+        with rt.sessions() as session:
+            if finish(session, Evaluation, claimed.evaluation_id, rt.owner, status, commit=False,
+                      reference_keys=[], **values):  # fmt: skip
+                record_usage(
+                    session,
+                    tenant_id=claimed.tenant_id,
+                    kind="evaluation",
+                    job_id=claimed.evaluation_id,
+                    status=status,
+                    usage=usage,
+                )
+                session.commit()
+                return True
+            session.rollback()
+            return False if session.get(Evaluation, claimed.evaluation_id) is None else None
+
+    window = rt.settings.transient_retry_seconds
+    return retry_transient(write, what=f"evaluation {claimed.evaluation_id}: record the result", window_seconds=window)

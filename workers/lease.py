@@ -24,7 +24,17 @@ from shared.scheduler import charge, pick
 if TYPE_CHECKING:
     from shared.settings import Settings
 
-__all__ = ["MAX_ATTEMPTS", "Heartbeat", "claim", "claim_next", "finish", "renew", "wake_if_capped", "worker_identity"]
+__all__ = [
+    "MAX_ATTEMPTS",
+    "Heartbeat",
+    "claim",
+    "claim_next",
+    "claim_next_job",
+    "finish",
+    "renew",
+    "wake_if_capped",
+    "worker_identity",
+]
 
 MAX_ATTEMPTS = 3
 
@@ -70,29 +80,53 @@ def claim_next(
     filters: Sequence = (),
     tries: int = 8,
 ) -> str | None:
-    """Claim the next job the fair way (shared/scheduler.py) and charge its tenant; the job's id, or None.
+    """Claim the next job of ``model`` the fair way (shared/scheduler.py) and charge its tenant; its id, or None.
+    (``claim_next_job`` for a queue that serves several models.)"""
+    claimed = claim_next_job(
+        session, (model,), settings, owner, lease_seconds, message_job_id=message_job_id, filters=filters, tries=tries
+    )
+    return claimed[1] if claimed is not None else None
+
+
+def claim_next_job(
+    session: Session,
+    models: Sequence,
+    settings: Settings,
+    owner: str,
+    lease_seconds: int,
+    *,
+    message_job_id: str | None = None,
+    filters: Sequence = (),
+    tries: int = 8,
+) -> tuple[type, str] | None:
+    """Claim the next job among ``models`` (one queue's) the fair way and charge its tenant: (its model, its id),
+    or None. ``filters`` apply to every model's rows.
 
     A message is a wake-up call: it takes the fairest queued job, not necessarily its own. The exception
     is a message for a running job whose lease expired (the reaper's resend after a crash): that job is
     resumed first, so that a crashed job does not wait behind the queue again.
     """
     if message_job_id is not None:
-        expired = session.scalar(
-            select(model.id).where(
-                model.id == message_job_id, model.status == "running", model.lease_expires_at < utcnow()
+        for model in models:
+            expired = session.scalar(
+                select(model.id).where(
+                    model.id == message_job_id, model.status == "running", model.lease_expires_at < utcnow()
+                )
             )
-        )
-        if expired is not None and claim(session, model, message_job_id, owner, lease_seconds):
-            return message_job_id
+            if expired is not None and claim(session, model, message_job_id, owner, lease_seconds):
+                return model, message_job_id
     for _ in range(tries):
-        candidate = pick(session, model, settings, filters=(model.attempts < MAX_ATTEMPTS, *filters))
+        candidate = pick(
+            session, tuple(models), settings, filters=lambda model: (model.attempts < MAX_ATTEMPTS, *filters)
+        )
         if candidate is None:
             session.rollback()
             return None
+        model = candidate.model
         if claim(session, model, candidate.job_id, owner, lease_seconds, commit=False):
             charge(session, model, candidate.tenant_id, candidate.cost, candidate.weight)
             session.commit()
-            return candidate.job_id
+            return model, candidate.job_id
         session.rollback()  # another worker took it first: pick again
     return None
 

@@ -22,8 +22,9 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from shared.db import Adapter, Generation, Training, utcnow
+from shared.db import Evaluation, Generation, Training, utcnow
 from shared.queue import EVALUATE_TASK, GENERATE_TASK, TRAIN_TASK, WEBHOOK_TASK
+from shared.scheduler import MODELS_OF_QUEUE, QUEUE_OF
 
 from .lease import MAX_ATTEMPTS
 from .retention import run_retention
@@ -35,11 +36,19 @@ log = logging.getLogger("krona.worker.reaper")
 __all__ = ["reap_once", "start_retention_if_due"]
 
 
+# Each job model, the task that wakes a worker for it, and its webhook kind (evaluations have no webhooks).
+JOBS = (
+    (Training, TRAIN_TASK, "training"),
+    (Evaluation, EVALUATE_TASK, None),
+    (Generation, GENERATE_TASK, "generation"),
+)
+
+
 def reap_once(rt: Runtime) -> dict[str, int]:
     now = utcnow()
     grace = timedelta(seconds=rt.settings.enqueue_grace_seconds)
-    counts = {"requeued": 0, "failed": 0, "webhooks": 0, "evaluations": 0}
-    for model, task, kind in ((Training, TRAIN_TASK, "training"), (Generation, GENERATE_TASK, "generation")):
+    counts = {"requeued": 0, "failed": 0, "webhooks": 0}
+    for model, task, kind in JOBS:
         with rt.sessions() as session:
             expired = session.scalars(
                 select(model).where(model.status == "running", model.lease_expires_at < now)
@@ -60,15 +69,18 @@ def reap_once(rt: Runtime) -> dict[str, int]:
                     )
                     session.commit()
                     counts["failed"] += result.rowcount
+                    if result.rowcount and model is Evaluation:
+                        _delete_references(rt, session, row.id)
                     continue
                 _send(rt, session, model, task, row.id)
                 counts["requeued"] += 1
-            # A message wakes a worker, which claims the fairest job, not necessarily the message's own: while a
-            # worker of this queue holds a live lease, messages are being consumed and a long-queued job is only
-            # waiting its turn. Only jobs never sent (broker down at creation) are sent then; when no worker
-            # holds a job, the jobs queued longer than the grace are sent again (their messages may be lost).
-            busy = session.scalar(
-                select(model.id).where(model.status == "running", model.lease_expires_at >= now).limit(1)
+            # A message wakes a worker, which claims the fairest job of its queue, not necessarily the message's
+            # own: while a worker of this queue holds a live lease, messages are being consumed and a long-queued
+            # job is only waiting its turn. Only jobs never sent (broker down at creation) are sent then; when no
+            # worker holds a job, the jobs queued longer than the grace are sent again (their messages may be lost).
+            busy = any(
+                session.scalar(select(m.id).where(m.status == "running", m.lease_expires_at >= now).limit(1))
+                for m in MODELS_OF_QUEUE[QUEUE_OF[model]]
             )
             unsent = model.enqueued_at.is_(None)
             stale = session.scalars(
@@ -79,44 +91,24 @@ def reap_once(rt: Runtime) -> dict[str, int]:
             for job_id in stale:
                 _send(rt, session, model, task, job_id)
                 counts["requeued"] += 1
-            counts["webhooks"] += _reap_webhooks(rt, session, model, kind, now)
-    counts["evaluations"] = _reap_evaluations(rt, now, grace)
+            if kind is not None:
+                counts["webhooks"] += _reap_webhooks(rt, session, model, kind, now)
     if any(counts.values()):
         log.info("reaper: %s", counts)
     start_retention_if_due(rt)
     return counts
 
 
-def _reap_evaluations(rt: Runtime, now, grace: timedelta) -> int:
-    """Adapter evaluations (workers/evaluation.py) whose message may be lost: queued and last sent more than the
-    grace ago, or running with an expired lease (their worker died). Each is sent again and stamped, so that a
-    long wait behind other jobs costs one extra message per grace period, not one per pass."""
-    status = Adapter.evaluation["status"].as_string()
-    with rt.sessions() as session:
-        rows = session.execute(
-            select(Adapter.id).where(Adapter.evaluation.is_not(None), status.in_(("queued", "running")))
-        ).all()
-        sent = 0
-        for (adapter_id,) in rows:
-            row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).first()
-            state = dict((row.evaluation if row is not None else None) or {})
-            last_sent = state.get("enqueued_at") or state.get("requested_at") or ""
-            due = (state.get("status") == "queued" and last_sent < (now - grace).isoformat()) or (
-                state.get("status") == "running" and state.get("lease_expires_at", "") < now.isoformat()
-            )
-            if not due:
-                session.rollback()
-                continue
-            try:
-                rt.send(EVALUATE_TASK, adapter_id)
-            except Exception:
-                session.rollback()
-                log.warning("reaper could not enqueue the evaluation of %s", adapter_id)
-                continue
-            row.evaluation = {**state, "enqueued_at": now.isoformat()}
-            session.commit()
-            sent += 1
-    return sent
+def _delete_references(rt: Runtime, session, evaluation_id: str) -> None:
+    """The reference photos of an evaluation the reaper gave up on (the sweep takes what fails here)."""
+    keys = session.scalar(select(Evaluation.reference_keys).where(Evaluation.id == evaluation_id)) or []
+    session.execute(update(Evaluation).where(Evaluation.id == evaluation_id).values(reference_keys=[]))
+    session.commit()
+    for key in keys:
+        try:
+            rt.storage.delete(key)
+        except Exception:
+            log.warning("could not delete evaluation image %s; the storage sweep will", key)
 
 
 # This process's last retention pass (time.monotonic()), and the lock its one running pass holds.

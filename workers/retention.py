@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import or_, select, update
 
-from shared.db import TERMINAL_STATUSES, Adapter, Generation, Tenant, Training, utcnow
+from shared.db import TERMINAL_STATUSES, Adapter, Evaluation, Generation, Tenant, Training, utcnow
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -150,7 +150,7 @@ def _layout(key: str) -> tuple[str, str, str | None]:
 
     tenants/{t}/trainings/{id}/images/{i}.{ext}, tenants/{t}/trainings/{id}/checkpoint.tar,
     tenants/{t}/generations/{id}/{index}.png, tenants/{t}/adapters/{id}.safetensors, an evaluation's reference
-    images tenants/{t}/adapters/{id}/evaluation/{request}/{i}.{ext}; anything else is "other".
+    images tenants/{t}/adapters/{adapter id}/evaluation/{evaluation id}/{i}.{ext}; anything else is "other".
     """
     parts = key.split("/")
     tenant_id = parts[1] if len(parts) > 1 else ""
@@ -158,8 +158,8 @@ def _layout(key: str) -> tuple[str, str, str | None]:
         return parts[2][:-1], tenant_id, parts[3]
     if len(parts) == 4 and parts[2] == "adapters":
         return "adapter", tenant_id, parts[3].split(".", 1)[0]
-    if len(parts) >= 6 and parts[2] == "adapters" and parts[4] == "evaluation":
-        return "evaluation", tenant_id, parts[3]
+    if len(parts) >= 7 and parts[2] == "adapters" and parts[4] == "evaluation":
+        return "evaluation", tenant_id, parts[5]
     return "other", tenant_id, None
 
 
@@ -252,7 +252,7 @@ def _verdicts(rt: Runtime, keys: list[str]) -> list[tuple[str, str]]:
         Generation.images,
     )
     adapter_columns = (Adapter.id, Adapter.tenant_id, Adapter.storage_key)
-    evaluation_columns = (Adapter.id, Adapter.tenant_id, Adapter.evaluation)
+    evaluation_columns = (Evaluation.id, Evaluation.tenant_id, Evaluation.status, Evaluation.reference_keys)
     with rt.sessions() as session:
         tenants = set(session.scalars(select(Tenant.id).where(Tenant.id.in_(sorted(wanted["tenant"])))))
         rows = {
@@ -283,8 +283,7 @@ def _kept(kind: str, row, key: str, keep_images: bool) -> bool:
     if kind == "adapter":
         return row.storage_key == key
     if kind == "evaluation":  # an evaluation's reference images, until it ends
-        state = row.evaluation or {}
-        return state.get("status") in ("queued", "running") and key in (state.get("reference_keys") or [])
+        return row.status not in TERMINAL_STATUSES and key in (row.reference_keys or [])
     if kind == "training":
         if row.images_deleted_at is not None:
             return False

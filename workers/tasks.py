@@ -63,12 +63,13 @@ def generate_task(generation_id: str) -> str:
 
 
 @app.task(name=EVALUATE_TASK)
-def evaluate_task(adapter_id: str) -> str:
+def evaluate_task(job_id: str) -> str:
     from workers.evaluation import run_evaluation_job
     from workers.runtime import runtime
 
-    _unless_draining(adapter_id)
-    return run_evaluation_job(runtime(), adapter_id)
+    # Like krona.train: a wake-up for the train queue's fairest job (workers/train_queue.py).
+    _unless_draining(job_id)
+    return run_evaluation_job(runtime(), job_id)
 
 
 @app.task(name=WEBHOOK_TASK)

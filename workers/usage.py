@@ -18,7 +18,7 @@ from shared.usage import Usage, new_record
 
 __all__ = ["TenantLabels", "count_usage", "record_usage"]
 
-KINDS = ("training", "generation")
+KINDS = ("training", "generation", "evaluation")
 WORKER_SECONDS = Counter("krona_tenant_worker_seconds", "worker seconds spent on a tenant's jobs", ["tenant", "kind"])
 JOBS = Counter("krona_tenant_jobs", "a tenant's finished jobs", ["tenant", "kind", "status"])
 IMAGES = Counter("krona_tenant_images", "images generated for a tenant", ["tenant"])

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from shared.db import IdempotencyKey, Tenant, is_id, utcnow
 from shared.limits import tenant_limits
-from shared.scheduler import QUEUED_COLUMN, lift_on_submit
+from shared.scheduler import is_backlogged, lift_on_submit
 
 from .context import AppContext
 from .errors import ApiError
@@ -184,7 +184,7 @@ def admission(context: AppContext, session: Session, tenant: Tenant, model, coun
         raise _queue_full(tenant.queued_jobs, cap, count)
     # The tenant's row was read when its key was checked (deps.authenticate): its queued counter of this queue
     # says whether it is backlogged without another query.
-    backlogged = getattr(tenant, QUEUED_COLUMN[model].key) > 0
+    backlogged = is_backlogged(tenant, model)
     if tenant.queued_cap != cap or not backlogged:
         # Outside the create's transaction, each statement committing on its own: storing the cap and lifting
         # the counter lock the tenant's rows only for a statement, so that the tenant's concurrent creates do

@@ -92,18 +92,19 @@ class Tenant(Base):
     weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
     # Overrides of the settings' limits (shared/limits.py: TenantLimits); absent keys take the defaults.
     limits: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
-    # Queued trainings and generations, kept by triggers (migrations/versions/0007_*.py), and the cap on their sum
-    # that the insert trigger enforces (NULL: none); the gateway stores the tenant's effective cap there
+    # Queued trainings, generations and evaluations, kept by triggers (migrations 0007 and 0008), and the cap on
+    # their sum that the insert trigger enforces (NULL: none); the gateway stores the tenant's effective cap there
     # (services/gateway/jobs.py: admission). Read-only for the code: only the triggers write the counters.
     queued_trainings: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     queued_generations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    queued_evaluations: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     queued_cap: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     @property
     def queued_jobs(self) -> int:
-        """Queued trainings + generations (what ``max_queued_jobs`` caps)."""
-        return (self.queued_trainings or 0) + (self.queued_generations or 0)
+        """Queued trainings, generations and evaluations (what ``max_queued_jobs`` caps)."""
+        return (self.queued_trainings or 0) + (self.queued_generations or 0) + (self.queued_evaluations or 0)
 
 
 class ApiKey(Base):
@@ -197,8 +198,34 @@ class Adapter(Base):
     storage_key: Mapped[str] = mapped_column(Text)
     training_id: Mapped[str | None] = mapped_column(String(32), default=None, unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # CLIP-I/CLIP-T/DINO scores and the evaluation job's state (workers/evaluation.py); None: never evaluated.
+    # Unused since migration 0008 (evaluations are rows of ``evaluations`` now); kept for code at 0007, to drop.
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class Evaluation(_Job, Base):
+    """An adapter's scoring (CLIP-I, CLIP-T, DINO; workers/evaluation.py). Requested with
+    ``POST /v1/adapters/{id}/evaluations`` it is a job of the train queue like a training: leased, taken in fair
+    order, counted in the tenant's queued jobs, charged and metered. A training with ``params.evaluate`` scores its
+    adapter itself and records the result here, already ended (its work is charged with the training's).
+
+    ``params``: prompts, images_per_prompt, steps, class_noun, identifier, models {clip, dino};
+    ``reference_keys``: the uploaded reference photos in storage, deleted when the evaluation ends;
+    ``scores``: {clip_i, clip_t, dino} once it succeeded.
+    """
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        Index("ix_evaluations_status_tenant_created", "status", "tenant_id", "created_at"),
+        Index("ix_evaluations_adapter_created", "adapter_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("evl"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[str] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    base_model: Mapped[str] = mapped_column(String(300))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    reference_keys: Mapped[list[Any]] = mapped_column(default=list)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Batch(Base):
@@ -269,7 +296,7 @@ class UsageRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    kind: Mapped[str] = mapped_column(String(16))  # training | generation
+    kind: Mapped[str] = mapped_column(String(16))  # training | generation | evaluation
     job_id: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
     device: Mapped[str] = mapped_column(String(64))

@@ -29,7 +29,7 @@ from shared.training_spec import TrainingSpec
 from shared.usage import Usage
 
 from ..drain import drain_requested, hand_over_training
-from ..lease import Heartbeat, claim_next, finish, renew, wake_if_capped
+from ..lease import Heartbeat, finish, renew, wake_if_capped
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
 from ..usage import count_usage, record_usage
@@ -37,7 +37,7 @@ from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.training")
 
-__all__ = ["run_training_job"]
+__all__ = ["run_claimed_training", "run_training_job"]
 
 
 def _checkpoint_archive(folder: Path) -> bytes:
@@ -63,11 +63,17 @@ def _components(rt: Runtime, base_model: str, spec: TrainingSpec):
     return rt.pipelines[key]
 
 
-def run_training_job(rt: Runtime, training_id: str) -> str:
-    """Run (or resume) training ``training_id``; returns the final status, or 'skipped' if not ours to run."""
-    claimed = _claim(rt, training_id)
-    if claimed is None:
-        return "skipped"
+def run_training_job(rt: Runtime, message_job_id: str) -> str:
+    """A message of the train queue: claim the queue's fairest job (a training or an evaluation; a crashed one
+    named by the message first) and run it; the final status, or 'skipped' when there was nothing to claim."""
+    from workers.train_queue import run_train_queue_job
+
+    return run_train_queue_job(rt, message_job_id)
+
+
+def run_claimed_training(rt: Runtime, training_id: str) -> str:
+    """Run (or resume) training ``training_id``, which this worker has just claimed; its final status."""
+    claimed = _read_claimed(rt, training_id)
     attempt = _Attempt(rt, claimed)
     work = Path(tempfile.mkdtemp(prefix=f"krona-{claimed.training_id}-"))
     try:
@@ -93,16 +99,9 @@ class _Claimed:
     base_model: str
 
 
-def _claim(rt: Runtime, message_job_id: str) -> _Claimed | None:
+def _read_claimed(rt: Runtime, training_id: str) -> _Claimed:
     settings = rt.settings
     with rt.sessions() as session:
-        # The message wakes this worker; the fair scheduler says which training it runs (shared/scheduler.py).
-        training_id = claim_next(
-            session, Training, settings, rt.owner, settings.lease_seconds, message_job_id=message_job_id
-        )
-        if training_id is None:
-            log.info("no training to claim (message for %s)", message_job_id)
-            return None
         row = session.get(Training, training_id)
         spec = TrainingSpec.from_dict({**row.params, "instance_prompt": row.instance_prompt})
         spec = TrainingSpec.from_dict({**spec.to_dict(), "checkpoint_every": settings.checkpoint_every})
@@ -422,9 +421,13 @@ def _record_adapter(
                 sha256=hashlib.sha256(data).hexdigest(),
                 storage_key=key,
                 training_id=training_id,
-                evaluation=evaluation,
             )
         )
+        if evaluation is not None:  # params.evaluate: its result, recorded with the adapter
+            from workers.evaluation import record_of_training_evaluation
+
+            session.flush()
+            session.add(record_of_training_evaluation(evaluation, tenant_id, adapter_id, base_model))
         # The adapter row and the terminal state commit together, and only by the lease owner;
         # adapters.training_id is unique, so a training never gets two adapters.
         try:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from shared.db import Adapter
 from shared.krona.convert import lycoris_arrays, read_safetensors_bytes, safetensors_bytes
-from shared.schemas import AdapterPublic, Page, adapter_public
+from shared.schemas import AdapterPublic, Page, adapter_public, latest_evaluations
 from shared.storage import BlobNotFound
 
 from ..deps import AdapterId, AuthenticatedRoute, ContextDep, CurrentTenant, SessionDep
@@ -71,13 +71,15 @@ def list_adapters(
 ):
     """The tenant's adapters, newest first; pass `next_cursor` as `cursor` for the next page."""
     rows, next_cursor = page(session, Adapter, tenant, limit=limit, cursor=cursor)
-    return {"data": [adapter_public(r) for r in rows], "next_cursor": next_cursor}
+    evaluations = latest_evaluations(session, [r.id for r in rows])
+    return {"data": [adapter_public(r, evaluations.get(r.id)) for r in rows], "next_cursor": next_cursor}
 
 
 @router.get("/{adapter_id}", response_model=AdapterPublic, summary="One adapter", responses=errors(404))
 def get_adapter(adapter_id: AdapterId, session: SessionDep, tenant: CurrentTenant):
-    """One adapter: its factor shapes, parameter count, size and SHA-256."""
-    return adapter_public(get_owned(session, Adapter, adapter_id, tenant, "adapter"))
+    """One adapter: its factor shapes, parameter count, size and SHA-256, and its latest evaluation."""
+    row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
+    return adapter_public(row, latest_evaluations(session, [row.id]).get(row.id))
 
 
 @router.get(

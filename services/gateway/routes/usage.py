@@ -21,7 +21,7 @@ router = APIRouter(route_class=AuthenticatedRoute, prefix="/v1/usage", tags=["us
 
 class UsagePeriod(BaseModel):
     period: str = Field(description="YYYY-MM-DD, YYYY-MM or 'total'", examples=["2026-11-29"])
-    kind: Literal["training", "generation"]
+    kind: Literal["training", "generation", "evaluation"]
     jobs: int = Field(description="finished jobs (succeeded, failed or canceled)")
     worker_seconds: float = Field(description="wall-clock seconds of workers on these jobs (a batch's time is shared)")
     images: int

@@ -17,6 +17,7 @@ from shared.db import ACTIVE_STATUSES, Adapter, Tenant, Training, new_id, utcnow
 from shared.krona.convert import adapter_bytes, max_tensors_for, native_arrays_from_upload, read_safetensors_bytes
 from shared.limits import tenant_limits
 from shared.queue import EVALUATE_TASK
+from shared.scheduler import evaluation_cost
 from shared.schemas import adapter_public
 from shared.settings import Settings
 from shared.training_spec import EvaluationRequest
@@ -115,25 +116,21 @@ def store_upload(
 
 
 def delete_adapter_and_files(*, context: AppContext, session: Session, tenant: Tenant, adapter_id: str) -> None:
-    """Delete the adapter's row, then its blobs: the file and its evaluation's reference photos (personal data).
-
-    The photos are the keys the row's ``evaluation.reference_keys`` names, plus, for an adapter that was ever
-    evaluated, anything else under ``tenants/<tenant>/adapters/<id>/`` (a replaced request's photos whose deletion
-    failed). The row is read under its lock, as ``request_evaluation`` writes it, so no request's photos are missed.
-    Every blob is tried; a storage fault is raised after the others were tried (503; the retention sweep removes
-    what is left, as its row is gone).
-    """
+    """Delete the adapter's row (its evaluations go with it: foreign key cascade), then its blobs: the file and
+    everything under ``tenants/<tenant>/adapters/<id>/``, where its evaluations' reference photos (personal data)
+    live. Every blob is tried; a storage fault is raised after the others were tried (503; the retention sweep
+    removes what is left, as its rows are gone). A worker running one of its evaluations finds the row gone and
+    stops (workers/evaluation.py)."""
     from ..jobs import get_owned
 
     row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
-    session.refresh(row, with_for_update=True)
-    evaluated = row.evaluation is not None  # only an evaluation request ever wrote under the adapter's folder
-    keys = [row.storage_key, *((row.evaluation or {}).get("reference_keys") or [])]
+    key = row.storage_key
     session.delete(row)
     session.commit()
-    removals = [partial(context.storage.delete, key) for key in keys]
-    if evaluated:
-        removals.append(partial(context.storage.delete_prefix, f"tenants/{tenant.id}/adapters/{adapter_id}/"))
+    removals = [
+        partial(context.storage.delete, key),
+        partial(context.storage.delete_prefix, f"tenants/{tenant.id}/adapters/{adapter_id}/"),
+    ]
     failure: Exception | None = None
     for remove in removals:
         try:
@@ -206,43 +203,60 @@ async def read_evaluation_form(
 
 
 def request_evaluation(
-    *, context: AppContext, session: Session, tenant: Tenant, adapter_id: str, submitted: EvaluationUpload
+    *,
+    context: AppContext,
+    session: Session,
+    tenant: Tenant,
+    adapter_id: str,
+    submitted: EvaluationUpload,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
-    """Store the reference images, mark the adapter's evaluation queued and send the job; the Adapter's body.
+    """Store the reference photos, insert a queued evaluation (a job of the train queue: counted in the tenant's
+    queued jobs, charged its cost, taken in fair order with the trainings) and send its message; the Adapter's
+    body with it as ``evaluation``.
 
-    409 while an evaluation of the adapter is running; a queued one is replaced (its message may be lost).
+    409 ``evaluation_running`` while one of the adapter's evaluations is running; a queued one is replaced
+    (canceled, its photos deleted). 429 ``queue_full`` over the tenant's cap on queued jobs.
     """
-    from ..jobs import get_owned
+    from shared.db import Evaluation
+    from shared.schemas import latest_evaluations
+
+    from ..jobs import admission, enqueue, get_owned
     from .trainings import decode_uploaded_images
 
     settings = context.settings
-    get_owned(session, Adapter, adapter_id, tenant, "adapter")
-    session.rollback()  # no database connection held while the images are decoded
-    images = decode_uploaded_images(settings, submitted.files)
-
-    row = session.scalars(select(Adapter).where(Adapter.id == adapter_id).with_for_update()).one()
-    previous = row.evaluation or {}
-    if previous.get("status") == "running" and previous.get("lease_expires_at", "") >= utcnow().isoformat():
-        session.rollback()
-        raise ApiError(409, "evaluation_running", f"adapter {adapter_id} is being evaluated; wait for the result")
-    request = submitted.request
+    adapter = get_owned(session, Adapter, adapter_id, tenant, "adapter")
     instance_prompt = ""
-    if row.training_id:
-        instance_prompt = session.scalar(select(Training.instance_prompt).where(Training.id == row.training_id)) or ""
-    _, class_noun = request.subject_words(instance_prompt)
+    if adapter.training_id:
+        instance_prompt = (
+            session.scalar(select(Training.instance_prompt).where(Training.id == adapter.training_id)) or ""
+        )
+    request = submitted.request
+    identifier, class_noun = request.subject_words(instance_prompt)
     if not class_noun:
-        session.rollback()
         raise ApiError(
             422, "invalid_params", 'this adapter has no training to take the class from: give params.class_noun ("dog")'
         )
-    request_id = new_id("evl")
-    prefix = f"tenants/{tenant.id}/adapters/{adapter_id}/evaluation/{request_id}"
+    for name, word in (("identifier", identifier), ("class_noun", class_noun)):
+        if len(word) > 100 or not word.isprintable():
+            raise ApiError(
+                422, "invalid_params", f"the {name} read off the training's prompt is not usable: give params.{name}"
+            )
+    running = session.scalar(
+        select(Evaluation.id).where(Evaluation.adapter_id == adapter_id, Evaluation.status == "running").limit(1)
+    )
+    if running is not None:
+        raise ApiError(409, "evaluation_running", f"adapter {adapter_id} is being evaluated; wait for the result")
+    session.rollback()  # no database connection held while the images are decoded
+    images = decode_uploaded_images(settings, submitted.files)
+
+    evaluation_id = new_id("evl")
+    prefix = f"tenants/{tenant.id}/adapters/{adapter_id}/evaluation/{evaluation_id}"
     keys = [f"{prefix}/{index:02d}.{ext}" for index, (_, ext) in enumerate(images)]
     try:
         for key, (data, ext) in zip(keys, images, strict=True):
             context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
     except Exception:
-        session.rollback()
         with contextlib.suppress(Exception):
             context.storage.delete_prefix(prefix + "/")
         raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
@@ -253,15 +267,39 @@ def request_evaluation(
         reference_images=len(keys),
         requested_at=utcnow().isoformat(),
     )
-    row.evaluation = {**state, "reference_keys": keys}
-    session.commit()
-    for key in previous.get("reference_keys", []):  # a replaced queued request's images
-        with contextlib.suppress(Exception):
-            context.storage.delete(key)
+    params = {k: state[k] for k in ("prompts", "images_per_prompt", "steps", "class_noun", "identifier", "models",
+                                    "reference_images")}  # fmt: skip
+    row = Evaluation(
+        id=evaluation_id,
+        tenant_id=tenant.id,
+        adapter_id=adapter_id,
+        base_model=adapter.base_model,
+        params=params,
+        reference_keys=keys,
+        cost=evaluation_cost(request, context.native_size()),
+        enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
+    )
+    replaced: list[str] = []
     try:
-        context.enqueuer.send(EVALUATE_TASK, adapter_id)
+        with admission(context, session, tenant, Evaluation, 1):
+            queued = session.scalars(
+                select(Evaluation)
+                .where(Evaluation.adapter_id == adapter_id, Evaluation.status == "queued")
+                .with_for_update()
+            ).all()
+            for old in queued:  # a newer request replaces a queued one
+                replaced += list(old.reference_keys or [])
+                old.status, old.reference_keys, old.finished_at = "canceled", [], utcnow()
+                old.error_code, old.error_message = "replaced", f"replaced by evaluation {evaluation_id}"
+            session.add(row)
+            session.commit()
     except Exception:
-        raise ApiError(
-            503, "broker_unavailable", "the evaluation is stored but could not be queued; POST it again"
-        ) from None
-    return adapter_public(row)
+        with contextlib.suppress(Exception):
+            context.storage.delete_prefix(prefix + "/")
+        raise
+    for key in replaced:
+        with contextlib.suppress(Exception):  # the storage sweep takes what is left
+            context.storage.delete(key)
+    enqueue(context, session, Evaluation, evaluation_id, EVALUATE_TASK)
+    adapter = session.get(Adapter, adapter_id)
+    return adapter_public(adapter, latest_evaluations(session, [adapter_id]).get(adapter_id))
