@@ -92,50 +92,50 @@ def test_a_training_with_evaluate_and_the_evaluation_route_score_the_adapter(tin
 
 
 def test_the_reaper_sends_lost_evaluations_again_once_per_grace(api):
-    """An evaluation whose message was lost (queued past the grace) or whose worker died (lease expired) is sent
-    again; the stamp keeps a long wait to one extra message per grace period."""
+    """Evaluations are jobs like the others (issue 19): one whose message was lost (queued, last sent past the
+    grace, no worker busy) or whose worker died (lease expired) is sent again, stamped so that a long wait costs
+    one extra message per grace period; a fresh one, a live one and an ended one are left."""
     from datetime import timedelta
 
-    from shared.db import Adapter, new_id, utcnow
+    from sqlalchemy import update
+
+    from shared.db import Adapter, Evaluation, Training, new_id, utcnow
     from shared.queue import EVALUATE_TASK
     from shared.tenants import tenant_for_key
-    from workers.reaper import _reap_evaluations
+    from workers.reaper import reap_once
     from workers.runtime import Runtime
 
-    now, grace = utcnow(), timedelta(seconds=60)
-    old, fresh = (now - timedelta(minutes=10)).isoformat(), now.isoformat()
-    states = {
-        "lost": {"status": "queued", "requested_at": old},
-        "fresh": {"status": "queued", "requested_at": fresh},
-        "crashed": {"status": "running", "requested_at": old, "lease_expires_at": old},
-        "working": {
-            "status": "running",
-            "requested_at": old,
-            "lease_expires_at": (now + timedelta(hours=1)).isoformat(),
-        },
-        "done": {"status": "succeeded", "requested_at": old},
+    with api.context.sessions() as session:  # other tests' jobs in the session's database would compete
+        for model in (Evaluation, Training):
+            session.execute(update(model).where(model.status.in_(("queued", "running"))).values(status="canceled"))
+        session.commit()
+    now = utcnow()
+    grace = timedelta(seconds=api.context.settings.enqueue_grace_seconds)
+    old = now - grace - timedelta(minutes=10)
+    rows = {
+        "lost": {"status": "queued", "enqueued_at": old},
+        "fresh": {"status": "queued", "enqueued_at": now},
+        "crashed": {"status": "running", "lease_expires_at": old, "attempts": 1},
+        "done": {"status": "succeeded", "enqueued_at": old},
     }
     ids = {}
     with api.context.sessions() as session:
         tenant = tenant_for_key(session, api.keys["acme"])
-        for name, state in states.items():
-            ids[name] = new_id("adp")
-            session.add(
-                Adapter(
-                    id=ids[name], tenant_id=tenant.id, base_model="tiny-sd", config={}, num_parameters=1,
-                    size_bytes=1, sha256="0" * 64, storage_key=f"tenants/{tenant.id}/adapters/{ids[name]}.safetensors",
-                    evaluation=state,
-                )
-            )  # fmt: skip
+        adapter_id = new_id("adp")
+        session.add(Adapter(id=adapter_id, tenant_id=tenant.id, base_model="tiny-sd", config={}, num_parameters=1,
+                            size_bytes=1, sha256="0" * 64, storage_key=f"{adapter_id}.safetensors"))  # fmt: skip
+        session.flush()
+        for name, values in rows.items():
+            ids[name] = new_id("evl")
+            session.add(Evaluation(id=ids[name], tenant_id=tenant.id, adapter_id=adapter_id, base_model="tiny-sd",
+                                   params={}, reference_keys=[], **values))  # fmt: skip
         session.commit()
     sent: list[tuple[str, str]] = []
     rt = Runtime(settings=api.context.settings, sessions=api.context.sessions, storage=api.context.storage, owner="t")
     rt.send = lambda task, job_id, **_: sent.append((task, job_id))
-    _reap_evaluations(rt, now, grace)
-    mine = {job_id for _, job_id in sent if job_id in ids.values()}
-    assert mine == {ids["lost"], ids["crashed"]} and {task for task, _ in sent} == {EVALUATE_TASK}
+    reap_once(rt)
+    mine = {job_id for task, job_id in sent if task == EVALUATE_TASK and job_id in ids.values()}
+    assert mine == {ids["lost"], ids["crashed"]}
     sent.clear()
-    _reap_evaluations(rt, now + timedelta(seconds=30), grace)  # stamped: not again within the grace
+    reap_once(rt)  # stamped when sent: not again within the grace
     assert not {job_id for _, job_id in sent} & {ids["lost"]}
-    _reap_evaluations(rt, now + timedelta(seconds=61), grace)
-    assert ids["lost"] in {job_id for _, job_id in sent}  # a grace period later, once more
