@@ -18,6 +18,9 @@ from shared.settings import PLACEHOLDER_SECRET, Settings
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy/k8s"
 OVERLAYS = ("cpu", "gpu")
+# The Kubernetes versions the manifests are validated against: the oldest supported one and the newest schemas
+# kubernetes-validate bundles.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
 # Read by code outside Settings: the tiny-model cache (shared/models/tiny.py); the image tag (compose only).
 OTHER_VARIABLES = {"KRONA_MODEL_CACHE", "KRONA_VERSION"}
 SECRET_FILES = ("secrets.env", "keda.env")  # git-ignored, made from the *.env.example files next to them
@@ -71,19 +74,24 @@ def test_overlay_renders_and_validates_against_the_kubernetes_schemas(rendered, 
         ("Namespace", "krona"), ("Deployment", "krona-gateway"), ("Service", "krona-gateway"),
         ("Ingress", "krona-gateway"), ("PodDisruptionBudget", "krona-gateway"),
         ("HorizontalPodAutoscaler", "krona-gateway"), ("Deployment", "krona-worker-train"),
-        ("Deployment", "krona-worker-infer"), ("Job", "krona-migrate-1.0.0"), ("ConfigMap", "krona-config"),
+        ("Deployment", "krona-worker-infer"), ("ConfigMap", "krona-config"), ("Deployment", "krona-keda-role"),
         ("Secret", "krona-keda"), ("TriggerAuthentication", "krona-postgres"),
         ("ScaledObject", "krona-worker-train"), ("ScaledObject", "krona-worker-infer"),
-        ("NetworkPolicy", "krona-ingress"), ("NetworkPolicy", "krona-egress"), ("Deployment", "krona-webhooks"),
+        ("NetworkPolicy", "krona-ingress"), ("NetworkPolicy", "krona-gateway-ingress"),
+        ("NetworkPolicy", "krona-worker-metrics"), ("NetworkPolicy", "krona-egress"), ("Deployment", "krona-webhooks"),
     ]:  # fmt: skip
         assert expected in kinds, expected
     assert any(kind == "Secret" and name.startswith("krona-secrets-") for kind, name in kinds)  # hashed name
+    assert any(kind == "ConfigMap" and name.startswith("krona-keda-role-") for kind, name in kinds)  # hashed name
+    # No Job: a Job's pod template cannot change, so a re-apply after an upgrade or a rotation would fail.
+    assert not any(kind in ("Job", "CronJob") for kind, _ in kinds)
     for obj in objects:
         if obj["apiVersion"].startswith("keda.sh/"):
-            # KEDA's CRDs are not in kubernetes-validate's bundled schemas (it only ships the core API);
-            # their fields are checked by test_keda_scales_each_queue_on_the_database_truth below instead.
+            # KEDA's CRDs are not in kubernetes-validate's bundled schemas (it only ships the core API): they are
+            # validated against KEDA's fields in tests/test_deploy_keda.py.
             continue
-        kubernetes_validate.validate(obj, "1.37", strict=True)
+        for version in KUBERNETES_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 def test_rendering_stops_without_the_secret_files(tmp_path):
@@ -147,10 +155,11 @@ def test_autoscaled_deployments_set_no_replicas(rendered, overlay):
 
 def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
     """Queued plus running jobs per queue, read from PostgreSQL (a Redis list loses a message once a worker takes
-    it, so a running training would count zero); each query runs here with the expected counts, by index."""
+    it, so a running training would count zero); each query runs here with the expected counts, by index.
+    (tests/test_deploy_keda.py runs them as KEDA's least-privileged role.)"""
     from sqlalchemy import text
 
-    from shared.db import Adapter, Generation, Training, make_engine, make_session_factory
+    from shared.db import Adapter, Evaluation, Generation, Training, make_engine, make_session_factory
     from shared.tenants import create_tenant
 
     objects = rendered["gpu"]
@@ -169,6 +178,9 @@ def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
         assert float(trigger["metadata"]["targetQueryValue"]) >= 1
         queries[table] = trigger["metadata"]["query"]
         assert table in queries[table]
+        # One source: the file that krona-keda-role runs as KEDA's role.
+        query_file = K8S / "base/keda" / ("train.sql" if table == "trainings" else "infer.sql")
+        assert queries[table] == query_file.read_text()
     assert scaled["krona-worker-train"]["spec"]["minReplicaCount"] == 0  # training scales to zero
     assert scaled["krona-worker-infer"]["spec"]["minReplicaCount"] >= 1
 
@@ -183,11 +195,13 @@ def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
             session.add(Training(tenant_id=tenant.id, base_model="tiny-sd", instance_prompt="x", status=status))
         for status in [*statuses, "running"]:
             session.add(Generation(tenant_id=tenant.id, prompt="x", width=64, height=64, seed=0, status=status))
-        # Standalone evaluations run on the train queue too (krona.evaluate); null: never evaluated.
-        for status in ["queued", "running", "succeeded", "failed", None]:
-            evaluation = None if status is None else {"status": status}
-            session.add(Adapter(tenant_id=tenant.id, base_model="tiny-sd", num_parameters=1, size_bytes=1,
-                                sha256="0" * 64, storage_key="k", evaluation=evaluation))  # fmt: skip
+        # Adapter evaluations run on the train queue too.
+        adapter = Adapter(tenant_id=tenant.id, base_model="tiny-sd", num_parameters=1, size_bytes=1,
+                          sha256="0" * 64, storage_key="k")  # fmt: skip
+        session.add(adapter)
+        session.flush()
+        for status in ["queued", "running", "succeeded", "failed", "canceled"]:
+            session.add(Evaluation(tenant_id=tenant.id, adapter_id=adapter.id, base_model="tiny-sd", status=status))
         session.flush()
         after = {table: session.execute(text(query)).scalar() for table, query in queries.items()}
         # Queued and running only (a running training keeps its worker, however long it runs).
@@ -195,7 +209,7 @@ def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
         assert after["generations"] - counts["generations"] == 4
         # Indexes answer each query (seq scans off here: the test tables are too small to need one).
         session.execute(text("SET LOCAL enable_seqscan = off"))
-        indexes = {"trainings": ["ix_trainings_status", "ix_adapters_evaluation_status"],
+        indexes = {"trainings": ["ix_trainings_status", "ix_evaluations_status"],
                    "generations": ["ix_generations_status"]}  # fmt: skip
         for table, query in queries.items():
             plan = "\n".join(row[0] for row in session.execute(text(f"EXPLAIN {query}")))
@@ -223,7 +237,7 @@ def test_every_pod_meets_the_restricted_pod_security_level(rendered, overlay):
     namespace = _find(objects, "Namespace", "krona")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     pods = list(_pod_templates(objects))
-    assert len(pods) == 5
+    assert len(pods) == 5  # gateway (with its migrate init container), train, infer, webhooks, keda-role
     for name, pod in pods:
         pod_context = pod.get("securityContext", {})
         assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
@@ -278,7 +292,8 @@ def test_the_datastores_policy_comes_with_its_namespace():
     assert policy["metadata"]["namespace"] == "krona-data"
     sources = policy["spec"]["ingress"][0]["from"][0]
     components = sources["podSelector"]["matchExpressions"][0]["values"]
-    assert set(components) == {"gateway", "worker", "migrate"}
+    assert set(components) == {"gateway", "worker"}  # the migrate init container runs in the gateway's pod
+    # Who may reach which port is checked connection by connection in tests/test_deploy_network.py.
 
 
 def test_ingress_has_tls_and_a_class_and_routes_neither_metrics_nor_probes(rendered):
@@ -298,20 +313,56 @@ def test_ingress_has_tls_and_a_class_and_routes_neither_metrics_nor_probes(rende
             assert not routed, (internal, path, kind)
 
 
-def test_migrate_job_runs_on_the_slim_image_and_is_named_after_its_tag(rendered, tmp_path):
-    job = _find(rendered["gpu"], "Job", "krona-migrate-1.0.0")
-    (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == "krona-gateway:1.0.0"  # not the CUDA worker image
-    assert container["command"][-1] == "migrate"
-    assert job["spec"]["backoffLimit"] >= 6 and job["spec"]["ttlSecondsAfterFinished"] > 0
-    # A new tag (set where an operator sets it, in the overlay) gives a new Job, which `kubectl apply` can create;
-    # the old one's pod template could not be changed.
+def test_migrations_run_before_the_gateway_on_its_image_and_survive_any_image_or_secret_change(rendered, tmp_path):
+    """`krona migrate` is the gateway pod's init container (no Job: a Job's pod template cannot change). Whatever
+    an operator changes, a registry with a port, an outer overlay's `images:`, a rotated secret, the result is a
+    Deployment that `kubectl apply` can update, with the migration on the new image."""
+    for overlay in OVERLAYS:
+        gateway = _find(rendered[overlay], "Deployment", "krona-gateway")["spec"]["template"]["spec"]
+        (init,) = gateway["initContainers"]
+        (container,) = gateway["containers"]
+        assert init["name"] == "migrate" and init["command"] == ["python", "-m", "services.cli.main", "migrate"]
+        assert init["image"] == container["image"] == "krona-gateway:1.0.0"  # not the CUDA worker image
+        assert init["envFrom"] == container["envFrom"]
+
+    def render(tree):
+        objects = _kustomize(tree / "outer")
+        assert not any(o["kind"] in ("Job", "CronJob") for o in objects)
+        return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+    # An outer overlay (the operator's) on top of ours, with a registry that has a port and a tag with '-'.
     tree, _ = _copy_with_secrets(tmp_path)
-    overlay = tree / "overlays/gpu/kustomization.yaml"
-    overlay.write_text(overlay.read_text() + "images:\n  - name: krona-gateway\n    newTag: 1.1.0-rc.2\n")
-    (job,) = [o for o in _kustomize(overlay.parent) if o["kind"] == "Job"]
-    assert job["metadata"]["name"] == "krona-migrate-1.1.0-rc.2"
-    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "krona-gateway:1.1.0-rc.2"
+    (tree / "outer").mkdir()
+    (tree / "outer/kustomization.yaml").write_text(
+        "resources: [../overlays/gpu]\nimages:\n"
+        "  - {name: krona-gateway, newName: registry.example.com:5000/krona/krona-gateway, newTag: 1.1.0-rc.2}\n"
+        "  - {name: krona-worker, newName: registry.example.com:5000/krona/krona-worker, newTag: 1.1.0-rc.2}\n"
+    )
+    before = render(tree)
+    pod = before[("Deployment", "krona-gateway")]["spec"]["template"]["spec"]
+    image = "registry.example.com:5000/krona/krona-gateway:1.1.0-rc.2"
+    assert pod["initContainers"][0]["image"] == pod["containers"][0]["image"] == image
+    assert before[("Deployment", "krona-keda-role")]["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    # A rotated secret: the same objects (no new names but the hashed Secret's), the pods roll.
+    secrets_env = tree / "base/secrets.env"
+    secrets_env.write_text(secrets_env.read_text().replace("KRONA_S3_SECRET_KEY=", "KRONA_S3_SECRET_KEY=rotated-"))
+    after = render(tree)
+    changed = {key for key in before.keys() & after.keys() if before[key] != after[key]}
+    assert {k for k in before if k[0] != "Secret"} == {k for k in after if k[0] != "Secret"}
+    assert ("Deployment", "krona-gateway") in changed and all(kind == "Deployment" for kind, _ in changed)
+
+
+def test_the_migrate_command_is_idempotent_on_a_migrated_database(postgres_url, tmp_path):
+    """What the init container runs, run twice on an already migrated database: nothing to do, status 0. (No S3 is
+    configured here, so the bucket step is the local-storage no-op; tests/test_migrate_bucket.py covers S3.)"""
+    import os
+
+    env = {**os.environ, "KRONA_DATABASE_URL": postgres_url, "KRONA_DATA_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-m", "services.cli.main", "migrate"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "database at migration head" in result.stdout
 
 
 def _workers(objects):
@@ -343,7 +394,8 @@ def _alive_check() -> str:
 def test_worker_probes_read_the_liveness_file_a_busy_worker_keeps_fresh(rendered):
     check = ["python", "-c", _alive_check()]
     objects = rendered["gpu"]
-    workers = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] != "krona-gateway"]
+    workers = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] in
+               ("krona-worker-train", "krona-worker-infer", "krona-webhooks")]  # fmt: skip
     assert len(workers) == 3
     for worker in workers:
         pod = worker["spec"]["template"]["spec"]

@@ -1,0 +1,1 @@
+SELECT count(*) FROM generations WHERE status IN ('queued', 'running')
