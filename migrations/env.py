@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import context
 
 from shared.db.models import Base
@@ -37,6 +38,10 @@ def run_migrations_online() -> None:
             connection=connection, target_metadata=target_metadata, render_as_batch=url.startswith("sqlite")
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Two processes migrating at once (gateway pods starting together): the second waits, then finds
+                # the schema at head, instead of failing on the first's half-made tables.
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(7242200222)"))
             context.run_migrations()
     engine.dispose()
 

@@ -30,7 +30,13 @@ class Progress(BaseModel):
     step: int = Field(description="optimizer steps done")
     total_steps: int
     loss: float | None = None
-    eta_seconds: float | None = None
+    eta_seconds: float | None = Field(None, description="seconds left in the training phase, from its steps so far")
+    phase: str | None = Field(
+        None,
+        description="what the job is doing: queued, then loading_model, class_images (prior preservation), "
+        "training, evaluating (params.evaluate), uploading; null once it ended",
+        examples=["training"],
+    )
 
 
 class TrainingPublic(BaseModel):
@@ -43,7 +49,14 @@ class TrainingPublic(BaseModel):
                     "status": "running",
                     "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                     "instance_prompt": "a photo of sks dog",
-                    "progress": {"step": 120, "total_steps": 500, "loss": 0.113, "eta_seconds": 95.0},
+                    "progress": {
+                        "step": 120,
+                        "total_steps": 500,
+                        "loss": 0.113,
+                        "eta_seconds": 95.0,
+                        "phase": "training",
+                    },
+                    "queue_position": None,
                     "adapter_id": None,
                     "error": None,
                     "params": {"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8},
@@ -64,6 +77,11 @@ class TrainingPublic(BaseModel):
     base_model: str
     instance_prompt: str
     progress: Progress
+    queue_position: int | None = Field(
+        None,
+        description="while queued: 1 + this tenant's queued trainings created before it (its jobs are served "
+        "oldest first; other tenants' share the workers by the fair scheduler)",
+    )
     adapter_id: str | None = None
     error: ErrorInfo | None = None
     params: dict[str, Any]
@@ -241,6 +259,14 @@ class GenerationPublic(BaseModel):
     height: int
     seed: int
     batch_id: str | None = None
+    phase: str | None = Field(
+        None,
+        description="queued, then loading_model, generating, uploading; null once it ended",
+        examples=["generating"],
+    )
+    queue_position: int | None = Field(
+        None, description="while queued: 1 + this tenant's queued generations created before it"
+    )
     images: list[ImagePublic]
     error: ErrorInfo | None = None
     created_at: datetime
@@ -305,14 +331,43 @@ def _error(row) -> dict[str, str] | None:
     return {"code": row.error_code, "message": row.error_message or ""}
 
 
-def training_public(row: Training) -> dict[str, Any]:
+def queue_positions(session, model, tenant_id: str, rows) -> dict[str, int]:
+    """Each queued row's place among the tenant's queued jobs of ``model`` (1 = next): one query, only when a row
+    is queued."""
+    from sqlalchemy import func, select
+
+    wanted = {row.id for row in rows if row.status == "queued"}
+    if not wanted:
+        return {}
+    ranked = (
+        select(model.id, func.row_number().over(order_by=(model.created_at, model.id)).label("position"))
+        .where(model.tenant_id == tenant_id, model.status == "queued")
+        .subquery()
+    )
+    found = session.execute(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(wanted)))
+    return {job_id: position for job_id, position in found}
+
+
+def job_phase(row) -> str | None:
+    """The phase a client sees: queued, the worker's phase while running (loading_model until it wrote one), none
+    once the job ended."""
+    if row.status == "queued":
+        return "queued"
+    if row.status == "running":
+        return row.phase or "loading_model"
+    return None
+
+
+def training_public(row: Training, queue_position: int | None = None) -> dict[str, Any]:
+    progress = {"step": row.step, "total_steps": row.total_steps, "loss": row.loss, "eta_seconds": row.eta_seconds}
     return TrainingPublic(
         id=row.id,
         name=row.name,
         status=row.status,
         base_model=row.base_model,
         instance_prompt=row.instance_prompt,
-        progress={"step": row.step, "total_steps": row.total_steps, "loss": row.loss, "eta_seconds": row.eta_seconds},
+        progress={**progress, "phase": job_phase(row)},
+        queue_position=queue_position if row.status == "queued" else None,
         adapter_id=row.adapter_id,
         error=_error(row),
         params=row.params,
@@ -386,7 +441,7 @@ def latest_evaluations(session, adapter_ids: list[str]) -> dict[str, Evaluation]
     return {row.adapter_id: row for row in rows}
 
 
-def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
+def generation_public(row: Generation, public_url: str, queue_position: int | None = None) -> dict[str, Any]:
     base = public_url.rstrip("/")
     images = [
         {
@@ -408,6 +463,8 @@ def generation_public(row: Generation, public_url: str) -> dict[str, Any]:
         height=row.height,
         seed=row.seed,
         batch_id=row.batch_id,
+        phase=job_phase(row),
+        queue_position=queue_position if row.status == "queued" else None,
         images=images,
         error=_error(row),
         created_at=as_utc(row.created_at),

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     retention_interval_seconds: int = Field(
         3600, ge=10, description="how often the reaper expires images and sweeps orphaned blobs"
     )
+    class_image_ttl_hours: float = Field(
+        24.0 * 30,
+        gt=0,
+        le=24 * 3650,
+        description="cached class images (prior preservation) are deleted this long after they were made",
+    )
     sweep_grace_seconds: int = Field(
         3600, ge=0, description="the storage sweep leaves blobs younger than this (uploads in flight)"
     )

@@ -384,3 +384,19 @@ def test_retention_on_the_embedded_sqlite_database(tmp_path):
     with rt.sessions() as session:
         assert session.get(Training, training.id).images_deleted_at is not None
         assert session.get(Generation, generation.id).images_expired_at is not None
+
+
+def test_cached_class_images_stay_until_their_ttl(api):
+    """Prior preservation's class images are a cache (workers/training/class_images.py): kept while the tenant
+    exists, deleted once older than KRONA_CLASS_IMAGE_TTL_HOURS."""
+    rt = _runtime(api, sweep_grace_seconds=60, class_image_ttl_hours=24)
+    tenant_id = _tenant_id(api)
+    fresh = f"tenants/{tenant_id}/class-images/{'a' * 32}/00000.png"
+    stale = f"tenants/{tenant_id}/class-images/{'b' * 32}/00000.png"
+    for key in (fresh, stale):
+        api.context.storage.put_bytes(key, b"png")
+    _age(api, fresh, 3600)
+    _age(api, stale, 25 * 3600)
+    counts = sweep_storage(rt)
+    assert api.context.storage.exists(fresh) and not api.context.storage.exists(stale)
+    assert counts["deleted_class_images"] == 1 and counts["unknown"] == 0

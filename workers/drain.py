@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import update
 
@@ -30,9 +30,18 @@ from shared.db import utcnow
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-__all__ = ["drain_requested", "hand_over_training", "release_lease", "request_drain", "reset_drain"]
+__all__ = [
+    "Drained",
+    "drain_requested",
+    "hand_over_training",
+    "release_lease",
+    "request_drain",
+    "reset_drain",
+    "unless_drained",
+]
 
 log = logging.getLogger("krona.worker.drain")
+T = TypeVar("T")
 
 _requested = threading.Event()
 
@@ -46,6 +55,35 @@ def request_drain(reason: str = "SIGTERM") -> None:
 
 def drain_requested() -> bool:
     return _requested.is_set()
+
+
+class Drained(Exception):
+    """A long call was left running because the worker is draining (``unless_drained``)."""
+
+
+def unless_drained(call: Callable[[], T], what: str, poll_seconds: float = 0.5) -> T:
+    """``call()``, run in a thread while this one watches the drain flag: its result, or Drained as soon as a
+    drain is requested while it still runs. For the phases that cannot stop half-way (loading or downloading
+    the model, an evaluation's generate-and-score): the job hands over at once, and the call is left to finish
+    in the background of a process that is about to exit."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"krona-{what}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(poll_seconds)
+        if thread.is_alive() and drain_requested():
+            log.warning("draining: %s left running, the job hands over", what)
+            raise Drained(what)
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 def reset_drain() -> None:

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from shared.settings import Settings
 from shared.training_spec import EvaluationRequest
 from shared.usage import Usage
 
+from .drain import Drained, release_lease, unless_drained
 from .lease import Heartbeat, finish
 from .runtime import Runtime
 from .transient import retry_transient
@@ -49,6 +51,7 @@ log = logging.getLogger("krona.worker.evaluation")
 
 __all__ = [
     "evaluate_trained_adapter",
+    "interrupted_evaluation",
     "record_of_training_evaluation",
     "run_claimed_evaluation",
     "run_evaluation_job",
@@ -188,6 +191,22 @@ def record_of_training_evaluation(state: dict[str, Any], tenant_id: str, adapter
     )
 
 
+def interrupted_evaluation(
+    rt: Runtime, request: EvaluationRequest, instance_prompt: str, reference_images: int
+) -> dict[str, Any]:
+    """The state of a training's evaluation cut short by a drain (SIGTERM): failed, with how to score it again."""
+    state = request.initial_state(
+        instance_prompt=instance_prompt,
+        clip_model=rt.settings.eval_clip_model,
+        dino_model=rt.settings.eval_dino_model,
+        reference_images=reference_images,
+        requested_at=utcnow().isoformat(),
+        status="running",
+    )
+    message = "the worker shut down during the evaluation; score the adapter with POST /v1/adapters/{id}/evaluations"
+    return _failed(state, "evaluation_interrupted", message)
+
+
 def _params_of(state: dict[str, Any]) -> dict[str, Any]:
     """What an evaluation row keeps of a request's state (shared/training_spec.py: EvaluationRequest.initial_state)."""
     keys = ("prompts", "images_per_prompt", "steps", "class_noun", "identifier", "models", "reference_images")
@@ -267,7 +286,8 @@ def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
             adapter_path.write_bytes(rt.storage.get_bytes(claimed.adapter_key))
             photos = [(key, rt.storage.get_bytes(key)) for key in claimed.reference_keys]
             references = _write_references(work / "references", photos)
-            scores = score_adapter(
+            score = partial(
+                score_adapter,
                 base_model=claimed.base_model,
                 adapter_path=adapter_path,
                 reference_dir=references,
@@ -276,7 +296,11 @@ def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
                 work=work,
                 image_limits=_image_limits(rt.settings),
             )
+            # Generating and scoring cannot stop half-way: on SIGTERM another worker starts it over, at once.
+            scores = unless_drained(score, "an evaluation")
         status, values = "succeeded", {"scores": scores}
+    except Drained:
+        return _hand_over(rt, evaluation_id)
     except Exception as exc:
         log.warning("evaluation %s failed", evaluation_id, exc_info=True)
         status = "failed"
@@ -300,6 +324,21 @@ def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
         max_tenants=rt.settings.metrics_max_tenants,
     )
     return status
+
+
+def _hand_over(rt: Runtime, evaluation_id: str) -> str:
+    """A drain during an evaluation: release the lease (the attempt not counted) and wake another worker."""
+    from shared.db import Evaluation
+    from shared.queue import EVALUATE_TASK
+
+    if not release_lease(rt, Evaluation, evaluation_id):
+        return "lease_lost"
+    try:
+        rt.send(EVALUATE_TASK, evaluation_id)
+    except Exception:  # the reaper sends it again once the broker is back
+        log.warning("evaluation %s: could not send the hand-over message; the reaper will", evaluation_id)
+    log.warning("evaluation %s: lease released for another worker (draining)", evaluation_id)
+    return "drained"
 
 
 def _device_name(rt: Runtime) -> str:

@@ -150,7 +150,8 @@ def _layout(key: str) -> tuple[str, str, str | None]:
 
     tenants/{t}/trainings/{id}/images/{i}.{ext}, tenants/{t}/trainings/{id}/checkpoint.tar,
     tenants/{t}/generations/{id}/{index}.png, tenants/{t}/adapters/{id}.safetensors, an evaluation's reference
-    images tenants/{t}/adapters/{adapter id}/evaluation/{evaluation id}/{i}.{ext}; anything else is "other".
+    images tenants/{t}/adapters/{adapter id}/evaluation/{evaluation id}/{i}.{ext}, prior preservation's cached class
+    images tenants/{t}/class-images/{set}/{i}.png; anything else is "other".
     """
     parts = key.split("/")
     tenant_id = parts[1] if len(parts) > 1 else ""
@@ -160,6 +161,8 @@ def _layout(key: str) -> tuple[str, str, str | None]:
         return "adapter", tenant_id, parts[3].split(".", 1)[0]
     if len(parts) >= 7 and parts[2] == "adapters" and parts[4] == "evaluation":
         return "evaluation", tenant_id, parts[5]
+    if len(parts) == 5 and parts[2] == "class-images":
+        return "class_images", tenant_id, None
     return "other", tenant_id, None
 
 
@@ -184,7 +187,8 @@ def sweep_storage(rt: Runtime, now: datetime | None = None) -> dict[str, int]:
     files of queued or running jobs, are left. Everything old under ``tmp/`` goes (two-phase writes whose
     commit never came). Returns counts: scanned, young (left for their age), unknown (left for their
     layout), kept (a row names them), and deleted_tmp, deleted_tenant, deleted_training, deleted_generation,
-    deleted_adapter, deleted_evaluation (reference images of an evaluation that ended or whose adapter is gone).
+    deleted_adapter, deleted_evaluation (reference images of an evaluation that ended or whose adapter is gone),
+    deleted_class_images (cached class images older than KRONA_CLASS_IMAGE_TTL_HOURS).
     """
     cutoff = (now or utcnow()) - timedelta(seconds=rt.settings.sweep_grace_seconds)
     counts = dict.fromkeys(
@@ -198,6 +202,7 @@ def sweep_storage(rt: Runtime, now: datetime | None = None) -> dict[str, int]:
             "deleted_generation",
             "deleted_adapter",
             "deleted_evaluation",
+            "deleted_class_images",
         ),
         0,
     )
@@ -211,6 +216,14 @@ def sweep_storage(rt: Runtime, now: datetime | None = None) -> dict[str, int]:
                     rt.storage.delete(key)
                 counts["deleted_tmp"] += len(old)
                 continue
+            class_cutoff = (now or utcnow()) - timedelta(hours=rt.settings.class_image_ttl_hours)
+            stale_class_images = [
+                key for key, modified in chunk if modified < class_cutoff and _layout(key)[0] == "class_images"
+            ]
+            for key in stale_class_images:
+                rt.storage.delete(key)
+            counts["deleted_class_images"] += len(stale_class_images)
+            old = [key for key in old if key not in set(stale_class_images)]
             for key, verdict in _verdicts(rt, old):
                 if verdict != "unknown":
                     rt.storage.delete(key)
@@ -271,6 +284,8 @@ def _verdicts(rt: Runtime, keys: list[str]) -> list[tuple[str, str]]:
             verdicts.append((key, "deleted_tenant"))
         elif kind == "other":
             verdicts.append((key, "unknown"))
+        elif kind == "class_images":
+            continue  # a cache: kept while its tenant exists, until KRONA_CLASS_IMAGE_TTL_HOURS (sweep_storage)
         else:
             row = rows[kind].get(row_id)
             if row is None or row.tenant_id != tenant_id or not _kept(kind, row, key, keep_images):

@@ -70,11 +70,13 @@ def configure_logging(level: int = logging.INFO) -> None:
 def _training_snapshot(context: AppContext, training_id: str) -> dict | None:
     """The training's public body, or None when its row is gone (deleted, or its tenant was)."""
     from shared.db import Training
-    from shared.schemas import training_public
+    from shared.schemas import queue_positions, training_public
 
     with context.sessions() as session:
         row = session.get(Training, training_id)
-        return training_public(row) if row is not None else None
+        if row is None:
+            return None
+        return training_public(row, queue_positions(session, Training, row.tenant_id, [row]).get(row.id))
 
 
 def create_app(

@@ -2,7 +2,7 @@
 
 A follower never touches the database: each followed training has one asyncio task in this process
 that reads the row (in the threadpool, with a short session) every ``interval`` seconds and
-publishes a new snapshot when the status, step or loss changed. Followers wait on that snapshot.
+publishes a new snapshot when the status, step, loss, phase or queue position changed. Followers wait on that snapshot.
 With N followers of one training the database sees one query per interval, not N, and the event
 loop never blocks. The poller stops when its training is finished or nobody follows it any more.
 
@@ -146,7 +146,14 @@ class ProgressHub:
                     log.warning("progress of %s unreadable (%s); retrying", training_id, exc.__class__.__name__)
                 await asyncio.sleep(min(5.0, self.interval * 2**failures))
                 continue
-            state = (body["status"], body["progress"]["step"], body["progress"]["loss"])
+            progress = body["progress"]
+            state = (
+                body["status"],
+                progress["step"],
+                progress["loss"],
+                progress.get("phase"),
+                body.get("queue_position"),
+            )
             if state != last:
                 last = state
                 async with topic.changed:

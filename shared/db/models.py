@@ -158,6 +158,11 @@ class _Job:
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+# What a running job is doing, written by its worker (shared/schemas.py: Progress.phase).
+TRAINING_PHASES = ("loading_model", "class_images", "training", "evaluating", "uploading")
+GENERATION_PHASES = ("loading_model", "generating", "uploading")
+
+
 class Training(_Job, Base):
     __tablename__ = "trainings"
     __table_args__ = (
@@ -181,6 +186,7 @@ class Training(_Job, Base):
     adapter_id: Mapped[str | None] = mapped_column(String(32), default=None)
     # Set when the subject's photos were removed from storage (at the end of the training, unless kept).
     images_deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    phase: Mapped[str | None] = mapped_column(String(32), default=None)  # TRAINING_PHASES while running
 
 
 class Adapter(Base):
@@ -260,6 +266,7 @@ class Generation(_Job, Base):
     images: Mapped[list[Any]] = mapped_column(default=list)
     # Set when the images were removed after KRONA_GENERATION_TTL_HOURS.
     images_expired_at: Mapped[datetime | None] = mapped_column(default=None)
+    phase: Mapped[str | None] = mapped_column(String(32), default=None)  # GENERATION_PHASES while running
 
 
 class IdempotencyKey(Base):

@@ -16,7 +16,7 @@ import logging
 import time
 from contextlib import ExitStack
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from shared.db import Adapter, Generation
 from shared.images import encode_png
@@ -205,6 +205,7 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
     with ExitStack() as heartbeats:  # one lease per request, renewed while the batch runs
         for job_id in runnable:
             heartbeats.enter_context(Heartbeat(rt.sessions, Generation, job_id, rt.owner, lease))
+        _set_phase(rt, list(runnable), "generating")
         started = time.perf_counter()
         # The batch's time is shared among its requests in proportion to their cost (images x steps x pixels).
         total_cost = sum(max(rows[j].cost, 1e-9) for j in runnable)
@@ -223,6 +224,7 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
         share = batch_seconds * max(row.cost, 1e-9) / total_cost
         storing = time.perf_counter()
         stored = []
+        _set_phase(rt, [job_id], "uploading")
         try:
             for index, array in enumerate(images):
                 key = f"tenants/{row.tenant_id}/generations/{job_id}/{index}.png"
@@ -248,6 +250,21 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
     _prefetch(rt, engine)
     log.info("batch of %d generations (%d images); cache %s", len(runnable), sum(map(len, outputs)), engine.stats())
     return "succeeded"
+
+
+def _set_phase(rt: Runtime, job_ids: list[str], phase: str) -> None:
+    """Record what these owned generations are doing (progress displays); a failed write is not worth a retry."""
+    try:
+        with rt.sessions() as session:
+            session.execute(
+                update(Generation)
+                .where(Generation.id.in_(job_ids), Generation.status == "running", Generation.lease_owner == rt.owner)
+                .values(phase=phase)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+    except Exception:
+        log.warning("could not record phase %s of %s", phase, job_ids[:3])
 
 
 def _prefetch(rt: Runtime, engine) -> None:

@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
@@ -28,7 +29,7 @@ from shared.storage import BlobNotFound
 from shared.training_spec import TrainingSpec
 from shared.usage import Usage
 
-from ..drain import drain_requested, hand_over_training
+from ..drain import Drained, drain_requested, hand_over_training, unless_drained
 from ..lease import Heartbeat, finish, renew, wake_if_capped
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
@@ -146,8 +147,14 @@ class _Attempt:
         except DependencyUnavailable as exc:
             return self.fail(exc.code, str(exc))
         spec = self.claimed.spec
+        self.set_phase("loading_model")
         try:
-            self.components = _components(self.rt, self.claimed.base_model, spec)
+            # Loading (or downloading) the model cannot stop half-way: on SIGTERM the job hands over at once.
+            self.components = unless_drained(
+                lambda: _components(self.rt, self.claimed.base_model, spec), "loading the base model"
+            )
+        except Drained:
+            return hand_over_training(self.rt, self.training_id, None, self.on_checkpoint)
         except BaseModelNotFound as exc:  # a removed or mistyped id: say so, do not retry as a lost worker
             return self.fail("base_model_not_found", str(exc))
         try:
@@ -161,6 +168,8 @@ class _Attempt:
                 on_progress=self.on_progress,
                 should_cancel=self.should_cancel,
                 on_checkpoint=self.on_checkpoint,
+                on_phase=self.set_phase,
+                class_image_cache=self._class_image_cache(),
             )
         except TrainingCanceled as stopped:
             if drain_requested() and not self.cancel_requested():  # SIGTERM: another worker resumes (drain.py)
@@ -178,6 +187,7 @@ class _Attempt:
         self.meter.step(result.steps)
         claimed = self.claimed
         evaluation = self._evaluate(result.adapter_path)
+        self.set_phase("uploading")
         try:
             return _store_adapter(
                 self.rt,
@@ -199,9 +209,11 @@ class _Attempt:
         request = self.claimed.spec.evaluation()
         if request is None:
             return None
-        from workers.evaluation import evaluate_trained_adapter
+        from workers.evaluation import evaluate_trained_adapter, interrupted_evaluation
 
-        return evaluate_trained_adapter(
+        self.set_phase("evaluating")
+        evaluate = partial(
+            evaluate_trained_adapter,
             self.rt,
             request=request,
             instance_prompt=self.claimed.spec.instance_prompt,
@@ -209,6 +221,12 @@ class _Attempt:
             adapter_path=adapter_path,
             image_keys=self.claimed.image_keys,
         )
+        try:
+            return unless_drained(evaluate, "the adapter's evaluation")
+        except Drained:  # SIGTERM: the adapter is stored now, unscored; scoring it again is one request away
+            return interrupted_evaluation(
+                self.rt, request, self.claimed.spec.instance_prompt, len(self.claimed.image_keys)
+            )
 
     def retry(self, what: str, call):
         """Storage and database calls ride out an outage (workers/transient.py)."""
@@ -294,6 +312,22 @@ class _Attempt:
         if not self.retry("write progress", lambda: _renew(self.rt, self.training_id, self.lease, **values)):
             raise LeaseLost(self.training_id)
 
+    def set_phase(self, phase: str) -> None:
+        """Record what the job is doing now (shared/db/models.py: TRAINING_PHASES), for progress displays."""
+        if not self.retry("write the phase", lambda: _renew(self.rt, self.training_id, self.lease, phase=phase)):
+            raise LeaseLost(self.training_id)
+
+    def _class_image_cache(self):
+        spec = self.claimed.spec
+        if not spec.prior_preservation:
+            return None
+        from workers.training import native_resolution
+        from workers.training.class_images import class_image_set
+
+        resolution = spec.resolution or native_resolution(self.components)
+        name = class_image_set(self.claimed.base_model, spec, resolution)
+        return StorageClassImageCache(self.rt, f"tenants/{self.claimed.tenant_id}/class-images/{name}", self.retry)
+
     def should_cancel(self) -> bool:
         # A draining worker stops like a cancel (a checkpoint of this step), then hands the training over.
         return drain_requested() or self.cancel_requested()
@@ -328,6 +362,26 @@ class _Attempt:
 
 class LeaseLost(Exception):
     pass
+
+
+class StorageClassImageCache:
+    """A training's class images in storage, one PNG per index under ``prefix`` (the tenant's trainings of the
+    same class share them: workers/training/class_images.py). A missing or unreadable image is made again."""
+
+    def __init__(self, rt: Runtime, prefix: str, retry) -> None:
+        self.rt, self.prefix, self.retry = rt, prefix, retry
+
+    def key(self, index: int) -> str:
+        return f"{self.prefix}/{index:05d}.png"
+
+    def get(self, index: int) -> bytes | None:
+        try:
+            return self.retry("read a class image", lambda: self.rt.storage.get_bytes(self.key(index)))
+        except BlobNotFound:
+            return None
+
+    def put(self, index: int, png: bytes) -> None:
+        self.retry("store a class image", lambda: self.rt.storage.put_bytes(self.key(index), png))
 
 
 def _purge_inputs(rt: Runtime, training_id: str) -> None:

@@ -27,7 +27,7 @@ from shared.training_spec import TrainingSpec
 
 from .adapter import build_adapter, save_trained_adapter
 from .checkpoints import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from .class_images import generate_class_images
+from .class_images import ClassImageCache, generate_class_images
 from .components import Components, weight_dtype_for
 from .data import prepare_data
 from .step import TrainState, train_step
@@ -79,12 +79,16 @@ def train(
     on_progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[Path], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    class_image_cache: ClassImageCache | None = None,
 ) -> TrainingResult:
     """Train a KronA adapter on ``images`` and write it to ``output``.
 
     With ``checkpoint_dir`` and ``spec.checkpoint_every`` > 0, checkpoints are written every N steps
     (and on cancellation); ``resume=True`` continues from the newest one there. ``should_cancel`` is
-    asked between steps; on True a checkpoint is written and TrainingCanceled raised.
+    asked between steps (and between class images); on True a checkpoint is written and TrainingCanceled raised.
+    ``on_phase`` hears "class_images" and "training" as they begin; ``class_image_cache`` holds class images
+    across trainings (workers/training/class_images.py).
     """
     start = time.perf_counter()
     if components.weight_dtype != weight_dtype_for(spec.mixed_precision):
@@ -93,7 +97,13 @@ def train(
             "pass mixed_precision to load_components too"
         )
     total_steps = spec.resolved_steps(components.sdxl)
-    class_images = generate_class_images(components, spec) if spec.prior_preservation else None
+    class_images = None
+    if spec.prior_preservation:
+        if on_phase is not None:
+            on_phase("class_images")
+        class_images = generate_class_images(components, spec, cache=class_image_cache, should_stop=should_cancel)
+    if on_phase is not None:
+        on_phase("training")
     data = prepare_data(components, images, spec, class_images=class_images)
     params = build_adapter(components, spec)
     state = TrainState.start(spec, params)

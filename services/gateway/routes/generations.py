@@ -10,7 +10,16 @@ from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from shared.db import Batch, Generation
-from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, GenerationPublic, Page, as_utc, generation_public
+from shared.schemas import (
+    BatchCreate,
+    BatchPublic,
+    GenerationCreate,
+    GenerationPublic,
+    Page,
+    as_utc,
+    generation_public,
+    queue_positions,
+)
 from shared.storage import BlobNotFound
 
 from ..deps import AuthenticatedRoute, BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
@@ -76,7 +85,9 @@ def list_generations(
         if value is not None
     )
     rows, next_cursor = page(session, Generation, tenant, limit=limit, cursor=cursor, filters=filters)
-    return {"data": [generation_public(r, context.settings.public_url) for r in rows], "next_cursor": next_cursor}
+    positions = queue_positions(session, Generation, tenant.id, rows)
+    data = [generation_public(r, context.settings.public_url, positions.get(r.id)) for r in rows]
+    return {"data": data, "next_cursor": next_cursor}
 
 
 @router.get(
@@ -85,7 +96,8 @@ def list_generations(
 def get_generation(generation_id: GenerationId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     """One generation: its status and, once it succeeded, the URLs of its images."""
     row = get_owned(session, Generation, generation_id, tenant, "generation")
-    return generation_public(row, context.settings.public_url)
+    position = queue_positions(session, Generation, tenant.id, [row]).get(row.id)
+    return generation_public(row, context.settings.public_url, position)
 
 
 @router.delete(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hmac
 import os
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -49,13 +50,29 @@ def _may_see_details(request: Request, context) -> bool:
 @router.get(
     "/readyz",
     summary="Database, broker and storage are reachable",
-    description="Public answer: `ready`, or 503 naming each dependency `ok` or `error`. With "
-    "`Authorization: Bearer <KRONA_METRICS_TOKEN>` or an admin API key the answer adds each error's class and, "
-    "under `krona up`, the state of its worker processes (`processes`).",
-    responses=errors(503),
+    description="Public answer: `ready`, or 503 naming each dependency `ok` or `error`. `require` (comma-separated "
+    "subset of database, broker, storage; default all three) says which must be up for `ready`: the Kubernetes "
+    "readiness probe asks for the database only, so that an S3 or broker outage does not take every gateway pod "
+    "out of the Service (reads need only the database; creates answer 503 for the part that is down). Every "
+    "dependency is still checked and reported. With `Authorization: Bearer <KRONA_METRICS_TOKEN>` or an admin "
+    "API key the answer adds each error's class and, under `krona up`, the state of its worker processes "
+    "(`processes`).",
+    responses=errors(422, 503),
 )
-def readyz(request: Request, context: ContextDep):
-    """Readiness: the database, the broker and storage answer (503 names the part that does not)."""
+def readyz(
+    request: Request,
+    context: ContextDep,
+    require: Annotated[
+        str,
+        Query(
+            pattern=r"^(database|broker|storage)(,(database|broker|storage))*$",
+            description="the dependencies that must answer for 200",
+            examples=["database"],
+        ),
+    ] = "database,broker,storage",
+):
+    """Readiness: the required dependencies answer (503 names the part that does not)."""
+    required = set(require.split(","))
     checks: dict[str, str] = {}
     causes: dict[str, str] = {}
     for name, check in (
@@ -76,7 +93,7 @@ def readyz(request: Request, context: ContextDep):
         # gateway can take requests either way, and jobs wait in the queue).
         processes = read_process_states(context.settings.data_dir.resolve())
         extra = {} if processes is None else {"processes": processes}
-    if not causes:
+    if not required & set(causes):
         return {"status": "ready", "checks": checks, **extra}
     return JSONResponse(error_body("not_ready", "a dependency is unreachable", {**checks, **extra}), status_code=503)
 

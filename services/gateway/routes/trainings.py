@@ -13,7 +13,7 @@ from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
 from shared.db import TERMINAL_STATUSES, Training, utcnow
-from shared.schemas import Page, TrainingPublic, training_public
+from shared.schemas import Page, TrainingPublic, queue_positions, training_public
 
 from ..deps import (
     AuthenticatedRoute,
@@ -114,7 +114,8 @@ def list_trainings(
     """The tenant's trainings, newest first, optionally of one status; pass `next_cursor` as `cursor`."""
     filters = (Training.status == status,) if status else ()
     rows, next_cursor = page(session, Training, tenant, limit=limit, cursor=cursor, filters=filters)
-    return {"data": [training_public(r) for r in rows], "next_cursor": next_cursor}
+    positions = queue_positions(session, Training, tenant.id, rows)
+    return {"data": [training_public(r, positions.get(r.id)) for r in rows], "next_cursor": next_cursor}
 
 
 @router.get(
@@ -122,7 +123,8 @@ def list_trainings(
 )
 def get_training(training_id: TrainingId, session: SessionDep, tenant: CurrentTenant):
     """One training with its progress (step, total steps, loss, ETA) and, once it succeeded, its adapter."""
-    return training_public(get_owned(session, Training, training_id, tenant, "training"))
+    row = get_owned(session, Training, training_id, tenant, "training")
+    return training_public(row, queue_positions(session, Training, tenant.id, [row]).get(row.id))
 
 
 @router.post(
