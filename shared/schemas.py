@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+# `canceling`: a running job whose cancel was asked for, until its worker stops it (then `canceled`).
+Status = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 
 
 class ErrorInfo(BaseModel):
@@ -37,6 +38,66 @@ class Progress(BaseModel):
         "training, evaluating (params.evaluate), uploading; null once it ended",
         examples=["training"],
     )
+
+
+class JobUrls(BaseModel):
+    """Absolute URLs of what can be done with the job (from KRONA_PUBLIC_URL), as Replicate's `urls`."""
+
+    get: str = Field(examples=["https://krona.example.com/v1/trainings/trn_3f2a9c0d1e2b4a5f6c7d8e9f"])
+    cancel: str
+    events: str | None = Field(None, description="the server-sent event stream (trainings)")
+
+
+def job_urls(public_url: str, collection: str, job_id: str, events: bool = False) -> dict[str, str | None]:
+    base = f"{public_url.rstrip('/')}/v1/{collection}/{job_id}"
+    return {"get": base, "cancel": f"{base}/cancel", "events": f"{base}/events" if events else None}
+
+
+class EvaluationParams(BaseModel):
+    """How an adapter is scored (`params.evaluate` of a training, `params` of POST /v1/adapters/{id}/evaluations):
+    the first `prompts` DreamBooth evaluation prompts for the class, `per_prompt` images each, `steps` denoising
+    steps; CLIP-I, CLIP-T and DINO against the reference photos (shared/training_spec.py: EvaluationRequest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int = Field(4, ge=1, le=25)
+    per_prompt: int = Field(2, ge=1, le=4)
+    steps: int = Field(25, ge=1, le=100)
+    class_noun: str | None = Field(
+        None, min_length=1, max_length=100, description="the subject's class; default: the last word of the prompt"
+    )
+    identifier: str | None = Field(
+        None, min_length=1, max_length=100, description="the rare token; default: the word before the class noun"
+    )
+
+
+class TrainingParams(BaseModel):
+    """The `params` part of POST /v1/trainings: a JSON object; every field is optional (the defaults are the
+    paper's; GET /v1/capabilities has this server's). Sent as a multipart part with `Content-Type:
+    application/json` (or as plain text holding the same JSON)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8, "seed": 7}]},
+    )
+
+    steps: int | None = Field(None, ge=1, le=100_000, description="optimizer steps (the server caps them)")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW, constant (the paper: 1e-3; best near 6e-4)")
+    a1: int = Field(64, ge=1, description="rows of A (a1 x a2); must be one the server serves (GET /v1/capabilities)")
+    a2: int = Field(8, ge=1, description="columns of A")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], max_length=16, description="attention projections to adapt"
+    )
+    resolution: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's native size")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    random_flip: bool = False
+    gradient_accumulation: int = Field(4, ge=1, le=1024, description="micro-batches per step (the tenant caps it)")
+    prior_preservation: bool = Field(False, description="add the class-prior loss on generated class images")
+    class_prompt: str | None = Field(None, max_length=1000, description="needed with prior_preservation")
+    num_class_images: int = Field(50, ge=1, le=10_000, description="class images (the tenant caps them)")
+    prior_loss_weight: float = Field(1.0, ge=0, le=100)
+    validation_prompt: str | None = Field(None, max_length=1000)
+    evaluate: bool | EvaluationParams = Field(False, description="score the adapter after training")
 
 
 class TrainingPublic(BaseModel):
@@ -77,6 +138,7 @@ class TrainingPublic(BaseModel):
     base_model: str
     instance_prompt: str
     progress: Progress
+    urls: JobUrls | None = None
     queue_position: int | None = Field(
         None,
         description="while queued: 1 + this tenant's queued trainings created before it (its jobs are served "
@@ -259,6 +321,7 @@ class GenerationPublic(BaseModel):
     height: int
     seed: int
     batch_id: str | None = None
+    urls: JobUrls | None = None
     phase: str | None = Field(
         None,
         description="queued, then loading_model, generating, uploading; null once it ended",
@@ -305,6 +368,7 @@ class BatchPublic(BaseModel):
     total: int
     counts: dict[str, int]
     generation_ids: list[str]
+    urls: JobUrls | None = None
     created_at: datetime
 
 
@@ -348,6 +412,13 @@ def queue_positions(session, model, tenant_id: str, rows) -> dict[str, int]:
     return {job_id: position for job_id, position in found}
 
 
+def public_status(row) -> str:
+    """The status a client sees: `canceling` for a running job whose cancel was asked for."""
+    if row.status == "running" and getattr(row, "cancel_requested", False):
+        return "canceling"
+    return row.status
+
+
 def job_phase(row) -> str | None:
     """The phase a client sees: queued, the worker's phase while running (loading_model until it wrote one), none
     once the job ended."""
@@ -358,15 +429,16 @@ def job_phase(row) -> str | None:
     return None
 
 
-def training_public(row: Training, queue_position: int | None = None) -> dict[str, Any]:
+def training_public(row: Training, queue_position: int | None = None, public_url: str = "") -> dict[str, Any]:
     progress = {"step": row.step, "total_steps": row.total_steps, "loss": row.loss, "eta_seconds": row.eta_seconds}
     return TrainingPublic(
         id=row.id,
         name=row.name,
-        status=row.status,
+        status=public_status(row),
         base_model=row.base_model,
         instance_prompt=row.instance_prompt,
         progress={**progress, "phase": job_phase(row)},
+        urls=job_urls(public_url, "trainings", row.id, events=True),
         queue_position=queue_position if row.status == "queued" else None,
         adapter_id=row.adapter_id,
         error=_error(row),
@@ -453,7 +525,7 @@ def generation_public(row: Generation, public_url: str, queue_position: int | No
     ]
     return GenerationPublic(
         id=row.id,
-        status=row.status,
+        status=public_status(row),
         prompt=row.prompt,
         adapter_id=row.adapter_id,
         adapter_scale=row.adapter_scale,
@@ -463,6 +535,7 @@ def generation_public(row: Generation, public_url: str, queue_position: int | No
         height=row.height,
         seed=row.seed,
         batch_id=row.batch_id,
+        urls=job_urls(public_url, "generations", row.id),
         phase=job_phase(row),
         queue_position=queue_position if row.status == "queued" else None,
         images=images,

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/krona.db")
     broker_url: str | None = Field(None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db")
     base_model: str = Field("tiny-sd", description="base model: tiny-sd, tiny-sdxl, a folder or a hub id")
+    engine_factors: str = Field(
+        "64x8",
+        pattern=r"^[1-9][0-9]{0,3}x[1-9][0-9]{0,3}$",
+        description="the A shape (a1 x a2) of the inference engine's adapter slots: the adapter shape this "
+        "deployment serves; trainings and uploads of another shape are refused (422 unservable_adapter)",
+    )
     # Adapter evaluation (params.evaluate, POST /v1/adapters/{id}/evaluations; workers/evaluation.py). The
     # defaults are shared/eval/metrics.py's; tests set tiny-clip / tiny-dino (built from config, no download).
     eval_clip_model: str = Field(
@@ -196,6 +202,12 @@ class Settings(BaseSettings):
         if self.lease_seconds < 8:
             raise ValueError("KRONA_LEASE_SECONDS must be at least 8")
         return self
+
+    @property
+    def engine_a_shape(self) -> tuple[int, int]:
+        """``engine_factors`` as (a1, a2)."""
+        a1, a2 = self.engine_factors.split("x")
+        return int(a1), int(a2)
 
     @property
     def resolved_database_url(self) -> str:

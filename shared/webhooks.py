@@ -36,6 +36,7 @@ __all__ = [
     "RESOLVE_TIMEOUT_SECONDS",
     "SECRET_PREFIX",
     "SIGNATURE_HEADER",
+    "WEBHOOK_EVENTS",
     "DeliveryError",
     "ResolutionTimeout",
     "WebhookTarget",
@@ -102,6 +103,17 @@ _GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4-mapped: the IPv4 address is what is reached
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix: reaches the embedded IPv4 address
 _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")  # 6to4: bits 16-48 are an IPv4 address
+
+
+# The event types a delivery may carry (``type``), and what a ``webhook_events`` filter may name.
+WEBHOOK_EVENTS = (
+    "training.succeeded",
+    "training.failed",
+    "training.canceled",
+    "generation.succeeded",
+    "generation.failed",
+    "generation.canceled",
+)
 
 
 def new_webhook_secret() -> str:

@@ -52,7 +52,11 @@ def test_training_create_get_list_and_enqueue(api):
         "total_steps": 5,
         "loss": None,
         "eta_seconds": None,
+        "phase": "queued",
     }
+    assert body["queue_position"] == 1
+    base = f"{api.context.settings.public_url}/v1/trainings/{body['id']}"
+    assert body["urls"] == {"get": base, "cancel": f"{base}/cancel", "events": f"{base}/events"}
     assert body["params"]["a1"] == 64 and body["num_images"] == 2
     assert ("krona.train", body["id"]) in api.enqueuer.sent
     assert api.client.get(f"/v1/trainings/{body['id']}", headers=api.headers()).json()["id"] == body["id"]
@@ -144,9 +148,41 @@ def test_cancel(api):
         session.execute(update(Training).where(Training.id == running["id"]).values(status="running"))
         session.commit()
     response = api.client.post(f"/v1/trainings/{running['id']}/cancel", headers=api.headers())
-    assert response.status_code == 202 and response.json()["status"] == "running"
+    assert response.status_code == 202 and response.json()["status"] == "canceling"  # until its worker stops it
     with api.context.sessions() as session:
         assert session.get(Training, running["id"]).cancel_requested
+    listed = api.client.get("/v1/trainings", headers=api.headers(), params={"status": "canceling"}).json()["data"]
+    assert [t["id"] for t in listed] == [running["id"]]
+
+
+def test_generations_and_batches_cancel_like_trainings(api):
+    from shared.db import Generation
+
+    queued = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "p"}).json()
+    canceled = api.client.post(f"/v1/generations/{queued['id']}/cancel", headers=api.headers())
+    assert canceled.status_code == 202 and canceled.json()["status"] == "canceled"
+    again = api.client.post(f"/v1/generations/{queued['id']}/cancel", headers=api.headers())
+    assert again.status_code == 409 and again.json()["error"]["code"] == "not_cancelable"
+    running = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "p"}).json()
+    with api.context.sessions() as session:
+        session.execute(update(Generation).where(Generation.id == running["id"]).values(status="running"))
+        session.commit()
+    canceling = api.client.post(f"/v1/generations/{running['id']}/cancel", headers=api.headers())
+    assert canceling.status_code == 202 and canceling.json()["status"] == "canceling"
+    assert canceling.json()["urls"]["cancel"].endswith(f"/v1/generations/{running['id']}/cancel")
+    batch = api.client.post(
+        "/v1/batches", headers=api.headers(), json={"generations": [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]}
+    ).json()
+    first, second, third = batch["generation_ids"]
+    with api.context.sessions() as session:
+        session.execute(update(Generation).where(Generation.id == first).values(status="succeeded"))
+        session.execute(update(Generation).where(Generation.id == second).values(status="running"))
+        session.commit()
+    stopped = api.client.post(f"/v1/batches/{batch['id']}/cancel", headers=api.headers())
+    assert stopped.status_code == 202, stopped.text
+    counts = stopped.json()["counts"]
+    assert (counts["succeeded"], counts["canceling"], counts["canceled"], counts["queued"]) == (1, 1, 1, 0)
+    assert api.client.post(f"/v1/batches/{batch['id']}/cancel", headers=api.headers()).status_code == 202
 
 
 def test_events_stream_ends_on_a_terminal_state(api):

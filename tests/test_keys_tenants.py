@@ -11,7 +11,16 @@ from api_helpers import Api, RecordingEnqueuer, image_files
 from sqlalchemy import func, inspect, select, text
 
 from services.cli.main import main
-from shared.db import Adapter, ApiKey, Tenant, TenantService, UsageRecord, make_engine, make_session_factory
+from shared.db import (
+    Adapter,
+    ApiKey,
+    Evaluation,
+    Tenant,
+    TenantService,
+    UsageRecord,
+    make_engine,
+    make_session_factory,
+)
 from shared.tenants import create_api_key, hash_key
 from shared.usage import Usage, new_record
 
@@ -209,17 +218,19 @@ def _populate(api: Api, tenant: str, tenant_id: str) -> None:
     storage.put_bytes(f"tenants/{tenant_id}/adapters/adp_0.safetensors", b"adapter")
     storage.put_bytes(f"tenants/{tenant_id}/generations/gen_0/0.png", b"png")
     with api.context.sessions() as session:
-        session.add(
-            Adapter(
-                tenant_id=tenant_id,
-                base_model="tiny-sd",
-                config={"a1": 8, "a2": 8, "targets": []},
-                num_parameters=1,
-                size_bytes=7,
-                sha256="0" * 64,
-                storage_key=f"tenants/{tenant_id}/adapters/adp_0.safetensors",
-            )
+        adapter = Adapter(
+            tenant_id=tenant_id,
+            base_model="tiny-sd",
+            config={"a1": 8, "a2": 8, "targets": []},
+            num_parameters=1,
+            size_bytes=7,
+            sha256="0" * 64,
+            storage_key=f"tenants/{tenant_id}/adapters/adp_0.safetensors",
         )
+        session.add(adapter)
+        session.flush()
+        session.add(Evaluation(tenant_id=tenant_id, adapter_id=adapter.id, base_model="tiny-sd", params={},
+                               reference_keys=[]))  # fmt: skip
         session.merge(TenantService(tenant_id=tenant_id, queue="infer", counter=1.0))
         session.add(new_record(tenant_id, "generation", "gen_0", "succeeded", Usage(1.5, "cpu", images=1)))
         session.commit()

@@ -411,8 +411,13 @@ def _evaluate(api, adapter_id: str) -> list[str]:
         data={"params": json.dumps({"class_noun": "dog", "prompts": 1})},
     )
     assert response.status_code == 202, response.text
+    from sqlalchemy import select
+
+    from shared.db import Evaluation
+
+    evaluation_id = response.json()["evaluation"]["id"]
     with api.context.sessions() as session:
-        keys = session.get(Adapter, adapter_id).evaluation["reference_keys"]
+        keys = session.scalar(select(Evaluation.reference_keys).where(Evaluation.id == evaluation_id))
     assert len(keys) == 3 and all(api.context.storage.exists(key) for key in keys)
     return keys
 

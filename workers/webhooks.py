@@ -132,7 +132,10 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         if row is None:  # the job was deleted (DELETE /v1/…, or its tenant) after the claim
             return "skipped"
         secret = session.scalar(select(Tenant.webhook_secret).where(Tenant.id == row.tenant_id))
-        body = training_public(row) if kind == "training" else generation_public(row, settings.public_url)
+        if kind == "training":
+            body = training_public(row, None, settings.public_url)
+        else:
+            body = generation_public(row, settings.public_url)
         url = row.webhook_url
     payload = json.dumps({"type": f"{kind}.{body['status']}", "data": body}, separators=(",", ":")).encode()
 

@@ -18,11 +18,22 @@ from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
 from .context import AppContext, CeleryEnqueuer, Enqueuer
+from .docs import install_docs
 from .errors import install_error_handlers
 from .events import ProgressHub
 from .middleware import BodySizeLimit, RequestContext
 from .openapi import camel_case_operation_id, install_openapi
-from .routes import adapters, generations, health, keys, tenants, trainings, usage, webhooks
+from .routes import (
+    adapters,
+    capabilities,
+    generations,
+    health,
+    keys,
+    tenants,
+    trainings,
+    usage,
+    webhooks,
+)
 
 log = logging.getLogger("krona.gateway")
 
@@ -76,7 +87,8 @@ def _training_snapshot(context: AppContext, training_id: str) -> dict | None:
         row = session.get(Training, training_id)
         if row is None:
             return None
-        return training_public(row, queue_positions(session, Training, row.tenant_id, [row]).get(row.id))
+        position = queue_positions(session, Training, row.tenant_id, [row]).get(row.id)
+        return training_public(row, position, context.settings.public_url)
 
 
 def create_app(
@@ -118,11 +130,15 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         generate_unique_id_function=camel_case_operation_id,
+        docs_url=None,  # served from local files: services/gateway/docs.py
+        redoc_url=None,
     )
     app.state.context = context
     install_openapi(app)
+    install_docs(app)
     install_error_handlers(app)
     for router in (
+        capabilities.router,
         trainings.router,
         adapters.router,
         generations.router,

@@ -105,6 +105,32 @@ class AppContext:
         self._key_checks[key_id] = (now, active)
         return active
 
+    def check_servable(self, a_shape: tuple[int, int], layers) -> None:
+        """422 ``unservable_adapter`` unless the inference engine can serve an adapter with A ``a_shape`` on
+        ``layers`` (module paths): its slots hold A ``KRONA_ENGINE_FACTORS`` on the attention projections, and an
+        adapter on a subset of them is served with the others at zero. Checked before a training is queued or an
+        upload stored, so that the service never makes or keeps an adapter it cannot generate with."""
+        from shared.krona.config import DEFAULT_TARGET_MODULES
+        from shared.models.shapes import select_targets
+
+        from .errors import ApiError
+
+        engine = self.settings.engine_a_shape
+        served = set(select_targets(self.base_model_shapes(), DEFAULT_TARGET_MODULES))
+        outside = sorted(set(layers) - served)
+        if tuple(a_shape) != engine or outside:
+            reason = (
+                f"A {a_shape[0]}x{a_shape[1]}" if tuple(a_shape) != engine else f"layers outside them ({outside[0]})"
+            )
+            raise ApiError(
+                422,
+                "unservable_adapter",
+                f"this deployment generates with adapters of A {engine[0]}x{engine[1]} on the attention projections "
+                f"(to_q, to_k, to_v, to_out.0) of {self.settings.base_model}; an adapter with {reason} could not be "
+                f"served: use a1={engine[0]}, a2={engine[1]} (GET /v1/capabilities)",
+                {"servable_factors": [{"a1": engine[0], "a2": engine[1]}], "target_modules": DEFAULT_TARGET_MODULES},
+            )
+
     def native_size(self) -> int:
         if self._native_size is None:
             self._load_base_model_config()

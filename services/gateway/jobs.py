@@ -89,6 +89,53 @@ def page_of(session: Session, model, query, limit: int, cursor: str | None) -> t
     return rows[:limit], next_cursor
 
 
+def status_filters(model, status: str | None) -> tuple:
+    """Conditions for a list's ``status`` filter: ``canceling`` is a running job whose cancel was asked for."""
+    if status is None:
+        return ()
+    if status == "canceling":
+        return (model.status == "running", model.cancel_requested.is_(True))
+    if status == "running":
+        return (model.status == "running", model.cancel_requested.is_(False))
+    return (model.status == status,)
+
+
+def cancel_jobs(context: AppContext, session: Session, model, job_ids: list[str], kind: str) -> None:
+    """Cancel these jobs (the caller checked they are the tenant's): queued ones at once (their webhooks sent),
+    running ones at their worker's next step (``cancel_requested``; they answer ``canceling`` meanwhile). Ended
+    ones are left as they are. Commits."""
+    now = utcnow()
+    canceled = list(
+        session.scalars(
+            update(model)
+            .where(model.id.in_(job_ids), model.status == "queued")
+            .values(status="canceled", finished_at=now, updated_at=now, cancel_requested=True)
+            .returning(model.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    session.execute(
+        update(model)
+        .where(model.id.in_(job_ids), model.status == "running")
+        .values(cancel_requested=True, updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    with_webhooks = (
+        session.scalars(select(model.id).where(model.id.in_(canceled), model.webhook_url.is_not(None))).all()
+        if canceled
+        else []
+    )
+    session.commit()
+    for job_id in with_webhooks:
+        from shared.queue import WEBHOOK_TASK
+
+        try:
+            context.enqueuer.send(WEBHOOK_TASK, f"{kind}:{job_id}")
+        except Exception:  # the reaper delivers pending webhooks
+            log.warning("could not send the webhook task of %s %s; the reaper will", kind, job_id)
+
+
 # Answers to creates -------------------------------------------------------------------------------
 
 

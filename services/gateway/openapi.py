@@ -43,12 +43,33 @@ _DESCRIPTIONS = {
 }
 
 
+# The example each status shows (a route's description names its own codes).
+_EXAMPLES = {
+    400: ("invalid_cursor", "cursor is not one this API returned; list again without it"),
+    401: ("unauthorized", "missing API key: send 'Authorization: Bearer <key>'"),
+    403: ("admin_key_required", "this route needs an admin key (krona admin create-admin-key)"),
+    404: ("not_found", "no such resource for this tenant"),
+    409: ("idempotency_key_reused", "this Idempotency-Key was used for a different request"),
+    413: ("payload_too_large", "request body over 209,715,200 bytes"),
+    415: ("unsupported_image", "photo 2: not a PNG, JPEG or WebP image"),
+    422: ("invalid_request", "prompt: String should have at least 1 character"),
+    429: ("rate_limited", "this API key is over 100 requests per second (bursts of 200); retry after 1 s"),
+    503: ("database_unavailable", "the database is unreachable; try again shortly"),
+}
+
+
 def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` entries for these statuses, each with the error envelope."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         description, headers = _DESCRIPTIONS[status]
-        out[status] = {"model": ErrorResponse, "description": description}
+        code, message = _EXAMPLES[status]
+        example = {"error": {"code": code, "message": message, "details": None}}
+        out[status] = {
+            "model": ErrorResponse,
+            "description": description,
+            "content": {"application/json": {"example": example}},
+        }
         if headers:
             out[status]["headers"] = headers
     return out
@@ -80,12 +101,81 @@ SSE_DESCRIPTION = (
 )
 
 
+# Binary answers: the image and the adapter file downloads.
+BINARY_MEDIA = ("image/png", "application/octet-stream")
+
+
+def _add_model(schema: dict[str, Any], model) -> None:
+    """Put ``model``'s JSON schema (and the models it uses) under components.schemas."""
+    found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, definition in found.pop("$defs", {}).items():
+        schema["components"]["schemas"].setdefault(name, definition)
+    schema["components"]["schemas"].setdefault(model.__name__, found)
+
+
+def _typed_parts() -> dict[str, tuple[str, Any]]:
+    from shared.schemas import EvaluationParams, TrainingParams
+
+    return {"createTraining": ("params", TrainingParams), "evaluateAdapter": ("params", EvaluationParams)}
+
+
+def _created_examples() -> dict[str, Any]:
+    """What a create answers: the new resource as it is then (queued), not as it is later."""
+    training = {
+        "id": "trn_3f2a9c0d1e2b4a5f6c7d8e9f",
+        "name": "rex",
+        "status": "queued",
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "instance_prompt": "a photo of sks dog",
+        "progress": {"step": 0, "total_steps": 500, "loss": None, "eta_seconds": None, "phase": "queued"},
+        "queue_position": 1,
+        "adapter_id": None,
+        "error": None,
+        "params": {"steps": 500},
+        "num_images": 5,
+        "created_at": "2026-11-29T10:00:00+00:00",
+        "updated_at": "2026-11-29T10:00:00+00:00",
+        "started_at": None,
+        "finished_at": None,
+        "images_deleted_at": None,
+    }
+    generation = {
+        "id": "gen_5e6f708192a3b4c5d6e7f809",
+        "status": "queued",
+        "prompt": "a photo of sks dog on the moon",
+        "adapter_id": "adp_0a1b2c3d4e5f60718293a4b5",
+        "adapter_scale": 1.0,
+        "num_images": 2,
+        "steps": 25,
+        "width": 512,
+        "height": 512,
+        "seed": 7,
+        "batch_id": None,
+        "phase": "queued",
+        "queue_position": 1,
+        "images": [],
+        "error": None,
+        "created_at": "2026-11-29T10:05:00+00:00",
+        "updated_at": "2026-11-29T10:05:00+00:00",
+        "started_at": None,
+        "finished_at": None,
+        "images_expired_at": None,
+    }
+    return {"createTraining": training, "createGeneration": generation}
+
+
+TYPED_PARTS: dict[str, tuple[str, Any]] = {}
+CREATED_EXAMPLES: dict[str, Any] = {}
+
+
 def install_openapi(app) -> None:
     """Post-process FastAPI's document once: the event stream described in OpenAPI 3.1 terms.
 
     (FastAPI writes `itemSchema`, an OpenAPI 3.2 field, which 3.1 validators and client generators refuse.)
     """
     generate = app.openapi
+    TYPED_PARTS.update(_typed_parts())
+    CREATED_EXAMPLES.update(_created_examples())
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -100,7 +190,14 @@ def install_openapi(app) -> None:
                         {
                             "description": description,
                             "headers": dict(headers or {}),
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+                                    "example": {
+                                        "error": {"code": _EXAMPLES[429][0], "message": _EXAMPLES[429][1]},
+                                    },
+                                }
+                            },
                         },
                     )
                     for status, response in operation["responses"].items():
@@ -111,6 +208,15 @@ def install_openapi(app) -> None:
                     name = form["schema"].get("$ref", "").rsplit("/", 1)[-1]
                     body = schema["components"]["schemas"].get(name, form["schema"])
                     body["additionalProperties"] = False
+                    typed = TYPED_PARTS.get(operation.get("operationId", ""))
+                    if typed is not None:  # a JSON part with its schema, so that generated clients type it
+                        part, model = typed
+                        _add_model(schema, model)
+                        description = body["properties"][part].get("description")
+                        body["properties"][part] = {"$ref": f"#/components/schemas/{model.__name__}"}
+                        if description:
+                            body["properties"][part] = {"allOf": [body["properties"][part]], "description": description}
+                        form["encoding"] = {part: {"contentType": "application/json"}}
                     for field in body.get("properties", {}).values():
                         # Files as generators know them: OpenAPI 3.0's `format: binary` next to 3.1's
                         # contentMediaType (openapi-python-client reads only the former).
@@ -122,9 +228,19 @@ def install_openapi(app) -> None:
                     if status in ("201", "202") and operation.get("operationId", "").startswith(("create", "upload")):
                         response["headers"]["Location"] = _LOCATION
                     media = response.get("content", {})
-                    if status >= "400" and media and "application/json" not in media:
+                    if status >= "400" and media and "schema" not in media.get("application/json", {}):
                         # Errors are JSON even on a route whose success is a stream or a file.
-                        response["content"] = {"application/json": next(iter(media.values()))}
+                        other = next(spec for name, spec in media.items() if name != "application/json")
+                        response["content"] = {"application/json": {**other, **media.get("application/json", {})}}
+                for media, spec in operation.get("responses", {}).get("200", {}).get("content", {}).items():
+                    if media in BINARY_MEDIA:  # a file, as generators know one
+                        spec["schema"] = {"type": "string", "format": "binary"}
+                example = CREATED_EXAMPLES.get(operation.get("operationId", ""))
+                if example is not None:
+                    for status in ("201", "202"):
+                        media = operation["responses"].get(status, {}).get("content", {}).get("application/json")
+                        if media is not None:
+                            media["example"] = example
                 content = operation.get("responses", {}).get("200", {}).get("content", {})
                 stream = content.get("text/event-stream")
                 if stream is not None:

@@ -83,6 +83,21 @@ class Base(DeclarativeBase):
 
 class Tenant(Base):
     __tablename__ = "tenants"
+    # The tenants with queued jobs of each queue, where the fair scheduler starts (migration 0010).
+    __table_args__ = (
+        Index(
+            "ix_tenants_waiting_infer",
+            "id",
+            postgresql_where=text("queued_generations > 0"),
+            sqlite_where=text("queued_generations > 0"),
+        ),
+        Index(
+            "ix_tenants_waiting_train",
+            "id",
+            postgresql_where=text("queued_trainings > 0 OR queued_evaluations > 0"),
+            sqlite_where=text("queued_trainings > 0 OR queued_evaluations > 0"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("ten"))
     name: Mapped[str] = mapped_column(String(100), unique=True)
@@ -144,6 +159,8 @@ class _Job:
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    # The event types the webhook is sent for (shared/webhooks.py WEBHOOK_EVENTS); None: every one.
+    webhook_events: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
     webhook_delivered_at: Mapped[datetime | None] = mapped_column(default=None)
     # Delivery state (workers/webhooks.py): waiting (job not finished or not yet sent), sending (claimed,
     # with a lease), pending (failed, next attempt scheduled), delivered, rejected (4xx), refused, given_up.
@@ -203,6 +220,9 @@ class Adapter(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(Text)
     training_id: Mapped[str | None] = mapped_column(String(32), default=None, unique=True)
+    # What it was trained with (its training's, or given with the upload): its evaluation uses them.
+    instance_prompt: Mapped[str | None] = mapped_column(Text, default=None)
+    identifier: Mapped[str | None] = mapped_column(String(100), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Unused since migration 0008 (evaluations are rows of ``evaluations`` now); kept for code at 0007, to drop.
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
@@ -267,6 +287,8 @@ class Generation(_Job, Base):
     # Set when the images were removed after KRONA_GENERATION_TTL_HOURS.
     images_expired_at: Mapped[datetime | None] = mapped_column(default=None)
     phase: Mapped[str | None] = mapped_column(String(32), default=None)  # GENERATION_PHASES while running
+    # POST /v1/generations/{id}/cancel on a running generation: its worker drops it at the next step.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class IdempotencyKey(Base):

@@ -9,7 +9,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from shared.db import Batch, Generation
+from shared.db import ACTIVE_STATUSES as ACTIVE
+from shared.db import TERMINAL_STATUSES, Batch, Generation
 from shared.schemas import (
     BatchCreate,
     BatchPublic,
@@ -18,15 +19,19 @@ from shared.schemas import (
     Page,
     as_utc,
     generation_public,
+    job_urls,
     queue_positions,
 )
 from shared.storage import BlobNotFound
 
 from ..deps import AuthenticatedRoute, BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
 from ..errors import ApiError
-from ..jobs import CursorParam, created, get_owned, page
+from ..jobs import CursorParam, cancel_jobs, created, get_owned, page, status_filters
 from ..openapi import ErrorResponse, errors
 from ..services import generations, retention
+
+# Every status a batch's counts name (zero included), `canceling` too.
+STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
 
 router = APIRouter(route_class=AuthenticatedRoute, tags=["generations"], responses=errors(401, 422, 503))
 
@@ -63,7 +68,7 @@ def list_generations(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|canceled)$")] = None,
+    status: Annotated[str | None, Query(pattern="^(queued|running|canceling|succeeded|failed|canceled)$")] = None,
     adapter_id: Annotated[
         str | None, Query(pattern="^adp_[0-9a-f]{24}$", examples=["adp_3f2a9c0d1e2b4a5f6c7d8e9f"])
     ] = None,
@@ -75,13 +80,9 @@ def list_generations(
 ):
     """The tenant's generations, newest first, optionally of one status, adapter or batch; pass `next_cursor`
     as `cursor` for the next page."""
-    filters = tuple(
+    filters = status_filters(Generation, status) + tuple(
         column == value
-        for column, value in (
-            (Generation.status, status),
-            (Generation.adapter_id, adapter_id),
-            (Generation.batch_id, batch_id),
-        )
+        for column, value in ((Generation.adapter_id, adapter_id), (Generation.batch_id, batch_id))
         if value is not None
     )
     rows, next_cursor = page(session, Generation, tenant, limit=limit, cursor=cursor, filters=filters)
@@ -98,6 +99,24 @@ def get_generation(generation_id: GenerationId, context: ContextDep, session: Se
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     position = queue_positions(session, Generation, tenant.id, [row]).get(row.id)
     return generation_public(row, context.settings.public_url, position)
+
+
+@router.post(
+    "/v1/generations/{generation_id}/cancel",
+    status_code=202,
+    response_model=GenerationPublic,
+    summary="Stop a generation",
+    responses=errors(404, 409),
+)
+def cancel_generation(generation_id: GenerationId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """Cancel a generation: a queued one at once (`canceled`), a running one at its worker's next denoising step
+    (`canceling` until then; no images are kept); 409 once it has ended."""
+    row = get_owned(session, Generation, generation_id, tenant, "generation")
+    if row.status in TERMINAL_STATUSES:
+        raise ApiError(409, "not_cancelable", f"generation {generation_id} is already {row.status}")
+    cancel_jobs(context, session, Generation, [row.id], "generation")
+    session.refresh(row)
+    return generation_public(row, context.settings.public_url)
 
 
 @router.delete(
@@ -146,16 +165,39 @@ def get_generation_image(
     return Response(data, media_type="image/png")
 
 
-def _batch_public(session: Session, batch: Batch) -> dict:
-    counts = {s: 0 for s in ("queued", "running", "succeeded", "failed", "canceled")}
-    for status, count in session.execute(
-        select(Generation.status, func.count()).where(Generation.batch_id == batch.id).group_by(Generation.status)
-    ):
-        counts[status] = count
-    ids = list(session.scalars(select(Generation.id).where(Generation.batch_id == batch.id).order_by(Generation.id)))
-    return BatchPublic(
-        id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=as_utc(batch.created_at)
-    ).model_dump(mode="json")
+def _batch_publics(session: Session, batches: list[Batch], public_url: str) -> list[dict]:
+    """The public bodies of a page of batches: counts per status and generation ids in two grouped queries."""
+    ids = [batch.id for batch in batches]
+    counts = {batch_id: dict.fromkeys(STATUSES, 0) for batch_id in ids}
+    members: dict[str, list[str]] = {batch_id: [] for batch_id in ids}
+    if ids:
+        rows = session.execute(
+            select(Generation.batch_id, Generation.status, Generation.cancel_requested, func.count())
+            .where(Generation.batch_id.in_(ids))
+            .group_by(Generation.batch_id, Generation.status, Generation.cancel_requested)
+        )
+        for batch_id, status, cancel_requested, count in rows:
+            shown = "canceling" if status == "running" and cancel_requested else status
+            counts[batch_id][shown] = counts[batch_id].get(shown, 0) + count
+        for batch_id, generation_id in session.execute(
+            select(Generation.batch_id, Generation.id).where(Generation.batch_id.in_(ids)).order_by(Generation.id)
+        ):
+            members[batch_id].append(generation_id)
+    return [
+        BatchPublic(
+            id=batch.id,
+            total=batch.total,
+            counts=counts[batch.id],
+            generation_ids=members[batch.id],
+            urls=job_urls(public_url, "batches", batch.id),
+            created_at=as_utc(batch.created_at),
+        ).model_dump(mode="json")
+        for batch in batches
+    ]
+
+
+def _batch_public(session: Session, batch: Batch, public_url: str) -> dict:
+    return _batch_publics(session, [batch], public_url)[0]
 
 
 @router.post(
@@ -185,6 +227,7 @@ def create_batch(
     "/v1/batches", response_model=Page[BatchPublic], summary="List batches, newest first", responses=errors(400)
 )
 def list_batches(
+    context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -192,7 +235,26 @@ def list_batches(
 ):
     """The tenant's batches, newest first, with counts per status; pass `next_cursor` as `cursor`."""
     rows, next_cursor = page(session, Batch, tenant, limit=limit, cursor=cursor)
-    return {"data": [_batch_public(session, r) for r in rows], "next_cursor": next_cursor}
+    return {"data": _batch_publics(session, rows, context.settings.public_url), "next_cursor": next_cursor}
+
+
+@router.post(
+    "/v1/batches/{batch_id}/cancel",
+    status_code=202,
+    response_model=BatchPublic,
+    summary="Stop a batch's generations",
+    responses=errors(404),
+)
+def cancel_batch(batch_id: BatchId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
+    """Cancel every generation of the batch that has not ended: queued ones at once, running ones at their next
+    step. Ended ones keep their images. Canceling a batch twice is not an error."""
+    batch = get_owned(session, Batch, batch_id, tenant, "batch")
+    active = list(
+        session.scalars(select(Generation.id).where(Generation.batch_id == batch.id, Generation.status.in_(ACTIVE)))
+    )
+    if active:
+        cancel_jobs(context, session, Generation, active, "generation")
+    return _batch_public(session, batch, context.settings.public_url)
 
 
 @router.get(
@@ -201,6 +263,6 @@ def list_batches(
     summary="A batch with counts per status",
     responses=errors(404),
 )
-def get_batch(batch_id: BatchId, session: SessionDep, tenant: CurrentTenant):
+def get_batch(batch_id: BatchId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     """A batch: how many of its generations are in each status, and their ids."""
-    return _batch_public(session, get_owned(session, Batch, batch_id, tenant, "batch"))
+    return _batch_public(session, get_owned(session, Batch, batch_id, tenant, "batch"), context.settings.public_url)

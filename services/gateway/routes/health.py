@@ -73,6 +73,21 @@ def readyz(
 ):
     """Readiness: the required dependencies answer (503 names the part that does not)."""
     required = set(require.split(","))
+    checks, causes = _check_dependencies(context)
+    extra: dict = {}
+    if _may_see_details(request, context):  # probes send no key: no lookup for them
+        checks = {name: f"error: {causes[name]}" if name in causes else "ok" for name in checks}
+        # Under `krona up`: whether its worker processes run or are being restarted (information only; the
+        # gateway can take requests either way, and jobs wait in the queue).
+        processes = read_process_states(context.settings.data_dir.resolve())
+        extra = {} if processes is None else {"processes": processes}
+    if not required & set(causes):
+        return {"status": "ready", "checks": checks, **extra}
+    return JSONResponse(error_body("not_ready", "a dependency is unreachable", {**checks, **extra}), status_code=503)
+
+
+def _check_dependencies(context) -> tuple[dict[str, str], dict[str, str]]:
+    """({dependency: ok|error}, {dependency: the error's class}) for the database, the broker and storage."""
     checks: dict[str, str] = {}
     causes: dict[str, str] = {}
     for name, check in (
@@ -86,16 +101,7 @@ def readyz(
         except Exception as exc:
             checks[name] = "error"
             causes[name] = exc.__class__.__name__
-    extra: dict = {}
-    if _may_see_details(request, context):  # probes send no key: no lookup for them
-        checks = {name: f"error: {causes[name]}" if name in causes else "ok" for name in checks}
-        # Under `krona up`: whether its worker processes run or are being restarted (information only; the
-        # gateway can take requests either way, and jobs wait in the queue).
-        processes = read_process_states(context.settings.data_dir.resolve())
-        extra = {} if processes is None else {"processes": processes}
-    if not required & set(causes):
-        return {"status": "ready", "checks": checks, **extra}
-    return JSONResponse(error_body("not_ready", "a dependency is unreachable", {**checks, **extra}), status_code=503)
+    return checks, causes
 
 
 def _ping_database(context) -> None:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterable, AsyncIterator
 from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from fastapi.sse import EventSourceResponse, ServerSentEvent
-from sqlalchemy import update
 from starlette.concurrency import run_in_threadpool
 
-from shared.db import TERMINAL_STATUSES, Training, utcnow
+from shared.db import TERMINAL_STATUSES, Training
 from shared.schemas import Page, TrainingPublic, queue_positions, training_public
 
 from ..deps import (
@@ -26,7 +24,7 @@ from ..deps import (
 )
 from ..errors import ApiError, error_body
 from ..events import FollowerRefused, TooManyStreams, TrainingGone
-from ..jobs import CursorParam, created, get_owned, page
+from ..jobs import CursorParam, cancel_jobs, created, get_owned, page, status_filters
 from ..openapi import errors
 from ..services import retention
 from ..services.trainings import (
@@ -105,26 +103,29 @@ async def create_training(
 
 @router.get("", response_model=Page[TrainingPublic], summary="List trainings, newest first", responses=errors(400))
 def list_trainings(
+    context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    status: Annotated[str | None, Query(pattern="^(queued|running|succeeded|failed|canceled)$")] = None,
+    status: Annotated[str | None, Query(pattern="^(queued|running|canceling|succeeded|failed|canceled)$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: CursorParam = None,
 ):
     """The tenant's trainings, newest first, optionally of one status; pass `next_cursor` as `cursor`."""
-    filters = (Training.status == status,) if status else ()
+    filters = status_filters(Training, status)
     rows, next_cursor = page(session, Training, tenant, limit=limit, cursor=cursor, filters=filters)
     positions = queue_positions(session, Training, tenant.id, rows)
-    return {"data": [training_public(r, positions.get(r.id)) for r in rows], "next_cursor": next_cursor}
+    url = context.settings.public_url
+    return {"data": [training_public(r, positions.get(r.id), url) for r in rows], "next_cursor": next_cursor}
 
 
 @router.get(
     "/{training_id}", response_model=TrainingPublic, summary="One training with its progress", responses=errors(404)
 )
-def get_training(training_id: TrainingId, session: SessionDep, tenant: CurrentTenant):
+def get_training(training_id: TrainingId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     """One training with its progress (step, total steps, loss, ETA) and, once it succeeded, its adapter."""
     row = get_owned(session, Training, training_id, tenant, "training")
-    return training_public(row, queue_positions(session, Training, tenant.id, [row]).get(row.id))
+    position = queue_positions(session, Training, tenant.id, [row]).get(row.id)
+    return training_public(row, position, context.settings.public_url)
 
 
 @router.post(
@@ -135,30 +136,14 @@ def get_training(training_id: TrainingId, session: SessionDep, tenant: CurrentTe
     responses=errors(404, 409),
 )
 def cancel_training(training_id: TrainingId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
-    """Cancel a training: a queued one at once, a running one at its next step (409 once it has ended)."""
+    """Cancel a training: a queued one at once (`canceled`), a running one at its next step (`canceling` until
+    its worker stops it, then `canceled`); 409 once it has ended."""
     row = get_owned(session, Training, training_id, tenant, "training")
     if row.status in TERMINAL_STATUSES:
         raise ApiError(409, "not_cancelable", f"training {training_id} is already {row.status}")
-    now = utcnow()
-    # A queued job is canceled at once; a running one at its next step (the worker reads the flag).
-    session.execute(
-        update(Training)
-        .where(Training.id == row.id, Training.status == "queued")
-        .values(status="canceled", finished_at=now, updated_at=now, cancel_requested=True)
-    )
-    session.execute(
-        update(Training)
-        .where(Training.id == row.id, Training.status == "running")
-        .values(cancel_requested=True, updated_at=now)
-    )
-    session.commit()
+    cancel_jobs(context, session, Training, [row.id], "training")
     session.refresh(row)
-    if row.status == "canceled" and row.webhook_url:
-        from shared.queue import WEBHOOK_TASK
-
-        with contextlib.suppress(Exception):  # the reaper delivers pending webhooks
-            context.enqueuer.send(WEBHOOK_TASK, f"training:{row.id}")
-    return training_public(row)
+    return training_public(row, None, context.settings.public_url)
 
 
 @router.delete(

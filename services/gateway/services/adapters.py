@@ -50,6 +50,7 @@ def _convert_upload(context: AppContext, data: bytes, label: str):
     shapes = context.base_model_shapes()
     arrays, metadata = read_safetensors_bytes(data, label, max_tensors=max_tensors_for(len(shapes)))
     native, config, source = native_arrays_from_upload(arrays, metadata, shapes)
+    context.check_servable((config.a1, config.a2), {key.rsplit(".", 1)[0] for key in native})
     stored = adapter_bytes(
         native, config, {"base_model": context.settings.base_model, "created_by": f"upload ({source})"}
     )

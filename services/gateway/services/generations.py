@@ -16,7 +16,7 @@ from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
 from shared.limits import tenant_limits
 from shared.queue import GENERATE_TASK
 from shared.scheduler import generation_cost
-from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, generation_public
+from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, generation_public, job_urls
 from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
@@ -126,9 +126,14 @@ def create_batch(
         session.add_all(rows)
         session.flush()
         ids = sorted(row.id for row in rows)
-        counts = {"queued": len(ids)} | {status: 0 for status in ("running", "succeeded", "failed", "canceled")}
+        counts = {"queued": len(ids)} | dict.fromkeys(("running", "canceling", "succeeded", "failed", "canceled"), 0)
         public = BatchPublic(
-            id=batch.id, total=batch.total, counts=counts, generation_ids=ids, created_at=batch.created_at
+            id=batch.id,
+            total=batch.total,
+            counts=counts,
+            generation_ids=ids,
+            urls=job_urls(context.settings.public_url, "batches", batch.id),
+            created_at=batch.created_at,
         ).model_dump(mode="json")
         status_code, public = commit_created(session, tenant, idempotency_key, "batches", fingerprint, 202, public)
     if public.get("id") != batch.id:  # a concurrent twin with the same Idempotency-Key won

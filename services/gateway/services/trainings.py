@@ -243,12 +243,14 @@ def create_training(
         resolution=spec.resolution or context.native_size(),
         limits=tenant_limits(settings, tenant.limits),
     )
-    check_adapter_room(session, settings, tenant)
-    images = decode_uploaded_images(settings, submitted.files)
     try:
-        check_factors_fit_shapes(select_targets(context.base_model_shapes(), spec.target_modules), spec.krona_config())
+        layers = select_targets(context.base_model_shapes(), spec.target_modules)
+        check_factors_fit_shapes(layers, spec.krona_config())
     except ValueError as exc:
         raise ApiError(422, "invalid_factors", str(exc)) from None
+    context.check_servable((spec.a1, spec.a2), layers)
+    check_adapter_room(session, settings, tenant)
+    images = decode_uploaded_images(settings, submitted.files)
     if webhook_url:
         try:
             check_webhook_url(webhook_url, allow_private=settings.allow_private_webhooks)
@@ -298,7 +300,7 @@ def create_training(
         with admission(context, session, tenant, Training, 1):
             session.add(row)
             session.flush()
-            body = training_public(row)
+            body = training_public(row, 1 + tenant.queued_trainings, settings.public_url)
             status_code, body = commit_created(
                 session, tenant, idempotency_key, "trainings", fingerprint, 202, body, on_conflict=remove_images
             )
