@@ -217,6 +217,8 @@ class AdapterPublic(BaseModel):
     size_bytes: int
     sha256: str
     training_id: str | None = None
+    instance_prompt: str | None = Field(None, description="the prompt it was trained with")
+    identifier: str | None = Field(None, description="its rare token, used by its evaluations")
     created_at: datetime
     evaluation: AdapterEvaluation | None = Field(
         None, description="CLIP-I/CLIP-T/DINO scores (params.evaluate or POST .../evaluations); null: not evaluated"
@@ -257,6 +259,9 @@ class GenerationCreate(BaseModel):
         max_length=2000,
         pattern=r"^https?://[^/?#@\s]+",
         description="http(s) URL whose host resolves to global addresses only",
+    )
+    webhook_events: list[Literal["generation.succeeded", "generation.failed", "generation.canceled"]] | None = Field(
+        None, min_length=1, max_length=3, description="the events the webhook is sent for (default: every one)"
     )
 
     @field_validator("prompt")
@@ -464,6 +469,8 @@ def adapter_public(row: Adapter, evaluation: Evaluation | None = None) -> dict[s
         size_bytes=row.size_bytes,
         sha256=row.sha256,
         training_id=row.training_id,
+        instance_prompt=row.instance_prompt,
+        identifier=row.identifier,
         created_at=as_utc(row.created_at),
         evaluation=evaluation_public(evaluation) if evaluation is not None else None,
     ).model_dump(mode="json")

@@ -33,9 +33,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 __all__ = [
+    "EVENT_ID_HEADER",
     "RESOLVE_TIMEOUT_SECONDS",
     "SECRET_PREFIX",
     "SIGNATURE_HEADER",
+    "USER_AGENT",
     "WEBHOOK_EVENTS",
     "DeliveryError",
     "ResolutionTimeout",
@@ -104,6 +106,11 @@ _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # IPv4-mapped: the IPv4 addres
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix: reaches the embedded IPv4 address
 _SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")  # 6to4: bits 16-48 are an IPv4 address
 
+
+# Every delivery names itself: the product and the version of its event format, and the event's id (receivers
+# dedupe retries on it), as Stripe's and Replicate's do.
+USER_AGENT = "Krona-Webhooks/1.0 (+https://github.com/krona/krona#webhooks)"
+EVENT_ID_HEADER = "Krona-Event-Id"
 
 # The event types a delivery may carry (``type``), and what a ``webhook_events`` filter may name.
 WEBHOOK_EVENTS = (

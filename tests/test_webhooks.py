@@ -89,7 +89,12 @@ class Receiver:
                 try:
                     body = self.rfile.read(int(self.headers["Content-Length"]))
                     receiver.received.append(
-                        {"body": body, "signature": self.headers[SIGNATURE_HEADER], "host": self.headers["Host"]}
+                        {
+                            "body": body,
+                            "signature": self.headers[SIGNATURE_HEADER],
+                            "host": self.headers["Host"],
+                            "headers": dict(self.headers),
+                        }
                     )
                     if receiver.mode == "trickle":  # the status line, one byte at a time
                         for byte in b"HTTP/1.1 200 OK\r\n\r\n" * 10:

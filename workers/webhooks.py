@@ -32,16 +32,20 @@ GPU worker.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 
 from shared.db import Generation, Tenant, Training, utcnow
 from shared.schemas import generation_public, training_public
 from shared.webhooks import (
+    EVENT_ID_HEADER,
     SIGNATURE_HEADER,
+    USER_AGENT,
     DeliveryError,
     ResolutionTimeout,
     post,
@@ -115,10 +119,22 @@ def _finish(rt: Runtime, model, job_id: str, attempt: int, **values) -> bool:
     return result.rowcount == 1
 
 
+def webhook_event(kind: str, job_id: str, body: dict) -> dict:
+    """The delivered JSON: ``id`` (the same on every retry of this event: receivers dedupe on it), ``type``
+    (``training.succeeded``, ``generation.failed``, …), ``created`` (Unix seconds: when the job ended) and
+    ``data`` (the job as GET returns it), like Stripe's and Replicate's events."""
+    event_type = f"{kind}.{body['status']}"
+    digest = hashlib.sha256(f"{kind}:{job_id}:{body['status']}".encode()).hexdigest()[:24]
+    ended = body.get("finished_at") or body.get("updated_at")
+    created = int(datetime.fromisoformat(ended).timestamp()) if ended else int(time.time())
+    return {"id": f"evt_{digest}", "type": event_type, "created": created, "data": body}
+
+
 def deliver_webhook(rt: Runtime, ref: str) -> str:
     """One attempt for ``ref`` ("training:<id>" or "generation:<id>").
 
-    Returns delivered, rejected, refused, retrying, given_up or skipped (not due: delivered already,
+    Returns delivered, rejected, refused, retrying, given_up, filtered (the job's ``webhook_events`` do not name
+    this event) or skipped (not due: delivered already,
     in flight elsewhere, or its next attempt is not yet due).
     """
     kind, _, job_id = ref.partition(":")
@@ -136,8 +152,12 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
             body = training_public(row, None, settings.public_url)
         else:
             body = generation_public(row, settings.public_url)
-        url = row.webhook_url
-    payload = json.dumps({"type": f"{kind}.{body['status']}", "data": body}, separators=(",", ":")).encode()
+        url, wanted = row.webhook_url, row.webhook_events
+    event = webhook_event(kind, job_id, body)
+    if wanted and event["type"] not in wanted:  # the client asked for other events only
+        _finish(rt, model, job_id, attempt, webhook_state="filtered")
+        return "filtered"
+    payload = json.dumps(event, separators=(",", ":")).encode()
 
     status, error = None, None
     try:
@@ -149,7 +169,12 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         _finish(rt, model, job_id, attempt, webhook_state="refused", webhook_last_error=str(exc)[:1000])
         return "refused"
     if target is not None:
-        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(payload, secret)}
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            EVENT_ID_HEADER: event["id"],
+            SIGNATURE_HEADER: sign(payload, secret),
+        }
         try:
             status = post(
                 target,

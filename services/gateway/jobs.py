@@ -143,11 +143,17 @@ def created(body: dict, status_code: int, collection: str, background=None):
     """The answer to a create (or its idempotent replay): the resource, with Location naming where it lives."""
     from fastapi.responses import JSONResponse
 
-    headers = {"Location": f"/v1/{collection}/{body['id']}"} if "id" in body else None
-    return JSONResponse(body, status_code=status_code, headers=headers, background=background)
+    headers = {"Location": f"/v1/{collection}/{body['id']}"} if "id" in body else {}
+    if isinstance(body, Replayed):  # as Stripe does: the client can tell a replay from a fresh create
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(dict(body), status_code=status_code, headers=headers, background=background)
 
 
 # Idempotency ---------------------------------------------------------------------------------------
+
+
+class Replayed(dict):
+    """The stored first answer to a repeated Idempotency-Key: ``created`` marks it ``Idempotent-Replayed: true``."""
 
 
 def request_hash(*parts: bytes | str) -> str:
@@ -175,7 +181,7 @@ def replay(session: Session, tenant: Tenant, key: str | None, route: str, finger
         return None
     if row.route != route or row.request_hash != fingerprint:
         raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used for a different request")
-    return row.status_code, row.body
+    return row.status_code, Replayed(row.body)
 
 
 def commit_created(

@@ -88,6 +88,11 @@ _REQUEST_ID = {
 }
 _LOCATION = {"description": "path of the created resource, e.g. /v1/trainings/trn_…", "schema": {"type": "string"}}
 
+_REPLAYED = {
+    "description": "`true` when this is the stored first answer to a repeated Idempotency-Key (nothing was created)",
+    "schema": {"type": "string", "enum": ["true"]},
+}
+
 _RATE_LIMIT_HEADERS = {
     "RateLimit-Limit": {"description": "the key's bucket size (burst)", "schema": {"type": "integer"}},
     "RateLimit-Remaining": {"description": "requests left in the bucket now", "schema": {"type": "integer"}},
@@ -227,6 +232,7 @@ def install_openapi(app) -> None:
                     response.setdefault("headers", {})["X-Request-ID"] = _REQUEST_ID
                     if status in ("201", "202") and operation.get("operationId", "").startswith(("create", "upload")):
                         response["headers"]["Location"] = _LOCATION
+                        response["headers"]["Idempotent-Replayed"] = _REPLAYED
                     media = response.get("content", {})
                     if status >= "400" and media and "schema" not in media.get("application/json", {}):
                         # Errors are JSON even on a route whose success is a stream or a file.

@@ -26,7 +26,7 @@ from shared.images import ImageLimits, SubjectImage, decode_image
 from shared.models import BaseModelNotFound
 from shared.queue import TRAIN_TASK
 from shared.storage import BlobNotFound
-from shared.training_spec import TrainingSpec
+from shared.training_spec import EvaluationRequest, TrainingSpec
 from shared.usage import Usage
 
 from ..drain import Drained, drain_requested, hand_over_training, unless_drained
@@ -98,6 +98,7 @@ class _Claimed:
     checkpoint_key: str | None
     spec: TrainingSpec
     base_model: str
+    name: str | None = None
 
 
 def _read_claimed(rt: Runtime, training_id: str) -> _Claimed:
@@ -113,6 +114,7 @@ def _read_claimed(rt: Runtime, training_id: str) -> _Claimed:
             checkpoint_key=row.checkpoint_key,
             spec=spec,
             base_model=row.base_model,
+            name=row.name,
         )
 
 
@@ -199,6 +201,7 @@ class _Attempt:
                 self.retry,
                 self.meter.usage(self.components),
                 evaluation,
+                name=claimed.name,
             )
         except DependencyUnavailable as exc:
             return self.fail(exc.code, str(exc))
@@ -440,6 +443,8 @@ def _store_adapter(
     retry,
     usage: Usage,
     evaluation: dict | None = None,
+    *,
+    name: str | None = None,
 ) -> str:
     from shared.krona import load_adapter
 
@@ -450,7 +455,10 @@ def _store_adapter(
     temporary = rt.storage.temporary_key(key)
     retry("store the adapter", lambda: rt.storage.put_bytes(temporary, data))
     args = (rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage, evaluation)
-    status = retry("record the adapter", lambda: _record_adapter(*args))
+    # The adapter keeps what it was trained with: the training's name, instance prompt and identifier.
+    identifier = (spec.evaluation() or EvaluationRequest()).subject_words(spec.instance_prompt)[0][:100] or None
+    labels = {"name": name, "instance_prompt": spec.instance_prompt, "identifier": identifier}
+    status = retry("record the adapter", lambda: _record_adapter(*args, labels=labels))
     if status == "succeeded":
         limit = rt.settings.metrics_max_tenants
         count_usage(tenant_id=tenant_id, kind="training", status=status, usage=usage, max_tenants=limit)
@@ -459,7 +467,20 @@ def _store_adapter(
 
 
 def _record_adapter(
-    rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage, evaluation=None
+    rt,
+    training_id,
+    tenant_id,
+    base_model,
+    adapter_id,
+    key,
+    temporary,
+    data,
+    state,
+    config,
+    usage,
+    evaluation=None,
+    *,
+    labels: dict | None = None,
 ) -> str:
     """The adapter row and 'succeeded' in one transaction (retried whole after a database fault)."""
     with rt.sessions() as session:
@@ -467,7 +488,7 @@ def _record_adapter(
             Adapter(
                 id=adapter_id,
                 tenant_id=tenant_id,
-                name=None,
+                **(labels or {"name": None}),
                 base_model=base_model,
                 config=config.to_metadata(),
                 num_parameters=int(sum(t.numel() for t in state.values())),

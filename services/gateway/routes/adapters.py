@@ -42,6 +42,20 @@ AdapterFile = Annotated[
 ]
 AdapterName = Annotated[str | None, Form(max_length=MAX_NAME_CHARS)]
 BaseModelName = Annotated[str | None, Form(max_length=MAX_BASE_MODEL_CHARS, description="must be the server's")]
+InstancePromptField = Annotated[
+    str | None,
+    Form(
+        max_length=1000, description="the prompt it was trained with, e.g. 'a photo of sks dog' (kept for evaluation)"
+    ),
+]
+IdentifierField = Annotated[
+    str | None,
+    Form(
+        max_length=100,
+        description="its rare token, e.g. 'sks' (default: the word before the last of instance_prompt); evaluations "
+        "use it",
+    ),
+]
 ReferenceImages = Annotated[
     list[UploadFile],
     File(
@@ -130,10 +144,13 @@ async def upload_adapter(
     file: AdapterFile,
     name: AdapterName = None,
     base_model: BaseModelName = None,
+    instance_prompt: InstancePromptField = None,
+    identifier: IdentifierField = None,
 ):
     """Upload a native or LyCORIS LoKr adapter trained elsewhere. Names and shapes are checked against the
     base model before anything is computed; the stored file is always native."""
-    upload = await read_upload_form(context.settings, file=file, name=name, base_model=base_model)
+    fields = {"name": name, "base_model": base_model, "instance_prompt": instance_prompt, "identifier": identifier}
+    upload = await read_upload_form(context.settings, file=file, **fields)
     # Parsing, converting, storing and committing are blocking work: the threadpool, not the event loop.
     body = await run_in_threadpool(
         partial(
@@ -143,7 +160,7 @@ async def upload_adapter(
             tenant=tenant,
             data=upload.data,
             label=upload.label,
-            name=upload.name,
+            labels=upload.labels,
         )
     )
     return created(body, 201, "adapters")

@@ -53,10 +53,16 @@ def list_api_keys(
 
 
 @router.delete(
-    "/{key_id}", status_code=204, summary="Revoke an API key", responses=errors(404), response_class=Response
+    "/{key_id}", status_code=204, summary="Revoke an API key", responses=errors(404, 409), response_class=Response
 )
-def revoke_api_key(key_id: ApiKeyId, session: SessionDep, tenant: CurrentTenant):
+def revoke_api_key(
+    key_id: ApiKeyId,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    force: Annotated[bool, Query(description="revoke it even if it is the tenant's last active key")] = False,
+):
     """Revoke the key: the next request that sends it answers 401. Revoking a revoked key answers 204 again.
-    A tenant may revoke the key it calls with."""
-    tenants.revoke_key(session=session, tenant=tenant, key_id=key_id)
+    A tenant may revoke the key it calls with, but not its last active key (409 `last_api_key`: it would lock
+    itself out; create another key first, or pass `force=true`)."""
+    tenants.revoke_key(session=session, tenant=tenant, key_id=key_id, force=force)
     return Response(status_code=204)

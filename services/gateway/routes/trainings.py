@@ -60,6 +60,15 @@ Params = Annotated[
     ),
 ]
 Name = Annotated[str | None, Form(max_length=MAX_NAME_CHARS)]
+WebhookEvents = Annotated[
+    str | None,
+    Form(
+        max_length=200,
+        description="the events the webhook is sent for, comma-separated (default: every one): "
+        "training.succeeded, training.failed, training.canceled",
+        examples=["training.succeeded,training.failed"],
+    ),
+]
 WebhookUrl = Annotated[
     str | None,
     Form(
@@ -89,11 +98,13 @@ async def create_training(
     params: Params = None,
     name: Name = None,
     webhook_url: WebhookUrl = None,
+    webhook_events: WebhookEvents = None,
     idempotency_key: IdempotencyKey = None,
 ):
     """Start a DreamBooth-KronA fine-tune on 2-20 photos of one subject. Everything is checked before anything
     is stored; the answer is the queued Training. Follow it by polling, by its event stream, or a webhook."""
-    fields = {"instance_prompt": instance_prompt, "raw_params": params, "name": name, "webhook_url": webhook_url}
+    fields = {"instance_prompt": instance_prompt, "raw_params": params, "name": name, "webhook_url": webhook_url,
+              "webhook_events": webhook_events}  # fmt: skip
     submitted = await read_training_form(context.settings, images=images, **fields)
     # Decoding, checks, storage and the database are blocking work: the threadpool, not the event loop.
     service = partial(create_training_service, context=context, session=session, tenant=tenant)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -79,7 +80,13 @@ def check_adapter_room(session: Session, settings: Settings, tenant: Tenant) -> 
 
 
 def store_upload(
-    *, context: AppContext, session: Session, tenant: Tenant, data: bytes, label: str | None, name: str | None
+    *,
+    context: AppContext,
+    session: Session,
+    tenant: Tenant,
+    data: bytes,
+    label: str | None,
+    labels: dict[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Convert, store and record an uploaded adapter; the new Adapter's public body (409 adapter_limit, 422, 503
     otherwise)."""
@@ -97,7 +104,7 @@ def store_upload(
     row = Adapter(
         id=adapter_id,
         tenant_id=tenant.id,
-        name=name,
+        **(labels or {}),
         base_model=context.settings.base_model,
         config=config.to_metadata(),
         num_parameters=int(sum(a.size for a in native.values())),
@@ -146,23 +153,34 @@ def delete_adapter_and_files(*, context: AppContext, session: Session, tenant: T
 class AdapterUpload:
     data: bytes
     label: str
-    name: str | None
+    labels: dict[str, str | None]  # name, instance_prompt, identifier
 
 
 async def read_upload_form(
-    settings: Settings, *, file: UploadFile, name: str | None, base_model: str | None
+    settings: Settings,
+    *,
+    file: UploadFile,
+    name: str | None,
+    base_model: str | None,
+    instance_prompt: str | None = None,
+    identifier: str | None = None,
 ) -> AdapterUpload:
     """The uploaded file's bytes and the form's fields (parsed by FastAPI), with every limit that needs no
     parsing of the file checked."""
-    for field, value in (("name", name), ("base_model", base_model)):
+    for field, value in (("name", name), ("base_model", base_model), ("instance_prompt", instance_prompt)):
         if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
             raise ApiError(422, "invalid_request", f"{field} must not contain NUL characters")
+    if identifier is not None and (not identifier.strip() or not identifier.isprintable()):
+        raise ApiError(422, "invalid_request", "identifier must be printable text, e.g. 'sks'")
+    if identifier is None and instance_prompt:
+        identifier = EvaluationRequest().subject_words(instance_prompt)[0][:100] or None
     data = await file.read(MAX_ADAPTER_BYTES + 1)
     if len(data) > MAX_ADAPTER_BYTES:
         raise ApiError(413, "adapter_too_large", f"adapter files are limited to {MAX_ADAPTER_BYTES:,} bytes")
     if base_model and base_model != settings.base_model:
         raise ApiError(422, "base_model_mismatch", f"this server serves {settings.base_model!r}, not {base_model!r}")
-    return AdapterUpload(data=data, label=file.filename or "file", name=name)
+    labels = {"name": name, "instance_prompt": instance_prompt, "identifier": identifier}
+    return AdapterUpload(data=data, label=file.filename or "file", labels=labels)
 
 
 # Evaluations (POST /v1/adapters/{id}/evaluations; run by workers/evaluation.py) ------------------------------
@@ -227,16 +245,27 @@ def request_evaluation(
 
     settings = context.settings
     adapter = get_owned(session, Adapter, adapter_id, tenant, "adapter")
-    instance_prompt = ""
-    if adapter.training_id:
+    instance_prompt = adapter.instance_prompt or ""
+    if not instance_prompt and adapter.training_id:  # an adapter recorded before it kept its prompt
         instance_prompt = (
             session.scalar(select(Training.instance_prompt).where(Training.id == adapter.training_id)) or ""
         )
     request = submitted.request
+    if request.identifier is None and adapter.identifier:  # what it was trained or uploaded with
+        request = dataclasses.replace(request, identifier=adapter.identifier)
     identifier, class_noun = request.subject_words(instance_prompt)
     if not class_noun:
         raise ApiError(
-            422, "invalid_params", 'this adapter has no training to take the class from: give params.class_noun ("dog")'
+            422,
+            "invalid_params",
+            'this adapter has no instance prompt to take the class from: give params.class_noun ("dog")',
+        )
+    if not identifier:
+        raise ApiError(
+            422,
+            "invalid_params",
+            "this adapter has no identifier (its rare token): give params.identifier, e.g. \"sks\", or upload it "
+            "with its instance_prompt or identifier",
         )
     for name, word in (("identifier", identifier), ("class_noun", class_noun)):
         if len(word) > 100 or not word.isprintable():

@@ -81,6 +81,7 @@ def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate,
         cost=generation_cost(width, height, spec.steps, spec.num_images),
         seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
         webhook_url=spec.webhook_url,
+        webhook_events=sorted(set(spec.webhook_events)) if spec.webhook_events else None,
         webhook_state="waiting" if spec.webhook_url else None,
         enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
     )

@@ -67,7 +67,7 @@ def create_key(*, session: Session, settings: Settings, tenant: Tenant, name: st
     return api_key_public(row, key)
 
 
-def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str) -> bool:
+def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str, force: bool = True) -> bool:
     """Revoke the key (of ``tenant``; any tenant's or an admin key with None); 404 if it is not there.
 
     Idempotent: a revoked key stays revoked at its first time. Returns whether this call revoked it. The next
@@ -76,6 +76,22 @@ def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str) -> bool:
     row = session.get(ApiKey, key_id) if is_id(key_id, "key") else None
     if row is None or (tenant is not None and row.tenant_id != tenant.id):
         raise ApiError(404, "api_key_not_found", f"no API key {key_id!r}")
+    if not force and row.revoked_at is None and row.tenant_id is not None:
+        # The tenant's row is locked so that two revokes cannot each leave the other key as the last one.
+        session.execute(select(Tenant.id).where(Tenant.id == row.tenant_id).with_for_update())
+        others = session.scalar(
+            select(func.count())
+            .select_from(ApiKey)
+            .where(ApiKey.tenant_id == row.tenant_id, ApiKey.revoked_at.is_(None), ApiKey.id != key_id)
+        )
+        if not others:
+            session.rollback()
+            raise ApiError(
+                409,
+                "last_api_key",
+                "this is the tenant's last active API key: revoking it would lock the tenant out; create another "
+                "key first (POST /v1/api-keys), or pass force=true",
+            )
     revoked = session.execute(
         update(ApiKey)
         .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))

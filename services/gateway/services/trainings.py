@@ -33,7 +33,7 @@ from shared.scheduler import training_cost
 from shared.schemas import training_public
 from shared.settings import Settings
 from shared.training_spec import TrainingSpec
-from shared.webhooks import check_webhook_url
+from shared.webhooks import WEBHOOK_EVENTS, check_webhook_url
 
 from ..context import AppContext
 from ..errors import ApiError
@@ -84,7 +84,27 @@ class TrainingRequest:
     webhook_url: str | None
     raw_params: str | None
     spec: TrainingSpec
+    webhook_events: list[str] | None
     files: list[tuple[str, bytes]]
+
+
+def parse_webhook_events(raw: str | None, kind: str) -> list[str] | None:
+    """A form's comma-separated (or JSON list of) event types, each one of ``kind``'s; 422 otherwise."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        names = json.loads(raw) if raw.lstrip().startswith("[") else [n.strip() for n in raw.split(",")]
+    except json.JSONDecodeError:
+        names = None
+    allowed = [event for event in WEBHOOK_EVENTS if event.startswith(kind + ".")]
+    if not isinstance(names, list) or not names or any(n not in allowed for n in names):
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"webhook_events: a comma-separated list of {', '.join(allowed)}",
+            {"allowed": allowed},
+        )
+    return sorted(set(names))
 
 
 def parse_params(raw: str | None, instance_prompt: str, max_steps: int) -> TrainingSpec:
@@ -120,6 +140,7 @@ async def read_training_form(
     raw_params: str | None,
     name: str | None,
     webhook_url: str | None,
+    webhook_events: str | None = None,
 ) -> TrainingRequest:
     """The form's fields (parsed by FastAPI) checked, and the images' bytes read, with every limit that needs no
     decoding checked (4xx otherwise)."""
@@ -140,6 +161,7 @@ async def read_training_form(
     if raw_params is not None and len(raw_params.encode()) > MAX_PARAMS_BYTES:
         raise ApiError(422, "invalid_params", f"params is limited to {MAX_PARAMS_BYTES:,} bytes of JSON")
     spec = parse_params(raw_params, instance_prompt, settings.max_train_steps)
+    events = parse_webhook_events(webhook_events, "training")
 
     files = await read_uploads(settings, uploads)
     return TrainingRequest(
@@ -148,6 +170,7 @@ async def read_training_form(
         webhook_url=webhook_url,
         raw_params=raw_params,
         spec=spec,
+        webhook_events=events,
         files=files,
     )
 
@@ -262,6 +285,7 @@ def create_training(
         submitted.raw_params or "",
         name or "",
         webhook_url or "",
+        ",".join(submitted.webhook_events or []),
         *[hashlib.sha256(d).digest() for d, _ in images],
     )
     stored = replay(session, tenant, idempotency_key, "trainings", fingerprint)
@@ -288,6 +312,7 @@ def create_training(
         total_steps=total_steps,
         cost=cost,
         webhook_url=webhook_url,
+        webhook_events=submitted.webhook_events,
         webhook_state="waiting" if webhook_url else None,
         enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
     )
