@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
@@ -143,14 +143,24 @@ IMAGE_EXPIRED = {
 @router.get(
     "/v1/generations/{generation_id}/images/{index}",
     summary="One generated image",
-    responses={200: {"content": {"image/png": {}}}, **errors(404), 410: IMAGE_EXPIRED},
+    responses={
+        200: {"content": {"image/png": {}, "application/octet-stream": {}}},
+        **errors(404),
+        410: IMAGE_EXPIRED,
+    },
     response_class=Response,
 )
 def get_generation_image(
-    generation_id: GenerationId, index: int, context: ContextDep, session: SessionDep, tenant: CurrentTenant
+    generation_id: GenerationId,
+    index: int,
+    context: ContextDep,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ):
     """One generated image (PNG); 410 `image_expired` once the images were deleted after the server's retention
-    time (`images_expired_at` of the Generation)."""
+    time (`images_expired_at` of the Generation). Sent as `image/png`, or as `application/octet-stream` to a client
+    that asks for that and not for images (generated clients that only know bytes)."""
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     image = next((i for i in row.images if i["index"] == index), None)
     if image is None:
@@ -162,7 +172,8 @@ def get_generation_image(
         data = context.storage.get_bytes(image["key"])
     except BlobNotFound:
         raise ApiError(404, "image_not_found", f"image {index} of {generation_id} is missing from storage") from None
-    return Response(data, media_type="image/png")
+    wants_bytes = accept is not None and "application/octet-stream" in accept and "image/" not in accept
+    return Response(data, media_type="application/octet-stream" if wants_bytes else "image/png")
 
 
 def _batch_publics(session: Session, batches: list[Batch], public_url: str) -> list[dict]:
