@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import or_, select, update
 
 from shared.db import TERMINAL_STATUSES, Adapter, Evaluation, Generation, Tenant, Training, utcnow
+from shared.storage import keys as blob_keys
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -62,7 +63,7 @@ def purge_training_inputs(rt: Runtime, training_id: str) -> bool:
         keys = list(row.image_keys) if purge_images else []
         if row.checkpoint_key:
             keys.append(row.checkpoint_key)
-        prefix = f"tenants/{row.tenant_id}/trainings/{row.id}/"
+        prefix = blob_keys.training_folder(row.tenant_id, row.id)
     for key in keys:
         rt.storage.delete(key)
     if purge_images:
@@ -146,24 +147,10 @@ def expire_generation_images(rt: Runtime, now: datetime | None = None) -> int:
 
 
 def _layout(key: str) -> tuple[str, str, str | None]:
-    """(kind, tenant id, row id) of a key under ``tenants/``, as the gateway and the workers write them:
-
-    tenants/{t}/trainings/{id}/images/{i}.{ext}, tenants/{t}/trainings/{id}/checkpoint.tar,
-    tenants/{t}/generations/{id}/{index}.png, tenants/{t}/adapters/{id}.safetensors, an evaluation's reference
-    images tenants/{t}/adapters/{adapter id}/evaluation/{evaluation id}/{i}.{ext}, prior preservation's cached class
-    images tenants/{t}/class-images/{set}/{i}.png; anything else is "other".
-    """
-    parts = key.split("/")
-    tenant_id = parts[1] if len(parts) > 1 else ""
-    if len(parts) >= 5 and parts[2] in ("trainings", "generations"):
-        return parts[2][:-1], tenant_id, parts[3]
-    if len(parts) == 4 and parts[2] == "adapters":
-        return "adapter", tenant_id, parts[3].split(".", 1)[0]
-    if len(parts) >= 7 and parts[2] == "adapters" and parts[4] == "evaluation":
-        return "evaluation", tenant_id, parts[5]
-    if len(parts) == 5 and parts[2] == "class-images":
-        return "class_images", tenant_id, None
-    return "other", tenant_id, None
+    """(kind, tenant id, row id) of a key under ``tenants/``: shared/storage/keys.py's parser, which every writer's
+    builder matches (tests/test_storage_keys.py)."""
+    parsed = blob_keys.parse(key)
+    return parsed.kind, parsed.tenant_id, parsed.row_id
 
 
 def _chunks(items: Iterable[tuple[str, datetime]], size: int) -> Iterable[list[tuple[str, datetime]]]:

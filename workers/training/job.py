@@ -26,6 +26,7 @@ from shared.images import ImageLimits, SubjectImage, decode_image
 from shared.models import BaseModelNotFound
 from shared.queue import TRAIN_TASK
 from shared.storage import BlobNotFound
+from shared.storage import keys as blob_keys
 from shared.training_spec import EvaluationRequest, TrainingSpec
 from shared.usage import Usage
 
@@ -329,7 +330,7 @@ class _Attempt:
 
         resolution = spec.resolution or native_resolution(self.components)
         name = class_image_set(self.claimed.base_model, spec, resolution)
-        return StorageClassImageCache(self.rt, f"tenants/{self.claimed.tenant_id}/class-images/{name}", self.retry)
+        return StorageClassImageCache(self.rt, self.claimed.tenant_id, name, self.retry)
 
     def should_cancel(self) -> bool:
         # A draining worker stops like a cancel (a checkpoint of this step), then hands the training over.
@@ -344,7 +345,7 @@ class _Attempt:
 
     def on_checkpoint(self, folder: Path) -> None:
         rt, training_id = self.rt, self.training_id
-        key = f"tenants/{self.claimed.tenant_id}/trainings/{training_id}/checkpoint.tar"
+        key = blob_keys.training_checkpoint(self.claimed.tenant_id, training_id)
         temporary = rt.storage.temporary_key(key)
         archive = _checkpoint_archive(folder)
         self.retry("store the checkpoint", lambda: rt.storage.put_bytes(temporary, archive))
@@ -371,11 +372,11 @@ class StorageClassImageCache:
     """A training's class images in storage, one PNG per index under ``prefix`` (the tenant's trainings of the
     same class share them: workers/training/class_images.py). A missing or unreadable image is made again."""
 
-    def __init__(self, rt: Runtime, prefix: str, retry) -> None:
-        self.rt, self.prefix, self.retry = rt, prefix, retry
+    def __init__(self, rt: Runtime, tenant_id: str, set_name: str, retry) -> None:
+        self.rt, self.tenant_id, self.set_name, self.retry = rt, tenant_id, set_name, retry
 
     def key(self, index: int) -> str:
-        return f"{self.prefix}/{index:05d}.png"
+        return blob_keys.class_image(self.tenant_id, self.set_name, index)
 
     def get(self, index: int) -> bytes | None:
         try:
@@ -451,7 +452,7 @@ def _store_adapter(
     data = Path(path).read_bytes()
     state, config, _ = load_adapter(path)
     adapter_id = new_id("adp")
-    key = f"tenants/{tenant_id}/adapters/{adapter_id}.safetensors"
+    key = blob_keys.adapter_file(tenant_id, adapter_id)
     temporary = rt.storage.temporary_key(key)
     retry("store the adapter", lambda: rt.storage.put_bytes(temporary, data))
     args = (rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage, evaluation)

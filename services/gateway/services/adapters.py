@@ -21,6 +21,7 @@ from shared.queue import EVALUATE_TASK
 from shared.scheduler import evaluation_cost
 from shared.schemas import adapter_public
 from shared.settings import Settings
+from shared.storage import keys as blob_keys
 from shared.training_spec import EvaluationRequest
 
 from ..context import AppContext
@@ -96,7 +97,7 @@ def store_upload(
     except ValueError as exc:
         raise ApiError(422, "invalid_adapter", str(exc)) from None
     adapter_id = new_id("adp")
-    key = f"tenants/{tenant.id}/adapters/{adapter_id}.safetensors"
+    key = blob_keys.adapter_file(tenant.id, adapter_id)
     try:
         context.storage.put_bytes(key, stored)
     except Exception:
@@ -137,7 +138,7 @@ def delete_adapter_and_files(*, context: AppContext, session: Session, tenant: T
     session.commit()
     removals = [
         partial(context.storage.delete, key),
-        partial(context.storage.delete_prefix, f"tenants/{tenant.id}/adapters/{adapter_id}/"),
+        partial(context.storage.delete_prefix, blob_keys.adapter_folder(tenant.id, adapter_id)),
     ]
     failure: Exception | None = None
     for remove in removals:
@@ -264,7 +265,7 @@ def request_evaluation(
         raise ApiError(
             422,
             "invalid_params",
-            "this adapter has no identifier (its rare token): give params.identifier, e.g. \"sks\", or upload it "
+            'this adapter has no identifier (its rare token): give params.identifier, e.g. "sks", or upload it '
             "with its instance_prompt or identifier",
         )
     for name, word in (("identifier", identifier), ("class_noun", class_noun)):
@@ -281,14 +282,16 @@ def request_evaluation(
     images = decode_uploaded_images(settings, submitted.files)
 
     evaluation_id = new_id("evl")
-    prefix = f"tenants/{tenant.id}/adapters/{adapter_id}/evaluation/{evaluation_id}"
-    keys = [f"{prefix}/{index:02d}.{ext}" for index, (_, ext) in enumerate(images)]
+    prefix = blob_keys.evaluation_folder(tenant.id, adapter_id, evaluation_id)
+    keys = [
+        blob_keys.evaluation_photo(tenant.id, adapter_id, evaluation_id, i, ext) for i, (_, ext) in enumerate(images)
+    ]
     try:
         for key, (data, ext) in zip(keys, images, strict=True):
             context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
     except Exception:
         with contextlib.suppress(Exception):
-            context.storage.delete_prefix(prefix + "/")
+            context.storage.delete_prefix(prefix)
         raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
     state = request.initial_state(
         instance_prompt=instance_prompt,
@@ -325,7 +328,7 @@ def request_evaluation(
             session.commit()
     except Exception:
         with contextlib.suppress(Exception):
-            context.storage.delete_prefix(prefix + "/")
+            context.storage.delete_prefix(prefix)
         raise
     for key in replaced:
         with contextlib.suppress(Exception):  # the storage sweep takes what is left

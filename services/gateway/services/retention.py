@@ -11,6 +11,7 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from shared.db import TERMINAL_STATUSES, Generation, Tenant, Training
+from shared.storage import keys as blob_keys
 
 from ..context import AppContext
 from ..errors import ApiError
@@ -35,7 +36,7 @@ def delete_training(*, context: AppContext, session: Session, tenant: Tenant, tr
         )
     keys = [*row.image_keys, *([row.checkpoint_key] if row.checkpoint_key else [])]
     tenant_id = row.tenant_id
-    prefix = f"tenants/{tenant_id}/trainings/{training_id}/"
+    prefix = blob_keys.training_folder(tenant_id, training_id)
     session.rollback()  # ends the read transaction: storage calls may be slow
     for key in keys:
         context.storage.delete(key)
@@ -61,7 +62,7 @@ def delete_generation(*, context: AppContext, session: Session, tenant: Tenant, 
         )
     keys = [image["key"] for image in row.images or []]
     tenant_id = row.tenant_id
-    prefix = f"tenants/{tenant_id}/generations/{generation_id}/"
+    prefix = blob_keys.generation_folder(tenant_id, generation_id)
     session.rollback()  # ends the read transaction: storage calls may be slow
     for key in keys:
         context.storage.delete(key)

@@ -17,6 +17,7 @@ from shared.limits import LimitOverrides, tenant_limits
 from shared.schemas import TenantCreate, TenantUpdate, api_key_public, tenant_public
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.storage import keys as blob_keys
 from shared.tenants import create_tenant as create_tenant_row
 from shared.tenants import new_api_key
 
@@ -190,7 +191,7 @@ def delete_tenant(*, session: Session, storage: Storage, tenant_id: str) -> int 
         raise ApiError(404, "tenant_not_found", f"no tenant {tenant_id!r}")
     session.commit()
     try:
-        return storage.delete_prefix(f"tenants/{tenant_id}/")
+        return storage.delete_prefix(blob_keys.tenant_folder(tenant_id))
     except Exception as exc:
         log.warning(
             "tenant %s deleted; its blobs could not be removed (%s: %s); the storage sweep will",

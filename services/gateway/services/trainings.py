@@ -32,6 +32,7 @@ from shared.queue import TRAIN_TASK
 from shared.scheduler import training_cost
 from shared.schemas import training_public
 from shared.settings import Settings
+from shared.storage import keys as blob_keys
 from shared.training_spec import TrainingSpec
 from shared.webhooks import WEBHOOK_EVENTS, check_webhook_url
 
@@ -293,13 +294,13 @@ def create_training(
         return stored
 
     training_id = new_id("trn")
-    keys = [f"tenants/{tenant.id}/trainings/{training_id}/images/{i:02d}.{ext}" for i, (_, ext) in enumerate(images)]
+    keys = [blob_keys.training_photo(tenant.id, training_id, i, ext) for i, (_, ext) in enumerate(images)]
     try:
         for key, (data, ext) in zip(keys, images, strict=True):
             context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
     except Exception:
         with contextlib.suppress(Exception):  # storage is down: the cleanup may fail too; the 503 must not
-            context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+            context.storage.delete_prefix(blob_keys.training_folder(tenant.id, training_id))
         raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
     row = Training(
         id=training_id,
@@ -319,7 +320,7 @@ def create_training(
 
     def remove_images() -> None:
         with contextlib.suppress(Exception):  # best effort: storage may be the part that is down
-            context.storage.delete_prefix(f"tenants/{tenant.id}/trainings/{training_id}/")
+            context.storage.delete_prefix(blob_keys.training_folder(tenant.id, training_id))
 
     try:
         with admission(context, session, tenant, Training, 1):
