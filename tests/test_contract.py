@@ -105,6 +105,10 @@ OPERATION_IDS = {
     ("post", "/v1/batches/{batch_id}/cancel"): "cancelBatch",
     ("post", "/v1/generations/{generation_id}/cancel"): "cancelGeneration",
     ("get", "/v1/capabilities"): "getCapabilities",
+    ("get", "/v1/operator/queues"): "getQueues",
+    ("get", "/v1/operator/workers"): "getWorkers",
+    ("get", "/v1/operator/usage"): "getUsagePerTenant",
+    ("get", "/v1/operator/failures"): "getFailures",
     ("post", "/v1/webhook-secret/rotate"): "rotateWebhookSecret",
     ("post", "/v1/api-keys"): "createApiKey",
     ("get", "/v1/api-keys"): "listApiKeys",
@@ -153,7 +157,7 @@ def test_openapi_document_validates_and_declares_auth_errors_and_ids(api):
     binary = spec["paths"]["/v1/adapters/{adapter_id}/file"]["get"]["responses"]["200"]["content"]
     assert list(binary) == ["application/octet-stream"]
     image = spec["paths"]["/v1/generations/{generation_id}/images/{index}"]["get"]["responses"]["200"]["content"]
-    assert list(image) == ["image/png"]
+    assert list(image) == ["image/png", "application/octet-stream"]  # png by default, bytes to who asks
     events = spec["paths"]["/v1/trainings/{training_id}/events"]["get"]["responses"]["200"]["content"]
     assert "event: done" in events["text/event-stream"]["schema"]["description"]
 

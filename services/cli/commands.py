@@ -386,12 +386,12 @@ def _admin_list_keys(args, settings, session) -> int:
 
 
 def _admin_revoke_key(args, settings, session) -> int:
-    from services.gateway.errors import ApiError
+    from shared.errors import ServiceError
     from services.gateway.services.tenants import revoke_key
 
     try:
         revoked = revoke_key(session=session, tenant=None, key_id=args.key_id)
-    except ApiError as exc:
+    except ServiceError as exc:
         raise ValueError(f"{exc.message} (krona admin list-keys TENANT)") from None
     print(f"API key {args.key_id} {'revoked' if revoked else 'was already revoked'}")
     return 0

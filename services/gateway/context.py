@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared.errors import Invalid, Unavailable
 from shared.settings import Settings
 from shared.storage import Storage
 
@@ -113,8 +114,6 @@ class AppContext:
         from shared.krona.config import DEFAULT_TARGET_MODULES
         from shared.models.shapes import select_targets
 
-        from .errors import ApiError
-
         engine = self.settings.engine_a_shape
         served = set(select_targets(self.base_model_shapes(), DEFAULT_TARGET_MODULES))
         outside = sorted(set(layers) - served)
@@ -122,8 +121,7 @@ class AppContext:
             reason = (
                 f"A {a_shape[0]}x{a_shape[1]}" if tuple(a_shape) != engine else f"layers outside them ({outside[0]})"
             )
-            raise ApiError(
-                422,
+            raise Invalid(
                 "unservable_adapter",
                 f"this deployment generates with adapters of A {engine[0]}x{engine[1]} on the attention projections "
                 f"(to_q, to_k, to_v, to_out.0) of {self.settings.base_model}; an adapter with {reason} could not be "
@@ -144,9 +142,7 @@ class AppContext:
         try:
             config: dict[str, Any] = unet_config(self.settings.base_model)
         except BaseModelNotFound as exc:  # the server's KRONA_BASE_MODEL names no model it can read
-            from .errors import ApiError
-
-            raise ApiError(503, "base_model_unavailable", str(exc)) from None
+            raise Unavailable("base_model_unavailable", str(exc)) from None
         self._shapes = attention_projection_shapes(config)
         # The VAE downsamples by 8 in every SD-family model.
         self._native_size = int(config.get("sample_size", 64)) * 8

@@ -10,21 +10,51 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["ApiError", "error_body", "install_error_handlers"]
+from shared.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    LimitExceeded,
+    NotFound,
+    ServiceError,
+    TooLarge,
+    Unavailable,
+    UnsupportedMedia,
+)
+
+__all__ = ["STATUS_OF", "ApiError", "error_body", "install_error_handlers", "status_of"]
+
+# Each kind of the domain's errors (shared/errors.py) and its HTTP status: the one place they meet.
+STATUS_OF: dict[type[ServiceError], int] = {
+    BadRequest: 400,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    TooLarge: 413,
+    UnsupportedMedia: 415,
+    Invalid: 422,
+    LimitExceeded: 429,
+    Unavailable: 503,
+}
 
 
-class ApiError(Exception):
-    """Raise from routes and services; becomes the error shape with ``status``."""
+class ApiError(ServiceError):
+    """An error of the HTTP layer itself (authentication, the body's media type, routing), with its ``status``.
+    Service functions raise the domain's kinds instead (shared/errors.py)."""
 
     def __init__(
         self, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(code, message, details, headers=headers)
         self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-        self.headers = headers
+
+
+def status_of(exc: ServiceError) -> int:
+    """The HTTP status of a domain error (or an ApiError's own)."""
+    if isinstance(exc, ApiError):
+        return exc.status
+    return next((status for kind, status in STATUS_OF.items() if isinstance(exc, kind)), 500)
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -105,12 +135,15 @@ async def _authentication_error(request: Request) -> JSONResponse | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else dict(exc.headers or {})
-        if exc.status == 503:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        status = status_of(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else dict(exc.headers or {})
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(exc.retry_after)
+        if status == 503:
             headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
-        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status, headers=headers)
+        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -16,11 +16,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.db import IdempotencyKey, Tenant, is_id, utcnow
+from shared.errors import BadRequest, Conflict, LimitExceeded, NotFound
 from shared.limits import tenant_limits
 from shared.scheduler import is_backlogged, lift_on_submit
 
 from .context import AppContext
-from .errors import ApiError
 
 log = logging.getLogger("krona.gateway")
 
@@ -34,7 +34,7 @@ def get_owned(session: Session, model, resource_id: str, tenant: Tenant, label: 
     """The tenant's row of ``model``; 404 for another tenant's, an unknown or a malformed id (never queried)."""
     row = session.get(model, resource_id) if is_id(resource_id) else None
     if row is None or row.tenant_id != tenant.id:
-        raise ApiError(404, f"{label}_not_found", f"no {label} {resource_id!r}")
+        raise NotFound(f"{label}_not_found", f"no {label} {resource_id!r}")
     return row
 
 
@@ -66,7 +66,7 @@ def encode_cursor(row) -> str:
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     """(created_at, id) of a cursor; 400 for anything that does not match CURSOR_PATTERN."""
     if len(cursor) > 64 or not _CURSOR.match(cursor):
-        raise ApiError(400, "invalid_cursor", "cursor is not one this API returned; list again without it")
+        raise BadRequest("invalid_cursor", "cursor is not one this API returned; list again without it")
     last_id, micros = cursor.split(".")
     return _EPOCH + timedelta(microseconds=int(micros)), last_id
 
@@ -170,7 +170,7 @@ def replay(session: Session, tenant: Tenant, key: str | None, route: str, finger
     if not key:
         return None
     if len(key) > 200:
-        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key is limited to 200 characters")
+        raise BadRequest("invalid_idempotency_key", "Idempotency-Key is limited to 200 characters")
     row = session.get(IdempotencyKey, (tenant.id, key))
     if row is None:
         return None
@@ -180,7 +180,7 @@ def replay(session: Session, tenant: Tenant, key: str | None, route: str, finger
         session.flush()
         return None
     if row.route != route or row.request_hash != fingerprint:
-        raise ApiError(409, "idempotency_key_reused", "this Idempotency-Key was used for a different request")
+        raise Conflict("idempotency_key_reused", "this Idempotency-Key was used for a different request")
     return row.status_code, Replayed(row.body)
 
 
@@ -261,14 +261,13 @@ def admission(context: AppContext, session: Session, tenant: Tenant, model, coun
         raise _queue_full(queued, cap or 0, count) from None
 
 
-def _queue_full(queued: int, cap: int, count: int) -> ApiError:
-    return ApiError(
-        429,
+def _queue_full(queued: int, cap: int, count: int) -> LimitExceeded:
+    return LimitExceeded(
         "queue_full",
         f"this tenant has {queued} queued jobs and may queue at most {cap}; "
         f"{count} more do not fit: wait for some to finish",
         {"queued": queued, "limit": cap, "requested": count},
-        headers={"Retry-After": "10"},
+        retry_after=10,
     )
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.db import ACTIVE_STATUSES, Adapter, Tenant, Training, new_id, utcnow
+from shared.errors import Conflict, Invalid, TooLarge, Unavailable
 from shared.krona.convert import adapter_bytes, max_tensors_for, native_arrays_from_upload, read_safetensors_bytes
 from shared.limits import tenant_limits
 from shared.queue import EVALUATE_TASK
@@ -25,7 +26,6 @@ from shared.storage import keys as blob_keys
 from shared.training_spec import EvaluationRequest
 
 from ..context import AppContext
-from ..errors import ApiError
 
 __all__ = [
     "AdapterUpload",
@@ -71,8 +71,7 @@ def check_adapter_room(session: Session, settings: Settings, tenant: Tenant) -> 
     )
     session.rollback()  # no connection held across what follows (decoding, storage)
     if adapters + coming >= cap:
-        raise ApiError(
-            409,
+        raise Conflict(
             "adapter_limit",
             f"this tenant has {adapters} adapters and {coming} trainings under way, the most it may have is {cap}; "
             "delete adapters it no longer needs (DELETE /v1/adapters/{id})",
@@ -95,13 +94,13 @@ def store_upload(
     try:
         stored, native, config = _convert_upload(context, data, label or "file")
     except ValueError as exc:
-        raise ApiError(422, "invalid_adapter", str(exc)) from None
+        raise Invalid("invalid_adapter", str(exc)) from None
     adapter_id = new_id("adp")
     key = blob_keys.adapter_file(tenant.id, adapter_id)
     try:
         context.storage.put_bytes(key, stored)
     except Exception:
-        raise ApiError(503, "storage_unavailable", "could not store the adapter; try again") from None
+        raise Unavailable("storage_unavailable", "could not store the adapter; try again") from None
     row = Adapter(
         id=adapter_id,
         tenant_id=tenant.id,
@@ -170,16 +169,16 @@ async def read_upload_form(
     parsing of the file checked."""
     for field, value in (("name", name), ("base_model", base_model), ("instance_prompt", instance_prompt)):
         if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
-            raise ApiError(422, "invalid_request", f"{field} must not contain NUL characters")
+            raise Invalid("invalid_request", f"{field} must not contain NUL characters")
     if identifier is not None and (not identifier.strip() or not identifier.isprintable()):
-        raise ApiError(422, "invalid_request", "identifier must be printable text, e.g. 'sks'")
+        raise Invalid("invalid_request", "identifier must be printable text, e.g. 'sks'")
     if identifier is None and instance_prompt:
         identifier = EvaluationRequest().subject_words(instance_prompt)[0][:100] or None
     data = await file.read(MAX_ADAPTER_BYTES + 1)
     if len(data) > MAX_ADAPTER_BYTES:
-        raise ApiError(413, "adapter_too_large", f"adapter files are limited to {MAX_ADAPTER_BYTES:,} bytes")
+        raise TooLarge("adapter_too_large", f"adapter files are limited to {MAX_ADAPTER_BYTES:,} bytes")
     if base_model and base_model != settings.base_model:
-        raise ApiError(422, "base_model_mismatch", f"this server serves {settings.base_model!r}, not {base_model!r}")
+        raise Invalid("base_model_mismatch", f"this server serves {settings.base_model!r}, not {base_model!r}")
     labels = {"name": name, "instance_prompt": instance_prompt, "identifier": identifier}
     return AdapterUpload(data=data, label=file.filename or "file", labels=labels)
 
@@ -201,11 +200,11 @@ async def read_evaluation_form(
     """The reference images' bytes and the parsed params (4xx for what needs no decoding)."""
     uploads = [item for item in images if hasattr(item, "read")]
     if not uploads:
-        raise ApiError(422, "too_few_images", "send at least 1 reference image of the subject")
+        raise Invalid("too_few_images", "send at least 1 reference image of the subject")
     if len(uploads) > settings.max_images:
-        raise ApiError(413, "too_many_images", f"at most {settings.max_images} images are accepted")
+        raise TooLarge("too_many_images", f"at most {settings.max_images} images are accepted")
     if raw_params is not None and len(raw_params.encode()) > MAX_EVALUATION_PARAMS_BYTES:
-        raise ApiError(422, "invalid_params", f"params is limited to {MAX_EVALUATION_PARAMS_BYTES:,} bytes of JSON")
+        raise Invalid("invalid_params", f"params is limited to {MAX_EVALUATION_PARAMS_BYTES:,} bytes of JSON")
     try:
         params = json.loads(raw_params) if raw_params else None
         params = {} if params is None else params  # JSON null: the defaults
@@ -213,9 +212,9 @@ async def read_evaluation_form(
             raise ValueError('params must be a JSON object, e.g. {"prompts": 4, "class_noun": "dog"}')
         request = EvaluationRequest.parse(params)
     except json.JSONDecodeError:
-        raise ApiError(422, "invalid_params", "params is not valid JSON") from None
+        raise Invalid("invalid_params", "params is not valid JSON") from None
     except (ValueError, TypeError) as exc:
-        raise ApiError(422, "invalid_params", str(exc)) from None
+        raise Invalid("invalid_params", str(exc)) from None
     from .trainings import read_uploads
 
     files = await read_uploads(settings, uploads)
@@ -256,28 +255,26 @@ def request_evaluation(
         request = dataclasses.replace(request, identifier=adapter.identifier)
     identifier, class_noun = request.subject_words(instance_prompt)
     if not class_noun:
-        raise ApiError(
-            422,
+        raise Invalid(
             "invalid_params",
             'this adapter has no instance prompt to take the class from: give params.class_noun ("dog")',
         )
     if not identifier:
-        raise ApiError(
-            422,
+        raise Invalid(
             "invalid_params",
             'this adapter has no identifier (its rare token): give params.identifier, e.g. "sks", or upload it '
             "with its instance_prompt or identifier",
         )
     for name, word in (("identifier", identifier), ("class_noun", class_noun)):
         if len(word) > 100 or not word.isprintable():
-            raise ApiError(
-                422, "invalid_params", f"the {name} read off the training's prompt is not usable: give params.{name}"
+            raise Invalid(
+                "invalid_params", f"the {name} read off the training's prompt is not usable: give params.{name}"
             )
     running = session.scalar(
         select(Evaluation.id).where(Evaluation.adapter_id == adapter_id, Evaluation.status == "running").limit(1)
     )
     if running is not None:
-        raise ApiError(409, "evaluation_running", f"adapter {adapter_id} is being evaluated; wait for the result")
+        raise Conflict("evaluation_running", f"adapter {adapter_id} is being evaluated; wait for the result")
     session.rollback()  # no database connection held while the images are decoded
     images = decode_uploaded_images(settings, submitted.files)
 
@@ -292,7 +289,7 @@ def request_evaluation(
     except Exception:
         with contextlib.suppress(Exception):
             context.storage.delete_prefix(prefix)
-        raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
+        raise Unavailable("storage_unavailable", "could not store the images; try again") from None
     state = request.initial_state(
         instance_prompt=instance_prompt,
         clip_model=settings.eval_clip_model,

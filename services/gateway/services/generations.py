@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
+from shared.errors import Invalid, NotFound, TooLarge
 from shared.limits import tenant_limits
 from shared.queue import GENERATE_TASK
 from shared.scheduler import generation_cost
@@ -20,7 +21,6 @@ from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, generatio
 from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
-from ..errors import ApiError
 from ..jobs import admission, commit_created, enqueue, enqueue_many, replay, request_hash
 
 __all__ = ["create_batch", "create_generation", "send_batch"]
@@ -41,15 +41,14 @@ def _check_requests(
     for i, spec in enumerate(specs):
         compute = (spec.width or size) * (spec.height or size) * spec.steps * spec.num_images
         if compute > cap:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "compute_limit",
                 f"{label(i)}width x height x steps x num_images = {compute:,} is over this server's limit of "
                 f"{cap:,}; ask for fewer steps, images or pixels",
                 {"compute": compute, "limit": cap},
             )
         if spec.adapter_id is not None and spec.adapter_id not in owned:
-            raise ApiError(404, "adapter_not_found", f"{label(i)}no adapter {spec.adapter_id!r}")
+            raise NotFound("adapter_not_found", f"{label(i)}no adapter {spec.adapter_id!r}")
         if spec.webhook_url:
             if spec.webhook_url not in checked:
                 try:
@@ -58,7 +57,7 @@ def _check_requests(
                 except ValueError as exc:
                     checked[spec.webhook_url] = str(exc)
             if checked[spec.webhook_url] is not None:
-                raise ApiError(422, "invalid_webhook_url", f"{label(i)}{checked[spec.webhook_url]}")
+                raise Invalid("invalid_webhook_url", f"{label(i)}{checked[spec.webhook_url]}")
 
 
 def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate, batch_id: str | None) -> Generation:
@@ -113,7 +112,7 @@ def create_batch(
     """(status, body, ids whose messages are still to send): the rows are committed in one transaction with
     enqueued_at set; the caller sends the messages after answering (send_batch)."""
     if len(spec.generations) > context.settings.max_batch_generations:
-        raise ApiError(413, "batch_too_large", f"at most {context.settings.max_batch_generations} generations")
+        raise TooLarge("batch_too_large", f"at most {context.settings.max_batch_generations} generations")
     fingerprint = request_hash(json.dumps(spec.model_dump(mode="json"), sort_keys=True))
     stored = replay(session, tenant, idempotency_key, "batches", fingerprint)
     if stored is not None:

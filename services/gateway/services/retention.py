@@ -11,10 +11,10 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from shared.db import TERMINAL_STATUSES, Generation, Tenant, Training
+from shared.errors import Conflict
 from shared.storage import keys as blob_keys
 
 from ..context import AppContext
-from ..errors import ApiError
 from ..jobs import get_owned
 
 __all__ = ["delete_generation", "delete_training"]
@@ -28,8 +28,7 @@ def delete_training(*, context: AppContext, session: Session, tenant: Tenant, tr
     """
     row = get_owned(session, Training, training_id, tenant, "training")
     if row.status not in TERMINAL_STATUSES:
-        raise ApiError(
-            409,
+        raise Conflict(
             "training_active",
             f"training {training_id} is {row.status}; cancel it first (POST /v1/trainings/{training_id}/cancel) "
             "and delete it once it has stopped",
@@ -55,8 +54,7 @@ def delete_generation(*, context: AppContext, session: Session, tenant: Tenant, 
     """
     row = get_owned(session, Generation, generation_id, tenant, "generation")
     if row.status not in TERMINAL_STATUSES:
-        raise ApiError(
-            409,
+        raise Conflict(
             "generation_active",
             f"generation {generation_id} is {row.status}; delete it once it has finished",
         )

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.db import ApiKey, Tenant, is_id, utcnow
+from shared.errors import Conflict, Invalid, NotFound
 from shared.limits import LimitOverrides, tenant_limits
 from shared.schemas import TenantCreate, TenantUpdate, api_key_public, tenant_public
 from shared.settings import Settings
@@ -21,7 +22,6 @@ from shared.storage import keys as blob_keys
 from shared.tenants import create_tenant as create_tenant_row
 from shared.tenants import new_api_key
 
-from ..errors import ApiError
 from ..jobs import page_of
 
 __all__ = [
@@ -56,8 +56,7 @@ def create_key(*, session: Session, settings: Settings, tenant: Tenant, name: st
     )
     if active >= cap:
         session.rollback()
-        raise ApiError(
-            409,
+        raise Conflict(
             "api_key_limit",
             f"this tenant has {active} active API keys, the most it may have ({cap}); revoke one first "
             "(DELETE /v1/api-keys/{id})",
@@ -76,7 +75,7 @@ def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str, force: b
     """
     row = session.get(ApiKey, key_id) if is_id(key_id, "key") else None
     if row is None or (tenant is not None and row.tenant_id != tenant.id):
-        raise ApiError(404, "api_key_not_found", f"no API key {key_id!r}")
+        raise NotFound("api_key_not_found", f"no API key {key_id!r}")
     if not force and row.revoked_at is None and row.tenant_id is not None:
         # The tenant's row is locked so that two revokes cannot each leave the other key as the last one.
         session.execute(select(Tenant.id).where(Tenant.id == row.tenant_id).with_for_update())
@@ -87,8 +86,7 @@ def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str, force: b
         )
         if not others:
             session.rollback()
-            raise ApiError(
-                409,
+            raise Conflict(
                 "last_api_key",
                 "this is the tenant's last active API key: revoking it would lock the tenant out; create another "
                 "key first (POST /v1/api-keys), or pass force=true",
@@ -109,7 +107,7 @@ def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str, force: b
 def get_tenant(*, session: Session, tenant_id: str) -> Tenant:
     tenant = session.get(Tenant, tenant_id) if is_id(tenant_id, "ten") else None
     if tenant is None:
-        raise ApiError(404, "tenant_not_found", f"no tenant {tenant_id!r}")
+        raise NotFound("tenant_not_found", f"no tenant {tenant_id!r}")
     return tenant
 
 
@@ -133,13 +131,13 @@ def create_tenant(*, session: Session, settings: Settings, spec: TenantCreate) -
     """A new tenant with its first key, committed: {tenant, api_key, webhook_secret} (key and secret shown once).
 
     409 tenant_exists for a taken name (also when a concurrent create takes it first)."""
-    taken = ApiError(409, "tenant_exists", f"a tenant named {spec.name!r} already exists")
+    taken = Conflict("tenant_exists", f"a tenant named {spec.name!r} already exists")
     if session.scalar(select(Tenant.id).where(Tenant.name == spec.name)) is not None:
         raise taken
     try:
         tenant, key = create_tenant_row(session, spec.name)
     except ValueError as exc:  # the name: the body's pattern already checks it
-        raise ApiError(422, "invalid_request", str(exc)) from None
+        raise Invalid("invalid_request", str(exc)) from None
     tenant.weight = spec.weight
     if spec.limits is not None:
         apply_limits(tenant, spec.limits.model_dump(exclude_none=True))
@@ -188,7 +186,7 @@ def delete_tenant(*, session: Session, storage: Storage, tenant_id: str) -> int 
     """
     if session.execute(delete(Tenant).where(Tenant.id == tenant_id)).rowcount == 0:
         session.rollback()
-        raise ApiError(404, "tenant_not_found", f"no tenant {tenant_id!r}")
+        raise NotFound("tenant_not_found", f"no tenant {tenant_id!r}")
     session.commit()
     try:
         return storage.delete_prefix(blob_keys.tenant_folder(tenant_id))

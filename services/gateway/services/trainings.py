@@ -16,6 +16,7 @@ from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
 from shared.db import Tenant, Training, new_id, utcnow
+from shared.errors import Invalid, TooLarge, Unavailable, UnsupportedMedia
 from shared.images import (
     DecoderBusy,
     ImageError,
@@ -37,7 +38,6 @@ from shared.training_spec import TrainingSpec
 from shared.webhooks import WEBHOOK_EVENTS, check_webhook_url
 
 from ..context import AppContext
-from ..errors import ApiError
 from ..jobs import admission, commit_created, enqueue, replay, request_hash
 from .adapters import check_adapter_room
 
@@ -99,8 +99,7 @@ def parse_webhook_events(raw: str | None, kind: str) -> list[str] | None:
         names = None
     allowed = [event for event in WEBHOOK_EVENTS if event.startswith(kind + ".")]
     if not isinstance(names, list) or not names or any(n not in allowed for n in names):
-        raise ApiError(
-            422,
+        raise Invalid(
             "invalid_request",
             f"webhook_events: a comma-separated list of {', '.join(allowed)}",
             {"allowed": allowed},
@@ -114,22 +113,20 @@ def parse_params(raw: str | None, instance_prompt: str, max_steps: int) -> Train
         try:
             params = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ApiError(422, "invalid_params", f"params is not valid JSON: {exc.msg}") from None
+            raise Invalid("invalid_params", f"params is not valid JSON: {exc.msg}") from None
         if not isinstance(params, dict):
-            raise ApiError(422, "invalid_params", "params must be a JSON object")
+            raise Invalid("invalid_params", "params must be a JSON object")
     unknown = sorted(set(params) - CLIENT_PARAMS)
     if unknown:
-        raise ApiError(
-            422, "invalid_params", f"unknown params: {', '.join(unknown)}", {"allowed": sorted(CLIENT_PARAMS)}
-        )
+        raise Invalid("invalid_params", f"unknown params: {', '.join(unknown)}", {"allowed": sorted(CLIENT_PARAMS)})
     if "target_modules" in params and isinstance(params["target_modules"], list):
         params["target_modules"] = tuple(params["target_modules"])
     try:
         spec = TrainingSpec(instance_prompt=instance_prompt, **params)
     except (ValueError, TypeError) as exc:
-        raise ApiError(422, "invalid_params", str(exc)) from None
+        raise Invalid("invalid_params", str(exc)) from None
     if spec.steps is not None and spec.steps > max_steps:
-        raise ApiError(422, "invalid_params", f"steps must be at most {max_steps} on this server")
+        raise Invalid("invalid_params", f"steps must be at most {max_steps} on this server")
     return spec
 
 
@@ -147,20 +144,20 @@ async def read_training_form(
     decoding checked (4xx otherwise)."""
     uploads = [item for item in images if hasattr(item, "read")]
     if not instance_prompt.strip():
-        raise ApiError(422, "invalid_request", "instance_prompt is required, e.g. 'a photo of sks dog'")
+        raise Invalid("invalid_request", "instance_prompt is required, e.g. 'a photo of sks dog'")
     if len(instance_prompt) > 1000:
-        raise ApiError(422, "invalid_request", "instance_prompt is limited to 1000 characters")
+        raise Invalid("invalid_request", "instance_prompt is limited to 1000 characters")
     if len(uploads) < settings.min_images:
-        raise ApiError(422, "too_few_images", f"send at least {settings.min_images} images (got {len(uploads)})")
+        raise Invalid("too_few_images", f"send at least {settings.min_images} images (got {len(uploads)})")
     if len(uploads) > settings.max_images:
-        raise ApiError(413, "too_many_images", f"at most {settings.max_images} images are accepted")
+        raise TooLarge("too_many_images", f"at most {settings.max_images} images are accepted")
     for field, value, limit in (("name", name, MAX_NAME_CHARS), ("webhook_url", webhook_url, MAX_WEBHOOK_URL_CHARS)):
         if value is not None and len(value) > limit:
-            raise ApiError(422, "invalid_request", f"{field} is limited to {limit} characters (got {len(value):,})")
+            raise Invalid("invalid_request", f"{field} is limited to {limit} characters (got {len(value):,})")
         if value is not None and "\x00" in value:  # PostgreSQL text cannot hold NUL
-            raise ApiError(422, "invalid_request", f"{field} must not contain NUL characters")
+            raise Invalid("invalid_request", f"{field} must not contain NUL characters")
     if raw_params is not None and len(raw_params.encode()) > MAX_PARAMS_BYTES:
-        raise ApiError(422, "invalid_params", f"params is limited to {MAX_PARAMS_BYTES:,} bytes of JSON")
+        raise Invalid("invalid_params", f"params is limited to {MAX_PARAMS_BYTES:,} bytes of JSON")
     spec = parse_params(raw_params, instance_prompt, settings.max_train_steps)
     events = parse_webhook_events(webhook_events, "training")
 
@@ -183,7 +180,7 @@ async def read_uploads(settings: Settings, uploads: list[UploadFile]) -> list[tu
         data = await upload.read(settings.max_image_bytes + 1)
         label = upload.filename or f"image {index}"
         if len(data) > settings.max_image_bytes:
-            raise ApiError(413, "image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
+            raise TooLarge("image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
         files.append((label, data))
     return files
 
@@ -200,16 +197,14 @@ def check_training_limits(spec: TrainingSpec, *, steps: int, resolution: int, li
         bounds += (("num_class_images", spec.num_class_images, limits.max_class_images, "max_class_images"),)
     for name, value, limit, setting in bounds:
         if value > limit:
-            raise ApiError(
-                422,
+            raise Invalid(
                 "invalid_params",
                 f"{name} = {value} is over this tenant's limit of {limit} ({setting})",
                 {"param": name, "value": value, "limit": limit},
             )
     cost = training_cost(spec, steps=steps, resolution=resolution)
     if cost > limits.max_training_compute:
-        raise ApiError(
-            422,
+        raise Invalid(
             "compute_limit",
             f"this training costs {cost:,.0f} units (64x64 denoising steps: steps x batch_size x "
             f"gradient_accumulation x 1.5, plus class, validation and evaluation images, scaled by the "
@@ -234,13 +229,13 @@ def decode_uploaded_images(settings: Settings, files: list[tuple[str, bytes]]) -
         try:
             fmt = validate_image(data, label, limits)
         except (ImageUnreadable, ImageFormatRefused) as exc:
-            raise ApiError(415, "unsupported_image", str(exc)) from None
+            raise UnsupportedMedia("unsupported_image", str(exc)) from None
         except ImageTooLarge as exc:
-            raise ApiError(413, "invalid_image", str(exc)) from None
+            raise TooLarge("invalid_image", str(exc)) from None
         except ImageError as exc:  # too small, damaged, too costly
-            raise ApiError(422, "invalid_image", str(exc)) from None
+            raise Invalid("invalid_image", str(exc)) from None
         except DecoderBusy as exc:
-            raise ApiError(503, "decoder_busy", f"{exc} (the server is decoding other uploads)") from None
+            raise Unavailable("decoder_busy", f"{exc} (the server is decoding other uploads)") from None
         images.append((data, _EXTENSIONS[fmt]))
     return images
 
@@ -271,7 +266,7 @@ def create_training(
         layers = select_targets(context.base_model_shapes(), spec.target_modules)
         check_factors_fit_shapes(layers, spec.krona_config())
     except ValueError as exc:
-        raise ApiError(422, "invalid_factors", str(exc)) from None
+        raise Invalid("invalid_factors", str(exc)) from None
     context.check_servable((spec.a1, spec.a2), layers)
     check_adapter_room(session, settings, tenant)
     images = decode_uploaded_images(settings, submitted.files)
@@ -279,7 +274,7 @@ def create_training(
         try:
             check_webhook_url(webhook_url, allow_private=settings.allow_private_webhooks)
         except ValueError as exc:
-            raise ApiError(422, "invalid_webhook_url", str(exc)) from None
+            raise Invalid("invalid_webhook_url", str(exc)) from None
 
     fingerprint = request_hash(
         submitted.instance_prompt,
@@ -301,7 +296,7 @@ def create_training(
     except Exception:
         with contextlib.suppress(Exception):  # storage is down: the cleanup may fail too; the 503 must not
             context.storage.delete_prefix(blob_keys.training_folder(tenant.id, training_id))
-        raise ApiError(503, "storage_unavailable", "could not store the images; try again") from None
+        raise Unavailable("storage_unavailable", "could not store the images; try again") from None
     row = Training(
         id=training_id,
         tenant_id=tenant.id,
