@@ -129,6 +129,13 @@ class AppContext:
                 {"servable_factors": [{"a1": engine[0], "a2": engine[1]}], "target_modules": DEFAULT_TARGET_MODULES},
             )
 
+    def ping_database(self) -> None:
+        """One round trip to the database (readiness); raises when it does not answer."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
     def native_size(self) -> int:
         if self._native_size is None:
             self._load_base_model_config()

@@ -5,11 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from shared.db import ACTIVE_STATUSES as ACTIVE
 from shared.db import TERMINAL_STATUSES, Batch, Generation
 from shared.schemas import (
     BatchCreate,
@@ -19,7 +16,6 @@ from shared.schemas import (
     Page,
     as_utc,
     generation_public,
-    job_urls,
     queue_positions,
 )
 from shared.storage import BlobNotFound
@@ -29,9 +25,6 @@ from ..errors import ApiError
 from ..jobs import CursorParam, cancel_jobs, created, get_owned, page, status_filters
 from ..openapi import ErrorResponse, errors
 from ..services import generations, retention
-
-# Every status a batch's counts name (zero included), `canceling` too.
-STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
 
 router = APIRouter(route_class=AuthenticatedRoute, tags=["generations"], responses=errors(401, 422, 503))
 
@@ -176,41 +169,6 @@ def get_generation_image(
     return Response(data, media_type="application/octet-stream" if wants_bytes else "image/png")
 
 
-def _batch_publics(session: Session, batches: list[Batch], public_url: str) -> list[dict]:
-    """The public bodies of a page of batches: counts per status and generation ids in two grouped queries."""
-    ids = [batch.id for batch in batches]
-    counts = {batch_id: dict.fromkeys(STATUSES, 0) for batch_id in ids}
-    members: dict[str, list[str]] = {batch_id: [] for batch_id in ids}
-    if ids:
-        rows = session.execute(
-            select(Generation.batch_id, Generation.status, Generation.cancel_requested, func.count())
-            .where(Generation.batch_id.in_(ids))
-            .group_by(Generation.batch_id, Generation.status, Generation.cancel_requested)
-        )
-        for batch_id, status, cancel_requested, count in rows:
-            shown = "canceling" if status == "running" and cancel_requested else status
-            counts[batch_id][shown] = counts[batch_id].get(shown, 0) + count
-        for batch_id, generation_id in session.execute(
-            select(Generation.batch_id, Generation.id).where(Generation.batch_id.in_(ids)).order_by(Generation.id)
-        ):
-            members[batch_id].append(generation_id)
-    return [
-        BatchPublic(
-            id=batch.id,
-            total=batch.total,
-            counts=counts[batch.id],
-            generation_ids=members[batch.id],
-            urls=job_urls(public_url, "batches", batch.id),
-            created_at=as_utc(batch.created_at),
-        ).model_dump(mode="json")
-        for batch in batches
-    ]
-
-
-def _batch_public(session: Session, batch: Batch, public_url: str) -> dict:
-    return _batch_publics(session, [batch], public_url)[0]
-
-
 @router.post(
     "/v1/batches",
     status_code=202,
@@ -246,7 +204,7 @@ def list_batches(
 ):
     """The tenant's batches, newest first, with counts per status; pass `next_cursor` as `cursor`."""
     rows, next_cursor = page(session, Batch, tenant, limit=limit, cursor=cursor)
-    return {"data": _batch_publics(session, rows, context.settings.public_url), "next_cursor": next_cursor}
+    return {"data": generations.batch_publics(session, rows, context.settings.public_url), "next_cursor": next_cursor}
 
 
 @router.post(
@@ -260,12 +218,8 @@ def cancel_batch(batch_id: BatchId, context: ContextDep, session: SessionDep, te
     """Cancel every generation of the batch that has not ended: queued ones at once, running ones at their next
     step. Ended ones keep their images. Canceling a batch twice is not an error."""
     batch = get_owned(session, Batch, batch_id, tenant, "batch")
-    active = list(
-        session.scalars(select(Generation.id).where(Generation.batch_id == batch.id, Generation.status.in_(ACTIVE)))
-    )
-    if active:
-        cancel_jobs(context, session, Generation, active, "generation")
-    return _batch_public(session, batch, context.settings.public_url)
+    generations.cancel_batch(context=context, session=session, batch=batch)
+    return generations.batch_publics(session, [batch], context.settings.public_url)[0]
 
 
 @router.get(
@@ -276,4 +230,5 @@ def cancel_batch(batch_id: BatchId, context: ContextDep, session: SessionDep, te
 )
 def get_batch(batch_id: BatchId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     """A batch: how many of its generations are in each status, and their ids."""
-    return _batch_public(session, get_owned(session, Batch, batch_id, tenant, "batch"), context.settings.public_url)
+    batch = get_owned(session, Batch, batch_id, tenant, "batch")
+    return generations.batch_publics(session, [batch], context.settings.public_url)[0]

@@ -8,7 +8,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from shared.supervision import read_process_states
 
@@ -105,8 +104,7 @@ def _check_dependencies(context) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _ping_database(context) -> None:
-    with context.engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+    context.ping_database()
 
 
 @router.get(

@@ -9,21 +9,21 @@ import json
 import secrets
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import Adapter, Batch, Generation, Tenant, new_id, utcnow
+from shared.db import ACTIVE_STATUSES, Adapter, Batch, Generation, Tenant, new_id, utcnow
 from shared.errors import Invalid, NotFound, TooLarge
 from shared.limits import tenant_limits
 from shared.queue import GENERATE_TASK
 from shared.scheduler import generation_cost
-from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, generation_public, job_urls
+from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, as_utc, generation_public, job_urls
 from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
-from ..jobs import admission, commit_created, enqueue, enqueue_many, replay, request_hash
+from ..jobs import admission, cancel_jobs, commit_created, enqueue, enqueue_many, replay, request_hash
 
-__all__ = ["create_batch", "create_generation", "send_batch"]
+__all__ = ["BATCH_STATUSES", "batch_publics", "cancel_batch", "create_batch", "create_generation", "send_batch"]
 
 
 def _check_requests(
@@ -145,3 +145,49 @@ def send_batch(context: AppContext, ids: list[str]) -> None:
     """Send the batch's messages; a send that fails clears enqueued_at so that the reaper sends those rows."""
     with context.sessions() as session:
         enqueue_many(context, session, Generation, ids, GENERATE_TASK)
+
+
+# Every status a batch's counts name (zero included), `canceling` too.
+BATCH_STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
+
+
+def batch_publics(session: Session, batches: list[Batch], public_url: str) -> list[dict]:
+    """The public bodies of a page of batches: counts per status and generation ids in two grouped queries."""
+    ids = [batch.id for batch in batches]
+    counts = {batch_id: dict.fromkeys(BATCH_STATUSES, 0) for batch_id in ids}
+    members: dict[str, list[str]] = {batch_id: [] for batch_id in ids}
+    if ids:
+        rows = session.execute(
+            select(Generation.batch_id, Generation.status, Generation.cancel_requested, func.count())
+            .where(Generation.batch_id.in_(ids))
+            .group_by(Generation.batch_id, Generation.status, Generation.cancel_requested)
+        )
+        for batch_id, status, cancel_requested, count in rows:
+            shown = "canceling" if status == "running" and cancel_requested else status
+            counts[batch_id][shown] = counts[batch_id].get(shown, 0) + count
+        for batch_id, generation_id in session.execute(
+            select(Generation.batch_id, Generation.id).where(Generation.batch_id.in_(ids)).order_by(Generation.id)
+        ):
+            members[batch_id].append(generation_id)
+    return [
+        BatchPublic(
+            id=batch.id,
+            total=batch.total,
+            counts=counts[batch.id],
+            generation_ids=members[batch.id],
+            urls=job_urls(public_url, "batches", batch.id),
+            created_at=as_utc(batch.created_at),
+        ).model_dump(mode="json")
+        for batch in batches
+    ]
+
+
+def cancel_batch(*, context: AppContext, session: Session, batch: Batch) -> None:
+    """Cancel every generation of the batch that has not ended (jobs.cancel_jobs)."""
+    active = list(
+        session.scalars(
+            select(Generation.id).where(Generation.batch_id == batch.id, Generation.status.in_(ACTIVE_STATUSES))
+        )
+    )
+    if active:
+        cancel_jobs(context, session, Generation, active, "generation")
