@@ -51,14 +51,18 @@ class Api:
 
 
 def wait_for(client, path, headers, until, timeout=240):
-    """GET ``path`` every 0.5 s until ``until(body)``; AssertionError with the last body after ``timeout`` seconds."""
+    """GET ``path`` every 0.5 s until ``until(body)``. Waits on progress, not on a budget for an idle machine: it
+    fails only when the body stayed the same for ``timeout`` seconds (a stuck job), or after 10 x ``timeout`` in
+    all; a loaded machine that is slow but moving (steps, loss, status, phase changing) is waited for."""
     import time
 
-    deadline = time.monotonic() + timeout
-    body = None
-    while time.monotonic() < deadline:
+    started = last_change = time.monotonic()
+    body = previous = None
+    while time.monotonic() - last_change < timeout and time.monotonic() - started < 10 * timeout:
         body = client.get(path, headers=headers).json()
         if until(body):
             return body
+        if body != previous:
+            previous, last_change = body, time.monotonic()
         time.sleep(0.5)
-    raise AssertionError(f"timed out waiting on {path}: {body}")
+    raise AssertionError(f"no progress for {timeout} s (or over {10 * timeout} s in all) on {path}: {body}")

@@ -413,13 +413,19 @@ class KronaUp:
         return self.log_path.read_text()
 
     def wait(self, condition, what: str, timeout: float = 240) -> None:
-        """Poll ``condition()`` every 0.5 s; fail with the log if `krona up` exits or ``timeout`` passes."""
+        """Poll ``condition()`` every 0.5 s; fail with the log if `krona up` exits, or when its log did not grow
+        for ``timeout`` seconds (a loaded machine that is still starting or working is waited for, up to 10 x)."""
         import time
 
-        deadline = time.monotonic() + timeout
+        started = changed = time.monotonic()
+        size = -1
         while not condition():
             assert self.process.poll() is None, self.log()[-3000:]
-            assert time.monotonic() < deadline, f"timed out: {what}\n{self.log()[-3000:]}"
+            grown = self.log_path.stat().st_size if self.log_path.exists() else 0
+            if grown != size:
+                size, changed = grown, time.monotonic()
+            stalled = time.monotonic() - changed >= timeout or time.monotonic() - started >= 10 * timeout
+            assert not stalled, f"timed out: {what}\n{self.log()[-3000:]}"
             time.sleep(0.5)
 
     def ready(self) -> bool:

@@ -210,21 +210,28 @@ def _second_tenant(data_dir) -> str:
     return key
 
 
-def _generate_and_wait(client, key: str, timeout: float = 120) -> float:
-    started = time.monotonic()
+def _generate_and_wait(client, key: str, progress=lambda: None) -> None:
+    """Create one generation and wait for it on progress: while it is queued or running, ``progress()`` (or its own
+    state) must keep changing; 300 s of no change fails (a stuck service), however slow the machine."""
     job = client.post(
         "/v1/generations", headers={"Authorization": f"Bearer {key}"}, json={"prompt": "b", "steps": 20}
     ).json()
-    while time.monotonic() - started < timeout:
+    last, changed = None, time.monotonic()
+    while time.monotonic() - changed < 300:
         status = client.get(f"/v1/generations/{job['id']}", headers={"Authorization": f"Bearer {key}"}).json()
         if status["status"] in ("succeeded", "failed", "canceled"):
             assert status["status"] == "succeeded", status
-            return time.monotonic() - started
+            return
+        seen = (status["status"], status.get("phase"), progress())
+        if seen != last:
+            last, changed = seen, time.monotonic()
         time.sleep(0.1)
-    raise AssertionError(f"generation {job['id']} did not finish in {timeout} s")
+    raise AssertionError(f"generation {job['id']} made no progress for 300 s: {last}")
 
 
 def test_on_the_embedded_stack_a_single_request_does_not_wait_behind_a_batch_of_200(tiny_folders, tmp_path):
+    """B's one generation is served within a few of A's 200 queued before it (first-in-first-out would serve all
+    200 first). Counted in A's jobs finished, not in seconds, so a loaded machine cannot fail it."""
     import httpx
     from conftest import KronaUp
 
@@ -232,34 +239,41 @@ def test_on_the_embedded_stack_a_single_request_does_not_wait_behind_a_batch_of_
     try:
         up.wait(up.ready, "krona up ready", 120)
         key_a, key_b = up.api_key(), _second_tenant(up.data_dir)
+        headers_a = {"Authorization": f"Bearer {key_a}"}
         with httpx.Client(base_url=up.base, timeout=30) as client:
-            for _ in range(3):  # warm: the engine loads on the first request, the next ones are still slower
-                _generate_and_wait(client, key_b)
-            idle = min(_generate_and_wait(client, key_b) for _ in range(3))
+            _generate_and_wait(client, key_b)  # warm: the engine loads on the first request
             batch = client.post(
                 "/v1/batches",
-                headers={"Authorization": f"Bearer {key_a}"},
+                headers=headers_a,
                 json={"generations": [{"prompt": f"a{i}", "steps": 20} for i in range(200)]},
             )
             assert batch.status_code == 202, batch.text
-            time.sleep(1.0)  # A's backlog is being served
-            loaded = _generate_and_wait(client, key_b)
-            assert loaded <= 3 * idle + 2.0, f"B took {loaded:.2f} s under A's backlog, {idle:.2f} s idle"
+
+            def counts() -> dict:
+                return client.get(f"/v1/batches/{batch.json()['id']}", headers=headers_a).json()["counts"]
+
+            while counts()["running"] + counts()["succeeded"] == 0:  # A's backlog is being served
+                time.sleep(0.1)
+            _generate_and_wait(client, key_b, progress=lambda: counts()["succeeded"])
+            served_before_b = counts()["succeeded"]
+            # A worker's batch holds up to KRONA_MAX_BATCH (8) requests: B joins the next one at the latest.
+            assert served_before_b <= 2 * 8 + 2, f"B waited for {served_before_b} of A's 200 requests"
             # A's batch still finishes, and the usage report adds up to what the jobs recorded.
-            headers_a = {"Authorization": f"Bearer {key_a}"}
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                counts = client.get(f"/v1/batches/{batch.json()['id']}", headers=headers_a).json()["counts"]
-                if counts["succeeded"] + counts["failed"] == 200:
+            last, changed = None, time.monotonic()
+            while time.monotonic() - changed < 300:
+                now = counts()
+                if now["succeeded"] + now["failed"] == 200:
                     break
+                if now != last:
+                    last, changed = now, time.monotonic()
                 time.sleep(1)
-            assert counts["succeeded"] == 200, counts
+            assert now["succeeded"] == 200, now
             usage_a = client.get("/v1/usage", headers=headers_a, params={"granularity": "total"}).json()["data"]
             usage_b = client.get("/v1/usage", headers={"Authorization": f"Bearer {key_b}"}).json()["data"]
         assert [(u["kind"], u["jobs"], u["images"], u["steps"]) for u in usage_a] == [
             ("generation", 200, 200, 200 * 20)
         ]
-        assert sum(u["jobs"] for u in usage_b) == 7 and all(u["worker_seconds"] > 0 for u in usage_a + usage_b)
+        assert sum(u["jobs"] for u in usage_b) == 2 and all(u["worker_seconds"] > 0 for u in usage_a + usage_b)
     finally:
         up.stop()
 
