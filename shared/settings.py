@@ -31,12 +31,6 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/krona.db")
     broker_url: str | None = Field(None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db")
     base_model: str = Field("tiny-sd", description="base model: tiny-sd, tiny-sdxl, a folder or a hub id")
-    engine_factors: str = Field(
-        "64x8",
-        pattern=r"^[1-9][0-9]{0,3}x[1-9][0-9]{0,3}$",
-        description="the A shape (a1 x a2) of the inference engine's adapter slots: the adapter shape this "
-        "deployment serves; trainings and uploads of another shape are refused (422 unservable_adapter)",
-    )
     # Adapter evaluation (params.evaluate, POST /v1/adapters/{id}/evaluations; workers/evaluation.py). The
     # defaults are shared/eval/metrics.py's; tests set tiny-clip / tiny-dino (built from config, no download).
     eval_clip_model: str = Field(
@@ -151,8 +145,12 @@ class Settings(BaseSettings):
     engine_host_cache_mb: int = Field(512, description="host-memory tier of the adapter cache, in MiB")
     engine_max_batch: int = Field(8, description="images per UNet batch; compatible requests are gathered")
     batch_wait_ms: int = Field(50, description="how long a generation waits for compatible requests")
-    engine_a1: int = Field(64, description="A's rows in the engine's adapter slots (adapters must match)")
-    engine_a2: int = Field(8, description="A's columns in the engine's adapter slots")
+    # The A shape (a1 x a2) of the engine's adapter slots: the one adapter shape this deployment serves; the gateway
+    # refuses trainings and uploads of another shape (422 unservable_adapter).
+    engine_a1: int = Field(
+        64, ge=1, le=4096, description="A's rows in the engine's adapter slots (adapters must match)"
+    )
+    engine_a2: int = Field(8, ge=1, le=4096, description="A's columns in the engine's adapter slots")
     worker_metrics_port: int | None = Field(None, description="serve the worker's Prometheus metrics on this port")
     metrics_token: str | None = Field(
         None, description="Bearer token GET /metrics requires; unset = open in dev, disabled (404) in prod"
@@ -205,9 +203,8 @@ class Settings(BaseSettings):
 
     @property
     def engine_a_shape(self) -> tuple[int, int]:
-        """``engine_factors`` as (a1, a2)."""
-        a1, a2 = self.engine_factors.split("x")
-        return int(a1), int(a2)
+        """(engine_a1, engine_a2): the adapter shape the engine serves."""
+        return self.engine_a1, self.engine_a2
 
     @property
     def resolved_database_url(self) -> str:
