@@ -108,9 +108,10 @@ class AppContext:
 
     def check_servable(self, a_shape: tuple[int, int], layers) -> None:
         """422 ``unservable_adapter`` unless the inference engine can serve an adapter with A ``a_shape`` on
-        ``layers`` (module paths): its slots hold A (``KRONA_ENGINE_A1``, ``KRONA_ENGINE_A2``) on the attention projections, and an
-        adapter on a subset of them is served with the others at zero. Checked before a training is queued or an
-        upload stored, so that the service never makes or keeps an adapter it cannot generate with."""
+        ``layers`` (module paths): its slots hold A (``KRONA_ENGINE_A1``, ``KRONA_ENGINE_A2``) on the attention
+        projections, and an adapter on a subset of them is served with the others at zero. Checked before a
+        training is queued or an upload stored, so that the service never makes or keeps an adapter it cannot
+        generate with."""
         from shared.krona.config import DEFAULT_TARGET_MODULES
         from shared.models.shapes import select_targets
 
