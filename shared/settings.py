@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["PLACEHOLDER_SECRET", "Settings", "get_settings"]
@@ -28,8 +28,13 @@ class Settings(BaseSettings):
 
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses placeholder secrets and embedded backends")
     data_dir: Path = Field(Path(".krona"), description="embedded mode: database, broker, blobs, api-key file")
-    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/krona.db")
-    broker_url: str | None = Field(None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db")
+    # URLs may carry a password: kept out of reprs.
+    database_url: str | None = Field(
+        None, repr=False, description="SQLAlchemy URL; default sqlite:///<data_dir>/krona.db"
+    )
+    broker_url: str | None = Field(
+        None, repr=False, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.db"
+    )
     base_model: str = Field("tiny-sd", description="base model: tiny-sd, tiny-sdxl, a folder or a hub id")
     # Adapter evaluation (params.evaluate, POST /v1/adapters/{id}/evaluations; workers/evaluation.py). The
     # defaults are shared/eval/metrics.py's; tests set tiny-clip / tiny-dino (built from config, no download).
@@ -38,13 +43,15 @@ class Settings(BaseSettings):
     )
     eval_dino_model: str = Field("facebook/dino-vits16", description="DINO model: hub id, folder or tiny-dino")
 
+    # Storage -----------------------------------------------------------------------------------------------------
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; unset = local blob folder")
-    s3_bucket: str = "krona"
-    s3_access_key: str | None = None
-    s3_secret_key: str | None = None
+    s3_bucket: str = Field("krona", min_length=3, max_length=63)
+    s3_access_key: str | None = Field(None, repr=False)
+    s3_secret_key: SecretStr | None = Field(None, description="shown as ********** in logs and reprs")
     s3_region: str = "us-east-1"
     blob_dir: Path | None = Field(None, description="local storage folder; default <data_dir>/blobs")
 
+    # The HTTP API and webhooks ----------------------------------------------------------------------------------
     public_url: str = Field("http://127.0.0.1:8000", description="base URL used in links the API returns")
     allow_private_webhooks: bool = Field(False, description="allow webhook targets on loopback/private networks")
     webhook_max_attempts: int = Field(5, ge=1, le=50, description="deliveries tried per event before giving up")
@@ -55,19 +62,20 @@ class Settings(BaseSettings):
     webhook_max_response_bytes: int = Field(4096, ge=0, description="how much of a receiver's answer is read")
     webhook_concurrency: int = Field(8, ge=1, le=256, description="deliveries in flight per webhook worker")
 
-    max_images: int = 20
-    min_images: int = 2
-    max_image_bytes: int = 20 * 1024 * 1024
+    # Uploads and request sizes ------------------------------------------------------------------------------------
+    max_images: int = Field(20, ge=1, le=200, description="photos per training")
+    min_images: int = Field(2, ge=1, le=200, description="photos per training")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024, description="bytes per photo")
     max_image_pixels: int = Field(
         25_000_000,
         ge=1,
         description="pixels per uploaded photo, checked from its header before decoding (training uses 512-1024 px)",
     )
-    max_request_bytes: int = 200 * 1024 * 1024
-    max_train_steps: int = 5000
-    default_train_steps: int | None = None
-    checkpoint_every: int = 50
-    max_batch_generations: int = 1000
+    max_request_bytes: int = Field(200 * 1024 * 1024, ge=1024, le=4 * 1024**3, description="one request's body")
+    max_train_steps: int = Field(5000, ge=1, le=100_000, description="steps a training may ask for")
+    default_train_steps: int | None = Field(None, ge=1, le=100_000, description="unset: the paper's per model family")
+    checkpoint_every: int = Field(50, ge=0, le=100_000, description="a training's checkpoint interval (0: at the end)")
+    max_batch_generations: int = Field(1000, ge=1, le=100_000, description="generations per POST /v1/batches")
     max_generation_compute: int = Field(
         1024 * 1024 * 50 * 4,
         ge=1,
@@ -135,24 +143,38 @@ class Settings(BaseSettings):
     transient_retry_seconds: float = Field(
         600.0, gt=0, description="a job retries storage/database faults this long before failing with *_unavailable"
     )
-    lease_seconds: int = Field(120, description="a job's lease; a worker renews it every lease_seconds / 4")
-    reaper_interval_seconds: int = 30
-    enqueue_grace_seconds: int = Field(60, description="queued this long with no worker: enqueue again")
-    visibility_timeout_seconds: int = Field(6 * 3600, description="Redis broker; longer than the longest job")
+    # Workers, leases, the reaper ---------------------------------------------------------------------------------
+    lease_seconds: int = Field(
+        120, ge=8, le=86_400, description="a job's lease; a worker renews it every lease_seconds / 4"
+    )
+    reaper_interval_seconds: int = Field(30, ge=1, le=3600, description="how often a worker's reaper runs")
+    enqueue_grace_seconds: int = Field(
+        60, ge=1, le=86_400, description="queued this long with no worker: enqueue again"
+    )
+    visibility_timeout_seconds: int = Field(
+        6 * 3600, ge=60, le=7 * 86_400, description="Redis broker; longer than the longest job"
+    )
     worker_device: str | None = Field(None, description="cpu or cuda; default cuda when available")
 
-    engine_slots: int = Field(8, description="adapters resident on the device at once (the device cache tier)")
-    engine_host_cache_mb: int = Field(512, description="host-memory tier of the adapter cache, in MiB")
-    engine_max_batch: int = Field(8, description="images per UNet batch; compatible requests are gathered")
-    batch_wait_ms: int = Field(50, description="how long a generation waits for compatible requests")
+    # The inference engine ------------------------------------------------------------------------------------------
+    engine_slots: int = Field(
+        8, ge=1, le=1024, description="adapters resident on the device at once (the device cache tier)"
+    )
+    engine_host_cache_mb: int = Field(512, ge=0, le=1_048_576, description="host-memory tier of the adapter cache, MiB")
+    engine_max_batch: int = Field(
+        8, ge=1, le=256, description="images per UNet batch; compatible requests are gathered"
+    )
+    batch_wait_ms: int = Field(50, ge=0, le=60_000, description="how long a generation waits for compatible requests")
     # The A shape (a1 x a2) of the engine's adapter slots: the one adapter shape this deployment serves; the gateway
     # refuses trainings and uploads of another shape (422 unservable_adapter).
     engine_a1: int = Field(
         64, ge=1, le=4096, description="A's rows in the engine's adapter slots (adapters must match)"
     )
     engine_a2: int = Field(8, ge=1, le=4096, description="A's columns in the engine's adapter slots")
-    worker_metrics_port: int | None = Field(None, description="serve the worker's Prometheus metrics on this port")
-    metrics_token: str | None = Field(
+    worker_metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="serve the worker's Prometheus metrics on this port"
+    )
+    metrics_token: SecretStr | None = Field(
         None, description="Bearer token GET /metrics requires; unset = open in dev, disabled (404) in prod"
     )
 
@@ -183,17 +205,17 @@ class Settings(BaseSettings):
                     problems.append(f"{variable} has a placeholder password; set the real one")
             if not self.s3_endpoint:
                 problems.append("set KRONA_S3_ENDPOINT (S3-compatible storage); the local blob folder is for dev")
-            elif self.s3_secret_key in (None, "", PLACEHOLDER_SECRET):
+            elif _secret(self.s3_secret_key) in (None, "", PLACEHOLDER_SECRET):
                 problems.append("set KRONA_S3_SECRET_KEY to the real secret")
             elif self.s3_access_key == PLACEHOLDER_SECRET:
                 problems.append("set KRONA_S3_ACCESS_KEY to the real access key")
             if self.allow_private_webhooks:
                 problems.append("unset KRONA_ALLOW_PRIVATE_WEBHOOKS: webhooks to private networks are for dev")
-            if self.metrics_token is not None and self.metrics_token.strip() in ("", PLACEHOLDER_SECRET):
+            if self.metrics_token is not None and _secret(self.metrics_token).strip() in ("", PLACEHOLDER_SECRET):
                 problems.append("set KRONA_METRICS_TOKEN to a real secret, or unset it to disable /metrics")
             if problems:
                 raise ValueError("KRONA_ENV=prod refuses this configuration: " + "; ".join(problems))
-        if self.s3_endpoint and not (self.s3_access_key and self.s3_secret_key):
+        if self.s3_endpoint and not (self.s3_access_key and _secret(self.s3_secret_key)):
             raise ValueError("KRONA_S3_ENDPOINT needs KRONA_S3_ACCESS_KEY and KRONA_S3_SECRET_KEY")
         if not 1 <= self.min_images <= self.max_images:
             raise ValueError("need 1 <= KRONA_MIN_IMAGES <= KRONA_MAX_IMAGES")
@@ -217,6 +239,10 @@ class Settings(BaseSettings):
     @property
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 @lru_cache

@@ -314,7 +314,7 @@ def test_training_spec_caps_target_modules():
 def test_complete_prod_configuration_is_accepted(clean_env):
     settings = Settings(**_prod_settings())
     assert settings.env == "prod"
-    assert Settings(**_prod_settings(metrics_token="a-real-token")).metrics_token == "a-real-token"
+    assert Settings(**_prod_settings(metrics_token="a-real-token")).metrics_token.get_secret_value() == "a-real-token"
 
 
 PROD_REFUSALS = {

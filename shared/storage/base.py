@@ -99,7 +99,7 @@ def storage_from_settings(settings: Settings) -> Storage:
             endpoint=settings.s3_endpoint,
             bucket=settings.s3_bucket,
             access_key=settings.s3_access_key or "",
-            secret_key=settings.s3_secret_key or "",
+            secret_key=settings.s3_secret_key.get_secret_value() if settings.s3_secret_key else "",
             region=settings.s3_region,
         )
     return LocalStorage(settings.resolved_blob_dir)

@@ -29,6 +29,11 @@ def _bearer_token(request: Request) -> str | None:
     return given.strip() if scheme.lower() == "bearer" and given.strip() else None
 
 
+def _token(context) -> str | None:
+    token = context.settings.metrics_token
+    return token.get_secret_value() if token is not None else None
+
+
 def _is_metrics_token(given: str | None, token: str | None) -> bool:
     return bool(given and token) and hmac.compare_digest(given.encode(), token.encode())
 
@@ -38,7 +43,7 @@ def _may_see_details(request: Request, context) -> bool:
     given = _bearer_token(request)
     if given is None:
         return False
-    if _is_metrics_token(given, context.settings.metrics_token):
+    if _is_metrics_token(given, _token(context)):
         return True
     try:
         return authenticate(context, given, charge=False).role == "admin"
@@ -119,7 +124,7 @@ def metrics(request: Request, context: ContextDep):
     """Prometheus metrics (requests by method, route template and status; latency)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    token = context.settings.metrics_token
+    token = _token(context)
     if not token:
         if context.settings.env == "prod":
             raise ApiError(
