@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.db import JobStatus
 from shared.limits import LimitOverrides
 
 if TYPE_CHECKING:
@@ -405,12 +406,12 @@ def queue_positions(session, model, tenant_id: str, rows) -> dict[str, int]:
     is queued."""
     from sqlalchemy import func, select
 
-    wanted = {row.id for row in rows if row.status == "queued"}
+    wanted = {row.id for row in rows if row.status == JobStatus.QUEUED}
     if not wanted:
         return {}
     ranked = (
         select(model.id, func.row_number().over(order_by=(model.created_at, model.id)).label("position"))
-        .where(model.tenant_id == tenant_id, model.status == "queued")
+        .where(model.tenant_id == tenant_id, model.status == JobStatus.QUEUED)
         .subquery()
     )
     found = session.execute(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(wanted)))
@@ -419,7 +420,7 @@ def queue_positions(session, model, tenant_id: str, rows) -> dict[str, int]:
 
 def public_status(row) -> str:
     """The status a client sees: `canceling` for a running job whose cancel was asked for."""
-    if row.status == "running" and getattr(row, "cancel_requested", False):
+    if row.status == JobStatus.RUNNING and getattr(row, "cancel_requested", False):
         return "canceling"
     return row.status
 
@@ -427,9 +428,9 @@ def public_status(row) -> str:
 def job_phase(row) -> str | None:
     """The phase a client sees: queued, the worker's phase while running (loading_model until it wrote one), none
     once the job ended."""
-    if row.status == "queued":
+    if row.status == JobStatus.QUEUED:
         return "queued"
-    if row.status == "running":
+    if row.status == JobStatus.RUNNING:
         return row.phase or "loading_model"
     return None
 
@@ -444,7 +445,7 @@ def training_public(row: Training, queue_position: int | None = None, public_url
         instance_prompt=row.instance_prompt,
         progress={**progress, "phase": job_phase(row)},
         urls=job_urls(public_url, "trainings", row.id, events=True),
-        queue_position=queue_position if row.status == "queued" else None,
+        queue_position=queue_position if row.status == JobStatus.QUEUED else None,
         adapter_id=row.adapter_id,
         error=_error(row),
         params=row.params,
@@ -544,7 +545,7 @@ def generation_public(row: Generation, public_url: str, queue_position: int | No
         batch_id=row.batch_id,
         urls=job_urls(public_url, "generations", row.id),
         phase=job_phase(row),
-        queue_position=queue_position if row.status == "queued" else None,
+        queue_position=queue_position if row.status == JobStatus.QUEUED else None,
         images=images,
         error=_error(row),
         created_at=as_utc(row.created_at),

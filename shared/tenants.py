@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from shared.db import ApiKey, Tenant, new_id, utcnow
+from shared.db import ApiKey, KeyRole, Tenant, new_id, utcnow
 from shared.webhooks import new_webhook_secret
 
 __all__ = [
@@ -39,7 +39,7 @@ def new_api_key(
     session: Session, tenant: Tenant | None, *, name: str | None = None, role: str = "tenant"
 ) -> tuple[str, ApiKey]:
     """(the key, its row) for a new key, added to the session."""
-    if role not in ("tenant", "admin") or (role == "admin") != (tenant is None):
+    if role not in ("tenant", "admin") or (role == KeyRole.ADMIN) != (tenant is None):
         raise ValueError("an admin key has no tenant; a tenant key needs one")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
@@ -92,7 +92,7 @@ def principal_for_key(session: Session, key: str) -> tuple[ApiKey, Tenant | None
     if row is None:
         return None
     api_key, tenant = row
-    if api_key.role != "admin" and tenant is None:
+    if api_key.role != KeyRole.ADMIN and tenant is None:
         return None
     return api_key, tenant
 

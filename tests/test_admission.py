@@ -162,10 +162,16 @@ def test_the_migration_counts_the_jobs_already_queued(tmp_path):
         session.commit()
         tenant_id = tenant.id
     command.downgrade(config, "0006")
+    from sqlalchemy import JSON, column, table
+
+    # The table as code at 0006 knew it (no column added since).
+    names = ("id", "tenant_id", "prompt", "status", "created_at", "updated_at", "num_images", "steps",
+             "guidance_scale", "adapter_scale", "seed", "attempts", "width", "height")  # fmt: skip
+    old_generations = table("generations", *(column(n) for n in names), column("images", JSON))
     with engine.begin() as conn:  # rows written by code at 0006 (no triggers)
         for i, status in enumerate(("queued", "queued", "running", "queued")):
             conn.execute(
-                Generation.__table__.insert().values(
+                old_generations.insert().values(
                     id=f"gen_{i:024d}", tenant_id=tenant_id, prompt="p", status=status, created_at=utcnow(),
                     num_images=1, steps=20, guidance_scale=7.5, adapter_scale=1.0, seed=0, attempts=0, images=[],
                     width=64, height=64, updated_at=utcnow(),
@@ -230,3 +236,44 @@ def test_the_stored_cap_follows_the_tenants_limits(api):
     with api.context.sessions() as session:
         assert session.scalar(select(Tenant.queued_cap).where(Tenant.id == tenant_id)) is None
         assert _counts(session, tenant_id) == ((0, 3), (0, 3))
+
+
+def _triggers(engine) -> set[str]:
+    from sqlalchemy import text
+
+    query = (
+        "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+        if engine.dialect.name == "postgresql"
+        else "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    )
+    with engine.connect() as conn:
+        return {name for (name,) in conn.execute(text(query)) if name.startswith("krona_")}
+
+
+def test_every_counter_trigger_survives_the_migrations_down_and_up(tmp_path, postgres_url):
+    """A migration that rebuilds a SQLite table (Alembic's batch mode) drops its triggers, and the queued counters
+    would silently stop counting: every job table keeps its triggers at the head, and after going down and up."""
+    from alembic import command
+    from alembic.config import Config
+
+    from shared.db.session import MIGRATIONS_DIR
+
+    sqlite = {f"krona_{t}_queued_{e}" for t in ("trainings", "generations", "evaluations")
+              for e in ("insert", "leave", "enter", "delete")}  # fmt: skip
+    postgres = {f"krona_{t}_queued_{e}" for t in ("trainings", "generations", "evaluations")
+                for e in ("insert", "update", "delete")}  # fmt: skip
+    url = f"sqlite:///{tmp_path / 'krona.db'}"
+    upgrade_to_head(url)
+    engine = make_engine(url)
+    assert _triggers(engine) == sqlite
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", url)
+    command.downgrade(config, "0008")
+    assert _triggers(engine) == sqlite
+    command.upgrade(config, "head")
+    assert _triggers(engine) == sqlite
+    engine.dispose()
+    engine = make_engine(postgres_url)
+    assert _triggers(engine) == postgres
+    engine.dispose()

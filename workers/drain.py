@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import update
 
-from shared.db import utcnow
+from shared.db import JobStatus, utcnow
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -100,7 +100,7 @@ def release_lease(rt: Runtime, model, job_id: str) -> bool:
     with rt.sessions() as session:
         result = session.execute(
             update(model)
-            .where(model.id == job_id, model.status == "running", model.lease_owner == rt.owner)
+            .where(model.id == job_id, model.status == JobStatus.RUNNING, model.lease_owner == rt.owner)
             .values(
                 lease_owner=None,
                 lease_expires_at=now - timedelta(seconds=rt.settings.lease_seconds),

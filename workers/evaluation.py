@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shared.db import Adapter, utcnow
+from shared.db import Adapter, JobStatus, utcnow
 from shared.images import ImageLimits
 from shared.settings import Settings
 from shared.training_spec import EvaluationRequest
@@ -145,7 +145,7 @@ def evaluate_trained_adapter(
         dino_model=settings.eval_dino_model,
         reference_images=len(image_keys),
         requested_at=utcnow().isoformat(),
-        status="running",
+        status=JobStatus.RUNNING,
     )
     work = Path(tempfile.mkdtemp(prefix="krona-eval-"))
     try:
@@ -201,7 +201,7 @@ def interrupted_evaluation(
         dino_model=rt.settings.eval_dino_model,
         reference_images=reference_images,
         requested_at=utcnow().isoformat(),
-        status="running",
+        status=JobStatus.RUNNING,
     )
     message = "the worker shut down during the evaluation; score the adapter with POST /v1/adapters/{id}/evaluations"
     return _failed(state, "evaluation_interrupted", message)

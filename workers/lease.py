@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import utcnow
+from shared.db import JobStatus, utcnow
 from shared.scheduler import charge, pick
 
 if TYPE_CHECKING:
@@ -52,10 +52,12 @@ def claim(session: Session, model, job_id: str, owner: str, lease_seconds: int, 
         .where(
             model.id == job_id,
             model.attempts < MAX_ATTEMPTS,
-            or_(model.status == "queued", and_(model.status == "running", model.lease_expires_at < now)),
+            or_(
+                model.status == JobStatus.QUEUED, and_(model.status == JobStatus.RUNNING, model.lease_expires_at < now)
+            ),
         )
         .values(
-            status="running",
+            status=JobStatus.RUNNING,
             lease_owner=owner,
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             attempts=model.attempts + 1,
@@ -110,7 +112,7 @@ def claim_next_job(
         for model in models:
             expired = session.scalar(
                 select(model.id).where(
-                    model.id == message_job_id, model.status == "running", model.lease_expires_at < utcnow()
+                    model.id == message_job_id, model.status == JobStatus.RUNNING, model.lease_expires_at < utcnow()
                 )
             )
             if expired is not None and claim(session, model, message_job_id, owner, lease_seconds):
@@ -147,7 +149,7 @@ def wake_if_capped(rt, model, task: str, tenant_ids: set[str]) -> int:
                     continue
                 job_id = session.scalar(
                     select(model.id)
-                    .where(model.tenant_id == tenant_id, model.status == "queued")
+                    .where(model.tenant_id == tenant_id, model.status == JobStatus.QUEUED)
                     .order_by(model.created_at)
                     .limit(1)
                 )
@@ -164,7 +166,7 @@ def renew(session: Session, model, job_id: str, owner: str, lease_seconds: int, 
     now = utcnow()
     result = session.execute(
         update(model)
-        .where(model.id == job_id, model.status == "running", model.lease_owner == owner)
+        .where(model.id == job_id, model.status == JobStatus.RUNNING, model.lease_owner == owner)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now, **values)
         .execution_options(synchronize_session=False)
     )
@@ -179,7 +181,7 @@ def finish(
     now = utcnow()
     result = session.execute(
         update(model)
-        .where(model.id == job_id, model.status == "running", model.lease_owner == owner)
+        .where(model.id == job_id, model.status == JobStatus.RUNNING, model.lease_owner == owner)
         .values(status=status, finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None, **values)
         .execution_options(synchronize_session=False)
     )

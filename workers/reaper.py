@@ -22,7 +22,7 @@ from datetime import timedelta
 
 from sqlalchemy import or_, select, update
 
-from shared.db import Evaluation, Generation, Training, utcnow
+from shared.db import Evaluation, Generation, JobStatus, Training, WebhookState, utcnow
 from shared.queue import EVALUATE_TASK, GENERATE_TASK, TRAIN_TASK, WEBHOOK_TASK
 from shared.scheduler import MODELS_OF_QUEUE, QUEUE_OF
 
@@ -51,15 +51,15 @@ def reap_once(rt: Runtime) -> dict[str, int]:
     for model, task, kind in JOBS:
         with rt.sessions() as session:
             expired = session.scalars(
-                select(model).where(model.status == "running", model.lease_expires_at < now)
+                select(model).where(model.status == JobStatus.RUNNING, model.lease_expires_at < now)
             ).all()
             for row in expired:
                 if row.attempts >= MAX_ATTEMPTS:
                     result = session.execute(
                         update(model)
-                        .where(model.id == row.id, model.status == "running", model.lease_expires_at < now)
+                        .where(model.id == row.id, model.status == JobStatus.RUNNING, model.lease_expires_at < now)
                         .values(
-                            status="failed",
+                            status=JobStatus.FAILED,
                             finished_at=now,
                             updated_at=now,
                             error_code="worker_lost",
@@ -79,13 +79,13 @@ def reap_once(rt: Runtime) -> dict[str, int]:
             # job is only waiting its turn. Only jobs never sent (broker down at creation) are sent then; when no
             # worker holds a job, the jobs queued longer than the grace are sent again (their messages may be lost).
             busy = any(
-                session.scalar(select(m.id).where(m.status == "running", m.lease_expires_at >= now).limit(1))
+                session.scalar(select(m.id).where(m.status == JobStatus.RUNNING, m.lease_expires_at >= now).limit(1))
                 for m in MODELS_OF_QUEUE[QUEUE_OF[model]]
             )
             unsent = model.enqueued_at.is_(None)
             stale = session.scalars(
                 select(model.id).where(
-                    model.status == "queued", unsent if busy else or_(unsent, model.enqueued_at < now - grace)
+                    model.status == JobStatus.QUEUED, unsent if busy else or_(unsent, model.enqueued_at < now - grace)
                 )
             ).all()
             for job_id in stale:
@@ -162,12 +162,14 @@ def _reap_webhooks(rt: Runtime, session, model, kind: str, now) -> int:
     session.execute(
         update(model)
         .where(
-            model.webhook_state == "sending",
+            model.webhook_state == WebhookState.SENDING,
             model.webhook_lease_expires_at < now,
             model.webhook_attempts >= max_attempts,
         )
         .values(
-            webhook_state="given_up", webhook_lease_expires_at=None, webhook_last_error="the delivering worker stopped"
+            webhook_state=WebhookState.GIVEN_UP,
+            webhook_lease_expires_at=None,
+            webhook_last_error="the delivering worker stopped",
         )
     )
     session.commit()
@@ -177,10 +179,10 @@ def _reap_webhooks(rt: Runtime, session, model, kind: str, now) -> int:
             due_condition(model, now),
             model.webhook_attempts < max_attempts,
             or_(
-                model.webhook_state != "pending",
+                model.webhook_state != WebhookState.PENDING,
                 model.webhook_next_attempt_at < late,
             ),
-            or_(model.webhook_state != "waiting", model.finished_at < late),
+            or_(model.webhook_state != WebhookState.WAITING, model.finished_at < late),
         )
     ).all()
     sent = 0

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import or_, select, update
 
-from shared.db import TERMINAL_STATUSES, Adapter, Evaluation, Generation, Tenant, Training, utcnow
+from shared.db import TERMINAL_STATUSES, Adapter, Evaluation, Generation, JobStatus, Tenant, Training, utcnow
 from shared.storage import keys as blob_keys
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def expire_generation_images(rt: Runtime, now: datetime | None = None) -> int:
             rows = session.execute(
                 select(Generation.id, Generation.images)
                 .where(
-                    Generation.status == "succeeded",
+                    Generation.status == JobStatus.SUCCEEDED,
                     Generation.finished_at < cutoff,
                     Generation.images_expired_at.is_(None),
                 )

@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 
-from shared.db import Generation, Tenant, Training, utcnow
+from shared.db import Generation, Tenant, Training, WebhookState, utcnow
 from shared.schemas import generation_public, training_public
 from shared.webhooks import (
     EVENT_ID_HEADER,
@@ -76,9 +76,9 @@ def due_condition(model, now):
         model.finished_at.is_not(None),
         model.webhook_url.is_not(None),
         or_(
-            model.webhook_state == "waiting",
-            and_(model.webhook_state == "pending", model.webhook_next_attempt_at <= now),
-            and_(model.webhook_state == "sending", model.webhook_lease_expires_at < now),
+            model.webhook_state == WebhookState.WAITING,
+            and_(model.webhook_state == WebhookState.PENDING, model.webhook_next_attempt_at <= now),
+            and_(model.webhook_state == WebhookState.SENDING, model.webhook_lease_expires_at < now),
         ),
     )
 
@@ -96,7 +96,7 @@ def _claim(rt: Runtime, model, job_id: str) -> int | None:
                 model.webhook_attempts < rt.settings.webhook_max_attempts,
             )
             .values(
-                webhook_state="sending",
+                webhook_state=WebhookState.SENDING,
                 webhook_attempts=model.webhook_attempts + 1,
                 webhook_lease_expires_at=now + lease,
             )
@@ -112,7 +112,7 @@ def _finish(rt: Runtime, model, job_id: str, attempt: int, **values) -> bool:
     with rt.sessions() as session:
         result = session.execute(
             update(model)
-            .where(model.id == job_id, model.webhook_state == "sending", model.webhook_attempts == attempt)
+            .where(model.id == job_id, model.webhook_state == WebhookState.SENDING, model.webhook_attempts == attempt)
             .values(webhook_lease_expires_at=None, **values)
         )
         session.commit()
@@ -155,7 +155,7 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         url, wanted = row.webhook_url, row.webhook_events
     event = webhook_event(kind, job_id, body)
     if wanted and event["type"] not in wanted:  # the client asked for other events only
-        _finish(rt, model, job_id, attempt, webhook_state="filtered")
+        _finish(rt, model, job_id, attempt, webhook_state=WebhookState.FILTERED)
         return "filtered"
     payload = json.dumps(event, separators=(",", ":")).encode()
 
@@ -166,7 +166,7 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         target, error = None, str(exc)
     except ValueError as exc:  # refused now (DNS changed, or the setting did): never retried
         log.warning("webhook of %s refused: %s", ref, exc)
-        _finish(rt, model, job_id, attempt, webhook_state="refused", webhook_last_error=str(exc)[:1000])
+        _finish(rt, model, job_id, attempt, webhook_state=WebhookState.REFUSED, webhook_last_error=str(exc)[:1000])
         return "refused"
     if target is not None:
         headers = {
@@ -196,7 +196,7 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         )
         return state
     if attempt >= settings.webhook_max_attempts:
-        _finish(rt, model, job_id, attempt, webhook_state="given_up", webhook_last_error=error[:1000])
+        _finish(rt, model, job_id, attempt, webhook_state=WebhookState.GIVEN_UP, webhook_last_error=error[:1000])
         log.warning("webhook of %s given up after %d attempts: %s", ref, attempt, error)
         return "given_up"
     # Worth another attempt (network error, deadline, a hung resolver, 5xx, 429): the row says when; the message
@@ -204,7 +204,7 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
     delay = retry_delay(attempt, settings.webhook_retry_base_seconds)
     next_attempt_at = now + timedelta(seconds=delay)
     _finish(
-        rt, model, job_id, attempt, webhook_state="pending", webhook_next_attempt_at=next_attempt_at,
+        rt, model, job_id, attempt, webhook_state=WebhookState.PENDING, webhook_next_attempt_at=next_attempt_at,
         webhook_last_error=error[:1000],
     )  # fmt: skip
     log.info("webhook of %s failed (attempt %d): %s; next in %.1f s", ref, attempt, error, delay)

@@ -19,12 +19,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Plain ALTER TABLE, not a batch: a rebuilt SQLite table would lose the queued-jobs triggers (0007, 0008).
     for table in ("trainings", "generations"):
-        with op.batch_alter_table(table) as batch:
-            batch.add_column(sa.Column("phase", sa.String(length=32), nullable=True))
+        op.add_column(table, sa.Column("phase", sa.String(length=32), nullable=True))
 
 
 def downgrade() -> None:
     for table in ("trainings", "generations"):
-        with op.batch_alter_table(table) as batch:
-            batch.drop_column("phase")
+        op.drop_column(table, "phase")

@@ -20,25 +20,19 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("generations") as batch:
-        batch.add_column(sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.add_column(sa.Column("webhook_events", sa.JSON(), nullable=True))
-    with op.batch_alter_table("trainings") as batch:
-        batch.add_column(sa.Column("webhook_events", sa.JSON(), nullable=True))
-    with op.batch_alter_table("evaluations") as batch:
-        batch.add_column(sa.Column("webhook_events", sa.JSON(), nullable=True))
-    with op.batch_alter_table("adapters") as batch:
-        batch.add_column(sa.Column("instance_prompt", sa.Text(), nullable=True))
-        batch.add_column(sa.Column("identifier", sa.String(length=100), nullable=True))
+    # Plain ALTER TABLE ADD COLUMN, not Alembic's batch mode: on SQLite a batch may rebuild the table, and a rebuilt
+    # table loses its triggers (the queued-jobs counters of migrations 0007 and 0008).
+    op.add_column("generations", sa.Column("cancel_requested", sa.Boolean(), nullable=False, server_default=sa.false()))
+    for table in ("generations", "trainings", "evaluations"):
+        op.add_column(table, sa.Column("webhook_events", sa.JSON(), nullable=True))
+    op.add_column("adapters", sa.Column("instance_prompt", sa.Text(), nullable=True))
+    op.add_column("adapters", sa.Column("identifier", sa.String(length=100), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("adapters") as batch:
-        batch.drop_column("identifier")
-        batch.drop_column("instance_prompt")
-    for table in ("evaluations", "trainings"):
-        with op.batch_alter_table(table) as batch:
-            batch.drop_column("webhook_events")
-    with op.batch_alter_table("generations") as batch:
-        batch.drop_column("webhook_events")
-        batch.drop_column("cancel_requested")
+    # ALTER TABLE DROP COLUMN (SQLite 3.35 and later), again without a rebuild that would drop the triggers.
+    op.drop_column("adapters", "identifier")
+    op.drop_column("adapters", "instance_prompt")
+    for table in ("evaluations", "trainings", "generations"):
+        op.drop_column(table, "webhook_events")
+    op.drop_column("generations", "cancel_requested")

@@ -12,7 +12,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from shared.db import Tenant
+from shared.db import KeyRole, Tenant
 from shared.limits import RateDecision, take_token, tenant_limits
 from shared.tenants import principal_for_key
 
@@ -144,7 +144,7 @@ async def current_tenant(principal: Annotated[Principal, Depends(current_princip
 
 
 async def current_admin(principal: Annotated[Principal, Depends(current_principal)]) -> Principal:
-    if principal.role != "admin":
+    if principal.role != KeyRole.ADMIN:
         raise ApiError(403, "admin_key_required", "this route needs an admin key (krona admin create-admin-key)")
     return principal
 

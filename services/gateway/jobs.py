@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import IdempotencyKey, Tenant, is_id, utcnow
+from shared.db import IdempotencyKey, JobStatus, Tenant, is_id, utcnow
 from shared.errors import BadRequest, Conflict, LimitExceeded, NotFound
 from shared.limits import tenant_limits
 from shared.scheduler import is_backlogged, lift_on_submit
@@ -94,9 +94,9 @@ def status_filters(model, status: str | None) -> tuple:
     if status is None:
         return ()
     if status == "canceling":
-        return (model.status == "running", model.cancel_requested.is_(True))
-    if status == "running":
-        return (model.status == "running", model.cancel_requested.is_(False))
+        return (model.status == JobStatus.RUNNING, model.cancel_requested.is_(True))
+    if status == JobStatus.RUNNING:
+        return (model.status == JobStatus.RUNNING, model.cancel_requested.is_(False))
     return (model.status == status,)
 
 
@@ -108,15 +108,15 @@ def cancel_jobs(context: AppContext, session: Session, model, job_ids: list[str]
     canceled = list(
         session.scalars(
             update(model)
-            .where(model.id.in_(job_ids), model.status == "queued")
-            .values(status="canceled", finished_at=now, updated_at=now, cancel_requested=True)
+            .where(model.id.in_(job_ids), model.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELED, finished_at=now, updated_at=now, cancel_requested=True)
             .returning(model.id)
             .execution_options(synchronize_session=False)
         )
     )
     session.execute(
         update(model)
-        .where(model.id.in_(job_ids), model.status == "running")
+        .where(model.id.in_(job_ids), model.status == JobStatus.RUNNING)
         .values(cancel_requested=True, updated_at=now)
         .execution_options(synchronize_session=False)
     )

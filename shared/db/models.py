@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -50,8 +51,39 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-TERMINAL_STATUSES = ("succeeded", "failed", "canceled")
-ACTIVE_STATUSES = ("queued", "running")
+class JobStatus(StrEnum):
+    """A job's status in the database (trainings, generations, evaluations). The API also shows ``canceling``, a
+    running job whose cancel was asked for (shared/schemas.py: public_status)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+TERMINAL_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+ACTIVE_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class WebhookState(StrEnum):
+    """A job's webhook delivery (workers/webhooks.py)."""
+
+    WAITING = "waiting"  # the job has not ended, or its delivery was not sent yet
+    SENDING = "sending"  # claimed by a webhook worker, with a lease
+    PENDING = "pending"  # an attempt failed; the next is scheduled
+    DELIVERED = "delivered"  # 2xx
+    REJECTED = "rejected"  # another 4xx: retrying would not help
+    REFUSED = "refused"  # the target is not allowed (any more)
+    GIVEN_UP = "given_up"  # every attempt failed
+    FILTERED = "filtered"  # the job's webhook_events do not name this event
+
+
+class KeyRole(StrEnum):
+    """What an API key may do: a tenant's own resources, or the /v1/tenants and operator routes."""
+
+    TENANT = "tenant"
+    ADMIN = "admin"
 
 
 def utcnow() -> datetime:

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from shared.db import Adapter, Training, new_id
+from shared.db import Adapter, JobStatus, Training, new_id
 from shared.images import ImageLimits, SubjectImage, decode_image
 from shared.models import BaseModelNotFound
 from shared.queue import TRAIN_TASK
@@ -460,7 +460,7 @@ def _store_adapter(
     identifier = (spec.evaluation() or EvaluationRequest()).subject_words(spec.instance_prompt)[0][:100] or None
     labels = {"name": name, "instance_prompt": spec.instance_prompt, "identifier": identifier}
     status = retry("record the adapter", lambda: _record_adapter(*args, labels=labels))
-    if status == "succeeded":
+    if status == JobStatus.SUCCEEDED:
         limit = rt.settings.metrics_max_tenants
         count_usage(tenant_id=tenant_id, kind="training", status=status, usage=usage, max_tenants=limit)
         notify(rt, Training, "training", training_id)
@@ -518,7 +518,12 @@ def _record_adapter(
                 if not rt.storage.exists(key):
                     raise
             record_usage(
-                session, tenant_id=tenant_id, kind="training", job_id=training_id, status="succeeded", usage=usage
+                session,
+                tenant_id=tenant_id,
+                kind="training",
+                job_id=training_id,
+                status=JobStatus.SUCCEEDED,
+                usage=usage,
             )
             session.commit()
         except IntegrityError:

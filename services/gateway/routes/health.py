@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from shared.db import KeyRole
 from shared.supervision import read_process_states
 
 from ..deps import ContextDep, authenticate
@@ -46,7 +47,7 @@ def _may_see_details(request: Request, context) -> bool:
     if _is_metrics_token(given, _token(context)):
         return True
     try:
-        return authenticate(context, given, charge=False).role == "admin"
+        return authenticate(context, given, charge=False).role == KeyRole.ADMIN
     except Exception:  # not a key, a tenant's key, or the database is down: the public answer
         return False
 

@@ -14,7 +14,7 @@ from fastapi import UploadFile
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import ACTIVE_STATUSES, Adapter, Tenant, Training, new_id, utcnow
+from shared.db import ACTIVE_STATUSES, Adapter, JobStatus, Tenant, Training, new_id, utcnow
 from shared.errors import Conflict, Invalid, TooLarge, Unavailable
 from shared.krona.convert import adapter_bytes, max_tensors_for, native_arrays_from_upload, read_safetensors_bytes
 from shared.limits import tenant_limits
@@ -271,7 +271,9 @@ def request_evaluation(
                 "invalid_params", f"the {name} read off the training's prompt is not usable: give params.{name}"
             )
     running = session.scalar(
-        select(Evaluation.id).where(Evaluation.adapter_id == adapter_id, Evaluation.status == "running").limit(1)
+        select(Evaluation.id)
+        .where(Evaluation.adapter_id == adapter_id, Evaluation.status == JobStatus.RUNNING)
+        .limit(1)
     )
     if running is not None:
         raise Conflict("evaluation_running", f"adapter {adapter_id} is being evaluated; wait for the result")
@@ -314,7 +316,7 @@ def request_evaluation(
         with admission(context, session, tenant, Evaluation, 1):
             queued = session.scalars(
                 select(Evaluation)
-                .where(Evaluation.adapter_id == adapter_id, Evaluation.status == "queued")
+                .where(Evaluation.adapter_id == adapter_id, Evaluation.status == JobStatus.QUEUED)
                 .with_for_update()
             ).all()
             for old in queued:  # a newer request replaces a queued one

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import ACTIVE_STATUSES, Adapter, Batch, Generation, Tenant, new_id, utcnow
+from shared.db import ACTIVE_STATUSES, Adapter, Batch, Generation, JobStatus, Tenant, WebhookState, new_id, utcnow
 from shared.errors import Invalid, NotFound, TooLarge
 from shared.limits import tenant_limits
 from shared.queue import GENERATE_TASK
@@ -81,7 +81,7 @@ def _new_generation(context: AppContext, tenant: Tenant, spec: GenerationCreate,
         seed=spec.seed if spec.seed is not None else secrets.randbelow(2**31),
         webhook_url=spec.webhook_url,
         webhook_events=sorted(set(spec.webhook_events)) if spec.webhook_events else None,
-        webhook_state="waiting" if spec.webhook_url else None,
+        webhook_state=WebhookState.WAITING if spec.webhook_url else None,
         enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
     )
 
@@ -163,7 +163,7 @@ def batch_publics(session: Session, batches: list[Batch], public_url: str) -> li
             .group_by(Generation.batch_id, Generation.status, Generation.cancel_requested)
         )
         for batch_id, status, cancel_requested, count in rows:
-            shown = "canceling" if status == "running" and cancel_requested else status
+            shown = "canceling" if status == JobStatus.RUNNING and cancel_requested else status
             counts[batch_id][shown] = counts[batch_id].get(shown, 0) + count
         for batch_id, generation_id in session.execute(
             select(Generation.batch_id, Generation.id).where(Generation.batch_id.in_(ids)).order_by(Generation.id)

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
-from shared.db import Tenant, Training, new_id, utcnow
+from shared.db import Tenant, Training, WebhookState, new_id, utcnow
 from shared.errors import Invalid, TooLarge, Unavailable, UnsupportedMedia
 from shared.images import (
     DecoderBusy,
@@ -309,7 +309,7 @@ def create_training(
         cost=cost,
         webhook_url=webhook_url,
         webhook_events=submitted.webhook_events,
-        webhook_state="waiting" if webhook_url else None,
+        webhook_state=WebhookState.WAITING if webhook_url else None,
         enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
     )
 
