@@ -42,6 +42,8 @@ services:
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""
 	@pg_isready -h 127.0.0.1 -p 5432 -t 30 >/dev/null && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
 	@command -v kubectl >/dev/null || apt-get install -y -q kubernetes-client
+	@# The web console's browser test drives Debian's Chromium (never a browser a test tool downloads).
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
 test: install lint services
 	$(PY) -m pytest -q

@@ -26,9 +26,11 @@ from .openapi import camel_case_operation_id, install_openapi
 from .routes import (
     adapters,
     capabilities,
+    console,
     generations,
     health,
     keys,
+    operator,
     tenants,
     trainings,
     usage,
@@ -146,6 +148,8 @@ def create_app(
         keys.router,
         tenants.router,
         usage.router,
+        operator.router,
+        console.router,
         health.router,
     ):
         app.include_router(router)
