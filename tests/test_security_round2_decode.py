@@ -357,8 +357,9 @@ def test_concurrent_decodes_are_capped_by_the_process_wide_slots(decode_slots, m
 
 
 def test_the_gateway_answers_503_when_no_decode_slot_comes_free(decode_slots, tmp_path):
-    from services.gateway.errors import ApiError
+    from services.gateway.errors import status_of
     from services.gateway.services.trainings import decode_uploaded_images
+    from shared.errors import Unavailable
     from shared.images import _decode_slot
     from shared.settings import Settings
 
@@ -366,10 +367,10 @@ def test_the_gateway_answers_503_when_no_decode_slot_comes_free(decode_slots, tm
     decode_slots(1, 0.2)
     with _decode_slot():  # another request holds the only slot
         started = time.monotonic()
-        with pytest.raises(ApiError) as raised:
+        with pytest.raises(Unavailable) as raised:
             decode_uploaded_images(settings, [("a.png", png(0))])
         waited = time.monotonic() - started
-    assert raised.value.status == 503 and raised.value.code == "decoder_busy"
+    assert status_of(raised.value) == 503 and raised.value.code == "decoder_busy"
     assert 0.15 < waited < 2, waited
     with pytest.raises(DecoderBusy), _decode_slot(), _decode_slot():
         pass
