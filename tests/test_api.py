@@ -173,7 +173,7 @@ def test_generations_and_batches_cancel_like_trainings(api):
     batch = api.client.post(
         "/v1/batches", headers=api.headers(), json={"generations": [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]}
     ).json()
-    first, second, third = batch["generation_ids"]
+    first, second, _ = batch["generation_ids"]
     with api.context.sessions() as session:
         session.execute(update(Generation).where(Generation.id == first).values(status="succeeded"))
         session.execute(update(Generation).where(Generation.id == second).values(status="running"))

@@ -91,10 +91,14 @@ def test_the_params_part_is_a_typed_json_object(api):
     assert create["413"]["content"]["application/json"]["example"]["error"]["code"] != "training_not_found"
     assert "Idempotent-Replayed" in create["202"]["headers"]
     image = spec["paths"]["/v1/generations/{generation_id}/images/{index}"]["get"]["responses"]["200"]["content"]
-    assert image["image/png"]["schema"] == image["application/octet-stream"]["schema"] == {
-        "type": "string",
-        "format": "binary",
-    }
+    assert (
+        image["image/png"]["schema"]
+        == image["application/octet-stream"]["schema"]
+        == {
+            "type": "string",
+            "format": "binary",
+        }
+    )
 
 
 def test_an_idempotent_replay_says_so(api):
