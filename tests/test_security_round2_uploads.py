@@ -408,7 +408,7 @@ def _evaluate(api, adapter_id: str) -> list[str]:
         f"/v1/adapters/{adapter_id}/evaluations",
         headers=api.headers(),
         files=image_files(3),
-        data={"params": json.dumps({"class_noun": "dog", "prompts": 1})},
+        data={"params": json.dumps({"class_noun": "dog", "identifier": "sks", "prompts": 1})},
     )
     assert response.status_code == 202, response.text
     from sqlalchemy import select

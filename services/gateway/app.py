@@ -13,7 +13,8 @@ import logging
 import anyio.to_thread
 from fastapi import FastAPI
 
-from shared.db import check_migrated, make_engine, make_session_factory
+from shared.db import Training, check_migrated, make_engine, make_session_factory
+from shared.schemas import queue_positions, training_public
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
@@ -82,9 +83,6 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 def _training_snapshot(context: AppContext, training_id: str) -> dict | None:
     """The training's public body, or None when its row is gone (deleted, or its tenant was)."""
-    from shared.db import Training
-    from shared.schemas import queue_positions, training_public
-
     with context.sessions() as session:
         row = session.get(Training, training_id)
         if row is None:

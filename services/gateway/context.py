@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import Invalid, Unavailable
+from shared.krona.config import DEFAULT_TARGET_MODULES
+from shared.models import BaseModelNotFound, unet_config
+from shared.models.shapes import attention_projection_shapes, select_targets
+from shared.queue import make_celery, send
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.tenants import key_is_active
 
 from .events import ProgressHub
 
@@ -32,18 +38,12 @@ class CeleryEnqueuer:
     """Sends tasks by name to the broker; never imports the worker code."""
 
     def __init__(self, settings: Settings) -> None:
-        from shared.queue import make_celery
-
         self.app = make_celery(settings)
 
     def send(self, task: str, job_id: str) -> None:
-        from shared.queue import send
-
         send(self.app, task, job_id)
 
     def send_many(self, task: str, job_ids: list[str]) -> int:
-        from shared.queue import send
-
         sent = 0
         with self.app.producer_or_acquire() as producer:  # one producer (and connection) for the whole batch
             for job_id in job_ids:
@@ -91,10 +91,6 @@ class AppContext:
     def key_is_active(self, key_id: str) -> bool:
         """Whether the API key still authenticates (not revoked; its tenant not deleted), read at most every
         few seconds per key and process: open event streams ask this (routes/trainings.py)."""
-        import time
-
-        from shared.tenants import key_is_active
-
         now = time.monotonic()
         cached = self._key_checks.get(key_id)
         if cached is not None and now - cached[0] < 2.0:
@@ -112,9 +108,6 @@ class AppContext:
         projections, and an adapter on a subset of them is served with the others at zero. Checked before a
         training is queued or an upload stored, so that the service never makes or keeps an adapter it cannot
         generate with."""
-        from shared.krona.config import DEFAULT_TARGET_MODULES
-        from shared.models.shapes import select_targets
-
         engine = self.settings.engine_a_shape
         served = set(select_targets(self.base_model_shapes(), DEFAULT_TARGET_MODULES))
         outside = sorted(set(layers) - served)
@@ -132,8 +125,6 @@ class AppContext:
 
     def ping_database(self) -> None:
         """One round trip to the database (readiness); raises when it does not answer."""
-        from sqlalchemy import text
-
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
@@ -143,9 +134,6 @@ class AppContext:
         return self._native_size or 512
 
     def _load_base_model_config(self) -> None:
-        from shared.models import BaseModelNotFound, unet_config
-        from shared.models.shapes import attention_projection_shapes
-
         # unet_config reads the config without building the model (resolve_base_model would build a tiny one).
         try:
             config: dict[str, Any] = unet_config(self.settings.base_model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.staticfiles import StaticFiles
@@ -18,8 +19,6 @@ ASSETS = "/docs/assets"
 
 
 def _static_folder() -> Path:
-    import fastapi_offline
-
     return Path(fastapi_offline.__file__).resolve().parent / "static"
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError as BrokerError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import (
@@ -22,6 +26,7 @@ from shared.errors import (
     Unavailable,
     UnsupportedMedia,
 )
+from shared.storage import StorageError
 
 __all__ = ["STATUS_OF", "ApiError", "error_body", "install_error_handlers", "status_of"]
 
@@ -93,8 +98,6 @@ def _dbapi_handler(unavailable_handler):
 
 def _allowed_methods(request: Request) -> list[str]:
     """Every method the OpenAPI document lists for this path (HEAD where GET is)."""
-    import re
-
     methods: set[str] = set()
     for template, operations in request.app.openapi().get("paths", {}).items():
         pattern = "^" + re.sub(r"\\{[^/]+\\}", "[^/]+", re.escape(template)) + "$"
@@ -107,31 +110,8 @@ def _allowed_methods(request: Request) -> list[str]:
 
 def _expects_multipart(request: Request) -> bool:
     """Whether the matched route takes a form with files (FastAPI `File` parameters)."""
-    from fastapi import params
-
     body_field = getattr(request.scope.get("route"), "body_field", None)
     return body_field is not None and isinstance(getattr(body_field, "field_info", None), params.File)
-
-
-async def _authentication_error(request: Request) -> JSONResponse | None:
-    """For a /v1 route: the 401 this request gets from authentication, or None if its key is valid."""
-    if not request.url.path.startswith("/v1/") or getattr(request.state, "principal", None) is not None:
-        return None  # not a /v1 route, or its key was checked before its body was read (deps.AuthenticatedRoute)
-    from starlette.concurrency import run_in_threadpool
-
-    from .deps import authenticate
-
-    header = request.headers.get("authorization") or ""
-    key = header[7:] if header.lower().startswith("bearer ") else None
-    try:
-        await run_in_threadpool(lambda: authenticate(request.app.state.context, key, charge=False))
-    except ApiError as exc:
-        if exc.status == 401:
-            return JSONResponse(
-                error_body(exc.code, exc.message), status_code=401, headers={"WWW-Authenticate": "Bearer"}
-            )
-        raise
-    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -147,10 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Authentication comes first: an unauthenticated request learns nothing about what the body should be.
-        unauthorized = await _authentication_error(request)
-        if unauthorized is not None:
-            return unauthorized
+        # Authentication came first (deps.AuthenticatedRoute checks the key before the body is read): an
+        # unauthenticated request never learns what the body should be.
         if _expects_multipart(request) and not request.headers.get("content-type", "").startswith("multipart/"):
             # FastAPI reads any other body as an empty form; say what is wrong, not which fields are missing.
             return JSONResponse(
@@ -179,10 +157,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     # Dependency faults: 503 with what is down and when to retry, one log line, no traceback. (These
     # handlers run in Starlette's ExceptionMiddleware; the catch-all below is re-raised to the server's log.)
-    from sqlalchemy.exc import DBAPIError, OperationalError
-    from sqlalchemy.exc import TimeoutError as PoolTimeout
-
-    from shared.storage import StorageError
 
     def unavailable(code: str, what: str):
         async def handler(request: Request, exc: Exception) -> JSONResponse:
@@ -201,12 +175,7 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(exc_class, unavailable("database_unavailable", "the database is unreachable"))
     app.add_exception_handler(DBAPIError, _dbapi_handler(unavailable("database_unavailable", "the database failed")))
     app.add_exception_handler(StorageError, unavailable("storage_unavailable", "storage is unreachable"))
-    try:
-        from kombu.exceptions import OperationalError as BrokerError
-
-        app.add_exception_handler(BrokerError, unavailable("broker_unavailable", "the broker is unreachable"))
-    except ImportError:  # pragma: no cover - kombu comes with celery
-        pass
+    app.add_exception_handler(BrokerError, unavailable("broker_unavailable", "the broker is unreachable"))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

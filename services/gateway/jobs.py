@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from fastapi import Query
+from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
@@ -18,6 +19,7 @@ from sqlalchemy.orm import Session
 from shared.db import IdempotencyKey, JobStatus, Tenant, is_id, utcnow
 from shared.errors import BadRequest, Conflict, LimitExceeded, NotFound
 from shared.limits import tenant_limits
+from shared.queue import WEBHOOK_TASK
 from shared.scheduler import is_backlogged, lift_on_submit
 
 from .context import AppContext
@@ -128,8 +130,6 @@ def cancel_jobs(context: AppContext, session: Session, model, job_ids: list[str]
     )
     session.commit()
     for job_id in with_webhooks:
-        from shared.queue import WEBHOOK_TASK
-
         try:
             context.enqueuer.send(WEBHOOK_TASK, f"{kind}:{job_id}")
         except Exception:  # the reaper delivers pending webhooks
@@ -141,8 +141,6 @@ def cancel_jobs(context: AppContext, session: Session, model, job_ids: list[str]
 
 def created(body: dict, status_code: int, collection: str, background=None):
     """The answer to a create (or its idempotent replay): the resource, with Location naming where it lives."""
-    from fastapi.responses import JSONResponse
-
     headers = {"Location": f"/v1/{collection}/{body['id']}"} if "id" in body else {}
     if isinstance(body, Replayed):  # as Stripe does: the client can tell a replay from a fresh create
         headers["Idempotent-Replayed"] = "true"

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from shared.schemas import EvaluationParams, TrainingParams
+
 __all__ = ["ErrorResponse", "camel_case_operation_id", "errors"]
 
 
@@ -119,8 +121,6 @@ def _add_model(schema: dict[str, Any], model) -> None:
 
 
 def _typed_parts() -> dict[str, tuple[str, Any]]:
-    from shared.schemas import EvaluationParams, TrainingParams
-
     return {"createTraining": ("params", TrainingParams), "evaluateAdapter": ("params", EvaluationParams)}
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
 from shared.db import KeyRole
 from shared.supervision import read_process_states
@@ -123,7 +124,6 @@ def _ping_database(context) -> None:
 )
 def metrics(request: Request, context: ContextDep):
     """Prometheus metrics (requests by method, route template and status; latency)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     token = _token(context)
     if not token:
@@ -138,8 +138,6 @@ def metrics(request: Request, context: ContextDep):
         raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <KRONA_METRICS_TOKEN>'")
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # `krona gateway --workers N`: the sum over processes
-        from prometheus_client import CollectorRegistry, multiprocess
-
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,18 +14,20 @@ from fastapi import UploadFile
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import ACTIVE_STATUSES, Adapter, JobStatus, Tenant, Training, new_id, utcnow
+from shared.db import ACTIVE_STATUSES, Adapter, Evaluation, JobStatus, Tenant, Training, new_id, utcnow
 from shared.errors import Conflict, Invalid, TooLarge, Unavailable
 from shared.krona.convert import adapter_bytes, max_tensors_for, native_arrays_from_upload, read_safetensors_bytes
 from shared.limits import tenant_limits
 from shared.queue import EVALUATE_TASK
 from shared.scheduler import evaluation_cost
-from shared.schemas import adapter_public
+from shared.schemas import adapter_public, latest_evaluations
 from shared.settings import Settings
 from shared.storage import keys as blob_keys
 from shared.training_spec import EvaluationRequest
 
 from ..context import AppContext
+from ..jobs import admission, enqueue, get_owned
+from .uploads import decode_uploaded_images, read_uploads
 
 __all__ = [
     "AdapterUpload",
@@ -129,8 +131,6 @@ def delete_adapter_and_files(*, context: AppContext, session: Session, tenant: T
     live. Every blob is tried; a storage fault is raised after the others were tried (503; the retention sweep
     removes what is left, as its rows are gone). A worker running one of its evaluations finds the row gone and
     stops (workers/evaluation.py)."""
-    from ..jobs import get_owned
-
     row = get_owned(session, Adapter, adapter_id, tenant, "adapter")
     key = row.storage_key
     session.delete(row)
@@ -215,8 +215,6 @@ async def read_evaluation_form(
         raise Invalid("invalid_params", "params is not valid JSON") from None
     except (ValueError, TypeError) as exc:
         raise Invalid("invalid_params", str(exc)) from None
-    from .trainings import read_uploads
-
     files = await read_uploads(settings, uploads)
     return EvaluationUpload(request=request or EvaluationRequest(), files=files)
 
@@ -237,12 +235,6 @@ def request_evaluation(
     409 ``evaluation_running`` while one of the adapter's evaluations is running; a queued one is replaced
     (canceled, its photos deleted). 429 ``queue_full`` over the tenant's cap on queued jobs.
     """
-    from shared.db import Evaluation
-    from shared.schemas import latest_evaluations
-
-    from ..jobs import admission, enqueue, get_owned
-    from .trainings import decode_uploaded_images
-
     settings = context.settings
     adapter = get_owned(session, Adapter, adapter_id, tenant, "adapter")
     instance_prompt = adapter.instance_prompt or ""

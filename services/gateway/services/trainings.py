@@ -16,16 +16,7 @@ from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
 from shared.db import Tenant, Training, WebhookState, new_id, utcnow
-from shared.errors import Invalid, TooLarge, Unavailable, UnsupportedMedia
-from shared.images import (
-    DecoderBusy,
-    ImageError,
-    ImageFormatRefused,
-    ImageLimits,
-    ImageTooLarge,
-    ImageUnreadable,
-    validate_image,
-)
+from shared.errors import Invalid, TooLarge, Unavailable
 from shared.krona.config import check_factors_fit_shapes
 from shared.limits import TenantLimits, tenant_limits
 from shared.models.shapes import select_targets
@@ -40,6 +31,7 @@ from shared.webhooks import WEBHOOK_EVENTS, check_webhook_url
 from ..context import AppContext
 from ..jobs import admission, commit_created, enqueue, replay, request_hash
 from .adapters import check_adapter_room
+from .uploads import decode_uploaded_images, read_uploads
 
 __all__ = [
     "CLIENT_PARAMS",
@@ -69,7 +61,6 @@ CLIENT_PARAMS = {
     "validation_prompt",
     "evaluate",
 }
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 # Caps on the free-text form fields (name is a String(200) column).
 MAX_NAME_CHARS = 200
 MAX_WEBHOOK_URL_CHARS = 2000
@@ -173,18 +164,6 @@ async def read_training_form(
     )
 
 
-async def read_uploads(settings: Settings, uploads: list[UploadFile]) -> list[tuple[str, bytes]]:
-    """(label, bytes) of each uploaded file, read up to the image size limit (413 ``image_too_large`` over it)."""
-    files: list[tuple[str, bytes]] = []
-    for index, upload in enumerate(uploads):
-        data = await upload.read(settings.max_image_bytes + 1)
-        label = upload.filename or f"image {index}"
-        if len(data) > settings.max_image_bytes:
-            raise TooLarge("image_too_large", f"{label}: over {settings.max_image_bytes:,} bytes")
-        files.append((label, data))
-    return files
-
-
 def check_training_limits(spec: TrainingSpec, *, steps: int, resolution: int, limits: TenantLimits) -> float:
     """The training's cost (shared/scheduler.py: training_cost), after checking it and the parameters that make it
     against the tenant's limits: 422 ``invalid_params`` naming the limit, or ``compute_limit`` over the cost cap."""
@@ -213,31 +192,6 @@ def check_training_limits(spec: TrainingSpec, *, steps: int, resolution: int, li
             {"cost": round(cost), "limit": limits.max_training_compute},
         )
     return cost
-
-
-def decode_uploaded_images(settings: Settings, files: list[tuple[str, bytes]]) -> list[tuple[bytes, str]]:
-    """(bytes, extension) of each uploaded photo, checked as the trainer will decode it (shared/images.py: the
-    structure and size on the bytes before any pixel is decoded, then a decode in one of the process's decode
-    slots, within a CPU budget): 415 for a format that is not PNG/JPEG/WebP or an animated one, 413 over the
-    byte or pixel limit, 422 for one too small, damaged or too costly to decode (too many JPEG scans or PNG
-    chunks, over the budget), 503 ``decoder_busy`` when no decode slot came free in time."""
-    limits = ImageLimits(
-        max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels, max_count=settings.max_images
-    )
-    images: list[tuple[bytes, str]] = []
-    for label, data in files:
-        try:
-            fmt = validate_image(data, label, limits)
-        except (ImageUnreadable, ImageFormatRefused) as exc:
-            raise UnsupportedMedia("unsupported_image", str(exc)) from None
-        except ImageTooLarge as exc:
-            raise TooLarge("invalid_image", str(exc)) from None
-        except ImageError as exc:  # too small, damaged, too costly
-            raise Invalid("invalid_image", str(exc)) from None
-        except DecoderBusy as exc:
-            raise Unavailable("decoder_busy", f"{exc} (the server is decoding other uploads)") from None
-        images.append((data, _EXTENSIONS[fmt]))
-    return images
 
 
 def create_training(
