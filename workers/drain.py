@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import update
 
-from shared.db import JobStatus, utcnow
+from shared.db import JobStatus, Training, utcnow
+from shared.queue import TRAIN_TASK
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -118,9 +119,6 @@ def hand_over_training(
 ) -> str:
     """After ``train`` stopped for a drain with ``checkpoint`` written locally: store it (``store_checkpoint``
     also records its key on the row), release the lease and send the wake-up message. Returns 'drained'."""
-    from shared.db import Training
-    from shared.queue import TRAIN_TASK
-
     if checkpoint is not None:
         store_checkpoint(checkpoint)
     if not release_lease(rt, Training, training_id):

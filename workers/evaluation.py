@@ -35,8 +35,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from shared.db import Adapter, JobStatus, utcnow
+from sqlalchemy import select
+
+from shared.db import Adapter, Evaluation, JobStatus, utcnow
+from shared.eval.prompts import check_subject_word, prompt_templates
 from shared.images import ImageLimits
+from shared.queue import EVALUATE_TASK
 from shared.settings import Settings
 from shared.training_spec import EvaluationRequest
 from shared.usage import Usage
@@ -71,7 +75,7 @@ def score_adapter(
 ) -> dict[str, float]:
     """{clip_i, clip_t, dino} of the adapter: the first ``state["prompts"]`` evaluation prompts for the class,
     ``images_per_prompt`` images each (seeds 0..n-1), against the images in ``reference_dir``."""
-    from shared.eval.prompts import prompt_templates
+    # Lazy: shared.eval.run loads torch (1.7 s); this module is imported where no model runs (the dispatcher).
     from shared.eval.run import evaluate
 
     identifier, class_noun = _subject_words(state)
@@ -97,8 +101,6 @@ def score_adapter(
 
 def _subject_words(state: dict[str, Any]) -> tuple[str, str]:
     """(identifier, class noun) of the evaluation, checked before anything is downloaded (ValueError)."""
-    from shared.eval.prompts import check_subject_word
-
     identifier = check_subject_word("the identifier", state["identifier"])
     class_noun = check_subject_word("the class noun", state["class_noun"])
     if not class_noun.strip():
@@ -172,8 +174,6 @@ def evaluate_trained_adapter(
 def record_of_training_evaluation(state: dict[str, Any], tenant_id: str, adapter_id: str, base_model: str):
     """The ``evaluations`` row of a training's own evaluation (params.evaluate), already ended: its work was
     charged and metered with the training's."""
-    from shared.db import Evaluation
-
     error = state.get("error") or {}
     now = utcnow()
     return Evaluation(
@@ -216,6 +216,7 @@ def _params_of(state: dict[str, Any]) -> dict[str, Any]:
 def run_evaluation_job(rt: Runtime, message_job_id: str) -> str:
     """A message of the train queue (``krona.evaluate``): like ``krona.train``, it claims the queue's fairest job,
     a training or an evaluation (workers/train_queue.py), and runs it."""
+    # Lazy: workers.train_queue imports this module to run the evaluations it claims.
     from workers.train_queue import run_train_queue_job
 
     return run_train_queue_job(rt, message_job_id)
@@ -232,10 +233,6 @@ class _Claimed:
 
 
 def _read_claimed(rt: Runtime, evaluation_id: str) -> _Claimed | None:
-    from sqlalchemy import select
-
-    from shared.db import Evaluation
-
     with rt.sessions() as session:
         row = session.execute(
             select(Evaluation, Adapter.storage_key)
@@ -270,8 +267,6 @@ def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
 
     The reference photos are deleted when the evaluation ends, on every path (a worker whose lease was taken over
     leaves them to the new holder; the reaper deletes those of one it gives up on; the storage sweep is the net)."""
-    from shared.db import Evaluation
-
     claimed = _read_claimed(rt, evaluation_id)
     if claimed is None:
         return "lease_lost"
@@ -328,9 +323,6 @@ def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
 
 def _hand_over(rt: Runtime, evaluation_id: str) -> str:
     """A drain during an evaluation: release the lease (the attempt not counted) and wake another worker."""
-    from shared.db import Evaluation
-    from shared.queue import EVALUATE_TASK
-
     if not release_lease(rt, Evaluation, evaluation_id):
         return "lease_lost"
     try:
@@ -342,7 +334,7 @@ def _hand_over(rt: Runtime, evaluation_id: str) -> str:
 
 
 def _device_name(rt: Runtime) -> str:
-    import torch
+    import torch  # lazy, as in score_adapter: this module starts without torch
 
     device = rt.settings.worker_device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -353,7 +345,6 @@ def _device_name(rt: Runtime) -> str:
 def _end(rt: Runtime, claimed: _Claimed, status: str, usage: Usage, values: dict[str, Any]) -> bool | None:
     """Write the final status, the result and the usage record in one transaction, by the lease owner: True; the
     row is gone (its adapter was deleted): False; another worker owns it now: None."""
-    from shared.db import Evaluation
 
     def write() -> bool | None:
         with rt.sessions() as session:

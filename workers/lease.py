@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.db import JobStatus, utcnow
+from shared.db import JobStatus, Tenant, utcnow
+from shared.limits import tenant_limits
 from shared.scheduler import charge, pick
 
 if TYPE_CHECKING:
@@ -137,9 +139,6 @@ def wake_if_capped(rt, model, task: str, tenant_ids: set[str]) -> int:
     """After jobs of these tenants ended: a tenant with a running-jobs cap may have had queued jobs skipped by
     claims while it was at its cap (their messages spent on other jobs); send one message for its oldest queued
     job, so that it does not wait for the reaper. Returns how many were sent."""
-    from shared.db import Tenant
-    from shared.limits import tenant_limits
-
     sent = 0
     for tenant_id in tenant_ids:
         try:
@@ -196,8 +195,6 @@ class Heartbeat:
     took the job over; the job then stops at its next check."""
 
     def __init__(self, sessions, model, job_id: str, owner: str, lease_seconds: int) -> None:
-        import threading
-
         self.lost = False
         self._args = (model, job_id, owner, lease_seconds)
         self._sessions = sessions

@@ -14,6 +14,7 @@ import logging
 from shared.db import Evaluation, Training
 from shared.scheduler import MODELS_OF_QUEUE
 
+from .evaluation import run_claimed_evaluation
 from .lease import claim_next_job
 from .runtime import Runtime
 
@@ -34,10 +35,10 @@ def run_train_queue_job(rt: Runtime, message_job_id: str) -> str:
         return "skipped"
     model, job_id = claimed
     if model is Evaluation:
-        from workers.evaluation import run_claimed_evaluation
-
         return run_claimed_evaluation(rt, job_id)
     assert model is Training
+    # Lazy: the training job loads torch and diffusers (seconds), which a claim that finds an evaluation, or
+    # nothing, does not need.
     from workers.training.job import run_claimed_training
 
     return run_claimed_training(rt, job_id)

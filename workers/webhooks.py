@@ -41,6 +41,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 
 from shared.db import Generation, Tenant, Training, WebhookState, utcnow
+from shared.queue import WEBHOOK_TASK
 from shared.schemas import generation_public, training_public
 from shared.webhooks import (
     EVENT_ID_HEADER,
@@ -208,8 +209,6 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
         webhook_last_error=error[:1000],
     )  # fmt: skip
     log.info("webhook of %s failed (attempt %d): %s; next in %.1f s", ref, attempt, error, delay)
-    from shared.queue import WEBHOOK_TASK
-
     try:
         rt.send(WEBHOOK_TASK, ref, countdown=delay)
     except Exception:
@@ -219,8 +218,6 @@ def deliver_webhook(rt: Runtime, ref: str) -> str:
 
 def notify(rt: Runtime, model, kind: str, job_id: str) -> None:
     """After a terminal state: send the webhook task if the job has a webhook (the reaper retries a failed send)."""
-    from shared.queue import WEBHOOK_TASK
-
     try:
         with rt.sessions() as session:
             url = session.scalar(select(model.webhook_url).where(model.id == job_id))

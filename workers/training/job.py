@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import torch
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import Adapter, JobStatus, Training, new_id
 from shared.images import ImageLimits, SubjectImage, decode_image
+from shared.krona import delete_adapter, krona_layers, load_adapter
 from shared.models import BaseModelNotFound
 from shared.queue import TRAIN_TASK
 from shared.storage import BlobNotFound
@@ -31,11 +33,15 @@ from shared.training_spec import EvaluationRequest, TrainingSpec
 from shared.usage import Usage
 
 from ..drain import Drained, drain_requested, hand_over_training, unless_drained
+from ..evaluation import evaluate_trained_adapter, interrupted_evaluation, record_of_training_evaluation
 from ..lease import Heartbeat, finish, renew, wake_if_capped
+from ..retention import purge_training_inputs
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
 from ..usage import count_usage, record_usage
 from ..webhooks import notify
+from . import TrainingCanceled, load_components, native_resolution, train
+from .class_images import class_image_set
 
 log = logging.getLogger("krona.worker.training")
 
@@ -55,8 +61,6 @@ def _unpack_checkpoint(data: bytes, into: Path) -> None:
 
 
 def _components(rt: Runtime, base_model: str, spec: TrainingSpec):
-    from workers.training import load_components
-
     key = f"train:{base_model}:{spec.mixed_precision}"
     if key not in rt.pipelines:
         rt.pipelines[key] = load_components(
@@ -68,6 +72,7 @@ def _components(rt: Runtime, base_model: str, spec: TrainingSpec):
 def run_training_job(rt: Runtime, message_job_id: str) -> str:
     """A message of the train queue: claim the queue's fairest job (a training or an evaluation; a crashed one
     named by the message first) and run it; the final status, or 'skipped' when there was nothing to claim."""
+    # Lazy: workers.train_queue imports this module to run the trainings it claims.
     from workers.train_queue import run_train_queue_job
 
     return run_train_queue_job(rt, message_job_id)
@@ -135,8 +140,6 @@ class _Attempt:
         self._last_progress_write = 0.0
 
     def run(self, work: Path, heartbeat: Heartbeat) -> str:
-        from workers.training import TrainingCanceled, train
-
         self.heartbeat = heartbeat
         try:
             images = self._read_images()
@@ -213,8 +216,6 @@ class _Attempt:
         request = self.claimed.spec.evaluation()
         if request is None:
             return None
-        from workers.evaluation import evaluate_trained_adapter, interrupted_evaluation
-
         self.set_phase("evaluating")
         evaluate = partial(
             evaluate_trained_adapter,
@@ -325,9 +326,6 @@ class _Attempt:
         spec = self.claimed.spec
         if not spec.prior_preservation:
             return None
-        from workers.training import native_resolution
-        from workers.training.class_images import class_image_set
-
         resolution = spec.resolution or native_resolution(self.components)
         name = class_image_set(self.claimed.base_model, spec, resolution)
         return StorageClassImageCache(self.rt, self.claimed.tenant_id, name, self.retry)
@@ -355,8 +353,6 @@ class _Attempt:
 
     def remove_adapter(self) -> None:
         """The worker keeps the components for the next job: take this training's factors out of the UNet."""
-        from shared.krona import delete_adapter, krona_layers
-
         components = self.components
         if components is not None and any(
             "default" in layer.krona_a for layer in krona_layers(components.unet).values()
@@ -391,8 +387,6 @@ class StorageClassImageCache:
 def _purge_inputs(rt: Runtime, training_id: str) -> None:
     """The subject's photos and the checkpoint go when the training has ended (unless KRONA_KEEP_TRAINING_IMAGES);
     a storage fault is left to the reaper's next retention pass (workers/retention.py)."""
-    from workers.retention import purge_training_inputs
-
     try:
         purge_training_inputs(rt, training_id)
     except Exception:
@@ -418,13 +412,9 @@ class _Meter:
         steps = 0 if self.first is None else self.last - self.first + 1
         device = str(components.device) if components is not None else "cpu"
         if components is not None and components.device.type == "cuda":
-            import torch
-
             device = f"cuda:{torch.cuda.get_device_name(components.device)}"
         size = self.resolution
         if not size and components is not None:
-            from workers.training import native_resolution
-
             size = native_resolution(components)
         return Usage(time.perf_counter() - self.started, device, steps=steps, pixels=steps * size * size)
 
@@ -447,8 +437,6 @@ def _store_adapter(
     *,
     name: str | None = None,
 ) -> str:
-    from shared.krona import load_adapter
-
     data = Path(path).read_bytes()
     state, config, _ = load_adapter(path)
     adapter_id = new_id("adp")
@@ -500,8 +488,6 @@ def _record_adapter(
             )
         )
         if evaluation is not None:  # params.evaluate: its result, recorded with the adapter
-            from workers.evaluation import record_of_training_evaluation
-
             session.flush()
             session.add(record_of_training_evaluation(evaluation, tenant_id, adapter_id, base_model))
         # The adapter row and the terminal state commit together, and only by the lease owner;
