@@ -30,7 +30,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
+    from PIL.ImageFile import ImageFile
 
 __all__ = [
     "DEFAULT_DECODE_WAIT_SECONDS",
@@ -190,7 +190,7 @@ def _decode_slot() -> Iterator[None]:
 # Step 1: the byte stream --------------------------------------------------------------------------------
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_SIGNATURES = {
+_SIGNATURES: dict[str, Callable[[bytes], bool]] = {
     "PNG": lambda data: data.startswith(_PNG_SIGNATURE),
     "JPEG": lambda data: data.startswith(b"\xff\xd8\xff"),
     "WEBP": lambda data: data[:4] == b"RIFF" and data[8:12] == b"WEBP",
@@ -367,7 +367,7 @@ _DECODE_BLOCK = 16 * 1024
 
 
 @contextlib.contextmanager
-def _decoded(data: bytes, name: str, limits: ImageLimits, draft: bool) -> Iterator[PILImage]:
+def _decoded(data: bytes, name: str, limits: ImageLimits, draft: bool) -> Iterator[ImageFile]:
     """The image, checked, opened and decoded within its CPU budget (Pillow's image object, loaded), held in a
     decode slot until the caller's block ends (what it does with the pixels counts against the same bound);
     ``draft``: a JPEG at the smallest of 1/2, 1/4, 1/8 scale that keeps its shorter side ``limits.min_side``."""
@@ -387,7 +387,7 @@ def _decoded(data: bytes, name: str, limits: ImageLimits, draft: bool) -> Iterat
             yield img
 
 
-def _load(img: PILImage, source: _BudgetedBytes, name: str, limits: ImageLimits, draft: bool) -> None:
+def _load(img: ImageFile, source: _BudgetedBytes, name: str, limits: ImageLimits, draft: bool) -> None:
     from PIL import Image
 
     if img.format not in limits.formats:  # an MPO (several JPEGs in one file), say
@@ -429,6 +429,7 @@ def decode_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) ->
             rgb = ImageOps.exif_transpose(img).convert("RGB")
         except (OSError, SyntaxError, ValueError, struct.error):  # PIL's text may carry reprs
             raise ImageDamaged(f"{name}: the image data is damaged (truncated or corrupt)") from None
+        assert img.format is not None  # _load refused any other format
         return SubjectImage(name=name, pixels=np.asarray(rgb, dtype=np.uint8).copy(), format=img.format)
 
 
@@ -446,10 +447,11 @@ def validate_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) 
             ImageOps.exif_transpose(img.crop((0, 0, min(8, img.width), min(8, img.height)))).convert("RGB")
         except (OSError, SyntaxError, ValueError, struct.error):
             raise ImageDamaged(f"{name}: the image data is damaged (truncated or corrupt)") from None
+        assert img.format is not None  # _load refused any other format
         return img.format
 
 
-def list_image_files(folder: str | os.PathLike) -> list[Path]:
+def list_image_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files (by extension) directly inside ``folder``, sorted by name."""
     path = Path(folder)
     if not path.is_dir():
@@ -458,7 +460,7 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def load_subject_images(
-    sources: str | os.PathLike | Iterable[str | os.PathLike],
+    sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     limits: ImageLimits = ImageLimits(),
 ) -> list[SubjectImage]:
     """Decode the subject images from a folder or a list of files, all checked before any is used."""
@@ -477,7 +479,8 @@ def load_subject_images(
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A float image in [0, 1] (a pipeline's ``output_type="np"``, (H, W, 3)) as uint8: clipped, then rounded."""
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    pixels: np.ndarray = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return pixels
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -489,7 +492,7 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def save_image(image: np.ndarray, path: str | os.PathLike) -> None:
+def save_image(image: np.ndarray, path: str | os.PathLike[str]) -> None:
     """A float image in [0, 1] (H, W, 3), as ``to_uint8`` converts it, saved in the format of the path's
     extension (Pillow's rule: ``.png`` is PNG)."""
     from PIL import Image

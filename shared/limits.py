@@ -12,10 +12,10 @@ import math
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import bindparam, case, select, update
+from sqlalchemy import Table, bindparam, case, select, update
 from sqlalchemy.orm import Session
 
 from shared.db import ApiKey, utcnow
@@ -89,7 +89,7 @@ class RateDecision:
 
 # The bucket's statements are built once, with bound parameters: building and caching the ORM form of these
 # CASE expressions on every request cost three times as much CPU as running them.
-_KEYS = ApiKey.__table__
+_KEYS = cast(Table, ApiKey.__table__)  # declarative classes type __table__ as FromClause; it is their Table
 _TOKENS = case((_KEYS.c.rate_tokens.is_(None), bindparam("burst")), else_=_KEYS.c.rate_tokens)
 _ELAPSED = case(
     (_KEYS.c.rate_checked.is_(None), 0.0),

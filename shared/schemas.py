@@ -5,8 +5,9 @@ In `shared` because the workers send the same bodies in webhooks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -14,6 +15,8 @@ from shared.db import JobStatus
 from shared.limits import LimitOverrides
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from shared.db import Adapter, ApiKey, Evaluation, Generation, Tenant, Training
     from shared.settings import Settings
 
@@ -386,7 +389,11 @@ class Page(BaseModel, Generic[T]):
 # Presenting rows (the gateway's answers and the workers' webhook bodies) ----------------------------
 
 
-def as_utc(value):
+@overload
+def as_utc(value: datetime) -> datetime: ...
+@overload
+def as_utc(value: None) -> None: ...
+def as_utc(value: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every timestamp the API shows is UTC with an offset."""
     from datetime import UTC
 
@@ -395,13 +402,18 @@ def as_utc(value):
     return value.replace(tzinfo=UTC)
 
 
-def _error(row) -> dict[str, str] | None:
+def _error(row: Training | Generation | Evaluation) -> dict[str, str] | None:
     if row.error_code is None:
         return None
     return {"code": row.error_code, "message": row.error_message or ""}
 
 
-def queue_positions(session, model, tenant_id: str, rows) -> dict[str, int]:
+def queue_positions(
+    session: Session,
+    model: type[Training] | type[Generation],
+    tenant_id: str,
+    rows: Iterable[Training | Generation],
+) -> dict[str, int]:
     """Each queued row's place among the tenant's queued jobs of ``model`` (1 = next): one query, only when a row
     is queued."""
     from sqlalchemy import func, select
@@ -418,14 +430,14 @@ def queue_positions(session, model, tenant_id: str, rows) -> dict[str, int]:
     return {job_id: position for job_id, position in found}
 
 
-def public_status(row) -> str:
+def public_status(row: Training | Generation) -> str:
     """The status a client sees: `canceling` for a running job whose cancel was asked for."""
     if row.status == JobStatus.RUNNING and getattr(row, "cancel_requested", False):
         return "canceling"
     return row.status
 
 
-def job_phase(row) -> str | None:
+def job_phase(row: Training | Generation) -> str | None:
     """The phase a client sees: queued, the worker's phase while running (loading_model until it wrote one), none
     once the job ended."""
     if row.status == JobStatus.QUEUED:
@@ -499,7 +511,7 @@ def evaluation_public(row: Evaluation) -> AdapterEvaluation:
     )
 
 
-def latest_evaluations(session, adapter_ids: list[str]) -> dict[str, Evaluation]:
+def latest_evaluations(session: Session, adapter_ids: list[str]) -> dict[str, Evaluation]:
     """The newest evaluation of each of these adapters that has one: one query for a page of adapters."""
     from sqlalchemy import func, select
 

@@ -211,7 +211,8 @@ class Settings(BaseSettings):
                 problems.append("set KRONA_S3_ACCESS_KEY to the real access key")
             if self.allow_private_webhooks:
                 problems.append("unset KRONA_ALLOW_PRIVATE_WEBHOOKS: webhooks to private networks are for dev")
-            if self.metrics_token is not None and _secret(self.metrics_token).strip() in ("", PLACEHOLDER_SECRET):
+            metrics_token = _secret(self.metrics_token)
+            if metrics_token is not None and metrics_token.strip() in ("", PLACEHOLDER_SECRET):
                 problems.append("set KRONA_METRICS_TOKEN to a real secret, or unset it to disable /metrics")
             if problems:
                 raise ValueError("KRONA_ENV=prod refuses this configuration: " + "; ".join(problems))

@@ -30,6 +30,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -168,7 +169,11 @@ def _reset_lookup_slots() -> None:  # a forked child (a prefork worker) has none
 os.register_at_fork(after_in_child=_reset_lookup_slots)
 
 
-def _getaddrinfo(host: str, port: int, timeout: float) -> list:
+# One answer of socket.getaddrinfo: (family, type, proto, canonname, sockaddr); sockaddr[0] is the address.
+_AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
+
+def _getaddrinfo(host: str, port: int, timeout: float) -> list[_AddrInfo]:
     """``socket.getaddrinfo(host, port)`` for TCP, or ResolutionTimeout after ``timeout`` seconds.
 
     The lookup runs in a daemon thread: a resolver that never answers leaves that thread waiting (it ends when
@@ -179,14 +184,15 @@ def _getaddrinfo(host: str, port: int, timeout: float) -> list:
     slots = _lookup_slots
     if not slots.acquire(timeout=timeout):  # every slot is held by a lookup that hangs
         raise ResolutionTimeout(message)
-    outcome: dict[str, object] = {}
+    infos: list[_AddrInfo] = []
+    errors: list[BaseException] = []
     done = threading.Event()
 
     def lookup() -> None:
         try:
-            outcome["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
         except BaseException as exc:  # handed to the caller
-            outcome["error"] = exc
+            errors.append(exc)
         finally:
             slots.release()
             done.set()
@@ -194,9 +200,9 @@ def _getaddrinfo(host: str, port: int, timeout: float) -> list:
     threading.Thread(target=lookup, name="webhook-dns", daemon=True).start()
     if not done.wait(max(0.0, deadline - time.monotonic())):
         raise ResolutionTimeout(message)
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["infos"]  # type: ignore[return-value]
+    if errors:
+        raise errors[0]
+    return infos
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = [
     "DatabaseNewerThanCode",
@@ -51,7 +57,7 @@ def make_engine(
         )
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record) -> None:
+        def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
@@ -77,7 +83,7 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-def _scripts():
+def _scripts() -> ScriptDirectory:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
@@ -86,7 +92,7 @@ def _scripts():
     return ScriptDirectory.from_config(config)
 
 
-def head_revision() -> str:
+def head_revision() -> str | None:
     """The newest migration in migrations/versions (read from the files, no database needed)."""
     return _scripts().get_current_head()
 

@@ -61,7 +61,8 @@ class ClipEmbedder:
 
         self.name = str(model)
         self.device = _device(device)
-        self.model = CLIPModel.from_pretrained(model).eval().to(self.device)
+        # transformers' PreTrainedModel.eval() is unannotated
+        self.model = CLIPModel.from_pretrained(model).eval().to(self.device)  # type: ignore[no-untyped-call]
         self.processor = CLIPProcessor.from_pretrained(model)
 
     @torch.no_grad()
@@ -89,8 +90,10 @@ class DinoEmbedder:
         self.name = str(model)
         self.device = _device(device)
         # DINO checkpoints have no pooler: the CLS token of the last (layer-normed) hidden state is the embedding.
-        self.model = ViTModel.from_pretrained(model, add_pooling_layer=False).eval().to(self.device)
-        self.processor = AutoImageProcessor.from_pretrained(model)
+        # transformers' PreTrainedModel.eval() and AutoImageProcessor.from_pretrained are unannotated
+        vit = ViTModel.from_pretrained(model, add_pooling_layer=False)
+        self.model = vit.eval().to(self.device)  # type: ignore[no-untyped-call]
+        self.processor = AutoImageProcessor.from_pretrained(model)  # type: ignore[no-untyped-call]
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Any]) -> torch.Tensor:

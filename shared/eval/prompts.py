@@ -40,7 +40,8 @@ class EvalPrompt:
 def prompt_data() -> dict[str, Any]:
     """`prompts.json`: `object` and `live` templates (with `{identifier}` and `{class_noun}`), `source`, `seeds`."""
     with resources.files(__package__).joinpath("prompts.json").open("r", encoding="utf-8") as handle:
-        return json.load(handle)
+        data: dict[str, Any] = json.load(handle)
+    return data
 
 
 def is_live_subject(class_noun: str) -> bool:

@@ -70,7 +70,7 @@ class EvalReport:
         return asdict(self)
 
 
-def save_grid(rows: list[list[np.ndarray]], path: str | os.PathLike) -> None:
+def save_grid(rows: list[list[np.ndarray]], path: str | os.PathLike[str]) -> None:
     """A PNG grid of float images in [0, 1] (H, W, 3): one row per prompt, one column per seed."""
     from shared.images import save_image
 
@@ -84,7 +84,7 @@ def save_grid(rows: list[list[np.ndarray]], path: str | os.PathLike) -> None:
     save_image(grid, path)
 
 
-def is_diffusers_lora(path: str | os.PathLike) -> bool:
+def is_diffusers_lora(path: str | os.PathLike[str]) -> bool:
     """A diffusers/PEFT LoRA file (``…lora_A.weight`` or ``…lora.down.weight`` keys), not a KronA or LoKr one."""
     from safetensors import safe_open
 
@@ -146,9 +146,9 @@ def evaluate(
     *,
     base: str,
     adapter: str | None,
-    images_dir: str | os.PathLike,
+    images_dir: str | os.PathLike[str],
     class_noun: str,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     identifier: str = "sks",
     prompts: str | Sequence[str] = "default",
     per_prompt: int = 4,
@@ -240,7 +240,7 @@ def evaluate(
     return report
 
 
-def write_report(report: EvalReport, path: str | os.PathLike) -> None:
+def write_report(report: EvalReport, path: str | os.PathLike[str]) -> None:
     """The report as indented JSON."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")

@@ -64,18 +64,22 @@ def _build_tiny_clip(folder: Path) -> None:
     from shared.models.tokenizer import build_clip_tokenizer, write_clip_tokenizer_files
 
     config = TINY_EVAL_CONFIGS["tiny-clip"]
-    CLIPModel(CLIPConfig(**config)).eval().save_pretrained(folder)
+    # transformers' PreTrainedModel.eval() and CLIPProcessor.__init__ are unannotated
+    CLIPModel(CLIPConfig(**config)).eval().save_pretrained(folder)  # type: ignore[no-untyped-call]
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
     )
-    CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(folder)
+    tokenizer = build_clip_tokenizer()
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
+    processor.save_pretrained(folder)
     write_clip_tokenizer_files(folder)  # transformers 4 reads vocab.json + merges.txt
 
 
 def _build_tiny_dino(folder: Path) -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-    ViTModel(ViTConfig(**TINY_EVAL_CONFIGS["tiny-dino"]), add_pooling_layer=False).eval().save_pretrained(folder)
+    vit = ViTModel(ViTConfig(**TINY_EVAL_CONFIGS["tiny-dino"]), add_pooling_layer=False)
+    vit.eval().save_pretrained(folder)  # type: ignore[no-untyped-call]  # transformers' PreTrainedModel.eval()
     ViTImageProcessor(size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}).save_pretrained(folder)
 
 

@@ -294,7 +294,7 @@ def _lokr_factor(fields: Mapping[str, np.ndarray], which: str, scale: float) -> 
 # Files -------------------------------------------------------------------------------------------------
 
 
-def _relabel_dtype(data: bytes | memoryview, keys: Iterable[str], header: dict, dtype: str) -> bytes:
+def _relabel_dtype(data: bytes | memoryview, keys: Iterable[str], header: dict[str, Any], dtype: str) -> bytes:
     """The safetensors blob ``data`` with the dtype of ``keys`` in its (parsed) ``header`` set to ``dtype``.
 
     Only the header changes: BF16 and U16 tensors have the same bytes, so offsets stay valid.
@@ -386,8 +386,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ValueError(f"duplicate key {_short(duplicate)}")
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {_short(key)}")
+            seen.add(key)
     return obj
 
 

@@ -17,21 +17,24 @@ from .model import check_factors_fit, find_target_linears
 __all__ = ["count_adapter_parameters", "meta_unet", "target_layer_shapes"]
 
 
-def _read_unet_config(source: str | os.PathLike) -> dict[str, Any]:
+def _read_unet_config(source: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(source)
     for candidate in (path, path / "config.json", path / "unet" / "config.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            config: dict[str, Any] = json.loads(candidate.read_text())
+            return config
     raise FileNotFoundError(f"no UNet config at {path} (looked for config.json and unet/config.json)")
 
 
-def meta_unet(unet_config: Mapping[str, Any] | str | os.PathLike) -> nn.Module:
+def meta_unet(unet_config: Mapping[str, Any] | str | os.PathLike[str]) -> nn.Module:
     """A diffusers UNet2DConditionModel built from its config on the meta device (no memory, no weights)."""
     from diffusers import UNet2DConditionModel
 
     config = dict(unet_config) if isinstance(unet_config, Mapping) else _read_unet_config(unet_config)
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+        # diffusers' __init__ shows mypy its untyped dummy_pt_objects stand-ins, not the real classes
+        unet: nn.Module = UNet2DConditionModel.from_config(config)  # type: ignore[no-untyped-call]
+        return unet
 
 
 def target_layer_shapes(model: nn.Module, config: KronaConfig) -> dict[str, tuple[int, int]]:
@@ -41,7 +44,7 @@ def target_layer_shapes(model: nn.Module, config: KronaConfig) -> dict[str, tupl
 
 
 def count_adapter_parameters(
-    model_or_unet_config: nn.Module | Mapping[str, Any] | str | os.PathLike,
+    model_or_unet_config: nn.Module | Mapping[str, Any] | str | os.PathLike[str],
     config: KronaConfig,
 ) -> int:
     """Number of trainable parameters of a KronA adapter: Σ over target layers of a1*a2 + (d_out/a1)*(d_in/a2).

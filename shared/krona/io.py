@@ -33,7 +33,7 @@ def validate_state_dict(state_dict: Mapping[str, torch.Tensor]) -> None:
 
 
 def save_adapter(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     state_dict: Mapping[str, torch.Tensor],
     config: KronaConfig,
     metadata: Mapping[str, str] | None = None,
@@ -67,7 +67,7 @@ def save_adapter(
     return path
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of any safetensors file, with clear errors for size and format problems; the header is
     checked with the gateway's limits (``convert.parse_safetensors_header``) before anything is loaded."""
     path = Path(path)
@@ -93,7 +93,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return tensors, metadata
 
 
-def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], KronaConfig, dict[str, str]]:
+def load_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], KronaConfig, dict[str, str]]:
     """Read a native adapter file: (state_dict, config, metadata); validated like save_adapter.
 
     A LyCORIS/kohya LoKr file is refused here with a pointer to ``from_lycoris``.

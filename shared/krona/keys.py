@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 __all__ = [
     "KRONA_A_SUFFIX",
@@ -104,11 +109,12 @@ def module_path_from_kohya(name: str, known_paths: Mapping[str, str] | None = No
         if flat not in known_paths:
             raise ValueError(f"{name} names no linear layer of the given model")
         return known_paths[flat]
-    for pattern, build in (
+    rewrites: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], str]], ...] = (
         (_LDM_INPUT, lambda m: f"down_blocks_{(int(m[1]) - 1) // 3}_attentions_{(int(m[1]) - 1) % 3}_{m[2]}"),
         (_LDM_MIDDLE, lambda m: f"mid_block_attentions_0_{m[1]}"),
         (_LDM_OUTPUT, lambda m: f"up_blocks_{int(m[1]) // 3}_attentions_{int(m[1]) % 3}_{m[2]}"),
-    ):
+    )
+    for pattern, build in rewrites:
         match = pattern.match(flat)
         if match:
             flat = build(match)
@@ -224,7 +230,7 @@ def plan_lokr_module(
     return w1, w2, scale
 
 
-def scalar_alpha(name: str, value) -> float:
+def scalar_alpha(name: str, value: np.ndarray | torch.Tensor) -> float:
     """A module's ``alpha`` tensor (numpy or torch) as a float; ValueError unless it is one finite number."""
     shape = tuple(value.shape)
     if math.prod(shape) != 1 or len(shape) > 1:

@@ -38,19 +38,19 @@ def krona_layers(model: nn.Module) -> dict[str, KronaLinear]:
     return {path: module for path, module in model.named_modules() if isinstance(module, KronaLinear)}
 
 
-def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear]:
+def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> dict[str, nn.Linear | KronaLinear]:
     """Module path -> nn.Linear (or KronaLinear already wrapping one) for every path matching a target.
 
     A target matches a module path equal to it or ending in ``.<target>``, so "to_q" and
     "attn2.to_k" both work. Raises ValueError for a target that matches no linear layer, listing
     the linear-layer names the model has.
     """
-    found: dict[str, nn.Module] = {}
+    found: dict[str, nn.Linear | KronaLinear] = {}
     used: set[str] = set()
     linear_names: set[str] = set()
     for path, module in model.named_modules():
         if isinstance(module, KronaLinear):
-            candidate: nn.Module = module
+            candidate: nn.Linear | KronaLinear = module
         elif isinstance(module, nn.Linear) and not path.endswith(".base_layer"):
             candidate = module
         else:
@@ -66,7 +66,7 @@ def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> di
             f"target module(s) {missing} match no nn.Linear in {type(model).__name__}; "
             f"linear layer names it has: {', '.join(sorted(linear_names)[:40])}"
         )
-    return found  # type: ignore[return-value]
+    return found
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -75,7 +75,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def check_factors_fit(layers: Mapping[str, nn.Module], config: KronaConfig) -> None:
+def check_factors_fit(layers: Mapping[str, nn.Linear | KronaLinear], config: KronaConfig) -> None:
     """ValueError naming the first layer a1/a2 does not divide, and the values that divide every layer."""
     check_factors_fit_shapes({p: (m.out_features, m.in_features) for p, m in layers.items()}, config)
 
@@ -207,7 +207,7 @@ def load_adapter_state_dict(
             module.krona_b[name].copy_(b)
             continue
         wrapper = module if isinstance(module, KronaLinear) else KronaLinear(module)
-        wrapper.add_adapter(name, tuple(a.shape), scale=scale, dtype=dtype or a.dtype, module_path=path)
+        wrapper.add_adapter(name, (a.shape[0], a.shape[1]), scale=scale, dtype=dtype or a.dtype, module_path=path)
         wrapper.krona_a[name].copy_(a)
         wrapper.krona_b[name].copy_(b)
         if wrapper is not module:

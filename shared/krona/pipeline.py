@@ -6,16 +6,22 @@ diffusers' ``load_lora_weights`` cannot load LoKr files; this is the replacement
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from .io import FORMAT, load_adapter, read_safetensors
 from .lycoris import from_lycoris
 from .model import delete_adapter, krona_layers, load_adapter_state_dict, set_adapter_scale
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["load_into_pipeline", "read_adapter_file"]
 
 
-def read_adapter_file(path: str | os.PathLike, module_paths=None):
+def read_adapter_file(
+    path: str | os.PathLike[str], module_paths: Iterable[str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Native factors and metadata of a native Krona file or a kohya/LyCORIS LoKr file (converted)."""
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") == FORMAT:
@@ -26,7 +32,7 @@ def read_adapter_file(path: str | os.PathLike, module_paths=None):
     raise ValueError(f"{path} is neither a Krona adapter ({FORMAT}) nor a LyCORIS LoKr file")
 
 
-def load_into_pipeline(pipe: Any, path: str | os.PathLike, scale: float = 1.0, name: str = "default") -> list[str]:
+def load_into_pipeline(pipe: Any, path: str | os.PathLike[str], scale: float = 1.0, name: str = "default") -> list[str]:
     """Load an adapter file into ``pipe.unet`` as adapter ``name`` at ``scale``; returns the UNet paths adapted.
 
     Works on any diffusers pipeline with a ``unet`` (SD 1.x/2.x, SDXL). A previous adapter of the

@@ -120,14 +120,16 @@ def hub_unet_config(repo_id: str) -> dict[str, Any]:
     cached = try_to_load_from_cache(repo_id, "unet/config.json")
     if isinstance(cached, str):
         with open(cached, encoding="utf-8") as f:
-            return json.load(f)
+            config: dict[str, Any] = json.load(f)
+            return config
     if repo_id in HUB_UNET_CONFIGS:
         return dict(HUB_UNET_CONFIGS[repo_id])
     from huggingface_hub import hf_hub_download
 
     try:
         with open(hf_hub_download(repo_id, "unet/config.json"), encoding="utf-8") as f:
-            return json.load(f)
+            downloaded: dict[str, Any] = json.load(f)
+            return downloaded
     except Exception as exc:
         if _in_chain(exc, ("RepositoryNotFoundError", "GatedRepoError", "RemoteEntryNotFoundError")):
             raise BaseModelNotFound(missing_model_message(repo_id, exc)) from exc
@@ -140,11 +142,18 @@ def hub_unet_config(repo_id: str) -> dict[str, Any]:
 
 def _fetch_into_memory(repo_id: str, filename: str) -> dict[str, Any]:
     from huggingface_hub import hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    # huggingface_hub.utils re-exports these lazily, without the explicit re-export (`as` or __all__) mypy reads
+    from huggingface_hub.utils import (  # type: ignore[attr-defined]
+        build_hf_headers,
+        get_session,
+        hf_raise_for_status,
+    )
 
     try:
         response = get_session().get(hf_hub_url(repo_id, filename), headers=build_hf_headers(), follow_redirects=True)
         hf_raise_for_status(response)
     except Exception as exc:
         raise BaseModelNotFound(missing_model_message(repo_id, exc)) from exc
-    return json.loads(response.content)
+    fetched: dict[str, Any] = json.loads(response.content)
+    return fetched

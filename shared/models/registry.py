@@ -81,7 +81,8 @@ def load_pipeline(name_or_path: str | Path, *, torch_dtype: Any = None, device: 
         logger.warning("base model %s has random weights: generated images are noise", name_or_path)
     kwargs = {} if torch_dtype is None else {_dtype_keyword(): torch_dtype}
     try:
-        pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
+        # diffusers' __init__ shows mypy its untyped dummy_pt_objects stand-ins, not the real classes
+        pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)  # type: ignore[no-untyped-call]
     except OSError as exc:
         if Path(source).is_dir():
             raise
@@ -129,4 +130,5 @@ def unet_config(name_or_path: str | Path) -> dict[str, Any]:
             raise ValueError(f"base model folder {source!r} has no unet/config.json")
     else:
         return hub_unet_config(source)
-    return json.loads(config_path.read_text(encoding="utf-8"))
+    config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
+    return config

@@ -14,7 +14,7 @@ import tempfile
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -60,7 +60,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     vocab = {token: index for index, token in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE or any(len(merge) != 2 for merge in merges):
         raise RuntimeError(f"{BPE_ASSET} is not the CLIP BPE file: got {len(vocab)} tokens, {len(merges)} merges")
-    return vocab, merges
+    return vocab, cast(tuple[tuple[str, str], ...], merges)  # every merge is a pair (checked above)
 
 
 def write_clip_tokenizer_files(directory: str | Path) -> tuple[Path, Path]:

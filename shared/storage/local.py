@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -16,7 +16,7 @@ __all__ = ["LocalStorage"]
 
 
 class LocalStorage(Storage):
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -26,7 +26,7 @@ class LocalStorage(Storage):
             raise ValueError(f"invalid storage key {key!r}")
         return path
 
-    def _write(self, key: str, writer) -> None:
+    def _write(self, key: str, writer: Callable[[BinaryIO], object]) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=path.parent)

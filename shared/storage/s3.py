@@ -6,9 +6,9 @@ A missing bucket is reported as such, naming the bucket, the endpoint and that c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .base import BlobNotFound, Storage, StorageError, check_key
 
@@ -41,7 +41,7 @@ class S3Storage(Storage):
         # Objects over 16 MiB go up in 16 MiB parts (adapters are smaller; checkpoints may not be).
         self.transfer = TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
 
-    def _call(self, fn, *args, **kwargs):
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -112,7 +112,8 @@ class S3Storage(Storage):
 
     def get_bytes(self, key: str) -> bytes:
         response = self._call(self.client.get_object, Bucket=self.bucket, Key=check_key(key))
-        return response["Body"].read()
+        data: bytes = response["Body"].read()
+        return data
 
     def download(self, key: str, path: str) -> None:
         if not self.exists(key):
@@ -159,9 +160,10 @@ class S3Storage(Storage):
             raise StorageError(self._missing_bucket())
 
     def presigned_url(self, key: str, expires_seconds: int = 3600) -> str | None:
-        return self.client.generate_presigned_url(
+        url: str = self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": check_key(key)}, ExpiresIn=expires_seconds
         )
+        return url
 
 
 def _error_code(exc: Exception) -> str:
