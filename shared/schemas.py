@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -389,19 +389,6 @@ class Page(BaseModel, Generic[T]):
 # Presenting rows (the gateway's answers and the workers' webhook bodies) ----------------------------
 
 
-@overload
-def as_utc(value: datetime) -> datetime: ...
-@overload
-def as_utc(value: None) -> None: ...
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every timestamp the API shows is UTC with an offset."""
-    from datetime import UTC
-
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 def _error(row: Training | Generation | Evaluation) -> dict[str, str] | None:
     if row.error_code is None:
         return None
@@ -462,11 +449,11 @@ def training_public(row: Training, queue_position: int | None = None, public_url
         error=_error(row),
         params=row.params,
         num_images=len(row.image_keys),
-        created_at=as_utc(row.created_at),
-        updated_at=as_utc(row.updated_at),
-        started_at=as_utc(row.started_at),
-        finished_at=as_utc(row.finished_at),
-        images_deleted_at=as_utc(row.images_deleted_at),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        images_deleted_at=row.images_deleted_at,
     ).model_dump(mode="json")
 
 
@@ -484,7 +471,7 @@ def adapter_public(row: Adapter, evaluation: Evaluation | None = None) -> dict[s
         training_id=row.training_id,
         instance_prompt=row.instance_prompt,
         identifier=row.identifier,
-        created_at=as_utc(row.created_at),
+        created_at=row.created_at,
         evaluation=evaluation_public(evaluation) if evaluation is not None else None,
     ).model_dump(mode="json")
 
@@ -506,8 +493,8 @@ def evaluation_public(row: Evaluation) -> AdapterEvaluation:
         reference_images=params.get("reference_images") or 0,
         models=params.get("models") or {"clip": "", "dino": ""},
         error=_error(row),
-        requested_at=as_utc(row.created_at),
-        finished_at=as_utc(row.finished_at),
+        requested_at=row.created_at,
+        finished_at=row.finished_at,
     )
 
 
@@ -560,11 +547,11 @@ def generation_public(row: Generation, public_url: str, queue_position: int | No
         queue_position=queue_position if row.status == JobStatus.QUEUED else None,
         images=images,
         error=_error(row),
-        created_at=as_utc(row.created_at),
-        updated_at=as_utc(row.updated_at),
-        started_at=as_utc(row.started_at),
-        finished_at=as_utc(row.finished_at),
-        images_expired_at=as_utc(row.images_expired_at),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        images_expired_at=row.images_expired_at,
     ).model_dump(mode="json")
 
 
@@ -732,9 +719,9 @@ def api_key_public(row: ApiKey, key: str | None = None) -> dict[str, Any]:
         "id": row.id,
         "name": row.name,
         "prefix": row.prefix,
-        "created_at": as_utc(row.created_at),
-        "last_used_at": as_utc(row.last_used_at),
-        "revoked_at": as_utc(row.revoked_at),
+        "created_at": row.created_at,
+        "last_used_at": row.last_used_at,
+        "revoked_at": row.revoked_at,
     }
     if key is None:
         return ApiKeyPublic(**fields).model_dump(mode="json")
@@ -753,5 +740,5 @@ def tenant_public(row: Tenant, settings: Settings) -> dict[str, Any]:
         weight=row.weight if row.weight is not None else 1.0,
         limits=overrides,
         effective_limits=asdict(tenant_limits(settings, overrides)),
-        created_at=as_utc(row.created_at),
+        created_at=row.created_at,
     ).model_dump(mode="json")

@@ -61,7 +61,7 @@ CursorParam = Annotated[
 
 
 def encode_cursor(row) -> str:
-    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    created = row.created_at
     return f"{row.id}.{(created - _EPOCH) // timedelta(microseconds=1)}"
 
 
@@ -172,7 +172,7 @@ def replay(session: Session, tenant: Tenant, key: str | None, route: str, finger
     row = session.get(IdempotencyKey, (tenant.id, key))
     if row is None:
         return None
-    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    created = row.created_at
     if created < utcnow() - IDEMPOTENCY_TTL:
         session.delete(row)
         session.flush()

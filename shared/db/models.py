@@ -22,6 +22,8 @@ from sqlalchemy import (
     Text,
     text,
 )
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "Tenant",
     "TenantService",
     "Training",
+    "UTCDateTime",
     "UsageRecord",
     "new_id",
     "utcnow",
@@ -108,9 +111,22 @@ def is_id(value: str, prefix: str | None = None) -> bool:
     )
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp with its zone, read back as an aware UTC datetime on every database: PostgreSQL keeps the zone,
+    SQLite does not (its values come back naive, and are UTC because every writer writes ``utcnow()``)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}  # noqa: RUF012
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}  # noqa: RUF012
 
 
 class Tenant(Base):

@@ -14,7 +14,6 @@ from shared.schemas import (
     GenerationCreate,
     GenerationPublic,
     Page,
-    as_utc,
     generation_public,
     queue_positions,
 )
@@ -159,7 +158,7 @@ def get_generation_image(
     if image is None:
         raise ApiError(404, "image_not_found", f"generation {generation_id} has no image {index} (status {row.status})")
     if row.images_expired_at is not None:
-        expired = as_utc(row.images_expired_at).isoformat()
+        expired = row.images_expired_at.isoformat()
         raise ApiError(410, "image_expired", f"the images of {generation_id} were deleted at {expired} (retention)")
     try:
         data = context.storage.get_bytes(image["key"])

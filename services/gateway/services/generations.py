@@ -17,7 +17,7 @@ from shared.errors import Invalid, NotFound, TooLarge
 from shared.limits import tenant_limits
 from shared.queue import GENERATE_TASK
 from shared.scheduler import generation_cost
-from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, as_utc, generation_public, job_urls
+from shared.schemas import BatchCreate, BatchPublic, GenerationCreate, generation_public, job_urls
 from shared.webhooks import check_webhook_url
 
 from ..context import AppContext
@@ -176,7 +176,7 @@ def batch_publics(session: Session, batches: list[Batch], public_url: str) -> li
             counts=counts[batch.id],
             generation_ids=members[batch.id],
             urls=job_urls(public_url, "batches", batch.id),
-            created_at=as_utc(batch.created_at),
+            created_at=batch.created_at,
         ).model_dump(mode="json")
         for batch in batches
     ]

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from shared.db import Evaluation, Generation, Tenant, Training, utcnow
 from shared.errors import BadRequest
 from shared.queue import INFER_QUEUE, TRAIN_QUEUE
-from shared.schemas import ErrorInfo, as_utc
+from shared.schemas import ErrorInfo
 from shared.usage import default_range, parse_day, usage_totals
 
 JobKind = Literal["training", "evaluation", "generation"]
@@ -28,7 +28,7 @@ QUEUES = (TRAIN_QUEUE, INFER_QUEUE)
 
 
 def _seconds_since(moment: datetime | None, now: datetime) -> float | None:
-    return None if moment is None else round(max(0.0, (now - as_utc(moment)).total_seconds()), 3)
+    return None if moment is None else round(max(0.0, (now - moment).total_seconds()), 3)
 
 
 def _tenant_names(session: Session, tenant_ids) -> dict[str, str]:
@@ -86,7 +86,7 @@ def queue_depths(session: Session) -> QueuesReport:
         ):
             counts[status] = int(count)
             if status == "queued":
-                oldest = as_utc(first)
+                oldest = first
         by_kind[queue].append(
             KindDepth(kind=kind, **counts, oldest_queued_at=oldest, oldest_queued_seconds=_seconds_since(oldest, now))
         )
@@ -156,7 +156,7 @@ def workers_seen(session: Session) -> WorkersReport:
             entry["queues"].add(queue)
             entry["kinds"][kind] = int(count)
             entry["jobs"] += int(count)
-            expires = as_utc(expires)
+            expires = expires
             if expires is not None and (entry["expires"] is None or expires > entry["expires"]):
                 entry["expires"] = expires
     workers = []
@@ -261,7 +261,7 @@ def recent_failures(session: Session, limit: int, kind: str | None) -> FailuresR
         )
         found += [(job_kind, *row) for row in rows]
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    found.sort(key=lambda r: (as_utc(r[7]) or as_utc(r[6]) or epoch, r[1]), reverse=True)
+    found.sort(key=lambda r: (r[7] or r[6] or epoch, r[1]), reverse=True)
     found = found[:limit]
     names = _tenant_names(session, [r[2] for r in found])
     data = [
@@ -272,8 +272,8 @@ def recent_failures(session: Session, limit: int, kind: str | None) -> FailuresR
             tenant_name=names.get(tenant_id, ""),
             error=ErrorInfo(code=code or "unknown", message=(message or "")[:MAX_MESSAGE_CHARS]),
             attempts=attempts or 0,
-            created_at=as_utc(created),
-            finished_at=as_utc(finished),
+            created_at=created,
+            finished_at=finished,
         )
         for job_kind, job_id, tenant_id, code, message, attempts, created, finished in found
     ]
