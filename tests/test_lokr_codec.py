@@ -237,13 +237,15 @@ def test_bad_native_files_are_refused_alike(tmp_path, case):
 
 def test_bfloat16_lokr_upload_is_stored_and_served_in_bfloat16(api):
     shapes = api.context.base_model_shapes()
+    a1, a2 = api.context.settings.engine_a_shape  # the one shape the deployment serves
     g = torch.Generator().manual_seed(1)
     lokr = {}
     for path, (d_out, d_in) in sorted(shapes.items())[:4]:
         name = kohya_name(path)
-        lokr[name + ".lokr_w1"] = torch.randn(8, 8, generator=g).to(torch.bfloat16)
-        lokr[name + ".lokr_w2_a"] = torch.randn(d_out // 8, 2, generator=g).to(torch.bfloat16)
-        lokr[name + ".lokr_w2_b"] = torch.randn(2, d_in // 8, generator=g).to(torch.bfloat16)
+        lokr[name + ".lokr_w1"] = torch.randn(a1, a2, generator=g).to(torch.bfloat16)
+        rank = min(2, d_out // a1, d_in // a2)  # low-rank B, at most as wide as B itself
+        lokr[name + ".lokr_w2_a"] = torch.randn(d_out // a1, rank, generator=g).to(torch.bfloat16)
+        lokr[name + ".lokr_w2_b"] = torch.randn(rank, d_in // a2, generator=g).to(torch.bfloat16)
         lokr[name + ".alpha"] = torch.tensor(2.0, dtype=torch.bfloat16)
     response = api.client.post(
         "/v1/adapters",

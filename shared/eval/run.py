@@ -21,6 +21,7 @@ import numpy as np
 
 from shared.eval.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
 from shared.eval.prompts import evaluation_prompts, image_seeds, prompt_data
+from shared.krona.keys import is_lokr_key
 
 if TYPE_CHECKING:
     from shared.images import ImageLimits
@@ -90,7 +91,7 @@ def is_diffusers_lora(path: str | os.PathLike[str]) -> bool:
 
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
-    lokr_or_krona = any(".lokr_w" in key or ".krona_" in key for key in keys)
+    lokr_or_krona = any(is_lokr_key(key) or ".krona_" in key for key in keys)
     return not lokr_or_krona and any(".lora_A." in key or ".lora.down." in key for key in keys)
 
 

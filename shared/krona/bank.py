@@ -10,7 +10,7 @@ per-sample factors, so requests for different adapters share one UNet forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,7 +29,6 @@ class Routing:
     scales: torch.Tensor | None = None  # (batch,) float
     uniform_slot: int | None = None  # set when every sample uses the same slot and scale
     uniform_scale: float = 1.0
-    _device_cache: dict = field(default_factory=dict)
 
     def clear(self) -> None:
         self.slots = self.scales = None
@@ -73,12 +72,6 @@ class KronaBankLinear(WrapsLinear):
         self.register_buffer("bank_a", storage[0], persistent=False)
         self.register_buffer("bank_b", storage[1], persistent=False)
         self.routing = routing
-
-    @torch.no_grad()
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Copy factors into ``slot`` in place (the bank's storage never changes)."""
-        self.bank_a[slot].copy_(a)
-        self.bank_b[slot].copy_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

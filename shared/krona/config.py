@@ -64,11 +64,6 @@ class KronaConfig:
         ):
             raise ValueError(f"init_std must be a positive number or None (meaning 1/a1), got {self.init_std!r}")
 
-    @property
-    def effective_init_std(self) -> float:
-        """Standard deviation used to initialise A: init_std, or 1/a1 when it is None."""
-        return self.init_std if self.init_std is not None else 1.0 / self.a1
-
     def factor_shapes(
         self, d_out: int, d_in: int, module_path: str = "layer"
     ) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -34,6 +34,7 @@ from .keys import (
     KRONA_B_SUFFIX,
     LOKR_FIELDS,
     UNET_PREFIX,
+    is_lokr_key,
     kohya_name,
     lycoris_can_rebuild,
     module_path_from_kohya,
@@ -537,7 +538,7 @@ def native_arrays_from_upload(
         source = "krona"
         if layer_shapes is not None:  # shapes first: a factor that cannot fit is refused before its values are read
             _check_native_shapes(native, layer_shapes)
-    elif any(".lokr_w" in key for key in arrays):
+    elif any(map(is_lokr_key, arrays)):
         native = native_arrays_from_lycoris(arrays, layer_shapes=layer_shapes)
         source = "lycoris"
     else:

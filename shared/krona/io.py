@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import KronaConfig
 from .convert import TORCH_DTYPE_SIZES, parse_safetensors_header, safetensors_header_length
+from .keys import is_lokr_key
 from .model import group_factors
 
 __all__ = ["FORMAT", "MAX_ADAPTER_BYTES", "load_adapter", "save_adapter", "validate_state_dict"]
@@ -100,7 +101,7 @@ def load_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
     """
     tensors, metadata = read_safetensors(path)
     if metadata.get("format") != FORMAT:
-        if any(".lokr_w" in k for k in tensors):
+        if any(map(is_lokr_key, tensors)):
             raise ValueError(
                 f"{path} is a LyCORIS LoKr file, not a native Krona adapter; "
                 "convert it with shared.krona.from_lycoris or `krona import`"

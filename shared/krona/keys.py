@@ -17,6 +17,7 @@ __all__ = [
     "LOKR_FIELDS",
     "MAX_FACTOR_ELEMENTS",
     "UNET_PREFIX",
+    "is_lokr_key",
     "kohya_name",
     "lycoris_can_rebuild",
     "lycoris_factorization",
@@ -30,6 +31,12 @@ __all__ = [
 KRONA_A_SUFFIX = ".krona_a"
 KRONA_B_SUFFIX = ".krona_b"
 UNET_PREFIX = "lora_unet_"
+LOKR_FACTOR_MARK = ".lokr_w"  # in every factor key of a kohya/LyCORIS LoKr file: .lokr_w1, .lokr_w2_a, …
+
+
+def is_lokr_key(key: str) -> bool:
+    """Whether a state-dict key is a LoKr factor (``….lokr_w1``, ``….lokr_w2_b``): what tells a LyCORIS LoKr file."""
+    return LOKR_FACTOR_MARK in key
 
 
 def short_name(path: str) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .io import FORMAT, load_adapter, read_safetensors
+from .keys import is_lokr_key
 from .lycoris import from_lycoris
 from .model import delete_adapter, krona_layers, load_adapter_state_dict, set_adapter_scale
 
@@ -27,7 +28,7 @@ def read_adapter_file(
     if metadata.get("format") == FORMAT:
         state_dict, _config, metadata = load_adapter(path)
         return state_dict, metadata
-    if any(".lokr_w" in key for key in tensors):
+    if any(map(is_lokr_key, tensors)):
         return from_lycoris(tensors, module_paths), metadata
     raise ValueError(f"{path} is neither a Krona adapter ({FORMAT}) nor a LyCORIS LoKr file")
 
