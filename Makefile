@@ -13,13 +13,26 @@ REQUIREMENTS := deploy/docker/requirements-gateway.txt deploy/docker/requirement
 .PHONY: install test lint format demo bench bench-quick clean services requirements
 
 # torch first (pinned, CPU), then the project with its dev extras (gateway, worker and the test tools) at
-# the versions the images pin, so the tests run what the images ship.
-$(VENV)/.installed: pyproject.toml $(REQUIREMENTS)
+# the versions the images pin, so the tests run what the images ship; then the Python SDK (sdk/python), which
+# the `krona` client commands use for every HTTP call.
+define make_venv
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(FIND_LINKS) "torch==$(TORCH_VERSION)"
-	$(PIP) install -q $(FIND_LINKS) $(addprefix -r ,$(REQUIREMENTS)) -e ".[dev]"
+	$(PIP) install -q $(FIND_LINKS) $(addprefix -r ,$(REQUIREMENTS)) -e ".[$(1)]"
+	$(PIP) install -q $(FIND_LINKS) -e "sdk/python[images]"
 	touch $@
+endef
+
+$(VENV)/.installed: pyproject.toml sdk/python/pyproject.toml $(REQUIREMENTS)
+	$(call make_venv,dev)
+
+# What the demo needs (the service and the SDK) without the test tools, for a first `make demo` (they are a fifth
+# of the install); `make install` or `make test` adds them to the same .venv later.
+$(VENV)/.service-installed: pyproject.toml sdk/python/pyproject.toml $(REQUIREMENTS)
+	$(call make_venv,gateway$(comma)worker)
+
+comma := ,
 
 install: $(VENV)/.installed
 
@@ -50,8 +63,12 @@ services:
 test: install lint services
 	$(PY) -m pytest -q
 
-demo: install
+demo: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.service-installed)
 	$(VENV)/bin/krona demo --out out/demo
+	@echo
+	@echo "Next: put krona on your PATH and run the service yourself (README: Running the service):"
+	@echo "  source $(VENV)/bin/activate"
+	@echo "  krona up"
 
 bench: install
 	$(PY) benchmarks/adapter_ops.py --json benchmarks/results/adapter_ops.json

@@ -15,7 +15,10 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-LOCAL = {"shared", "services", "workers", "benchmarks", "krona_generated"}  # krona_generated: a test's output
+# krona_generated: a test's output; krona_sdk: sdk/python, this repository's own client distribution, which
+# `make install` installs next to the project (the `krona` client commands call the API through it; the images run
+# no client command)
+LOCAL = {"shared", "services", "workers", "benchmarks", "krona_generated", "krona_sdk"}
 
 
 def _names(lines: list[str]) -> set[str]:

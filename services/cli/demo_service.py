@@ -8,7 +8,6 @@ everything is, and stops the stack. The tiny model has random weights: the image
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -38,7 +37,9 @@ def _subject_images(folder: Path) -> None:
 
 
 def run_service_demo(out: Path) -> None:
-    from services.cli.client import wait_for
+    import krona_sdk
+
+    from services.cli.progress import wait_generation, wait_training
 
     out = out.resolve()
     data_dir = out / "krona-data"
@@ -70,44 +71,33 @@ def run_service_demo(out: Path) -> None:
                 raise RuntimeError(f"the stack did not start; see {log_path}")
             time.sleep(0.5)
         key = (data_dir / "api-key").read_text().strip()
-        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         images = out / "subject"
         _subject_images(images)
-        files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(images.iterdir())]
         params = {"steps": 40, "gradient_accumulation": 1, "learning_rate": 1e-2}
-        response = client.post(
-            "/v1/trainings",
-            data={"instance_prompt": "a photo of sks toy", "params": json.dumps(params), "name": "demo"},
-            files=files,
-        )
-        response.raise_for_status()
-        training = response.json()
-        print(f"[2/6] training {training['id']} queued: {len(files)} images, {params['steps']} steps", flush=True)
-        training = wait_for(client, f"/v1/trainings/{training['id']}", "training")
-        if training["status"] != "succeeded":
-            raise RuntimeError(f"training ended {training['status']}: {training.get('error')}")
-        adapter_id = training["adapter_id"]
-        print(f"[3/6] training succeeded, loss {training['progress']['loss']:.4f}; adapter {adapter_id}", flush=True)
-        request = {
-            "prompt": "a photo of sks toy on the moon",
-            "adapter_id": adapter_id,
-            "num_images": 2,
-            "steps": 10,
-            "seed": 7,
-        }
-        generation = client.post("/v1/generations", json=request).json()
-        generation = wait_for(client, f"/v1/generations/{generation['id']}", "generation", show_progress=False)
-        if generation["status"] != "succeeded":
-            raise RuntimeError(f"generation ended {generation['status']}: {generation.get('error')}")
-        saved = []
-        for image in generation["images"]:
-            path = out / f"generated-{image['index']}.png"
-            path.write_bytes(client.get(f"/v1/generations/{generation['id']}/images/{image['index']}").content)
-            saved.append(path)
-        print(f"[4/6] generated {len(saved)} images: {', '.join(str(p) for p in saved)}", flush=True)
-        for fmt in ("krona", "lycoris"):
-            data = client.get(f"/v1/adapters/{adapter_id}/file", params={"format": fmt}).content
-            (out / f"adapter.{fmt}.safetensors").write_bytes(data)
+        with krona_sdk.Client(url, key) as client:
+            training = client.trainings.create(
+                images=images, instance_prompt="a photo of sks toy", params=params, name="demo"
+            )
+            print(f"[2/6] training {training.id} queued: 3 images, {params['steps']} steps", flush=True)
+            training = wait_training(client, training.id)
+            if training.status != "succeeded":
+                raise RuntimeError(f"training ended {training.status}: {training.error}")
+            adapter_id = training.adapter_id
+            print(f"[3/6] training succeeded, loss {training.progress.loss:.4f}; adapter {adapter_id}", flush=True)
+            generation = client.generations.create(
+                "a photo of sks toy on the moon", adapter_id=adapter_id, num_images=2, steps=10, seed=7
+            )
+            generation = wait_generation(client, generation.id)
+            if generation.status != "succeeded":
+                raise RuntimeError(f"generation ended {generation.status}: {generation.error}")
+            saved = []
+            for image in generation.images:
+                path = out / f"generated-{image.index}.png"
+                path.write_bytes(client.generations.image_bytes(generation.id, image.index))
+                saved.append(path)
+            print(f"[4/6] generated {len(saved)} images: {', '.join(str(p) for p in saved)}", flush=True)
+            for fmt in ("krona", "lycoris"):
+                client.adapters.download(adapter_id, format=fmt, path=out / f"adapter.{fmt}.safetensors")
         print(f"[5/6] adapter saved as {out / 'adapter.krona.safetensors'} and {out / 'adapter.lycoris.safetensors'}")
     finally:
         stack.send_signal(signal.SIGTERM)

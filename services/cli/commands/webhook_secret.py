@@ -1,0 +1,41 @@
+"""`krona webhook-secret rotate`: the tenant's webhook signing secret (POST /v1/webhook-secret/rotate)."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.cli.commands import add_group, add_leaf, note
+from services.cli.connection import add_connection_options, connect
+from services.cli.output import add_output_option, emit, output_format
+
+
+def register(sub) -> None:
+    _, actions = add_group(
+        sub,
+        "webhook-secret",
+        "the tenant's webhook signing secret",
+        "The secret that signs this tenant's webhook deliveries (X-Krona-Signature: HMAC-SHA256).",
+    )
+    rotate = add_leaf(
+        actions,
+        "rotate",
+        "replace the signing secret and print the new one (shown once)",
+        ["krona webhook-secret rotate", "SECRET=$(krona webhook-secret rotate -o json | jq -r .webhook_secret)"],
+        description="Replace the tenant's webhook signing secret. Deliveries made from now on are signed with the "
+        "new one; the old one stops verifying. The new secret is shown only here.",
+    )
+    add_connection_options(rotate)
+    add_output_option(rotate)
+    rotate.set_defaults(handler=rotate_secret)
+
+
+def rotate_secret(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        secret = client.webhook_secret.rotate()
+    fmt = output_format(args)
+    if fmt in ("table", "wide", "id"):
+        note("new webhook signing secret (shown once; deliveries from now on use it):")
+        print(secret.webhook_secret)
+    else:
+        emit(secret, fmt)
+    return 0
