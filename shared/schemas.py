@@ -555,7 +555,7 @@ def generation_public(row: Generation, public_url: str, queue_position: int | No
     ).model_dump(mode="json")
 
 
-# API keys and tenants (issue 11) ---------------------------------------------------------------------
+# API keys and tenants -----------------------------------------------------------------------------------
 
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,100}$"
 

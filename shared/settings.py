@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         description="cap on width x height x steps x num_images of one generation (422 over it)",
     )
 
-    # Tenancy (issue 11). Defaults for every tenant; `PATCH /v1/tenants/{id}` stores per-tenant overrides.
+    # Tenancy: the defaults for every tenant; `PATCH /v1/tenants/{id}` stores per-tenant overrides.
     rate_limit_per_second: float = Field(
         100.0, ge=0, description="requests per second per API key (token bucket refill); 0 = no limit"
     )

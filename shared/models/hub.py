@@ -24,7 +24,7 @@ __all__ = [
     "missing_model_message",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("krona.models")
 
 # Removed id -> the ids that hold the same weights now (unofficial mirrors: their owners are not Stability AI
 # or RunwayML; pin a revision if you need the files never to change).

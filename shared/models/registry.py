@@ -21,7 +21,7 @@ from typing import Any
 from shared.models.hub import REMOVED_HUB_IDS, BaseModelNotFound, hub_unet_config, missing_model_message
 from shared.models.tiny import TINY_MODELS, ensure_tiny_model, tiny_model_path, tiny_unet_config
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("krona.models")
 
 BUILTIN_MODELS: tuple[str, ...] = TINY_MODELS
 

@@ -27,7 +27,7 @@ from shared.models.tokenizer import (
     write_clip_tokenizer_files,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("krona.models")
 
 # Bump when the build code changes the saved result in a way the configs below do not show.
 BUILD_VERSION = 1

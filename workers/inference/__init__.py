@@ -1,5 +1,8 @@
-"""Generation: a per-worker pipeline with the tenant's adapter applied per request (issue 4).
+"""Generation on the resident inference engine: one base pipeline per worker, the tenants' adapters in its slots.
 
-The resident engine with pre-allocated adapter slots, a tiered cache and mixed-adapter batching is
-issue 5; this is the simple, correct version the service starts with.
+The parts:
+
+    engine.py   Engine: adapter slots (shared/krona/bank.py), the tiered adapter cache, mixed-adapter batches
+    loop.py     DenoisingLoop: step-level joining, requests join and leave a running loop between steps
+    job.py      run_generation_job: the Celery task's job, fed by the fair scheduler at every step boundary
 """
