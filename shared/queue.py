@@ -50,7 +50,7 @@ TASK_ROUTES = {
 
 
 def make_celery(settings: Settings) -> Celery:
-    """The Celery app with the reliability policy of DESIGN.md, set here once for every task.
+    """The Celery app with the service's reliability policy, set here once for every task.
 
     Acknowledged late and rejected (re-queued) when the worker dies mid-task, one message prefetched at a
     time: a job's message is never lost with a crashed worker, and a long job holds no others back.

@@ -1,6 +1,6 @@
 """Settings: one pydantic-settings class, read from KRONA_* environment variables, validated at start.
 
-The defaults are the embedded mode of DESIGN.md (SQLite, a local blob folder, Celery over kombu's
+The defaults are the embedded mode (SQLite, a local blob folder, Celery over kombu's
 SQLAlchemy transport on SQLite, the built-in tiny-sd model), all under ``KRONA_DATA_DIR``. Production
 sets ``KRONA_DATABASE_URL`` (PostgreSQL), ``KRONA_BROKER_URL`` (Redis), ``KRONA_S3_ENDPOINT`` and the
 ``KRONA_S3_*`` credentials, and ``KRONA_BASE_MODEL``; nothing else in the code path changes.
@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(200, ge=1, description="token bucket size: requests a key may send at once")
     max_queued_jobs: int = Field(
-        2000, ge=0, description="queued trainings + generations per tenant (429 queue_full over it); 0 = no cap"
+        2000,
+        ge=0,
+        description="queued trainings, generations and evaluations per tenant (429 queue_full over it); 0 = no cap",
     )
     max_running_jobs: int = Field(
         0, ge=0, description="jobs of one queue a tenant may have running at once across workers; 0 = no cap"

@@ -210,7 +210,8 @@ def sweep_storage(rt: Runtime, now: datetime | None = None) -> dict[str, int]:
             for key in stale_class_images:
                 rt.storage.delete(key)
             counts["deleted_class_images"] += len(stale_class_images)
-            old = [key for key in old if key not in set(stale_class_images)]
+            stale = set(stale_class_images)
+            old = [key for key in old if key not in stale]
             for key, verdict in _verdicts(rt, old):
                 if verdict != "unknown":
                     rt.storage.delete(key)

@@ -1,6 +1,6 @@
 """`krona up`, `krona migrate`, `krona gateway`, `krona worker`.
 
-`krona up` is the embedded default of DESIGN.md: SQLite, a local blob folder, Celery over kombu's
+`krona up` is the embedded mode: SQLite, a local blob folder, Celery over kombu's
 SQLAlchemy transport on SQLite, the tiny-sd model, with three child processes: the gateway, a job
 worker (train and infer) and a webhook worker. The same commands with KRONA_DATABASE_URL /
 KRONA_BROKER_URL / KRONA_S3_* set run against PostgreSQL, Redis and S3.

@@ -214,21 +214,21 @@ def commit_created(
 
 # Admission: the tenant's queued-jobs cap, and the fair scheduler's lift ---------------------------------
 
-# What the database's insert trigger raises for a queued job over tenants.queued_cap (migrations 0007).
+# What the database's insert trigger raises for a queued job over tenants.queued_cap (migrations 0007, 0008).
 QUEUE_FULL_ERROR = "krona_queue_full"
 
 
 @contextmanager
 def admission(context: AppContext, session: Session, tenant: Tenant, model, count: int) -> Iterator[None]:
     """Wrap the adding and committing of ``count`` new queued jobs of ``model``: 429 queue_full when they do not
-    fit under the tenant's cap on queued jobs (trainings + generations); lifts the tenant's fair-share counter
-    first if it had nothing queued (shared/scheduler.py: ``lift_on_submit``).
+    fit under the tenant's cap on queued jobs (trainings, generations and evaluations); lifts the tenant's
+    fair-share counter first if it had nothing queued (shared/scheduler.py: ``lift_on_submit``).
 
-    The cap is enforced by the database (migrations/versions/0007_*.py): triggers keep the tenant's queued
-    counters (``tenants.queued_trainings``, ``queued_generations``), and the insert trigger refuses a job over
-    ``tenants.queued_cap`` when the transaction commits (PostgreSQL) or at the insert (SQLite). So the tenant's
-    row is locked only inside the commit, never across this request's round trips, and concurrent creates
-    through any replica cannot pass the cap together. The effective cap (the tenant's override, else the
+    The cap is enforced by the database (migrations 0007 and 0008): triggers keep the tenant's queued counters
+    (``tenants.queued_trainings``, ``queued_generations``, ``queued_evaluations``), and the insert trigger refuses
+    a job over ``tenants.queued_cap`` when the transaction commits (PostgreSQL) or at the insert (SQLite). So the
+    tenant's row is locked only inside the commit, never across this request's round trips, and concurrent
+    creates through any replica cannot pass the cap together. The effective cap (the tenant's override, else the
     setting) is stored on the row when it differs."""
     cap = tenant_limits(context.settings, tenant.limits).max_queued_jobs or None
     if cap is not None and count > cap:
@@ -253,7 +253,9 @@ def admission(context: AppContext, session: Session, tenant: Tenant, model, coun
             raise
         session.rollback()
         queued = session.scalar(
-            select(Tenant.queued_trainings + Tenant.queued_generations).where(Tenant.id == tenant.id)
+            select(Tenant.queued_trainings + Tenant.queued_generations + Tenant.queued_evaluations).where(
+                Tenant.id == tenant.id
+            )
         )
         session.rollback()
         raise _queue_full(queued, cap or 0, count) from None

@@ -3,7 +3,7 @@
 Names are imported lazily (PEP 562), so ``from shared.krona.config import KronaConfig`` and the key
 helpers in ``shared.krona.keys`` work without torch (the gateway validates requests with them);
 everything else needs torch and safetensors, and diffusers only inside ``count_adapter_parameters``
-(for UNet configs) and ``load_into_pipeline``.
+(which builds a UNet from its config on the meta device); ``load_into_pipeline`` takes the caller's pipeline.
 """
 
 from __future__ import annotations

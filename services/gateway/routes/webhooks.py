@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from shared.tenants import rotate_webhook_secret as rotate_secret
 from shared.webhooks import SIGNATURE_HEADER
 
 from ..deps import AuthenticatedRoute, CurrentTenant, SessionDep
 from ..openapi import errors
+from ..services import tenants
 
 router = APIRouter(
     route_class=AuthenticatedRoute, prefix="/v1/webhook-secret", tags=["webhooks"], responses=errors(401, 422, 503)
@@ -24,6 +24,4 @@ class WebhookSecret(BaseModel):
 @router.post("/rotate", response_model=WebhookSecret, summary="Replace this tenant's webhook signing secret")
 def rotate_webhook_secret(session: SessionDep, tenant: CurrentTenant):
     """Deliveries made after this call are signed with the new secret; the old one stops verifying."""
-    secret = rotate_secret(session, tenant)
-    session.commit()
-    return WebhookSecret(webhook_secret=secret)
+    return WebhookSecret(webhook_secret=tenants.rotate_webhook_secret(session=session, tenant=tenant))

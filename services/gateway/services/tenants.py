@@ -21,6 +21,7 @@ from shared.storage import Storage
 from shared.storage import keys as blob_keys
 from shared.tenants import create_tenant as create_tenant_row
 from shared.tenants import new_api_key
+from shared.tenants import rotate_webhook_secret as rotate_secret
 
 from ..jobs import page_of
 
@@ -102,6 +103,13 @@ def revoke_key(*, session: Session, tenant: Tenant | None, key_id: str, force: b
 
 
 # Tenants (admin) ----------------------------------------------------------------------------------------
+
+
+def rotate_webhook_secret(*, session: Session, tenant: Tenant) -> str:
+    """A new signing secret for the tenant's webhooks, committed; the old one stops verifying at once."""
+    secret = rotate_secret(session, tenant)
+    session.commit()
+    return secret
 
 
 def get_tenant(*, session: Session, tenant_id: str) -> Tenant:
