@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
+from anyio.lowlevel import RunVar
 from fastapi import Depends, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
@@ -35,15 +37,32 @@ async def get_session(context: ContextDep) -> AsyncIterator[Session]:
 
     Opening a session does no I/O, and neither does closing one that holds no connection (the handler
     committed, or never queried), so both happen here on the event loop; a session left inside a transaction
-    (the handler raised) is rolled back in the threadpool, because that is a round trip to the database."""
+    (the handler raised, or answered from what it read) is rolled back in a thread, because that is a round trip
+    to the database. That thread is not one of the request threadpool's: when every request thread waits for a
+    pooled connection, the connections to give back are those of sessions waiting here, and a rollback queued
+    behind those threads would never run (seen: 200 concurrent creates with one Idempotency-Key, 503 after the
+    pool's timeout)."""
     session = context.sessions()
     try:
         yield session
     finally:
         if session.in_transaction():
-            await run_in_threadpool(_rollback_and_close, session)
+            await anyio.to_thread.run_sync(_rollback_and_close, session, limiter=_release_limiter())
         else:
             session.close()
+
+
+def _release_limiter() -> anyio.CapacityLimiter:
+    """The event loop's own limiter for giving connections back (a RunVar, like anyio's default limiter)."""
+    try:
+        return _RELEASE.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(64)
+        _RELEASE.set(limiter)
+        return limiter
+
+
+_RELEASE: RunVar[anyio.CapacityLimiter] = RunVar("krona_release_limiter")
 
 
 def _rollback_and_close(session: Session) -> None:

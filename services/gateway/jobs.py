@@ -240,6 +240,11 @@ def admission(context: AppContext, session: Session, tenant: Tenant, model, coun
         # Outside the create's transaction, each statement committing on its own: storing the cap and lifting
         # the counter lock the tenant's rows only for a statement, so that the tenant's concurrent creates do
         # not wait for each other. Both are idempotent; a lift for a create that then fails costs nothing.
+        # The request's session gives its connection back first (it has only read, or dropped an expired
+        # idempotency record): a thread holds one pooled connection at a time, since the pool is as large as the
+        # threadpool; holding two, 40 concurrent creates of a new tenant exhausted it and waited out its timeout.
+        if session.in_transaction():
+            session.commit()
         with context.autocommit_session() as own:
             if tenant.queued_cap != cap:
                 own.execute(update(Tenant).where(Tenant.id == tenant.id).values(queued_cap=cap))
