@@ -23,8 +23,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -53,6 +53,7 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
 
 class JobStatus(StrEnum):
     """A job's status in the database (trainings, generations, evaluations). The API also shows ``canceling``, a
@@ -316,6 +317,15 @@ class Generation(_Job, Base):
     __table_args__ = (
         Index("ix_generations_tenant_created", "tenant_id", "created_at"),
         Index("ix_generations_status_tenant_created", "status", "tenant_id", "created_at"),
+        # Queued generations by size: the fair scheduler's fallback for the gatherer's filters (migration 0010).
+        Index(
+            "ix_generations_queued_size",
+            "width",
+            "height",
+            "tenant_id",
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=lambda: new_id("gen"))
