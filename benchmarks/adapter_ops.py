@@ -116,7 +116,7 @@ def make_methods(d_in, d_out, a1, a2, x, grad_out, dtype, device):
         layer = layer.base_model.model.proj
         with torch.no_grad():
             layer.lora_B["default"].weight.normal_(0, 0.02)
-        loras[r] = layer
+        loras[r] = layer.to(device=device, dtype=dtype)  # PEFT makes its LoRA factors float32
 
     xg = x.detach().clone().requires_grad_(True)
 

@@ -80,16 +80,21 @@ def _krona_files(pipe, count: int, folder: Path) -> dict[str, bytes]:
     return files
 
 
-def bench_krona(pipe, files: dict[str, bytes], swaps: int) -> dict:
+def bench_krona(pipe, files: dict[str, bytes], swaps: int, sync=None) -> dict:
+    """``sync``: called before the clock stops (``torch.cuda.synchronize`` on a GPU, where the swap is an
+    asynchronous host-to-device copy from pinned memory)."""
     engine = Engine(pipe, fetch=files.__getitem__, slots=2)
     ids = sorted(files)
+    sync = sync or (lambda: None)
     for adapter_id in ids * 3:  # warm-up: host tier filled, slots allocated at construction
         engine.slot_for(adapter_id)
     rss = _rss_mb()
     times = []
     for i in range(swaps):
+        sync()
         start = time.perf_counter()
         engine.slot_for(ids[i % len(ids)])
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     growth = _rss_mb() - rss
     assert engine.stats()["device_evictions"] >= swaps

@@ -1,14 +1,17 @@
 """Throughput of mixed-adapter batches: N requests with N different adapters in one UNet batch.
 
 On a full-size SD 1.5 UNet (random weights, CPU), denoising steps of N samples (77 text tokens,
-classifier-free guidance so 2N rows per UNet call) are timed three ways, interleaved round by round:
+classifier-free guidance so 2N rows per UNet call) are timed four ways, interleaved round by round:
 
   mixed       one UNet batch, every sample with its own adapter (Krona engine routing)
+  mixed_steps the same, and every request at its own timestep (a 1-D timestep tensor, one per row): what a
+              step-level joined loop runs (workers/inference/loop.py), requests being at different steps
   single      one UNet batch, every sample with the same adapter (the best case any server has)
   sequential  N UNet calls of one sample each, swapping the adapter into the slot before each
               (what a server without mixed batching does for N different adapters)
 
-Summary: mixed_to_single_throughput (goal ≥ 0.9), mixed_to_sequential_throughput.
+Summary: mixed_to_single_throughput (goal ≥ 0.9), mixed_to_sequential_throughput,
+mixed_steps_to_mixed_throughput (per-row timesteps should cost nothing: ≈ 1).
 
     python benchmarks/mixed_batch.py [--quick] [--json PATH] [--n 4] [--latent 32] [--rounds 5]
 """
@@ -66,6 +69,18 @@ def main(argv: list[str] | None = None) -> dict:
         unet(sample, t, encoder_hidden_states=states)
         routing.clear()
 
+    # Each request at its own point of a 25-step schedule; [uncond; cond] rows of a request share its timestep.
+    per_row = torch.tensor([960 - 40 * i for i in range(n)] * 2)
+
+    @torch.no_grad()
+    def mixed_steps():
+        slots = [engine.slot_for(a) for a in ids[:n]]
+        routing.uniform_slot = None
+        routing.slots = torch.tensor(slots * 2)
+        routing.scales = torch.ones(2 * n)
+        unet(sample, per_row, encoder_hidden_states=states)
+        routing.clear()
+
     @torch.no_grad()
     def single():
         routing.uniform_slot, routing.uniform_scale = engine.slot_for(ids[0]), 1.0
@@ -81,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
             unet(sample[i::n][:2], t, encoder_hidden_states=states[i::n][:2])
         routing.clear()
 
-    methods = {"mixed": mixed, "single": single, "sequential": sequential}
+    methods = {"mixed": mixed, "mixed_steps": mixed_steps, "single": single, "sequential": sequential}
     for fn in methods.values():
         fn()
     times = {k: [] for k in methods}
@@ -108,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "mixed_to_single_throughput": round(by["mixed"]["samples_per_s"] / by["single"]["samples_per_s"], 3),
         "mixed_to_sequential_throughput": round(by["mixed"]["samples_per_s"] / by["sequential"]["samples_per_s"], 3),
+        "mixed_steps_to_mixed_throughput": round(by["mixed_steps"]["samples_per_s"] / by["mixed"]["samples_per_s"], 3),
     }
     print("summary:", json.dumps(summary, indent=1))
     if args.json:

@@ -47,6 +47,8 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def _attach(unet, method: str) -> list:
+    """Add ``method``'s adapter to the attention projections; its trainable parameters, float32 (as the trainer
+    keeps them on a half-precision base)."""
     import torch
     from torch import nn
 
@@ -54,7 +56,7 @@ def _attach(unet, method: str) -> list:
     if method in ("krona", "krona_keep"):
         from shared.krona import KronaConfig, inject_adapter, set_keep_intermediate
 
-        inject_adapter(unet, KronaConfig(a1=64, a2=8, target_modules=tuple(TARGETS)))
+        inject_adapter(unet, KronaConfig(a1=64, a2=8, target_modules=tuple(TARGETS)), dtype=torch.float32)
         set_keep_intermediate(unet, method == "krona_keep")
         params = [p for n, p in unet.named_parameters() if "krona_" in n]
     elif method == "lora_r4":
@@ -75,13 +77,15 @@ def _attach(unet, method: str) -> list:
                     holder = getattr(module, name)
                     if "default" in holder:
                         del holder["default"]
-                module.lokr_w1["default"] = nn.Parameter(torch.randn(64, 8) / 64)
-                module.lokr_w2["default"] = nn.Parameter(torch.zeros(d_out // 64, d_in // 8))
+                device = base.weight.device
+                module.lokr_w1["default"] = nn.Parameter(torch.randn(64, 8, device=device) / 64)
+                module.lokr_w2["default"] = nn.Parameter(torch.zeros(d_out // 64, d_in // 8, device=device))
                 module.scaling["default"] = 1.0
                 params += [module.lokr_w1["default"], module.lokr_w2["default"]]
     else:
         raise ValueError(method)
     for p in params:
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
@@ -109,12 +113,41 @@ def _saved_activation_mb(model, forward) -> float:
     return sum(sizes.values()) / 2**20
 
 
-def measure_steps(latent: int, steps: int, methods: list[str]) -> list[dict]:
+def conditioning(config: dict, batch: int, generator) -> dict:
+    """Random text conditioning for a UNet of this config: 77 token states of its cross-attention width, and
+    SDXL's pooled text embedding and six size/crop ids when it has the text_time embedding."""
+    import torch
+
+    kwargs = {"encoder_hidden_states": torch.randn(batch, 77, config["cross_attention_dim"], generator=generator)}
+    if config.get("addition_embed_type") == "text_time":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=generator),
+            "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * batch),
+        }
+    return kwargs
+
+
+def measure_steps(
+    latent: int,
+    steps: int,
+    methods: list[str],
+    *,
+    unet_config: dict | None = None,
+    device: str = "cpu",
+    dtype=None,
+) -> list[dict]:
     """Time every method in one process, interleaved step by step, all sharing one set of frozen weights.
 
     On this shared CPU, step times drift by ±25% over minutes; running method A, B, C, A, B, C, ...
     exposes every method to the same drift, and the fastest step of each is its best estimate.
+
+    ``unet_config``: the UNet (default SD 1.5's); ``device`` and ``dtype``: where the frozen weights live and in
+    what precision (a half-precision dtype trains as the trainer does: weights in it, the step under autocast,
+    factors float32). On CUDA each row also has ``peak_memory_mb``, the most memory allocated during its steps
+    (the shared frozen weights included).
     """
+    import contextlib
     import copy
 
     import torch
@@ -122,12 +155,26 @@ def measure_steps(latent: int, steps: int, methods: list[str]) -> list[dict]:
 
     from shared.models import REFERENCE_UNET_CONFIGS
 
+    config = unet_config or REFERENCE_UNET_CONFIGS["sd15"]
+    dtype = dtype or torch.float32
+    cuda = torch.device(device).type == "cuda"
     torch.manual_seed(0)
-    base = UNet2DConditionModel(**REFERENCE_UNET_CONFIGS["sd15"]).requires_grad_(False)
+    with torch.device(device):  # random weights made where they are used (an SDXL UNet takes ~40 s on a CPU)
+        base = UNet2DConditionModel(**config).requires_grad_(False).to(dtype=dtype)
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, latent, latent, generator=g)
-    states = torch.randn(1, 77, 768, generator=g)
-    target = torch.randn(1, 4, latent, latent, generator=g)
+    channels = config.get("in_channels") or 4
+    latents = torch.randn(1, channels, latent, latent, generator=g).to(device, dtype)
+    cond = conditioning(config, 1, g)
+    cond = {
+        "encoder_hidden_states": cond["encoder_hidden_states"].to(device, dtype),
+        **(
+            {"added_cond_kwargs": {k: v.to(device, dtype) for k, v in cond["added_cond_kwargs"].items()}}
+            if "added_cond_kwargs" in cond
+            else {}
+        ),
+    }
+    target = torch.randn(1, channels, latent, latent, generator=g).to(device)
+    timestep = torch.tensor([500], device=device)
     runs = {}
     for method in methods:
         # A copy of the module tree that shares the (frozen, never written) weight tensors.
@@ -137,35 +184,54 @@ def measure_steps(latent: int, steps: int, methods: list[str]) -> list[dict]:
         unet.train()
         runs[method] = (unet, params, torch.optim.AdamW(params, lr=1e-3))
 
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=dtype)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def forward(unet):
+        with autocast():
+            return unet(latents, timestep, **cond).sample
+
     def step(method: str) -> None:
         unet, _, optimizer = runs[method]
-        pred = unet(latents, torch.tensor([500]), encoder_hidden_states=states).sample
-        torch.nn.functional.mse_loss(pred, target).backward()
+        torch.nn.functional.mse_loss(forward(unet).float(), target).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     times: dict[str, list[float]] = {m: [] for m in methods}
+    peaks: dict[str, float] = dict.fromkeys(methods, 0.0)
     for method in methods:
         step(method)  # warm-up: allocates optimizer state and gradient buffers once
     for _ in range(steps):
         for method in methods:
+            sync()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             step(method)
+            sync()
             times[method].append(time.perf_counter() - start)
+            if cuda:
+                peaks[method] = max(peaks[method], torch.cuda.max_memory_allocated() / 2**20)
     rows = []
     for method in methods:
         unet, params, _ = runs[method]
-        forward = lambda unet=unet: unet(latents, torch.tensor([500]), encoder_hidden_states=states)  # noqa: E731
-        rows.append(
-            {
-                "method": method,
-                "trainable_parameters": sum(p.numel() for p in params),
-                "seconds_per_step": min(times[method]),
-                "median_seconds_per_step": statistics.median(times[method]),
-                "step_seconds": times[method],
-                "saved_activation_mb": _saved_activation_mb(unet, forward),
-            }
-        )
+        row = {
+            "method": method,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "seconds_per_step": min(times[method]),
+            "median_seconds_per_step": statistics.median(times[method]),
+            "step_seconds": times[method],
+            "saved_activation_mb": _saved_activation_mb(unet, lambda unet=unet: forward(unet)),
+        }
+        if cuda:
+            row["peak_memory_mb"] = peaks[method]
+        rows.append(row)
     return rows
 
 
