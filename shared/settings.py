@@ -164,9 +164,11 @@ class Settings(BaseSettings):
     )
     engine_host_cache_mb: int = Field(512, ge=0, le=1_048_576, description="host-memory tier of the adapter cache, MiB")
     engine_max_batch: int = Field(
-        8, ge=1, le=256, description="images per UNet batch; compatible requests are gathered"
+        8,
+        ge=1,
+        le=256,
+        description="images in a running denoising loop (one UNet batch); requests of its size join between steps",
     )
-    batch_wait_ms: int = Field(50, ge=0, le=60_000, description="how long a generation waits for compatible requests")
     # The A shape (a1 x a2) of the engine's adapter slots: the one adapter shape this deployment serves; the gateway
     # refuses trainings and uploads of another shape (422 unservable_adapter).
     engine_a1: int = Field(

@@ -164,8 +164,9 @@ def test_500_swaps_keep_memory_flat(tiny_folders, adapter_files):
     assert growth < 20 * 1024 * 1024, f"RSS grew {growth / 2**20:.1f} MiB over 500 swaps"
 
 
-def test_worker_gathers_compatible_queued_requests_into_one_batch(tiny_folders, adapter_files, tmp_path):
-    """Three queued generations with three adapters: the first task runs all three; the others find them done."""
+def test_worker_serves_queued_requests_of_one_size_in_one_loop(tiny_folders, adapter_files, tmp_path):
+    """Three queued generations with three adapters: the first task's loop takes all three (they join it before
+    its first step); the others' messages find them done. (Joining mid-loop: tests/test_inference_joining.py.)"""
     from shared.db import Adapter, Generation, upgrade_to_head
     from shared.settings import Settings
     from shared.storage import LocalStorage
@@ -173,7 +174,7 @@ def test_worker_gathers_compatible_queued_requests_into_one_batch(tiny_folders, 
     from workers.inference.job import run_generation_job
     from workers.runtime import build_runtime
 
-    settings = Settings(data_dir=tmp_path, base_model="tiny-sd", batch_wait_ms=0, engine_slots=4)
+    settings = Settings(data_dir=tmp_path, base_model="tiny-sd", engine_slots=4)
     upgrade_to_head(settings.resolved_database_url)
     rt = build_runtime(settings, storage=LocalStorage(tmp_path / "blobs"))
     with rt.sessions() as session:

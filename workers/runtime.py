@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -24,7 +23,6 @@ class Runtime:
     owner: str
     # One pipeline per base model, kept for the life of the process (loading is the slow part).
     pipelines: dict[str, Any] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def send(self, task: str, job_id: str, *, countdown: float | None = None) -> None:
         from shared.queue import celery_app, send

@@ -22,6 +22,7 @@ __all__ = [
     "krona_layers",
     "load_adapter_state_dict",
     "merge_adapter",
+    "replace_submodule",
     "set_active_adapters",
     "set_adapter_scale",
     "set_keep_intermediate",
@@ -69,7 +70,8 @@ def find_target_linears(model: nn.Module, target_modules: tuple[str, ...]) -> di
     return found
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``path`` of ``model`` (the wrapped layer's place)."""
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, module)
@@ -116,7 +118,7 @@ def inject_adapter(
             generator=generator,
         )
         if wrapper is not module:
-            _set_submodule(model, path, wrapper)
+            replace_submodule(model, path, wrapper)
     return paths
 
 
@@ -211,7 +213,7 @@ def load_adapter_state_dict(
         wrapper.krona_a[name].copy_(a)
         wrapper.krona_b[name].copy_(b)
         if wrapper is not module:
-            _set_submodule(model, path, wrapper)
+            replace_submodule(model, path, wrapper)
     return sorted(pairs)
 
 
@@ -277,4 +279,4 @@ def delete_adapter(model: nn.Module, name: str = "default") -> None:
     for path, layer in _layers_with(model, name).items():
         layer.delete_adapter(name)
         if not layer.krona_a:
-            _set_submodule(model, path, layer.base_layer)
+            replace_submodule(model, path, layer.base_layer)

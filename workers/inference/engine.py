@@ -12,6 +12,11 @@
   sample with its own factors; the result equals running each request alone (tests check).
 - Merged mode: ``merge(adapter_id)`` fuses one adapter into the base weights for a worker dedicated to
   it (no per-token adapter cost); ``unmerge()`` restores the weights exactly (kept copies).
+- Adapters may cover a subset of the target layers (a training with ``target_modules: ["to_q", "to_v"]``):
+  the other layers' part of the slot holds zero factors, a no-op. Another A shape is refused
+  (``AdapterShapeError``).
+- Step-level joining (``workers/inference/loop.py``): ``DenoisingLoop(engine, ...)`` runs one denoising
+  loop that requests join and leave between steps, each with its own seed, steps, guidance and adapter.
 """
 
 from __future__ import annotations
@@ -22,11 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from shared.krona.bank import KronaBankLinear, Routing
 from shared.krona.config import DEFAULT_TARGET_MODULES
-from shared.krona.model import find_target_linears, group_factors
+from shared.krona.model import find_target_linears, group_factors, replace_submodule
 
 __all__ = ["AdapterCache", "AdapterShapeError", "Engine", "Request"]
 
@@ -140,8 +144,7 @@ class Engine:
             bank_a = self.flat[:, start:middle].view(slots + 1, a1_, a2_)
             bank_b = self.flat[:, middle : middle + b1 * b2].view(slots + 1, b1, b2)
             layer = KronaBankLinear(linear, a_shape, slots + 1, self.routing, storage=(bank_a, bank_b))
-            parent_path, _, child = path.rpartition(".")
-            setattr(pipe.unet.get_submodule(parent_path) if parent_path else pipe.unet, child, layer)
+            replace_submodule(pipe.unet, path, layer)
             self.layers[path] = layer
         self.cache = AdapterCache(fetch, host_budget_bytes, self._prepare)
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # device tier: adapter id -> slot (LRU)
@@ -155,10 +158,17 @@ class Engine:
         """File bytes -> one flat CPU vector in the engine's layer order (checked against the slots' shapes)."""
         from safetensors.torch import load
 
-        pairs = group_factors(load(data))
+        try:
+            pairs = group_factors(load(data))
+        except Exception as exc:  # not a native adapter file (safetensors' or our own check said why)
+            raise AdapterShapeError(f"adapter {adapter_id} is not a readable adapter file: {exc}") from exc
         self._check(adapter_id, pairs)
-        flat = torch.cat([torch.cat([pairs[p][0].reshape(-1), pairs[p][1].reshape(-1)]) for p in self.offsets])
-        flat = flat.to(self.flat.dtype)
+        # A layer the adapter does not cover gets zero factors in its slot: a no-op there.
+        flat = torch.zeros(self.flat.shape[1], dtype=self.flat.dtype)
+        for path, (a, b) in pairs.items():
+            start, middle, _, (b1, b2) = self.offsets[path]
+            flat[start:middle] = a.reshape(-1).to(flat.dtype)
+            flat[middle : middle + b1 * b2] = b.reshape(-1).to(flat.dtype)
         if self.flat.device.type == "cuda":
             flat = flat.pin_memory()  # so that the copy into the slot is one fast DMA
         return flat, flat.numel() * flat.element_size()
@@ -187,11 +197,13 @@ class Engine:
         return flat[start:middle].view(a_shape), flat[middle : middle + b1 * b2].view(b1, b2)
 
     def _check(self, adapter_id: str, pairs) -> None:
-        if set(pairs) != set(self.offsets):
-            expected = set(self.offsets)
-            missing = sorted(expected - set(pairs))[:2]
-            extra = sorted(set(pairs) - expected)[:2]
-            raise AdapterShapeError(f"adapter {adapter_id} covers other layers (missing {missing}, extra {extra})")
+        """The adapter's layers must be among the engine's target layers (a subset is fine) with the slots' shapes."""
+        extra = sorted(set(pairs) - set(self.offsets))
+        if extra:
+            raise AdapterShapeError(
+                f"adapter {adapter_id} adapts layers this engine has no slots on ({len(extra)}, e.g. {extra[:2]}); "
+                f"the engine's targets end in {', '.join(sorted({p.rsplit('.', 1)[-1] for p in self.offsets}))}"
+            )
         for path, (a, b) in pairs.items():
             _, _, a_shape, b_shape = self.offsets[path]
             if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
@@ -199,11 +211,14 @@ class Engine:
                     f"adapter {adapter_id} has A {tuple(a.shape)} on {path}; this engine's slots hold A {a_shape}"
                 )
 
-    def evict(self, adapter_id: str) -> None:
-        """Forget an adapter everywhere (after it was deleted)."""
-        slot = self.slot_of.pop(adapter_id, None)
-        if slot is not None:
-            self.free_slots.append(slot)
+    def evict(self, adapter_id: str, pinned: set[int] = frozenset()) -> None:
+        """Forget a deleted adapter: its slot is freed (unless a running request still uses it, in ``pinned``)
+        and its host copy dropped."""
+        with self.lock:
+            slot = self.slot_of.get(adapter_id)
+            if slot is not None and slot not in pinned:
+                del self.slot_of[adapter_id]
+                self.free_slots.append(slot)
         self.cache.discard(adapter_id)
 
     def stats(self) -> dict[str, int]:
@@ -265,33 +280,46 @@ class Engine:
                     results[index].append(image)
         return results
 
-    def _run_chunk(self, chunk, steps, guidance_scale, width, height):
-        pinned: set[int] = set()
-        slots, scales = [], []
-        for _, request, _ in chunk:
-            if request.adapter_id is None or request.adapter_scale == 0.0:
-                slot = 0
-            elif self.merged is not None and request.adapter_id == self.merged[0]:
-                if request.adapter_scale != self.merged[1]:
-                    raise ValueError("a merged adapter runs only at the scale it was merged with")
-                slot = 0
-            else:
-                if self.merged is not None:
-                    raise ValueError(f"this engine serves merged adapter {self.merged[0]} only")
-                slot = self.slot_for(request.adapter_id, pinned)
-            pinned.add(slot)
-            slots.append(slot)
-            scales.append(float(request.adapter_scale) if slot else 0.0)
-        device = next(iter(self.layers.values())).bank_a.device
-        cfg = guidance_scale > 1.0
-        factor = 2 if cfg else 1  # classifier-free guidance runs [uncond; cond] in one batch
+    def slot_and_scale(self, request: Request, pinned: set[int] = frozenset()) -> tuple[int, float]:
+        """The slot and scale a request's samples run with (slot 0: no adapter, or the merged one), loading its
+        adapter into a slot not in ``pinned`` (the slots of the requests running with it) when needed."""
+        if request.adapter_id is None or request.adapter_scale == 0.0:
+            return 0, 0.0
+        if self.merged is not None:
+            if request.adapter_id != self.merged[0]:
+                raise ValueError(f"this engine serves merged adapter {self.merged[0]} only")
+            if request.adapter_scale != self.merged[1]:
+                raise ValueError("a merged adapter runs only at the scale it was merged with")
+            return 0, 0.0
+        return self.slot_for(request.adapter_id, pinned), float(request.adapter_scale)
+
+    def can_host(self, adapter_id: str | None, pinned: set[int]) -> bool:
+        """Whether a request for ``adapter_id`` can get a slot while the slots in ``pinned`` are in use."""
+        if adapter_id is None or adapter_id in self.slot_of or self.free_slots:
+            return True
+        return any(slot not in pinned for slot in self.slot_of.values())
+
+    def route(self, slots: Sequence[int], scales: Sequence[float]) -> None:
+        """Set the slot and scale of every sample (UNet row) of the next forward passes."""
         if len(set(zip(slots, scales, strict=True))) == 1:
             self.routing.uniform_slot, self.routing.uniform_scale = slots[0], scales[0]
             self.routing.slots = self.routing.scales = None
         else:
+            device = self.flat.device
             self.routing.uniform_slot = None
-            self.routing.slots = torch.tensor(slots * factor, device=device)
-            self.routing.scales = torch.tensor(scales * factor, device=device)
+            self.routing.slots = torch.tensor(list(slots), device=device)
+            self.routing.scales = torch.tensor(list(scales), device=device)
+
+    def _run_chunk(self, chunk, steps, guidance_scale, width, height):
+        pinned: set[int] = set()
+        slots, scales = [], []
+        for _, request, _ in chunk:
+            slot, scale = self.slot_and_scale(request, pinned)
+            pinned.add(slot)
+            slots.append(slot)
+            scales.append(scale)
+        factor = 2 if guidance_scale > 1.0 else 1  # classifier-free guidance runs [uncond; cond] in one batch
+        self.route(slots * factor, scales * factor)
         try:
             generators = [torch.Generator().manual_seed(r.seed + k) for _, r, k in chunk]
             negative = [r.negative_prompt or "" for _, r, _ in chunk]
@@ -308,7 +336,3 @@ class Engine:
         finally:
             self.routing.clear()
         return list(output.images)
-
-
-def is_engine_layer(module: nn.Module) -> bool:
-    return isinstance(module, KronaBankLinear)

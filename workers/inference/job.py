@@ -1,20 +1,36 @@
-"""Generation jobs on the resident engine, gathered into mixed-adapter batches.
+"""Generation jobs on the resident engine, served by step-level joining (one running loop per task).
 
-A task's message wakes the worker; it claims the job the fair scheduler picks (the oldest queued request
-of the tenant served least so far, shared/scheduler.py), waits ``KRONA_BATCH_WAIT_MS`` for company,
-claims more queued generations with the same size, steps and guidance (each again the fairest pick, so
-that batches mix tenants), and runs them as one batch on the worker's engine (each sample with its own
-adapter and scale). Every queued job has a message, so the messages left over later claim what remains,
-or find nothing and stop. Each finished request records its usage (its share of the batch's time, images,
-steps, pixels) with its final status. After a batch, the adapters of the next queued requests are
-prefetched into the host tier of the cache.
+A task's message wakes the worker; it claims the job the fair scheduler picks (the oldest queued request of the
+tenant served least so far, shared/scheduler.py) and runs a denoising loop for that job's size
+(``DenoisingLoop``, workers/inference/loop.py). The loop never waits for company:
+
+- joining: at every step boundary, while the loop has room (``KRONA_ENGINE_MAX_BATCH`` images), the worker asks
+  the fair scheduler for its next pick among all queued generations (the running-jobs cap of each tenant
+  applies, so a tenant's share of the loop stays capped). If that request is of this loop's size (any adapter,
+  scale, seed, steps or guidance) and its adapter can get a slot, it is claimed (its tenant charged) and joins
+  before the next step. If the fairest request is of another size, nobody joins: the loop finishes what it runs
+  and the task ends, so that the next message (every queued job has one; messages only wake workers) serves
+  that size. A tenant's requests therefore never overtake a fairer one of another size for long;
+- leaving: a finished request leaves at once; its images are decoded, then stored and its row finished (with
+  its usage, by the lease owner, in one transaction) by a background thread while the loop goes on;
+- each request has its own lease with a heartbeat; one whose lease was taken over, or whose cancel was asked
+  for (``cancel_requested``), leaves at the next step; a request that cannot join (its adapter deleted, of
+  another shape, unreadable) fails alone;
+- drain (SIGTERM, workers/drain.py): no request joins after the flag; the running ones finish, are stored, and
+  the task returns.
+
+A request's usage is its share of each step it took part in (by its UNet rows: images, doubled with
+classifier-free guidance), plus its own preparation (prompt encoding, adapter load), decode and store time.
+After the loop, the adapters of the next queued requests are prefetched into the host tier of the cache.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from contextlib import ExitStack
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
@@ -22,9 +38,12 @@ from shared.db import Adapter, Generation
 from shared.images import encode_png
 from shared.models import BaseModelNotFound
 from shared.queue import GENERATE_TASK
+from shared.scheduler import charge, pick
+from shared.storage import keys as blob_keys
 from shared.usage import Usage
 
-from ..lease import Heartbeat, claim_next, finish, renew, wake_if_capped
+from ..drain import drain_requested
+from ..lease import MAX_ATTEMPTS, Heartbeat, claim, claim_next, finish, renew, wake_if_capped
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
 from ..usage import count_usage, record_usage
@@ -67,37 +86,12 @@ def engine_for(rt: Runtime):
         rt.pipelines[key] = Engine(
             pipe,
             fetch=fetch,
-            a_shape=(settings.engine_a1, settings.engine_a2),
+            a_shape=settings.engine_a_shape,
             slots=settings.engine_slots,
             host_budget_bytes=settings.engine_host_cache_mb * 1024 * 1024,
             max_batch=settings.engine_max_batch,
         )
     return rt.pipelines[key]
-
-
-def _gather(rt: Runtime, first: Generation) -> list[str]:
-    """Claim queued generations compatible with ``first`` (same size, steps, guidance) that fit in the batch,
-    each the fair scheduler's next pick among them, so that a batch mixes tenants' requests fairly."""
-    settings = rt.settings
-    if settings.engine_max_batch <= 1:
-        return []
-    time.sleep(settings.batch_wait_ms / 1000)
-    taken, images = [], first.num_images
-    with rt.sessions() as session:
-        while images < settings.engine_max_batch:
-            compatible = (
-                Generation.width == first.width,
-                Generation.height == first.height,
-                Generation.steps == first.steps,
-                Generation.guidance_scale == first.guidance_scale,
-                Generation.num_images <= settings.engine_max_batch - images,
-            )
-            job_id = claim_next(session, Generation, settings, rt.owner, settings.lease_seconds, filters=compatible)
-            if job_id is None:
-                break
-            taken.append(job_id)
-            images += session.scalar(select(Generation.num_images).where(Generation.id == job_id))
-    return taken
 
 
 def _device(engine) -> str:
@@ -110,34 +104,303 @@ def _device(engine) -> str:
 
 
 def run_generation_job(rt: Runtime, generation_id: str) -> str:
-    from .engine import AdapterShapeError, Request
-
-    lease = rt.settings.lease_seconds
+    """Claim the fairest queued generation and run a denoising loop for its size that others join (module doc).
+    Returns succeeded (at least one request succeeded), failed, canceled, or skipped (nothing to claim)."""
     with rt.sessions() as session:
         # The message wakes this worker; the fair scheduler says which job it serves (shared/scheduler.py).
-        first_id = claim_next(session, Generation, rt.settings, rt.owner, lease, message_job_id=generation_id)
-        if first_id is None:
-            return "skipped"
-        first = session.get(Generation, first_id)
-    ids = [first_id, *_gather(rt, first)]
-    device = "none"  # until the engine loads
-    rows: dict[str, Generation] = {}
-    with rt.sessions() as session:
-        for job_id in ids:
-            rows[job_id] = session.get(Generation, job_id)
-            session.expunge(rows[job_id])
+        first_id = claim_next(
+            session, Generation, rt.settings, rt.owner, rt.settings.lease_seconds, message_job_id=generation_id
+        )
+    if first_id is None:
+        return "skipped"
+    return _LoopServer(rt).serve(first_id)
 
-    def retry(what: str, call):
-        """Storage and database calls ride out an outage (workers/transient.py)."""
-        return retry_transient(call, what=what, window_seconds=rt.settings.transient_retry_seconds)
 
-    def end(job_id: str, status: str, usage: Usage, **values) -> None:
-        """The final status and the usage record, in one transaction, by the lease owner only."""
-        row = rows[job_id]
+@dataclass
+class _Member:
+    """A claimed request, from the worker's side: its row (detached), its lease's heartbeat, its own time."""
+
+    row: Generation
+    heartbeat: Heartbeat
+    own_seconds: float = 0.0  # reading its adapter's owner, joining (the loop's own part is in Denoising)
+
+
+# How often the running requests' rows are read for a cancel (a read per step would cost more than it saves).
+CANCEL_CHECK_SECONDS = 0.5
+# After the fairest waiting request turned out not to be for the loop (another size, too many images, no free
+# slot), the next look waits this long or until a request leaves: that request stays the fairest meanwhile
+# unless another worker takes it, and each look costs a few queries.
+UNFIT_RECHECK_SECONDS = 0.5
+
+
+class _LoopServer:
+    """One task's denoising loop and the leases, rows and usage of the requests in it."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.lease = rt.settings.lease_seconds
+        self.device = "none"  # until the engine loads
+        self.members: dict[str, _Member] = {}
+        self.outcomes: dict[str, str] = {}
+        self.tenants: set[str] = set()
+        self.steps = 0
+        self.cancel_checked = 0.0
+        self.next_look = 0.0  # when to look for requests to join next (UNFIT_RECHECK_SECONDS)
+        self.claim_fault_logged = False
+        self.stores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="krona-store")
+        self.storing: list[Future] = []
+        self.lock = threading.Lock()  # outcomes, written by the store thread too
+
+    # The loop ------------------------------------------------------------------------------------------------
+
+    def serve(self, first_id: str) -> str:
+        from .loop import DenoisingLoop
+
+        first = self._read(first_id)
+        self.tenants.add(first.tenant_id)
+        try:
+            engine = engine_for(self.rt)
+        except BaseModelNotFound as exc:  # a removed or mistyped id: say so, do not retry as a lost worker
+            self._end_unjoined(first, "failed", error_code="base_model_not_found", error_message=str(exc))
+            return "failed"
+        self.device = _device(engine)
+        loop = DenoisingLoop(
+            engine,
+            width=first.width,
+            height=first.height,
+            max_images=max(self.rt.settings.engine_max_batch, first.num_images),
+        )
+        try:
+            self._admit(loop, first)
+            while True:
+                self._admit_joiners(loop)
+                self._drop_stopped(loop)
+                if not loop.active:
+                    # Requests still being stored count against their tenants' running caps: once they are
+                    # finished, look again for someone to join before the loop ends.
+                    if self._wait_for_stores():
+                        continue
+                    break
+                try:
+                    finished = loop.step()
+                except (ValueError, RuntimeError) as exc:  # the UNet batch itself failed (out of memory, ...)
+                    log.exception("a denoising step failed; failing the %d requests in it", len(loop.active))
+                    for d in list(loop.active):
+                        loop.leave(d.key)
+                        self._end_member(d.key, d, "failed", error_code="generation_failed", error_message=str(exc))
+                    break
+                self.steps += 1
+                if finished:
+                    self.next_look = 0.0  # room, or a slot, was freed
+                for d in finished:
+                    try:
+                        images = loop.decode(d)
+                    except (ValueError, RuntimeError) as exc:
+                        log.exception("generation %s: decoding failed", d.key)
+                        self._end_member(d.key, d, "failed", error_code="generation_failed", error_message=str(exc))
+                        continue
+                    # Stored by the store thread while the loop takes its next step.
+                    self.storing.append(self.stores.submit(self._store, self.members.pop(d.key), d, images))
+        finally:
+            self.stores.shutdown(wait=True)
+            for member in self.members.values():  # only after an unexpected error: their leases expire, the
+                member.heartbeat.__exit__(None, None, None)  # reaper sends them again
+        wake_if_capped(self.rt, Generation, GENERATE_TASK, self.tenants)
+        _prefetch(self.rt, engine)
+        log.info("loop %dx%d: %d generations in %d steps (%s); cache %s", loop.width, loop.height,
+                 len(self.outcomes), self.steps, _count(self.outcomes.values()), engine.stats())  # fmt: skip
+        if "succeeded" in self.outcomes.values():
+            return "succeeded"
+        return "canceled" if self.outcomes and set(self.outcomes.values()) == {"canceled"} else "failed"
+
+    def _wait_for_stores(self) -> bool:
+        """Wait for the requests being stored; whether there were any."""
+        pending = [future for future in self.storing if not future.done()]
+        self.storing.clear()
+        if pending:
+            wait(pending)
+        return bool(pending)
+
+    def _admit_joiners(self, loop) -> None:
+        """Claim the fair scheduler's next picks while they are for this loop and fit (module doc), and join them."""
+        if drain_requested():  # SIGTERM: the running requests finish, nobody new joins
+            return
+        if time.monotonic() < self.next_look:
+            return
+        while loop.room > 0:
+            try:
+                job_id = self._claim_joiner(loop)
+            except Exception as exc:  # the database is away: the running requests go on; try at the next step
+                if not self.claim_fault_logged:
+                    log.warning("could not look for requests to join (%s); the loop goes on", exc.__class__.__name__)
+                    self.claim_fault_logged = True
+                return
+            if job_id is None:
+                return
+            self._admit(loop, self._read(job_id))
+
+    def _claim_joiner(self, loop) -> str | None:
+        """Claim the fairest queued generation if it can join this loop now; else None (nobody joins)."""
+        rt = self.rt
+        with rt.sessions() as session:
+            for _ in range(8):
+                candidate = pick(session, Generation, rt.settings, filters=(Generation.attempts < MAX_ATTEMPTS,))
+                if candidate is None:
+                    session.rollback()
+                    return None
+                row = session.execute(
+                    select(Generation.width, Generation.height, Generation.num_images, Generation.adapter_id).where(
+                        Generation.id == candidate.job_id
+                    )
+                ).one_or_none()
+                fits = (
+                    row is not None
+                    and (row.width, row.height) == (loop.width, loop.height)
+                    and row.num_images <= loop.room
+                    and loop.can_host(row.adapter_id)
+                )
+                if not fits:  # the fairest request is not for this loop (now): nobody overtakes it
+                    session.rollback()
+                    self.next_look = time.monotonic() + UNFIT_RECHECK_SECONDS
+                    return None
+                if claim(session, Generation, candidate.job_id, rt.owner, self.lease, commit=False):
+                    charge(session, Generation, candidate.tenant_id, candidate.cost, candidate.weight)
+                    session.commit()
+                    return candidate.job_id
+                session.rollback()  # another worker took it first: pick again
+        return None
+
+    def _admit(self, loop, row: Generation) -> None:
+        """Start the request's lease heartbeat and join it to the loop; a request that cannot join fails alone."""
+        from .engine import AdapterShapeError, Request
+
+        self.tenants.add(row.tenant_id)
+        member = _Member(row, Heartbeat(self.rt.sessions, Generation, row.id, self.rt.owner, self.lease))
+        member.heartbeat.__enter__()
+        self.members[row.id] = member
+        _set_phase(self.rt, [row.id], "generating")
+        started = time.perf_counter()
+
+        def failed(code: str, message: str) -> None:
+            member.own_seconds += time.perf_counter() - started
+            self._end_member(row.id, None, "failed", error_code=code, error_message=message)
+
+        if row.adapter_id:
+
+            def adapter_owner(adapter_id: str = row.adapter_id) -> str | None:
+                with self.rt.sessions() as session:
+                    return session.scalar(select(Adapter.tenant_id).where(Adapter.id == adapter_id))
+
+            try:
+                owner = self._retry(f"generation {row.id}: read the adapter", adapter_owner)
+            except DependencyUnavailable as exc:
+                return failed(exc.code, str(exc))
+            if owner != row.tenant_id:
+                loop.engine.evict(row.adapter_id, loop.pinned())  # its factors need not stay cached
+                return failed("adapter_not_found", f"adapter {row.adapter_id} was deleted")
+        request = Request(
+            prompt=row.prompt,
+            adapter_id=row.adapter_id,
+            adapter_scale=row.adapter_scale,
+            negative_prompt=row.negative_prompt,
+            num_images=row.num_images,
+            seed=row.seed,
+        )
+        try:
+            loop.join(row.id, request, steps=row.steps, guidance_scale=row.guidance_scale)
+        except AdapterShapeError as exc:
+            return failed("adapter_unsupported", str(exc))
+        except DependencyUnavailable as exc:
+            return failed(exc.code, str(exc))
+        except KeyError:  # its file's row went away between the check and the fetch
+            return failed("adapter_not_found", f"adapter {row.adapter_id} was deleted")
+        except Exception as exc:  # this request only: the others in the loop go on
+            log.exception("generation %s could not join the loop", row.id)
+            return failed("generation_failed", f"{exc.__class__.__name__}: {exc}")
+        member.own_seconds += time.perf_counter() - started
+
+    def _drop_stopped(self, loop) -> None:
+        """Requests whose lease another worker took over leave without a word; canceled ones end as canceled."""
+        for job_id, member in list(self.members.items()):
+            if member.heartbeat.lost:
+                log.warning("generation %s: lease lost to another worker; it leaves the loop", job_id)
+                loop.leave(job_id)
+                self.members.pop(job_id).heartbeat.__exit__(None, None, None)
+                self.next_look = 0.0
+        now = time.monotonic()  # POST /v1/generations/{id}/cancel sets cancel_requested on a running one
+        if not self.members or now - self.cancel_checked < CANCEL_CHECK_SECONDS:
+            return
+        self.cancel_checked = now
+        try:
+            with self.rt.sessions() as session:
+                canceled = session.scalars(
+                    select(Generation.id).where(
+                        Generation.id.in_(list(self.members)), Generation.cancel_requested.is_(True)
+                    )
+                ).all()
+        except Exception:  # the database is away: look again later
+            return
+        for job_id in canceled:
+            d = loop.leave(job_id)
+            if d is not None:
+                self._end_member(job_id, d, "canceled")
+                self.next_look = 0.0
+
+    # Ends ----------------------------------------------------------------------------------------------------
+
+    def _store(self, member: _Member, d, images: list) -> None:
+        """In the store thread: the PNGs to storage, then the row succeeded with its usage."""
+        row = member.row
+        try:
+            _set_phase(self.rt, [row.id], "uploading")
+            storing = time.perf_counter()
+            stored = []
+            for index, array in enumerate(images):
+                key = blob_keys.generation_image(row.tenant_id, row.id, index)
+                png = encode_png(array)
+                self._retry(
+                    f"generation {row.id}: store image {index}",
+                    lambda key=key, png=png: self.rt.storage.put_bytes(key, png, content_type="image/png"),
+                )
+                stored.append({"index": index, "key": key, "seed": row.seed + index})
+            member.own_seconds += time.perf_counter() - storing
+            self._end_member(row.id, d, "succeeded", member=member, images=stored)
+        except DependencyUnavailable as exc:
+            self._end_member(row.id, d, "failed", member=member, error_code=exc.code, error_message=str(exc))
+        except Exception as exc:
+            log.exception("generation %s: storing its images failed", row.id)
+            self._end_member(row.id, d, "failed", member=member, error_code="generation_failed",
+                             error_message=f"{exc.__class__.__name__}: {exc}")  # fmt: skip
+
+    def _end_member(self, job_id: str, d, status: str, *, member: _Member | None = None, **values) -> None:
+        """End a request that was admitted: stop its heartbeat, write its final status and usage, notify."""
+        member = member or self.members.pop(job_id)
+        try:
+            seconds = member.own_seconds  # its admission (joining included) and its store
+            if d is not None:
+                seconds += d.unet_seconds + d.decode_seconds
+            row = member.row
+            usage = Usage(seconds, self.device)
+            if status == "succeeded":
+                images = len(values["images"])
+                usage = Usage(seconds, self.device, images=images, steps=row.steps,
+                              pixels=row.width * row.height * images)  # fmt: skip
+            self._end(row, status, usage, **values)
+        finally:
+            member.heartbeat.__exit__(None, None, None)
+
+    def _end_unjoined(self, row: Generation, status: str, **values) -> None:
+        self._end(row, status, Usage(0.0, self.device), **values)
+
+    def _end(self, row: Generation, status: str, usage: Usage, **values) -> None:
+        """The final status and the usage record, in one transaction, by the lease owner only; then the webhook."""
+        rt, job_id = self.rt, row.id
+        if "error_message" in values:
+            values["error_message"] = values["error_message"][:2000]
 
         def write() -> bool:
             with rt.sessions() as session:
-                if status == "succeeded" and not renew(session, Generation, job_id, rt.owner, lease):
+                if status == "succeeded" and not renew(session, Generation, job_id, rt.owner, self.lease):
                     return False
                 if not finish(session, Generation, job_id, rt.owner, status, commit=False, **values):
                     session.rollback()
@@ -148,108 +411,38 @@ def run_generation_job(rt: Runtime, generation_id: str) -> str:
                 session.commit()
                 return True
 
-        if retry(f"generation {job_id}: record the {'result' if status == 'succeeded' else 'failure'}", write):
-            count_usage(
-                tenant_id=row.tenant_id,
-                kind="generation",
-                status=status,
-                usage=usage,
-                max_tenants=rt.settings.metrics_max_tenants,
-            )
-
-    def fail(job_id: str, code: str, message: str, seconds: float = 0.0) -> None:
-        end(job_id, "failed", Usage(seconds, device), error_code=code, error_message=message[:2000])
+        try:
+            written = self._retry(f"generation {job_id}: record the {status} status", write)
+        except DependencyUnavailable:  # the database stayed away: the lease expires and the reaper sends it again
+            log.warning("generation %s: could not record the %s status", job_id, status)
+            return
+        if not written:  # another worker owns it now (its lease expired): that worker ends it
+            log.warning("generation %s: no longer this worker's; its %s status was not written", job_id, status)
+            return
+        with self.lock:
+            self.outcomes[job_id] = status
+        count_usage(tenant_id=row.tenant_id, kind="generation", status=status, usage=usage,
+                    max_tenants=rt.settings.metrics_max_tenants)  # fmt: skip
         notify(rt, Generation, "generation", job_id)
 
-    try:
-        engine = engine_for(rt)
-    except BaseModelNotFound as exc:  # a removed or mistyped id: say so, do not retry as a lost worker
-        for job_id in rows:
-            fail(job_id, "base_model_not_found", str(exc))
-        return "failed"
-    device = _device(engine)
-    runnable = []
-    for job_id, row in rows.items():
-        if row.adapter_id:
+    # Helpers -------------------------------------------------------------------------------------------------
 
-            def adapter_owner(adapter_id: str = row.adapter_id) -> str | None:
-                with rt.sessions() as session:
-                    return session.scalar(select(Adapter.tenant_id).where(Adapter.id == adapter_id))
+    def _read(self, job_id: str) -> Generation:
+        with self.rt.sessions() as session:
+            row = session.get(Generation, job_id)
+            session.expunge(row)
+        return row
 
-            try:
-                owner = retry(f"generation {job_id}: read the adapter", adapter_owner)
-                if owner != row.tenant_id:
-                    fail(job_id, "adapter_not_found", f"adapter {row.adapter_id} was deleted")
-                    continue
-                engine.slot_for(row.adapter_id)
-            except AdapterShapeError as exc:
-                fail(job_id, "adapter_unsupported", str(exc))
-                continue
-            except DependencyUnavailable as exc:
-                fail(job_id, exc.code, str(exc))
-                continue
-        runnable.append(job_id)
-    if not runnable:
-        return "failed"
-    requests = [
-        Request(
-            prompt=rows[j].prompt,
-            adapter_id=rows[j].adapter_id,
-            adapter_scale=rows[j].adapter_scale,
-            negative_prompt=rows[j].negative_prompt,
-            num_images=rows[j].num_images,
-            seed=rows[j].seed,
-        )
-        for j in runnable
-    ]
-    with ExitStack() as heartbeats:  # one lease per request, renewed while the batch runs
-        for job_id in runnable:
-            heartbeats.enter_context(Heartbeat(rt.sessions, Generation, job_id, rt.owner, lease))
-        _set_phase(rt, list(runnable), "generating")
-        started = time.perf_counter()
-        # The batch's time is shared among its requests in proportion to their cost (images x steps x pixels).
-        total_cost = sum(max(rows[j].cost, 1e-9) for j in runnable)
-        try:
-            outputs = engine.run(
-                requests, steps=first.steps, guidance_scale=first.guidance_scale, width=first.width, height=first.height
-            )
-        except (ValueError, RuntimeError) as exc:
-            seconds = time.perf_counter() - started
-            for job_id in runnable:
-                fail(job_id, "generation_failed", str(exc), seconds * max(rows[job_id].cost, 1e-9) / total_cost)
-            return "failed"
-    batch_seconds = time.perf_counter() - started
-    for job_id, images in zip(runnable, outputs, strict=True):
-        row = rows[job_id]
-        share = batch_seconds * max(row.cost, 1e-9) / total_cost
-        storing = time.perf_counter()
-        stored = []
-        _set_phase(rt, [job_id], "uploading")
-        try:
-            for index, array in enumerate(images):
-                key = f"tenants/{row.tenant_id}/generations/{job_id}/{index}.png"
-                png = encode_png(array)
-                retry(
-                    f"generation {job_id}: store image {index}",
-                    lambda key=key, png=png: rt.storage.put_bytes(key, png, content_type="image/png"),
-                )
-                stored.append({"index": index, "key": key, "seed": row.seed + index})
-            usage = Usage(
-                share + time.perf_counter() - storing,
-                device,
-                images=len(images),
-                steps=row.steps,
-                pixels=row.width * row.height * len(images),
-            )
-            end(job_id, "succeeded", usage, images=stored)
-        except DependencyUnavailable as exc:
-            fail(job_id, exc.code, str(exc), share)
-            continue
-        notify(rt, Generation, "generation", job_id)
-    wake_if_capped(rt, Generation, GENERATE_TASK, {rows[j].tenant_id for j in runnable})
-    _prefetch(rt, engine)
-    log.info("batch of %d generations (%d images); cache %s", len(runnable), sum(map(len, outputs)), engine.stats())
-    return "succeeded"
+    def _retry(self, what: str, call):
+        """Storage and database calls ride out an outage (workers/transient.py)."""
+        return retry_transient(call, what=what, window_seconds=self.rt.settings.transient_retry_seconds)
+
+
+def _count(statuses) -> str:
+    counts: dict[str, int] = {}
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "none"
 
 
 def _set_phase(rt: Runtime, job_ids: list[str], phase: str) -> None:
