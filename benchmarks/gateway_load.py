@@ -2,7 +2,7 @@
 
     python benchmarks/gateway_load.py [--rates 50,100,200,300,400] [--seconds 10] [--workers 1]
                                       [--json benchmarks/results/gateway_load.json]
-    python benchmarks/gateway_load.py --smoke [--json out.json]     # the capacity ratio alone, ~30 s
+    python benchmarks/gateway_load.py --smoke [--json out.json]     # the p50 capacity ratio alone, ~30 s
 
 Starts `krona gateway` on a fresh PostgreSQL database (127.0.0.1:5432, trust auth) with Redis
 (127.0.0.1:6379, db 14) as the broker and no worker, then drives it from a separate process over
@@ -16,9 +16,14 @@ The capacity ratio: the highest rate of creates that keeps p99 <= 50 ms (and no 
 highest rate of `GET /healthz` that does, both measured in the same run against the same gateway (a ladder
 of rates x1.5, then bisection to ~10%). `/healthz` does no I/O, so the ratio says how much a create costs
 next to the cheapest answer this gateway gives, on whatever machine it runs: a change that makes creates
-slower lowers it, a slower or busier machine mostly does not. `--smoke` measures only this ratio, with short
-steps, and tests/test_gateway_load_smoke.py fails CI when it falls below half of the figure recorded in
-BENCHMARKS.md.
+slower lowers it, a slower or busier machine mostly does not.
+
+The same ratio at p50 <= 50 ms (`create_to_healthz_ratio_p50`) is what CI checks: `--smoke` measures only it,
+with short steps, and tests/test_gateway_load_smoke.py fails when it falls below half of the figure recorded in
+BENCHMARKS.md. On a slow 2-core machine a lone create's p99 is itself near 50 ms (sequential creates: p50 17 ms,
+p99 35-60 ms), so the p99 capacity turns on a few stalls and swung from 15 to 169 creates/s between runs of the
+same commit; the median is not moved by stalls but still collapses when creates queue behind each other (the
+regression this guards against: p50 1.4 s at 100 req/s).
 
 On a 2-core machine the load generator, the gateway, PostgreSQL and Redis share the cores; the
 numbers are for the whole machine, not for the gateway alone.
@@ -192,17 +197,20 @@ async def _followers(base: str, key: str, training_id: str, followers: int, prob
     return {"opened": len(opened), "p99_ms": _percentile(latencies, 0.99) * 1000}
 
 
-def _capacity(base: str, key: str, path: str, seconds: float, start: float = 25.0, top: float = 5000.0) -> dict:
-    """The highest open-loop rate of ``path`` whose p99 stays <= 50 ms with no error: rates x1.5 from ``start``
-    until one fails, then bisection between the last good and the first bad rate until they are ~10% apart."""
+def _capacity(
+    base: str, key: str, path: str, seconds: float, start: float = 25.0, top: float = 5000.0, quantile: float = 0.99
+) -> dict:
+    """The highest open-loop rate of ``path`` whose ``quantile`` latency stays <= 50 ms with no error: rates x1.5
+    from ``start`` until one fails, then bisection between the last good and the first bad rate until they are
+    ~10% apart."""
     probes: list[dict] = []
 
     def probe(rate: float) -> bool:
         # At least 100 requests, so that p99 is not simply the slowest one.
         run = _in_separate_process("load", base, key, rate, max(seconds, 100 / rate), path, True)
-        p99 = _percentile(run["latencies"], 0.99) * 1000
-        ok = p99 <= 50 and not run["errors"]
-        probes.append({"rate": round(rate, 1), "p99_ms": round(p99, 1), "errors": sum(run["errors"].values())})
+        latency = _percentile(run["latencies"], quantile) * 1000
+        ok = latency <= 50 and not run["errors"]
+        probes.append({"rate": round(rate, 1), "ms": round(latency, 1), "errors": sum(run["errors"].values())})
         time.sleep(0.5)  # let a backlog drain before the next probe
         return ok
 
@@ -227,14 +235,15 @@ def _capacity(base: str, key: str, path: str, seconds: float, start: float = 25.
     return {"rate": round(good, 1), "probes": probes}
 
 
-def capacity_ratio(base: str, key: str, seconds: float) -> dict:
-    """Creates/s at p99 <= 50 ms over /healthz/s at p99 <= 50 ms, measured one after the other."""
-    creates = _capacity(base, key, "/v1/generations", seconds, start=50.0)
-    healthz = _capacity(base, key, "/healthz", seconds, start=100.0)
+def capacity_ratio(base: str, key: str, seconds: float, quantile: float = 0.99) -> dict:
+    """Creates/s over /healthz/s, each at its ``quantile`` latency <= 50 ms, measured one after the other."""
+    creates = _capacity(base, key, "/v1/generations", seconds, start=50.0, quantile=quantile)
+    healthz = _capacity(base, key, "/healthz", seconds, start=100.0, quantile=quantile)
     ratio = creates["rate"] / healthz["rate"] if healthz["rate"] else 0.0
     return {
-        "creates_per_second_p99_under_50ms": creates["rate"],
-        "healthz_per_second_p99_under_50ms": healthz["rate"],
+        "quantile": quantile,
+        "creates_per_second": creates["rate"],
+        "healthz_per_second": healthz["rate"],
         "create_to_healthz_ratio": round(ratio, 4),
         "probes": {"creates": creates["probes"], "healthz": healthz["probes"]},
     }
@@ -261,7 +270,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="gateway processes (krona gateway --workers)")
     parser.add_argument("--followers", default="50,100,200", help="event-stream followers to try")
     parser.add_argument("--capacity-seconds", type=float, default=3.0, help="duration of each capacity probe")
-    parser.add_argument("--smoke", action="store_true", help="only the capacity ratio, with 1.5 s probes")
+    parser.add_argument("--smoke", action="store_true", help="only the capacity ratio at p50, with 1.5 s probes")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.smoke:
@@ -322,13 +331,18 @@ def main() -> int:
                 raise SystemExit("the gateway did not start")
             time.sleep(0.2)
         httpx.post(f"{base}/v1/generations", json=BODY, headers={"Authorization": f"Bearer {key}"})  # warm up
-        capacity = capacity_ratio(base, key, args.capacity_seconds)
-        results["capacity"] = capacity
-        print(
-            f"capacity at p99 <= 50 ms: creates {capacity['creates_per_second_p99_under_50ms']:.0f}/s, "
-            f"/healthz {capacity['healthz_per_second_p99_under_50ms']:.0f}/s, "
-            f"ratio {capacity['create_to_healthz_ratio']:.4f}\n"
-        )
+        results["capacity_p50"] = capacity_ratio(base, key, args.capacity_seconds, quantile=0.5)
+        if not args.smoke:
+            results["capacity"] = capacity_ratio(base, key, args.capacity_seconds, quantile=0.99)
+        for name in ("capacity_p50", "capacity"):
+            if name in results:
+                capacity = results[name]
+                print(
+                    f"capacity at p{capacity['quantile'] * 100:.0f} <= 50 ms: "
+                    f"creates {capacity['creates_per_second']:.0f}/s, "
+                    f"/healthz {capacity['healthz_per_second']:.0f}/s, ratio {capacity['create_to_healthz_ratio']:.4f}"
+                )
+        print()
         if args.rates:
             print(f"{'rate':>6} {'sent':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>7} {'lost':>5}")
         for rate in [float(r) for r in args.rates.split(",") if r]:
@@ -377,10 +391,12 @@ def main() -> int:
     by_rate = {r["rate"]: r for r in results["rates"]}
     good = [r["rate"] for r in results["rates"] if r["p99_ms"] <= 50 and r["errors"] == 0 and r["lost"] == 0]
     held = [f["followers"] for f in results["followers"] if f["opened"] == f["followers"] and f["p99_ms"] <= 100]
+    p99 = results.get("capacity", {})
     results["summary"] = {
-        "create_to_healthz_ratio": results["capacity"]["create_to_healthz_ratio"],
-        "creates_per_second_p99_under_50ms": results["capacity"]["creates_per_second_p99_under_50ms"],
-        "healthz_per_second_p99_under_50ms": results["capacity"]["healthz_per_second_p99_under_50ms"],
+        "create_to_healthz_ratio_p50": results["capacity_p50"]["create_to_healthz_ratio"],
+        "create_to_healthz_ratio": p99.get("create_to_healthz_ratio"),
+        "creates_per_second_p99_under_50ms": p99.get("creates_per_second"),
+        "healthz_per_second_p99_under_50ms": p99.get("healthz_per_second"),
         "p99_ms_at_200": by_rate[200.0]["p99_ms"] if 200.0 in by_rate else None,
         "max_rate_p99_under_50ms": max(good) if good else 0,
         "errors": sum(r["errors"] for r in results["rates"]),
