@@ -247,7 +247,6 @@ def test_drain_lets_the_running_requests_finish_and_takes_no_new_one(rt, between
     assert len(steps) == 4
 
 
-@pytest.mark.skipif(not hasattr(Generation, "cancel_requested"), reason="no generation cancel in this schema")
 def test_a_canceled_request_leaves_the_loop_and_the_others_go_on(rt, between_steps, monkeypatch):
     from workers.inference import job
 
