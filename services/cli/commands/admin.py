@@ -13,12 +13,12 @@ import json
 import sys
 
 from services.cli.commands import HelpFormatter, add_leaf
+from services.cli.commands.tenants import LIMITS as LIMIT_NAMES
+from services.cli.commands.tenants import add_clear_option, add_limit_options
 from services.cli.connection import CliError
 from services.cli.output import emit, print_table
 
 DATA_DIR_HELP = "the embedded data folder (default: $KRONA_DATA_DIR, else .krona; ignored with KRONA_DATABASE_URL)"
-LIMIT_NAMES = ("rate_limit_per_second", "rate_limit_burst", "max_queued_jobs", "max_running_jobs",
-               "max_generation_compute")  # fmt: skip
 
 
 def _output(parser: argparse.ArgumentParser) -> None:
@@ -104,22 +104,8 @@ def register(sub) -> None:
         "limit back to the server's default. Prints the limits in effect.",
     )
     limits.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
-    limits.add_argument("--weight", type=float, help="share of the workers under contention (>0, <=1000; default 1)")
-    limits.add_argument("--rate-limit-per-second", type=float, help="requests per second per key (0 = no limit)")
-    limits.add_argument("--rate-limit-burst", type=int, help="token bucket size")
-    limits.add_argument("--max-queued-jobs", type=int, help="queued trainings + generations (0 = no cap)")
-    limits.add_argument("--max-running-jobs", type=int, help="running jobs per queue (0 = no cap)")
-    limits.add_argument("--max-generation-compute", type=int, help="width x height x steps x images of one request")
-    limits.add_argument(
-        "--clear",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="NAME",
-        type=lambda name: name.replace("-", "_"),
-        choices=["weight", *LIMIT_NAMES],
-        help="back to the server's default (weight: back to 1)",
-    )
+    add_limit_options(limits)
+    add_clear_option(limits)
     limits.set_defaults(handler=_database(set_limits))
 
     delete = add_leaf(

@@ -19,10 +19,25 @@ def add_limit_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--rate-limit-per-second", type=float, metavar="X", help="requests per second per key (0: none)")
     group.add_argument("--rate-limit-burst", type=int, metavar="N", help="token bucket size")
-    group.add_argument("--max-queued-jobs", type=int, metavar="N", help="queued trainings + generations (0: no cap)")
+    group.add_argument(
+        "--max-queued-jobs", type=int, metavar="N", help="queued trainings, generations and evaluations (0: no cap)"
+    )
     group.add_argument("--max-running-jobs", type=int, metavar="N", help="running jobs per queue (0: no cap)")
     group.add_argument(
         "--max-generation-compute", type=int, metavar="N", help="width x height x steps x images of one generation"
+    )
+
+
+def add_clear_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clear",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        type=lambda name: name.replace("-", "_"),
+        choices=["weight", *LIMITS],
+        help="put these back to the server's default (weight: back to 1)",
     )
 
 
@@ -67,16 +82,7 @@ def register(sub) -> None:
     )
     update.add_argument("id", metavar="TENANT_ID", help="ten_…")
     add_limit_options(update)
-    update.add_argument(
-        "--clear",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="NAME",
-        type=lambda name: name.replace("-", "_"),
-        choices=["weight", *LIMITS],
-        help="put these back to the server's default (weight: back to 1)",
-    )
+    add_clear_option(update)
     update.set_defaults(handler=update_tenant)
 
     delete = add_leaf(
