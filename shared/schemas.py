@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from shared.db import JobStatus
 from shared.limits import LimitOverrides
+from shared.training_spec import CLIENT_PARAMS, EvaluationRequest, TrainingSpec
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -57,51 +58,25 @@ def job_urls(public_url: str, collection: str, job_id: str, events: bool = False
     return {"get": base, "cancel": f"{base}/cancel", "events": f"{base}/events" if events else None}
 
 
-class EvaluationParams(BaseModel):
-    """How an adapter is scored (`params.evaluate` of a training, `params` of POST /v1/adapters/{id}/evaluations):
-    the first `prompts` DreamBooth evaluation prompts for the class, `per_prompt` images each, `steps` denoising
-    steps; CLIP-I, CLIP-T and DINO against the reference photos (shared/training_spec.py: EvaluationRequest)."""
+# The `params` of POST /v1/adapters/{id}/evaluations and a training's `params.evaluate`: one model, the one the
+# workers run (its fields and bounds are in shared/training_spec.py).
+EvaluationParams = EvaluationRequest
 
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: int = Field(4, ge=1, le=25)
-    per_prompt: int = Field(2, ge=1, le=4)
-    steps: int = Field(25, ge=1, le=100)
-    class_noun: str | None = Field(
-        None, min_length=1, max_length=100, description="the subject's class; default: the last word of the prompt"
-    )
-    identifier: str | None = Field(
-        None, min_length=1, max_length=100, description="the rare token; default: the word before the class noun"
-    )
-
-
-class TrainingParams(BaseModel):
-    """The `params` part of POST /v1/trainings: a JSON object; every field is optional (the defaults are the
-    paper's; GET /v1/capabilities has this server's). Sent as a multipart part with `Content-Type:
-    application/json` (or as plain text holding the same JSON)."""
-
-    model_config = ConfigDict(
+# The `params` part of POST /v1/trainings: the CLIENT_PARAMS subset of TrainingSpec (its fields, bounds and
+# descriptions), so the schema, the gateway's check and the trainer cannot drift apart.
+TrainingParams = create_model(
+    "TrainingParams",
+    __config__=ConfigDict(
         extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
         json_schema_extra={"examples": [{"steps": 500, "learning_rate": 0.001, "a1": 64, "a2": 8, "seed": 7}]},
-    )
-
-    steps: int | None = Field(None, ge=1, le=100_000, description="optimizer steps (the server caps them)")
-    learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW, constant (the paper: 1e-3; best near 6e-4)")
-    a1: int = Field(64, ge=1, description="rows of A (a1 x a2); must be one the server serves (GET /v1/capabilities)")
-    a2: int = Field(8, ge=1, description="columns of A")
-    target_modules: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"], max_length=16, description="attention projections to adapt"
-    )
-    resolution: int | None = Field(None, ge=64, le=4096, multiple_of=8, description="default: the model's native size")
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    random_flip: bool = False
-    gradient_accumulation: int = Field(4, ge=1, le=1024, description="micro-batches per step (the tenant caps it)")
-    prior_preservation: bool = Field(False, description="add the class-prior loss on generated class images")
-    class_prompt: str | None = Field(None, max_length=1000, description="needed with prior_preservation")
-    num_class_images: int = Field(50, ge=1, le=10_000, description="class images (the tenant caps them)")
-    prior_loss_weight: float = Field(1.0, ge=0, le=100)
-    validation_prompt: str | None = Field(None, max_length=1000)
-    evaluate: bool | EvaluationParams = Field(False, description="score the adapter after training")
+    ),
+    __doc__="The `params` part of POST /v1/trainings: a JSON object; every field is optional (the defaults are the "
+    "paper's; GET /v1/capabilities has this server's). Sent as a multipart part with `Content-Type: "
+    "application/json` (or as plain text holding the same JSON).",
+    **{name: (field.annotation, field) for name, field in TrainingSpec.model_fields.items() if name in CLIENT_PARAMS},  # type: ignore[call-overload]
+)
 
 
 class TrainingPublic(BaseModel):

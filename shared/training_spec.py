@@ -5,58 +5,119 @@ Torch-free: the gateway validates a request's params with it; the trainer runs i
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from shared.krona import DEFAULT_TARGET_MODULES, KronaConfig
 
 __all__ = [
+    "CLIENT_PARAMS",
     "MAX_PROMPT_CHARS",
     "MAX_TARGET_MODULES",
     "MAX_TARGET_MODULE_CHARS",
     "METHODS",
     "MIXED_PRECISION",
     "EvaluationRequest",
+    "InvalidSpec",
     "TrainingSpec",
+    "describe_validation_error",
 ]
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MixedPrecision = Literal["no", "fp16", "bf16"]
+MIXED_PRECISION: tuple[str, ...] = get_args(MixedPrecision)
 # "krona": DiffuseKronA factors (the product); "lora": PEFT LoRA on the same targets and loop, the paper's
 # baseline, for comparisons (`krona train --method lora`; not a service parameter).
-METHODS = ("krona", "lora")
+Method = Literal["krona", "lora"]
+METHODS: tuple[str, ...] = get_args(Method)
 # Caps on the free text a client sends in a training's params.
 MAX_PROMPT_CHARS = 1000
 MAX_TARGET_MODULES = 16
 MAX_TARGET_MODULE_CHARS = 100
+# The parameters a client may set in POST /v1/trainings' `params` (shared/schemas.py: TrainingParams is this
+# subset of TrainingSpec); the rest of TrainingSpec is the worker's business (precision, checkpoints, etc.).
+CLIENT_PARAMS = frozenset(
+    {
+        "steps",
+        "learning_rate",
+        "a1",
+        "a2",
+        "target_modules",
+        "resolution",
+        "seed",
+        "prior_preservation",
+        "class_prompt",
+        "num_class_images",
+        "prior_loss_weight",
+        "random_flip",
+        "gradient_accumulation",
+        "validation_prompt",
+        "evaluate",
+    }
+)
+
+Prompt = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)]
+ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TARGET_MODULE_CHARS)]
+Word = Annotated[str, StringConstraints(min_length=1, max_length=100)]
 
 
-@dataclass(frozen=True)
-class EvaluationRequest:
+class InvalidSpec(ValueError):
+    """A training or evaluation parameter out of its type or bounds; the message names every one, on one line."""
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """pydantic's errors as one line a user can act on: ``steps: Input should be greater than or equal to 1 (got
+    0); seed: Input should be a valid integer (got '7')``."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in ("string_too_long", "too_long"):
+            message += f" (got {len(error['input']):,})"
+        elif error["type"] not in ("value_error", "missing", "extra_forbidden") and "input" in error:
+            shown = repr(error["input"])
+            message += f" (got {shown[:60] + '...' if len(shown) > 60 else shown})"
+        if error["type"] == "extra_forbidden":
+            message = "unknown parameter"
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+class _Strict(BaseModel):
+    """Strict (no coercion: false is not a count, "2" is not a number), frozen, unknown fields refused; a bad
+    value raises ``InvalidSpec`` (a ValueError) with every problem on one line."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise InvalidSpec(describe_validation_error(exc)) from None
+
+
+class EvaluationRequest(_Strict):
     """How an adapter is scored (CLIP-I, CLIP-T, DINO; shared/eval): the first ``prompts`` of DreamBooth's
     evaluation prompts for the class, ``per_prompt`` images each (seeds 0..per_prompt-1), ``steps`` denoising
     steps. Kept small on purpose: the score is a check, not the paper's 25 x 4 protocol (use `krona eval`).
+    The ``params`` of POST /v1/adapters/{id}/evaluations and a training's ``params.evaluate``."""
 
-    class_noun: the subject's class ("dog"); ``None`` takes the last word of the instance prompt.
-    identifier: the rare token ("sks"); ``None`` takes the word before the class noun in the instance prompt.
-    """
+    prompts: int = Field(4, ge=1, le=25, description="the first N of DreamBooth's evaluation prompts for the class")
+    per_prompt: int = Field(2, ge=1, le=4, description="images per prompt (seeds 0..per_prompt-1)")
+    steps: int = Field(25, ge=1, le=100, description="denoising steps per image")
+    class_noun: Word | None = Field(
+        None, description="the subject's class ('dog'); default: the last word of the instance prompt"
+    )
+    identifier: Word | None = Field(
+        None, description="the rare token ('sks'); default: the word before the class noun in the instance prompt"
+    )
 
-    prompts: int = 4
-    per_prompt: int = 2
-    steps: int = 25
-    class_noun: str | None = None
-    identifier: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("evaluate.prompts", self.prompts, 1, 25)
-        _check_int("evaluate.per_prompt", self.per_prompt, 1, 4)
-        _check_int("evaluate.steps", self.steps, 1, 100)
-        for name in ("class_noun", "identifier"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not isinstance(value, str) or not value.strip() or len(value) > 100 or not value.isprintable():
-                raise ValueError(f"evaluate.{name} must be a non-empty printable string of at most 100 characters")
+    @field_validator("class_noun", "identifier")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or not value.isprintable()):
+            raise ValueError("must be a non-empty printable string of at most 100 characters")
+        return value
 
     @classmethod
     def parse(cls, value: Any) -> EvaluationRequest | None:
@@ -65,12 +126,10 @@ class EvaluationRequest:
             return None
         if value is True:
             return cls()
+        if isinstance(value, EvaluationRequest):
+            return value
         if not isinstance(value, dict):
-            raise ValueError('evaluate must be true, false or an object such as {"prompts": 4, "per_prompt": 2}')
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown evaluate fields: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InvalidSpec('evaluate must be true, false or an object such as {"prompts": 4, "per_prompt": 2}')
         return cls(**value)
 
     def initial_state(
@@ -113,115 +172,102 @@ class EvaluationRequest:
         return identifier, class_noun
 
 
-@dataclass(frozen=True)
-class TrainingSpec:
+class TrainingSpec(_Strict):
     """Hyperparameters of one fine-tune; the defaults are the paper's (DiffuseKronA scripts, SD 1.5/2.1).
 
-    steps: optimizer steps (each of ``gradient_accumulation`` micro-batches). The paper uses 500 for
-        SD 1.x/2.x and 1000 for SDXL at 1024 px; ``None`` picks that by model family.
-    learning_rate: AdamW, constant. The paper's scripts use 1e-3; its ablation finds the best
-        fidelity/diversity near 6e-4, overfitting above 1e-3 and lost fidelity below 1e-4.
-    a1, a2, target_modules: the Kronecker factors (A is a1 x a2) and the layers adapted.
-    resolution: training image size (square, center-cropped); ``None`` means the UNet's native size.
-    prior_preservation: add a class-prior loss on images the base model generates for ``class_prompt``.
-    mixed_precision: "no" (float32), "fp16" or "bf16" autocast for the frozen model; factors stay float32.
-    keep_intermediate: keep X @ B.T of every adapted layer for backward instead of recomputing it:
-        slightly faster steps, but ~2% more activation memory than LoRA rank 4 (off: at or below LoRA's).
-    checkpoint_every: save factors, optimizer and RNG state every N steps (0: only at the end).
-    validation_every: also render validation images every N steps (0: only at the end).
-    evaluate: score the adapter after training (``EvaluationRequest``): false, true or an object of its fields.
-    method: "krona" (the Kronecker factors) or "lora" (PEFT LoRA of rank ``lora_rank``, alpha = rank so its
-        update has scale 1, on the same target modules, trained by the same loop: the paper's baseline).
+    A strict pydantic model: the trainer runs it, the gateway validates a request's ``params`` with it, and the
+    API's ``TrainingParams`` schema is its ``CLIENT_PARAMS`` subset (shared/schemas.py), so the three agree.
     """
 
-    instance_prompt: str
-    steps: int | None = None
-    learning_rate: float = 1e-3
-    a1: int = 64
-    a2: int = 8
-    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGET_MODULES)
-    resolution: int | None = None
-    batch_size: int = 1
-    gradient_accumulation: int = 4
-    seed: int = 0
-    random_flip: bool = False
-    prior_preservation: bool = False
-    class_prompt: str | None = None
-    num_class_images: int = 50
-    prior_loss_weight: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
+    instance_prompt: Prompt = Field(description="the subject's prompt with its rare token, e.g. 'a photo of sks dog'")
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="optimizer steps (each of gradient_accumulation micro-batches); default: the paper's 500 for "
+        "SD 1.x/2.x, 1000 for SDXL (the server caps them)",
+    )
+    learning_rate: float = Field(
+        1e-3, gt=0, le=1, description="AdamW, constant (the paper: 1e-3; best fidelity/diversity near 6e-4)"
+    )
+    a1: int = Field(64, ge=1, le=65_536, description="rows of A (a1 x a2); GET /v1/capabilities lists those served")
+    a2: int = Field(8, ge=1, le=65_536, description="columns of A")
+    target_modules: tuple[ModuleName, ...] = Field(
+        DEFAULT_TARGET_MODULES, max_length=MAX_TARGET_MODULES, description="attention projections to adapt"
+    )
+    resolution: int | None = Field(
+        None, ge=64, le=4096, multiple_of=8, description="square training size; default: the model's native size"
+    )
+    batch_size: int = Field(1, ge=1, le=64)
+    gradient_accumulation: int = Field(4, ge=1, le=1024, description="micro-batches per step (the tenant caps it)")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    random_flip: bool = Field(False, description="flip training images horizontally at random")
+    prior_preservation: bool = Field(False, description="add the class-prior loss on generated class images")
+    class_prompt: Prompt | None = Field(None, description="needed with prior_preservation, e.g. 'a photo of a dog'")
+    num_class_images: int = Field(50, ge=1, le=10_000, description="class images (the tenant caps them)")
+    prior_loss_weight: float = Field(1.0, ge=0, le=100)
+    adam_beta1: float = Field(0.9, ge=0, le=1)
+    adam_beta2: float = Field(0.999, ge=0, le=1)
+    adam_weight_decay: float = Field(1e-2, ge=0, le=10)
+    adam_epsilon: float = Field(1e-8, gt=0, le=1)
     use_8bit_adam: bool = False
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e6)
+    mixed_precision: MixedPrecision = Field(
+        "no", description="float32, or fp16/bf16 autocast for the frozen model; the factors stay float32"
+    )
     gradient_checkpointing: bool = False
-    keep_intermediate: bool = False
-    checkpoint_every: int = 0
-    validation_prompt: str | None = None
-    validation_every: int = 0
-    num_validation_images: int = 2
-    validation_steps: int = 25
-    method: str = "krona"
-    lora_rank: int = 4
-    # params.evaluate: score the adapter after training (EvaluationRequest's fields, stored as a dict).
-    evaluate: bool | dict[str, Any] = False
+    keep_intermediate: bool = Field(
+        False,
+        description="keep X @ B.T of every adapted layer for backward instead of recomputing it: slightly faster "
+        "steps, ~2% more activation memory than LoRA rank 4 (off: at or below LoRA's)",
+    )
+    checkpoint_every: int = Field(0, ge=0, le=100_000, description="save factors, optimizer and RNG every N steps")
+    validation_prompt: Prompt | None = Field(None, description="render validation images of this prompt at the end")
+    validation_every: int = Field(0, ge=0, le=100_000, description="also render them every N steps")
+    num_validation_images: int = Field(2, ge=1, le=16)
+    validation_steps: int = Field(25, ge=1, le=1000)
+    method: Method = Field(
+        "krona",
+        description="'krona' (the Kronecker factors) or 'lora' (PEFT LoRA of rank lora_rank, alpha = rank, on the "
+        "same targets and loop: the paper's baseline)",
+    )
+    lora_rank: int = Field(4, ge=1, le=1024)
+    evaluate: bool | EvaluationRequest = Field(
+        False, description="score the adapter after training: false, true (the defaults) or an object of its fields"
+    )
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _module_list(cls, value: Any) -> Any:
+        # One name given as a string is one module (as in KronaConfig), not its characters; JSON gives a list.
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _evaluation(cls, value: Any) -> Any:
+        if value is None:
+            return False
+        if isinstance(value, bool):
+            return value
+        return EvaluationRequest.parse(value)
+
+    @field_validator("instance_prompt", "class_prompt", "validation_prompt")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if not self.instance_prompt.strip():
             raise ValueError("instance_prompt must be a non-empty string, e.g. 'a photo of sks dog'")
-        for name in ("instance_prompt", "class_prompt", "validation_prompt"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-            if value is not None and len(value) > MAX_PROMPT_CHARS:
-                raise ValueError(f"{name} is limited to {MAX_PROMPT_CHARS} characters (got {len(value):,})")
-            if value is not None and "\x00" in value:
-                raise ValueError(f"{name} must not contain NUL characters")
-        targets = self.target_modules
-        if isinstance(targets, str):
-            targets = (targets,)
-        if not isinstance(targets, list | tuple):
-            raise ValueError(f"target_modules must be a list of module names, got {type(targets).__name__}")
-        if len(targets) > MAX_TARGET_MODULES:
-            raise ValueError(f"target_modules: at most {MAX_TARGET_MODULES} entries, got {len(targets)}")
-        if not all(isinstance(t, str) for t in targets):
-            raise ValueError("target_modules entries must be strings (module names such as 'to_q')")
-        if any(len(t) > MAX_TARGET_MODULE_CHARS for t in targets):
-            raise ValueError(f"target_modules entries are limited to {MAX_TARGET_MODULE_CHARS} characters")
-        object.__setattr__(self, "target_modules", tuple(targets))
-        _check_int("steps", self.steps, 1, 100_000, optional=True)
-        _check_int("resolution", self.resolution, 64, 4096, optional=True)
-        if self.resolution is not None and self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {self.resolution}")
-        _check_int("batch_size", self.batch_size, 1, 64)
-        _check_int("gradient_accumulation", self.gradient_accumulation, 1, 1024)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
-        _check_int("num_class_images", self.num_class_images, 1, 10_000)
-        _check_int("checkpoint_every", self.checkpoint_every, 0, 100_000)
-        _check_int("validation_every", self.validation_every, 0, 100_000)
-        _check_int("num_validation_images", self.num_validation_images, 1, 16)
-        _check_int("validation_steps", self.validation_steps, 1, 1000)
-        _check_int("lora_rank", self.lora_rank, 1, 1024)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        _check_float("learning_rate", self.learning_rate, 0.0, 1.0, open_low=True)
-        _check_float("prior_loss_weight", self.prior_loss_weight, 0.0, 100.0)
-        _check_float("adam_weight_decay", self.adam_weight_decay, 0.0, 10.0)
-        _check_float("adam_epsilon", self.adam_epsilon, 0.0, 1.0, open_low=True)
-        for name in ("adam_beta1", "adam_beta2"):
-            _check_float(name, getattr(self, name), 0.0, 1.0)
-        if self.max_grad_norm is not None:
-            _check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e6, open_low=True)
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
-                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
-            )
         if self.prior_preservation and not (self.class_prompt and self.class_prompt.strip()):
             raise ValueError("prior_preservation needs a class_prompt, e.g. 'a photo of a dog'")
         self.krona_config()  # a1/a2/target_modules validation
-        request = self.evaluation()  # params.evaluate validation
+        request = self.evaluation()
         if request is not None:  # the words it reads off the instance prompt are client text too
             for name, word in zip(
                 ("identifier", "class_noun"), request.subject_words(self.instance_prompt), strict=True
@@ -231,6 +277,7 @@ class TrainingSpec:
                         f"evaluate: the {name} read off the instance prompt must be printable and at most 100 "
                         f"characters; give evaluate.{name}"
                     )
+        return self
 
     def evaluation(self) -> EvaluationRequest | None:
         """What ``evaluate`` asks for, or None."""
@@ -246,29 +293,9 @@ class TrainingSpec:
         return 1000 if sdxl else 500
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        return data
+        """JSON-ready (lists, dicts): what a row's params, a checkpoint and an adapter file's metadata keep."""
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
-
-
-def _check_int(name: str, value: Any, low: int, high: int, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-
-
-def _check_float(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low < value if open_low else low <= value) and value <= high
-    if not ok:
-        bound = "(" if open_low else "["
-        raise ValueError(f"{name} must be a number in {bound}{low}, {high}], got {value!r}")

@@ -136,4 +136,4 @@ def test_training_option_names_are_the_apis_params():
     from shared.training_spec import TrainingSpec
 
     names = {name for name, *_ in TRAINING_PARAMS}
-    assert names <= set(TrainingSpec.__dataclass_fields__) and names | {"evaluate"} <= CLIENT_PARAMS
+    assert names <= set(TrainingSpec.model_fields) and names | {"evaluate"} <= CLIENT_PARAMS

@@ -286,22 +286,22 @@ def test_overlong_adapter_fields_are_refused_and_write_nothing(api, data, field)
 def test_training_spec_caps_prompts(field):
     base = {"instance_prompt": "a photo of sks dog"}
     TrainingSpec(**(base | {field: "x" * 1000}))
-    with pytest.raises(ValueError, match=f"{field} is limited to 1000 characters"):
+    with pytest.raises(ValueError, match=f"{field}: String should have at most 1000 characters \\(got 1,001\\)"):
         TrainingSpec(**(base | {field: "x" * 1001}))
     if field != "instance_prompt":
-        with pytest.raises(ValueError, match=f"{field} must be a string"):
+        with pytest.raises(ValueError, match=f"{field}: Input should be a valid string \\(got 5\\)"):
             TrainingSpec(**(base | {field: 5}))
 
 
 def test_training_spec_caps_target_modules():
     base = {"instance_prompt": "a photo of sks dog"}
-    with pytest.raises(ValueError, match="target_modules: at most 16 entries"):
+    with pytest.raises(ValueError, match="target_modules: Tuple should have at most 16 items"):
         TrainingSpec(**base, target_modules=("to_q",) * 17)
-    with pytest.raises(ValueError, match="target_modules entries are limited to 100 characters"):
+    with pytest.raises(ValueError, match=r"target_modules\.0: String should have at most 100 characters"):
         TrainingSpec(**base, target_modules=("x" * 101,))
-    with pytest.raises(ValueError, match="target_modules entries must be strings"):
+    with pytest.raises(ValueError, match=r"target_modules\.1: Input should be a valid string"):
         TrainingSpec(**base, target_modules=("to_q", 5))
-    with pytest.raises(ValueError, match="target_modules must be a list"):
+    with pytest.raises(ValueError, match="target_modules: Input should be a valid tuple"):
         TrainingSpec(**base, target_modules=5)
     # One name given as a string is one module (as in KronaConfig), not its characters.
     assert TrainingSpec(**base, target_modules="to_q").target_modules == ("to_q",)
@@ -363,3 +363,24 @@ def test_prod_refusals_read_the_environment(clean_env, monkeypatch, tmp_path):
     for name, value in _prod_settings().items():
         monkeypatch.setenv(f"KRONA_{name.upper()}", value)
     assert Settings().env == "prod"
+
+
+def test_training_spec_is_strict_and_names_every_problem_on_one_line():
+    from shared.training_spec import InvalidSpec
+
+    with pytest.raises(InvalidSpec) as caught:
+        TrainingSpec(instance_prompt="a photo of sks dog", steps="2", seed=True, learning_rate=float("nan"), bogus=1)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for part in (
+        "steps: Input should be a valid integer (got '2')",
+        "seed: Input should be a valid integer (got True)",
+        "learning_rate: Input should be a finite number",
+        "bogus: unknown parameter",
+    ):
+        assert part in message, message
+    with pytest.raises(InvalidSpec, match=r"evaluate: prompts: Input should be less than or equal to 25 \(got 26\)"):
+        TrainingSpec(instance_prompt="a photo of sks dog", evaluate={"prompts": 26})
+    # What a row, a checkpoint and an adapter file keep (JSON) reads back as the same spec.
+    spec = TrainingSpec(instance_prompt="a photo of sks dog", evaluate={"prompts": 2}, target_modules=["to_q"])
+    assert TrainingSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec

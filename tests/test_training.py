@@ -170,7 +170,7 @@ def test_bad_input_fails_before_training(tiny_folders, tmp_path):
         check_factors_fit_base_model(TrainingSpec(instance_prompt="x"), "not a model")
     with pytest.raises(ValueError, match="instance_prompt must be a non-empty"):
         TrainingSpec(instance_prompt="  ")
-    with pytest.raises(ValueError, match="steps must be an integer"):
+    with pytest.raises(ValueError, match=r"steps: Input should be greater than or equal to 1 \(got 0\)"):
         TrainingSpec(instance_prompt="x", steps=0)
     with pytest.raises(ValueError, match="prior_preservation needs a class_prompt"):
         TrainingSpec(instance_prompt="x", prior_preservation=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -213,7 +212,7 @@ async def read_evaluation_form(
         request = EvaluationRequest.parse(params)
     except json.JSONDecodeError:
         raise Invalid("invalid_params", "params is not valid JSON") from None
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # InvalidSpec: every bad field on one line
         raise Invalid("invalid_params", str(exc)) from None
     files = await read_uploads(settings, uploads)
     return EvaluationUpload(request=request or EvaluationRequest(), files=files)
@@ -244,7 +243,7 @@ def request_evaluation(
         )
     request = submitted.request
     if request.identifier is None and adapter.identifier:  # what it was trained or uploaded with
-        request = dataclasses.replace(request, identifier=adapter.identifier)
+        request = request.model_copy(update={"identifier": adapter.identifier})
     identifier, class_noun = request.subject_words(instance_prompt)
     if not class_noun:
         raise Invalid(

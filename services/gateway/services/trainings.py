@@ -25,7 +25,7 @@ from shared.scheduler import training_cost
 from shared.schemas import training_public
 from shared.settings import Settings
 from shared.storage import keys as blob_keys
-from shared.training_spec import TrainingSpec
+from shared.training_spec import CLIENT_PARAMS, TrainingSpec
 from shared.webhooks import WEBHOOK_EVENTS, check_webhook_url
 
 from ..context import AppContext
@@ -43,24 +43,6 @@ __all__ = [
     "read_uploads",
 ]
 
-# Parameters a client may set; the rest of TrainingSpec is the worker's business (precision, etc.).
-CLIENT_PARAMS = {
-    "steps",
-    "learning_rate",
-    "a1",
-    "a2",
-    "target_modules",
-    "resolution",
-    "seed",
-    "prior_preservation",
-    "class_prompt",
-    "num_class_images",
-    "prior_loss_weight",
-    "random_flip",
-    "gradient_accumulation",
-    "validation_prompt",
-    "evaluate",
-}
 # Caps on the free-text form fields (name is a String(200) column).
 MAX_NAME_CHARS = 200
 MAX_WEBHOOK_URL_CHARS = 2000
@@ -110,11 +92,9 @@ def parse_params(raw: str | None, instance_prompt: str, max_steps: int) -> Train
     unknown = sorted(set(params) - CLIENT_PARAMS)
     if unknown:
         raise Invalid("invalid_params", f"unknown params: {', '.join(unknown)}", {"allowed": sorted(CLIENT_PARAMS)})
-    if "target_modules" in params and isinstance(params["target_modules"], list):
-        params["target_modules"] = tuple(params["target_modules"])
     try:
         spec = TrainingSpec(instance_prompt=instance_prompt, **params)
-    except (ValueError, TypeError) as exc:
+    except ValueError as exc:  # InvalidSpec: every bad field on one line
         raise Invalid("invalid_params", str(exc)) from None
     if spec.steps is not None and spec.steps > max_steps:
         raise Invalid("invalid_params", f"steps must be at most {max_steps} on this server")
