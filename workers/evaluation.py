@@ -46,10 +46,10 @@ from shared.training_spec import EvaluationRequest
 from shared.usage import Usage
 
 from .drain import Drained, release_lease, unless_drained
-from .lease import Heartbeat, finish
+from .lease import Heartbeat
+from .outcome import end_job
 from .runtime import Runtime
 from .transient import retry_transient
-from .usage import count_usage, record_usage
 
 log = logging.getLogger("krona.worker.evaluation")
 
@@ -311,13 +311,6 @@ def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
     _delete_references(rt, claimed.reference_keys)
     if not ended:
         return "lease_lost"  # the adapter was deleted meanwhile
-    count_usage(
-        tenant_id=claimed.tenant_id,
-        kind="evaluation",
-        status=status,
-        usage=usage,
-        max_tenants=rt.settings.metrics_max_tenants,
-    )
     return status
 
 
@@ -343,25 +336,16 @@ def _device_name(rt: Runtime) -> str:
 
 
 def _end(rt: Runtime, claimed: _Claimed, status: str, usage: Usage, values: dict[str, Any]) -> bool | None:
-    """Write the final status, the result and the usage record in one transaction, by the lease owner: True; the
-    row is gone (its adapter was deleted): False; another worker owns it now: None."""
+    """Write the final status, the result and the usage record in one transaction, by the lease owner
+    (workers/outcome.py): True; the row is gone (its adapter was deleted): False; another worker owns it: None."""
+    evaluation_id = claimed.evaluation_id
+    if end_job(rt, Evaluation, evaluation_id, kind="evaluation", tenant_id=claimed.tenant_id, status=status,
+               usage=usage, webhook=False, reference_keys=[], **values):  # fmt: skip
+        return True
 
-    def write() -> bool | None:
+    def gone() -> bool:
         with rt.sessions() as session:
-            if finish(session, Evaluation, claimed.evaluation_id, rt.owner, status, commit=False,
-                      reference_keys=[], **values):  # fmt: skip
-                record_usage(
-                    session,
-                    tenant_id=claimed.tenant_id,
-                    kind="evaluation",
-                    job_id=claimed.evaluation_id,
-                    status=status,
-                    usage=usage,
-                )
-                session.commit()
-                return True
-            session.rollback()
-            return False if session.get(Evaluation, claimed.evaluation_id) is None else None
+            return session.get(Evaluation, evaluation_id) is None
 
     window = rt.settings.transient_retry_seconds
-    return retry_transient(write, what=f"evaluation {claimed.evaluation_id}: record the result", window_seconds=window)
+    return False if retry_transient(gone, what=f"evaluation {evaluation_id}: read", window_seconds=window) else None

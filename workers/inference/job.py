@@ -43,11 +43,10 @@ from shared.storage import keys as blob_keys
 from shared.usage import Usage
 
 from ..drain import drain_requested
-from ..lease import MAX_ATTEMPTS, Heartbeat, claim, claim_next, finish, renew, wake_if_capped
+from ..lease import MAX_ATTEMPTS, Heartbeat, claim, claim_next, wake_if_capped
+from ..outcome import end_job
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
-from ..usage import count_usage, record_usage
-from ..webhooks import notify
 
 log = logging.getLogger("krona.worker.inference")
 
@@ -393,37 +392,18 @@ class _LoopServer:
         self._end(row, status, Usage(0.0, self.device), **values)
 
     def _end(self, row: Generation, status: str, usage: Usage, **values) -> None:
-        """The final status and the usage record, in one transaction, by the lease owner only; then the webhook."""
-        rt, job_id = self.rt, row.id
-        if "error_message" in values:
-            values["error_message"] = values["error_message"][:2000]
-
-        def write() -> bool:
-            with rt.sessions() as session:
-                if status == "succeeded" and not renew(session, Generation, job_id, rt.owner, self.lease):
-                    return False
-                if not finish(session, Generation, job_id, rt.owner, status, commit=False, **values):
-                    session.rollback()
-                    return False
-                record_usage(
-                    session, tenant_id=row.tenant_id, kind="generation", job_id=job_id, status=status, usage=usage
-                )
-                session.commit()
-                return True
-
+        """The final status and the usage record, by the lease owner only; then the webhook (workers/outcome.py).
+        A success renews the lease first: a request whose lease lapsed during its last steps is not this worker's."""
         try:
-            written = self._retry(f"generation {job_id}: record the {status} status", write)
+            lease = self.lease if status == "succeeded" else None
+            written = end_job(self.rt, Generation, row.id, kind="generation", tenant_id=row.tenant_id, status=status,
+                              usage=usage, renew_lease=lease, **values)  # fmt: skip
         except DependencyUnavailable:  # the database stayed away: the lease expires and the reaper sends it again
-            log.warning("generation %s: could not record the %s status", job_id, status)
+            log.warning("generation %s: could not record the %s status", row.id, status)
             return
-        if not written:  # another worker owns it now (its lease expired): that worker ends it
-            log.warning("generation %s: no longer this worker's; its %s status was not written", job_id, status)
-            return
-        with self.lock:
-            self.outcomes[job_id] = status
-        count_usage(tenant_id=row.tenant_id, kind="generation", status=status, usage=usage,
-                    max_tenants=rt.settings.metrics_max_tenants)  # fmt: skip
-        notify(rt, Generation, "generation", job_id)
+        if written:
+            with self.lock:
+                self.outcomes[row.id] = status
 
     # Helpers -------------------------------------------------------------------------------------------------
 

@@ -34,12 +34,11 @@ from shared.usage import Usage
 
 from ..drain import Drained, drain_requested, hand_over_training, unless_drained
 from ..evaluation import evaluate_trained_adapter, interrupted_evaluation, record_of_training_evaluation
-from ..lease import Heartbeat, finish, renew, wake_if_capped
+from ..lease import Heartbeat, renew, wake_if_capped
+from ..outcome import end_job
 from ..retention import purge_training_inputs
 from ..runtime import Runtime
 from ..transient import DependencyUnavailable, retry_transient
-from ..usage import count_usage, record_usage
-from ..webhooks import notify
 from . import TrainingCanceled, load_components, native_resolution, train
 from .class_images import class_image_set
 
@@ -181,7 +180,6 @@ class _Attempt:
             if drain_requested() and not self.cancel_requested():  # SIGTERM: another worker resumes (drain.py)
                 return hand_over_training(self.rt, self.training_id, stopped.checkpoint, self.on_checkpoint)
             self.end("canceled")
-            notify(self.rt, Training, "training", self.training_id)
             return "canceled"
         except LeaseLost:
             log.warning("training %s: lease lost to another worker; stopping", self.training_id)
@@ -239,35 +237,14 @@ class _Attempt:
         return retry_transient(call, what=f"training {self.training_id}: {what}", window_seconds=window)
 
     def end(self, status: str, **values) -> bool:
-        """The final status and the usage record, in one transaction, by the lease owner only."""
-        rt, tenant_id = self.rt, self.claimed.tenant_id
+        """The final status and the usage record, by the lease owner only; then the webhook (workers/outcome.py)."""
+        claimed = self.claimed
         usage = self.meter.usage(self.components)
-
-        def write() -> bool:
-            with rt.sessions() as session:
-                if not finish(session, Training, self.training_id, rt.owner, status, commit=False, **values):
-                    session.rollback()
-                    return False
-                record_usage(
-                    session, tenant_id=tenant_id, kind="training", job_id=self.training_id, status=status, usage=usage
-                )
-                session.commit()
-                return True
-
-        ended = self.retry(f"record the {status} status", write)
-        if ended:
-            count_usage(
-                tenant_id=tenant_id,
-                kind="training",
-                status=status,
-                usage=usage,
-                max_tenants=rt.settings.metrics_max_tenants,
-            )
-        return ended
+        return end_job(self.rt, Training, self.training_id, kind="training", tenant_id=claimed.tenant_id,
+                       status=status, usage=usage, **values)  # fmt: skip
 
     def fail(self, code: str, message: str) -> str:
-        self.end("failed", error_code=code, error_message=message[:2000])
-        notify(self.rt, Training, "training", self.training_id)
+        self.end("failed", error_code=code, error_message=message)
         return "failed"
 
     def _read_images(self) -> list[SubjectImage]:
@@ -437,83 +414,49 @@ def _store_adapter(
     *,
     name: str | None = None,
 ) -> str:
+    """Store the adapter file, then end the training as succeeded with the adapter's row (and its evaluation) in
+    the same transaction, by the lease owner only; "lease_lost" (and the file deleted) otherwise."""
     data = Path(path).read_bytes()
     state, config, _ = load_adapter(path)
     adapter_id = new_id("adp")
     key = blob_keys.adapter_file(tenant_id, adapter_id)
     temporary = rt.storage.temporary_key(key)
     retry("store the adapter", lambda: rt.storage.put_bytes(temporary, data))
-    args = (rt, training_id, tenant_id, base_model, adapter_id, key, temporary, data, state, config, usage, evaluation)
     # The adapter keeps what it was trained with: the training's name, instance prompt and identifier.
     identifier = (spec.evaluation() or EvaluationRequest()).subject_words(spec.instance_prompt)[0][:100] or None
-    labels = {"name": name, "instance_prompt": spec.instance_prompt, "identifier": identifier}
-    status = retry("record the adapter", lambda: _record_adapter(*args, labels=labels))
-    if status == JobStatus.SUCCEEDED:
-        limit = rt.settings.metrics_max_tenants
-        count_usage(tenant_id=tenant_id, kind="training", status=status, usage=usage, max_tenants=limit)
-        notify(rt, Training, "training", training_id)
-    return status
+    row = dict(
+        id=adapter_id,
+        tenant_id=tenant_id,
+        name=name,
+        instance_prompt=spec.instance_prompt,
+        identifier=identifier,
+        base_model=base_model,
+        config=config.to_metadata(),
+        num_parameters=int(sum(t.numel() for t in state.values())),
+        size_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        storage_key=key,
+        training_id=training_id,
+    )
 
-
-def _record_adapter(
-    rt,
-    training_id,
-    tenant_id,
-    base_model,
-    adapter_id,
-    key,
-    temporary,
-    data,
-    state,
-    config,
-    usage,
-    evaluation=None,
-    *,
-    labels: dict | None = None,
-) -> str:
-    """The adapter row and 'succeeded' in one transaction (retried whole after a database fault)."""
-    with rt.sessions() as session:
-        session.add(
-            Adapter(
-                id=adapter_id,
-                tenant_id=tenant_id,
-                **(labels or {"name": None}),
-                base_model=base_model,
-                config=config.to_metadata(),
-                num_parameters=int(sum(t.numel() for t in state.values())),
-                size_bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-                storage_key=key,
-                training_id=training_id,
-            )
-        )
+    def with_status(session) -> None:
+        session.add(Adapter(**row))
+        session.flush()  # the adapter exists before the training (or its evaluation) points at it
         if evaluation is not None:  # params.evaluate: its result, recorded with the adapter
-            session.flush()
             session.add(record_of_training_evaluation(evaluation, tenant_id, adapter_id, base_model))
-        # The adapter row and the terminal state commit together, and only by the lease owner;
-        # adapters.training_id is unique, so a training never gets two adapters.
         try:
-            owned = finish(session, Training, training_id, rt.owner, "succeeded", commit=False, adapter_id=adapter_id)
-            if not owned:
-                session.rollback()
-                rt.storage.delete(temporary)
-                return "lease_lost"
-            try:
-                rt.storage.commit(temporary, key)
-            except BlobNotFound:  # a retry after a database fault: the file was committed the first time
-                if not rt.storage.exists(key):
-                    raise
-            record_usage(
-                session,
-                tenant_id=tenant_id,
-                kind="training",
-                job_id=training_id,
-                status=JobStatus.SUCCEEDED,
-                usage=usage,
-            )
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            rt.storage.delete(key)
-            return "lease_lost"
-    return "succeeded"
+            rt.storage.commit(temporary, key)
+        except BlobNotFound:  # a retry after a database fault: the file was committed the first time
+            if not rt.storage.exists(key):
+                raise
+
+    try:
+        ended = end_job(rt, Training, training_id, kind="training", tenant_id=tenant_id, status=JobStatus.SUCCEEDED,
+                        usage=usage, with_status=with_status, adapter_id=adapter_id)  # fmt: skip
+    except IntegrityError:  # adapters.training_id is unique: a training never gets two adapters
+        ended = False
+    if not ended:
+        rt.storage.delete(key)
+        rt.storage.delete(temporary)
+        return "lease_lost"
+    return JobStatus.SUCCEEDED
