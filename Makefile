@@ -51,7 +51,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 # The integration tests need PostgreSQL (127.0.0.1:5432, trust auth) and Redis (127.0.0.1:6379); start
-# them if they are down. SeaweedFS (S3) is started by the tests themselves (tests/conftest.py).
+# them if they are down. SeaweedFS (S3) is started by the tests themselves (tests/helpers/services.py).
 services:
 	@pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null || pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start
 	@redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 || redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save ""

@@ -218,7 +218,7 @@ def test_one_tenants_creates_do_not_wait_for_each_other(api, monkeypatch):
 def test_the_stored_cap_follows_the_tenants_limits(api):
     """The effective cap (override, else the setting) is written to the tenant's row at its next create, so an
     admin's change applies at once, and 0 (no cap) clears it."""
-    from test_limits import _set
+    from helpers.api import set_tenant_limits as _set
 
     tenant_id = _set(api, max_queued_jobs=2)
     assert api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "a"}).status_code == 202

@@ -2,37 +2,18 @@
 
 import numpy as np
 import pytest
-from api_helpers import RecordingEnqueuer, image_files, png
+from helpers.api import RecordingEnqueuer, image_files, native_adapter_file, png
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy import update
 
 from shared.db import Generation, Training
-from shared.krona.config import KronaConfig
-from shared.krona.convert import adapter_bytes
-from shared.models.shapes import attention_projection_shapes
 from shared.settings import Settings
 
 
 def _create_training(api, tenant="acme", **extra):
     data = {"instance_prompt": "a photo of sks dog", "params": '{"steps": 5}', **extra.pop("data", {})}
     return api.client.post("/v1/trainings", headers=api.headers(tenant, **extra), data=data, files=image_files(2))
-
-
-def _native_adapter_file(a1=64, a2=8, seed=0) -> bytes:
-    shapes = attention_projection_shapes(_tiny_unet_config())
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for path, (d_out, d_in) in shapes.items():
-        arrays[path + ".krona_a"] = rng.standard_normal((a1, a2)).astype(np.float32)
-        arrays[path + ".krona_b"] = rng.standard_normal((d_out // a1, d_in // a2)).astype(np.float32) * 0.01
-    return adapter_bytes(arrays, KronaConfig(a1=a1, a2=a2), {"base_model": "tiny-sd"})
-
-
-def _tiny_unet_config():
-    from shared.models import unet_config
-
-    return unet_config("tiny-sd")
 
 
 def test_auth_is_required(api):
@@ -88,7 +69,7 @@ def test_other_tenants_resources_answer_404(api):
     upload = api.client.post(
         "/v1/adapters",
         headers=api.headers(),
-        files={"file": ("a.safetensors", _native_adapter_file(), "application/octet-stream")},
+        files={"file": ("a.safetensors", native_adapter_file(), "application/octet-stream")},
     ).json()
     other = api.headers("globex")
     for path in (
@@ -212,7 +193,7 @@ def test_generation_and_batch(api):
 
 
 def test_adapter_upload_download_delete(api):
-    native = _native_adapter_file()
+    native = native_adapter_file()
     response = api.client.post(
         "/v1/adapters",
         headers=api.headers(),
@@ -318,7 +299,7 @@ def test_numpy_conversion_matches_the_torch_one():
     from shared.krona import from_lycoris, to_lycoris
     from shared.krona.convert import lycoris_arrays, native_arrays_from_upload
 
-    native = load_safetensors(_native_adapter_file(a1=8, a2=8))
+    native = load_safetensors(native_adapter_file(a1=8, a2=8))
     lyco_np, not_rebuildable = lycoris_arrays(native)
     lyco_torch = to_lycoris({k: torch.from_numpy(v) for k, v in native.items()})
     assert lyco_np.keys() == lyco_torch.keys() and not not_rebuildable

@@ -5,10 +5,9 @@ import struct
 import zlib
 
 import pytest
-from api_helpers import image_files, png
+from helpers.api import image_files, native_adapter_file, png
 from safetensors.numpy import save as save_safetensors
 from sqlalchemy import func, select
-from test_api import _native_adapter_file
 
 from shared.db import Adapter, Batch, Generation, IdempotencyKey, Training
 
@@ -131,7 +130,7 @@ def _resolve_adapter_content(kind: str) -> bytes:
     import numpy as np
     from safetensors.numpy import load
 
-    native = load(_native_adapter_file())
+    native = load(native_adapter_file())
     key = sorted(native)[0]
     if kind == "nan":
         native[key] = np.full_like(native[key], np.nan)

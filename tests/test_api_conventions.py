@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from api_helpers import image_files
-from test_api import _native_adapter_file
-from test_webhooks import hooks_runtime, receiver  # noqa: F401 (fixtures)
+from helpers.api import image_files, native_adapter_file
 
 from shared.db import Adapter, Training
 from shared.webhooks import sign, verify
@@ -38,13 +36,13 @@ def test_only_servable_adapter_shapes_are_trained_or_uploaded(api):
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "unservable_adapter", refused.text
         assert refused.json()["error"]["details"]["servable_factors"] == [{"a1": 64, "a2": 8}]
         upload = api.client.post(
-            "/v1/adapters", headers=api.headers(), files={"file": ("a.safetensors", _native_adapter_file(*shape))}
+            "/v1/adapters", headers=api.headers(), files={"file": ("a.safetensors", native_adapter_file(*shape))}
         )
         assert upload.status_code == 422 and upload.json()["error"]["code"] == "unservable_adapter", upload.text
     assert _training(api, a1=a1, a2=a2).status_code == 202
     assert _training(api, target_modules=["to_q", "to_v"]).status_code == 202  # a subset is served (zeros elsewhere)
     uploaded = api.client.post(
-        "/v1/adapters", headers=api.headers(), files={"file": ("a.safetensors", _native_adapter_file(a1, a2))}
+        "/v1/adapters", headers=api.headers(), files={"file": ("a.safetensors", native_adapter_file(a1, a2))}
     )
     assert uploaded.status_code == 201, uploaded.text
     generation = {"prompt": "p", "adapter_id": uploaded.json()["id"]}
@@ -128,7 +126,7 @@ def test_an_uploaded_adapter_keeps_its_prompt_and_identifier_and_its_evaluation_
     upload = api.client.post(
         "/v1/adapters",
         headers=api.headers(),
-        files={"file": ("a.safetensors", _native_adapter_file())},
+        files={"file": ("a.safetensors", native_adapter_file())},
         data={"name": "rex", "instance_prompt": "a photo of zwx cat"},
     ).json()
     assert (upload["name"], upload["instance_prompt"], upload["identifier"]) == ("rex", "a photo of zwx cat", "zwx")
@@ -139,7 +137,7 @@ def test_an_uploaded_adapter_keeps_its_prompt_and_identifier_and_its_evaluation_
     assert (evaluation["identifier"], evaluation["class_noun"]) == ("zwx", "cat")
     # Without a prompt or an identifier, an evaluation must be told the words instead of guessing "".
     bare = api.client.post(
-        "/v1/adapters", headers=api.headers(), files={"file": ("a.safetensors", _native_adapter_file())}
+        "/v1/adapters", headers=api.headers(), files={"file": ("a.safetensors", native_adapter_file())}
     ).json()
     refused = api.client.post(
         f"/v1/adapters/{bare['id']}/evaluations",
@@ -177,7 +175,7 @@ def test_a_trained_adapter_carries_its_trainings_name_and_prompt(api, tiny_folde
 # Webhooks ---------------------------------------------------------------------------------------------------
 
 
-def test_webhook_events_have_ids_types_times_and_a_user_agent(hooks_runtime, receiver):  # noqa: F811
+def test_webhook_events_have_ids_types_times_and_a_user_agent(hooks_runtime, receiver):
     from workers.webhooks import deliver_webhook
 
     make_runtime, finished_training = hooks_runtime
@@ -195,7 +193,7 @@ def test_webhook_events_have_ids_types_times_and_a_user_agent(hooks_runtime, rec
     assert verify(delivery["body"], delivery["signature"], tenant.webhook_secret)
 
 
-def test_a_webhook_sends_only_the_events_asked_for(hooks_runtime, receiver):  # noqa: F811
+def test_a_webhook_sends_only_the_events_asked_for(hooks_runtime, receiver):
     from sqlalchemy import update
 
     from workers.webhooks import deliver_webhook

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_unet, randomize_adapter
+from helpers.models import build_tiny_unet, randomize_adapter
 
 from services.cli.main import main
 from shared.krona import KronaConfig, adapter_state_dict, load_adapter, save_adapter

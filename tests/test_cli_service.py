@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import KronaUp
+from helpers.services import KronaUp
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

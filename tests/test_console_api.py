@@ -11,7 +11,7 @@ import re
 from datetime import timedelta
 
 import pytest
-from api_helpers import Api
+from helpers.api import Api
 from sqlalchemy import delete, select
 
 from services.gateway.routes.console import ASSETS, CONSOLE_DIR, CONTENT_SECURITY_POLICY

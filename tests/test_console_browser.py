@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from api_helpers import png
+from helpers.api import png
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "console"))  # the browser helpers: tests/console
 from console_browser import (
@@ -48,7 +48,7 @@ GENERATE = {"steps": "2", "width": "64", "height": "64", "seed": "7"}
 def console_stack(tmp_path_factory, tiny_folders):
     """`krona up` on tiny-sd (SQLite, local blobs, one job worker) with an admin key: (base URL, tenant key,
     admin key, data dir)."""
-    from conftest import KronaUp
+    from helpers.services import KronaUp
 
     from shared.db import make_engine, make_session_factory
     from shared.tenants import create_api_key

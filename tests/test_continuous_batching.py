@@ -15,7 +15,7 @@ PROMPT = "a photo of sks dog"
 
 def _adapter_files(folder, model_folder, configs):
     """Adapter files (bytes) with non-zero random factors, one per (name, KronaConfig)."""
-    from conftest import randomize_adapter
+    from helpers.models import randomize_adapter
 
     files = {}
     for i, (name, config) in enumerate(configs):

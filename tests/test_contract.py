@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
-from api_helpers import RecordingEnqueuer, image_files
+from helpers.api import RecordingEnqueuer, image_files
 from PIL import Image
 
 
@@ -47,8 +47,8 @@ def sqlite_api(tiny_folders, tmp_path):
     """The gateway on the embedded SQLite database (naive timestamps come back from it)."""
     import uuid
 
-    from api_helpers import Api
     from fastapi.testclient import TestClient
+    from helpers.api import Api
 
     from services.gateway.app import create_app
     from shared.db import make_engine, make_session_factory, upgrade_to_head

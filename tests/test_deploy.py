@@ -3,7 +3,6 @@ queries run on a migrated PostgreSQL database."""
 
 import ipaddress
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -12,56 +11,28 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.deploy import (
+    K8S,
+    KUBERNETES_VERSIONS,
+    OVERLAYS,
+    ROOT,
+    SECRET_FILES,
+    copy_with_secrets,
+    find,
+    kustomize,
+    pod_templates,
+)
 
 from shared.settings import PLACEHOLDER_SECRET, Settings
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "deploy/k8s"
-OVERLAYS = ("cpu", "gpu")
-# The Kubernetes versions the manifests are validated against: the oldest supported one and the newest schemas
-# kubernetes-validate bundles.
-KUBERNETES_VERSIONS = ("1.30", "1.37")
 # Read by code outside Settings: the tiny-model cache (shared/models/tiny.py); the image tag (compose only).
 OTHER_VARIABLES = {"KRONA_MODEL_CACHE", "KRONA_VERSION"}
-SECRET_FILES = ("secrets.env", "keda.env")  # git-ignored, made from the *.env.example files next to them
-
-
-def _kustomize(path: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is needed to render the Kustomize overlays"
-    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
-
-
-def _copy_with_secrets(destination: Path) -> tuple[Path, dict[str, str]]:
-    """deploy/k8s copied to ``destination`` with the secret files an operator writes: every value of the
-    examples replaced by a random one (the copy leaves out any real secret files of this checkout)."""
-    tree = destination / "k8s"
-    shutil.copytree(K8S, tree, ignore=shutil.ignore_patterns(*SECRET_FILES))
-    values = {}
-    for name in SECRET_FILES:
-        lines = []
-        for line in (tree / "base" / f"{name}.example").read_text().splitlines():
-            if line and not line.startswith("#"):
-                key, _ = line.split("=", 1)
-                values[key] = f"test-{secrets.token_hex(8)}"
-                line = f"{key}={values[key]}"
-            lines.append(line)
-        (tree / "base" / name).write_text("\n".join(lines) + "\n")
-    return tree, values
 
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    tree, _ = _copy_with_secrets(tmp_path_factory.mktemp("deploy"))
-    return {overlay: _kustomize(tree / "overlays" / overlay) for overlay in OVERLAYS}
-
-
-def _find(objects, kind, name=None):
-    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
-    assert found, (kind, name)
-    return found if name is None else found[0]
+    tree, _ = copy_with_secrets(tmp_path_factory.mktemp("deploy"))
+    return {overlay: kustomize(tree / "overlays" / overlay) for overlay in OVERLAYS}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -107,9 +78,9 @@ def test_rendering_stops_without_the_secret_files(tmp_path):
 
 
 def test_no_secret_value_is_a_placeholder(tmp_path):
-    tree, values = _copy_with_secrets(tmp_path)
+    tree, values = copy_with_secrets(tmp_path)
     for overlay in OVERLAYS:
-        objects = _kustomize(tree / "overlays" / overlay)
+        objects = kustomize(tree / "overlays" / overlay)
         secret_objects = [o for o in objects if o["kind"] == "Secret"]
         assert {o["metadata"]["name"].rsplit("-", 1)[0] for o in secret_objects} == {"krona-secrets", "krona"}
         import base64
@@ -148,7 +119,7 @@ def test_autoscaled_deployments_set_no_replicas(rendered, overlay):
     objects = rendered[overlay]
     targets = _scale_targets(objects)
     assert {"krona-gateway", "krona-worker-train", "krona-worker-infer"} <= targets
-    for deployment in _find(objects, "Deployment"):
+    for deployment in find(objects, "Deployment"):
         if deployment["metadata"]["name"] in targets:
             assert "replicas" not in deployment["spec"], deployment["metadata"]["name"]
 
@@ -165,9 +136,9 @@ def test_keda_scales_each_queue_on_the_database_truth(rendered, postgres_url):
     objects = rendered["gpu"]
     scaled = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ScaledObject"}
     deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
-    auth = _find(objects, "TriggerAuthentication", "krona-postgres")
+    auth = find(objects, "TriggerAuthentication", "krona-postgres")
     (ref,) = auth["spec"]["secretTargetRef"]
-    keda_secret = _find(objects, "Secret", ref["name"])
+    keda_secret = find(objects, "Secret", ref["name"])
     assert ref["parameter"] == "connection" and ref["key"] in keda_secret["data"]
     queries = {}
     for name, table in (("krona-worker-train", "trainings"), ("krona-worker-infer", "generations")):
@@ -225,18 +196,12 @@ _RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral
                        "projected", "secret"}  # fmt: skip
 
 
-def _pod_templates(objects):
-    for obj in objects:
-        if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-            yield obj["metadata"]["name"], obj["spec"]["template"]["spec"]
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_meets_the_restricted_pod_security_level(rendered, overlay):
     objects = rendered[overlay]
-    namespace = _find(objects, "Namespace", "krona")
+    namespace = find(objects, "Namespace", "krona")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    pods = list(_pod_templates(objects))
+    pods = list(pod_templates(objects))
     assert len(pods) == 5  # gateway (with its migrate init container), train, infer, webhooks, keda-role
     for name, pod in pods:
         pod_context = pod.get("securityContext", {})
@@ -265,7 +230,7 @@ def test_network_policies_block_instance_metadata_and_name_only_created_namespac
     for obj in objects:
         if obj["kind"] not in ("Namespace",) and "namespace" in obj["metadata"]:
             assert obj["metadata"]["namespace"] in created, (obj["kind"], obj["metadata"]["name"])
-    egress = _find(objects, "NetworkPolicy", "krona-egress")["spec"]
+    egress = find(objects, "NetworkPolicy", "krona-egress")["spec"]
     assert egress["podSelector"] == {} and egress["policyTypes"] == ["Egress"]
     metadata_ips = [ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")]
     for rule in egress["egress"]:
@@ -283,12 +248,12 @@ def test_network_policies_block_instance_metadata_and_name_only_created_namespac
 
 
 def test_the_datastores_policy_comes_with_its_namespace():
-    objects = _kustomize(K8S / "datastores")
+    objects = kustomize(K8S / "datastores")
     assert {(o["kind"], o["metadata"]["name"]) for o in objects} == {
         ("Namespace", "krona-data"),
         ("NetworkPolicy", "datastores-from-krona-only"),
     }
-    policy = _find(objects, "NetworkPolicy", "datastores-from-krona-only")
+    policy = find(objects, "NetworkPolicy", "datastores-from-krona-only")
     assert policy["metadata"]["namespace"] == "krona-data"
     sources = policy["spec"]["ingress"][0]["from"][0]
     components = sources["podSelector"]["matchExpressions"][0]["values"]
@@ -297,7 +262,7 @@ def test_the_datastores_policy_comes_with_its_namespace():
 
 
 def test_ingress_has_tls_and_a_class_and_routes_neither_metrics_nor_probes(rendered):
-    ingress = _find(rendered["gpu"], "Ingress", "krona-gateway")["spec"]
+    ingress = find(rendered["gpu"], "Ingress", "krona-gateway")["spec"]
     assert ingress["ingressClassName"]
     hosts = {rule["host"] for rule in ingress["rules"]}
     assert hosts <= {host for tls in ingress["tls"] for host in tls["hosts"]} and all(
@@ -318,7 +283,7 @@ def test_migrations_run_before_the_gateway_on_its_image_and_survive_any_image_or
     an operator changes, a registry with a port, an outer overlay's `images:`, a rotated secret, the result is a
     Deployment that `kubectl apply` can update, with the migration on the new image."""
     for overlay in OVERLAYS:
-        gateway = _find(rendered[overlay], "Deployment", "krona-gateway")["spec"]["template"]["spec"]
+        gateway = find(rendered[overlay], "Deployment", "krona-gateway")["spec"]["template"]["spec"]
         (init,) = gateway["initContainers"]
         (container,) = gateway["containers"]
         assert init["name"] == "migrate" and init["command"] == ["python", "-m", "services.cli.main", "migrate"]
@@ -326,12 +291,12 @@ def test_migrations_run_before_the_gateway_on_its_image_and_survive_any_image_or
         assert init["envFrom"] == container["envFrom"]
 
     def render(tree):
-        objects = _kustomize(tree / "outer")
+        objects = kustomize(tree / "outer")
         assert not any(o["kind"] in ("Job", "CronJob") for o in objects)
         return {(o["kind"], o["metadata"]["name"]): o for o in objects}
 
     # An outer overlay (the operator's) on top of ours, with a registry that has a port and a tag with '-'.
-    tree, _ = _copy_with_secrets(tmp_path)
+    tree, _ = copy_with_secrets(tmp_path)
     (tree / "outer").mkdir()
     (tree / "outer/kustomization.yaml").write_text(
         "resources: [../overlays/gpu]\nimages:\n"
@@ -379,7 +344,7 @@ def test_gpu_and_cpu_overlays(rendered):
     cpu = rendered["cpu"]
     for worker in _workers(cpu):
         assert "nvidia.com/gpu" not in worker["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    config = _find(cpu, "ConfigMap", "krona-config")
+    config = find(cpu, "ConfigMap", "krona-config")
     assert config["data"]["KRONA_WORKER_DEVICE"] == "cpu"
 
 
@@ -413,7 +378,7 @@ def test_worker_probes_read_the_liveness_file_a_busy_worker_keeps_fresh(rendered
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_scratch_volume_has_a_size_limit(rendered, overlay):
-    for name, pod in _pod_templates(rendered[overlay]):
+    for name, pod in pod_templates(rendered[overlay]):
         for volume in pod.get("volumes", []):
             if "emptyDir" in volume:
                 assert volume["emptyDir"].get("sizeLimit"), (name, volume["name"])

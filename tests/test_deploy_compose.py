@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 import yaml
-from test_deploy import ROOT
+from helpers.deploy import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from test_deploy import K8S, KUBERNETES_VERSIONS, _copy_with_secrets, _find, _kustomize
+from helpers.deploy import K8S, KUBERNETES_VERSIONS, copy_with_secrets, find, kustomize
 
 KEDA_DIR = K8S / "base/keda"
 
@@ -153,8 +153,8 @@ def _keda_role_module():
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    tree, _ = _copy_with_secrets(tmp_path_factory.mktemp("deploy"))
-    return {overlay: _kustomize(tree / "overlays" / overlay) for overlay in ("cpu", "gpu")}
+    tree, _ = copy_with_secrets(tmp_path_factory.mktemp("deploy"))
+    return {overlay: kustomize(tree / "overlays" / overlay) for overlay in ("cpu", "gpu")}
 
 
 @pytest.mark.parametrize("overlay", ["cpu", "gpu"])
@@ -170,7 +170,7 @@ def test_keda_objects_validate_against_keda_fields(rendered, overlay):
         schema = _SCALED_OBJECT if obj["kind"] == "ScaledObject" else _TRIGGER_AUTHENTICATION
         jsonschema.Draft202012Validator(schema).validate(obj)
         assert obj["metadata"]["namespace"] == "krona"
-    auth = _find(objects, "TriggerAuthentication", "krona-postgres")
+    auth = find(objects, "TriggerAuthentication", "krona-postgres")
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["parameter"] in POSTGRES_AUTH_PARAMETERS
         assert ref["key"] in secrets[ref["name"]]["data"]  # the Secret exists under that name (no hash suffix)
@@ -211,11 +211,11 @@ def test_the_queries_krona_keda_role_checks_are_the_ones_keda_runs(rendered):
     objects = rendered["gpu"]
     (config,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("krona-keda-role")]
     for name, query_file in (("krona-worker-train", "train.sql"), ("krona-worker-infer", "infer.sql")):
-        (trigger,) = _find(objects, "ScaledObject", name)["spec"]["triggers"]
+        (trigger,) = find(objects, "ScaledObject", name)["spec"]["triggers"]
         assert trigger["metadata"]["query"] == config["data"][query_file] == (KEDA_DIR / query_file).read_text()
     assert config["data"]["keda_role.py"] == (KEDA_DIR / "keda_role.py").read_text()
     # The pod runs the script and both queries from the ConfigMap, with KEDA's URL from the mounted Secret.
-    pod = _find(objects, "Deployment", "krona-keda-role")["spec"]["template"]["spec"]
+    pod = find(objects, "Deployment", "krona-keda-role")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -237,7 +237,7 @@ def test_the_queries_krona_keda_role_checks_are_the_ones_keda_runs(rendered):
 def _keda_role_command(rendered, connection_file: Path) -> list[str]:
     """The krona-keda-role pod's command, once (no --every), with the ConfigMap's and the Secret's files replaced
     by this checkout's and ``connection_file``."""
-    (container,) = _find(rendered["gpu"], "Deployment", "krona-keda-role")["spec"]["template"]["spec"]["containers"]
+    (container,) = find(rendered["gpu"], "Deployment", "krona-keda-role")["spec"]["template"]["spec"]["containers"]
     command = list(container["command"])
     every = command.index("--every")
     del command[every : every + 2]
@@ -258,7 +258,7 @@ def test_keda_role_runs_the_scaler_queries_and_reads_nothing_else(rendered, tmp_
     """The role KEDA logs in as, made by krona-keda-role on a migrated database: each query gives the expected
     count as that role (by index), every other column and table is refused, and it cannot write."""
     import psycopg
-    from conftest import fresh_postgres_database
+    from helpers.services import fresh_postgres_database
 
     from shared.db import Adapter, Evaluation, Generation, Training, make_engine, make_session_factory
     from shared.tenants import create_tenant

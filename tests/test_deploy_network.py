@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
-from test_deploy import K8S, _copy_with_secrets, _find, _kustomize
+from helpers.deploy import K8S, copy_with_secrets, find, kustomize
 
 
 def _selects(selector: dict, labels: dict) -> bool:
@@ -105,11 +105,11 @@ INTERNET = [Endpoint(ip="140.82.112.3"), Endpoint(ip="2606:4700::6810:85e5")]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Per overlay: every NetworkPolicy (ours and the datastores'), and Krona's pods as Endpoints."""
-    tree, _ = _copy_with_secrets(tmp_path_factory.mktemp("deploy"))
-    datastores = [o for o in _kustomize(tree / "datastores") if o["kind"] == "NetworkPolicy"]
+    tree, _ = copy_with_secrets(tmp_path_factory.mktemp("deploy"))
+    datastores = [o for o in kustomize(tree / "datastores") if o["kind"] == "NetworkPolicy"]
     result = {}
     for overlay in ("cpu", "gpu"):
-        objects = _kustomize(tree / "overlays" / overlay)
+        objects = kustomize(tree / "overlays" / overlay)
         policies = [o for o in objects if o["kind"] == "NetworkPolicy"] + datastores
         pods = {
             o["metadata"]["name"]: (o, Endpoint(KRONA, o["spec"]["template"]["metadata"]["labels"]))
@@ -176,7 +176,7 @@ def test_the_datastores_take_exactly_the_connections_krona_and_keda_make(cluster
     policy allowed KEDA only Redis's port, so the train workers (minReplicaCount 0) never started."""
     objects, policies, pods = cluster[overlay]
     secrets, keda = _example("secrets.env.example"), _example("keda.env.example")
-    config = _find(objects, "ConfigMap", "krona-config")["data"]
+    config = find(objects, "ConfigMap", "krona-config")["data"]
     urls = {
         "postgres": urlparse(secrets["KRONA_DATABASE_URL"]),
         "redis": urlparse(secrets["KRONA_BROKER_URL"]),

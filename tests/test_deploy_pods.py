@@ -7,7 +7,7 @@ import tomllib
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from test_deploy import OVERLAYS, ROOT, _copy_with_secrets, _find, _kustomize, _pod_templates
+from helpers.deploy import OVERLAYS, ROOT, copy_with_secrets, find, kustomize, pod_templates
 
 MIB = 1024**2
 # Measured (issue 22): ~6.5 s of CPU to start one gateway process; 61 s to the first /healthz with two processes
@@ -20,8 +20,8 @@ UPLOADS_PER_PROCESS = 4
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    tree, _ = _copy_with_secrets(tmp_path_factory.mktemp("deploy"))
-    return {overlay: _kustomize(tree / "overlays" / overlay) for overlay in OVERLAYS}
+    tree, _ = copy_with_secrets(tmp_path_factory.mktemp("deploy"))
+    return {overlay: kustomize(tree / "overlays" / overlay) for overlay in OVERLAYS}
 
 
 def quantity(text: str | int) -> float:
@@ -34,7 +34,7 @@ def quantity(text: str | int) -> float:
 
 
 def _gateway(objects) -> dict:
-    (container,) = _find(objects, "Deployment", "krona-gateway")["spec"]["template"]["spec"]["containers"]
+    (container,) = find(objects, "Deployment", "krona-gateway")["spec"]["template"]["spec"]["containers"]
     return container
 
 
@@ -53,7 +53,7 @@ def test_the_gateway_has_time_to_start_and_probes_that_wait_long_enough(rendered
     # Liveness may restart a stuck process, not a slow one: a few periods of failures first.
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness.get("failureThreshold", 3) >= 45
-    workers = int(_find(rendered[overlay], "ConfigMap", "krona-config")["data"]["KRONA_GATEWAY_WORKERS"])
+    workers = int(find(rendered[overlay], "ConfigMap", "krona-config")["data"]["KRONA_GATEWAY_WORKERS"])
     assert workers >= 2  # what the 61 s were measured with
 
 
@@ -104,16 +104,16 @@ def test_the_gateway_tmp_holds_the_uploads_it_may_receive_at_once(rendered, over
     from shared.settings import Settings
 
     objects = rendered[overlay]
-    pod = _find(objects, "Deployment", "krona-gateway")["spec"]["template"]["spec"]
+    pod = find(objects, "Deployment", "krona-gateway")["spec"]["template"]["spec"]
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
     assert {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}["/tmp"] == "tmp"
     size = quantity(tmp["emptyDir"]["sizeLimit"])
-    workers = int(_find(objects, "ConfigMap", "krona-config")["data"]["KRONA_GATEWAY_WORKERS"])
+    workers = int(find(objects, "ConfigMap", "krona-config")["data"]["KRONA_GATEWAY_WORKERS"])
     max_request = Settings.model_fields["max_request_bytes"].default
     assert size >= workers * UPLOADS_PER_PROCESS * max_request
     assert size >= 2 * TWO_MAXIMUM_UPLOADS_SPOOL_BYTES
     # The ingress lets through what the gateway accepts, no more.
-    ingress = _find(objects, "Ingress", "krona-gateway")
+    ingress = find(objects, "Ingress", "krona-gateway")
     assert (
         quantity(ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"].upper())
         <= max_request * 1.05
@@ -124,7 +124,7 @@ def test_the_gateway_tmp_holds_the_uploads_it_may_receive_at_once(rendered, over
 def test_every_pod_requests_the_node_disk_its_scratch_volumes_may_fill(rendered, overlay):
     """The workers' 40 GiB caches were emptyDirs without an ephemeral-storage request: the scheduler could put a
     pod on a node without the room, and the kubelet evicted it once the disk filled."""
-    for name, pod in _pod_templates(rendered[overlay]):
+    for name, pod in pod_templates(rendered[overlay]):
         scratch = sum(quantity(v["emptyDir"]["sizeLimit"]) for v in pod.get("volumes", []) if "emptyDir" in v)
         requested = sum(
             quantity(c["resources"].get("requests", {}).get("ephemeral-storage", 0)) for c in pod["containers"]
@@ -134,7 +134,7 @@ def test_every_pod_requests_the_node_disk_its_scratch_volumes_may_fill(rendered,
             limits = container["resources"].get("limits", {})
             # A container limit below the volumes would evict the pod before a volume is full.
             assert "ephemeral-storage" not in limits or quantity(limits["ephemeral-storage"]) >= scratch, name
-    caches = [v for _, pod in _pod_templates(rendered[overlay]) for v in pod.get("volumes", []) if v["name"] == "cache"]
+    caches = [v for _, pod in pod_templates(rendered[overlay]) for v in pod.get("volumes", []) if v["name"] == "cache"]
     assert caches and all(quantity(v["emptyDir"]["sizeLimit"]) >= 40 * 2**30 for v in caches)
 
 

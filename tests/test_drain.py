@@ -18,7 +18,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from api_helpers import image_files, wait_for
+from helpers.api import image_files, wait_for
 from sqlalchemy import func, select
 
 from shared.db import Adapter, Generation, Training, UsageRecord
@@ -151,7 +151,7 @@ def test_a_worker_whose_schema_check_fails_exits(tmp_path):
 
 def test_krona_up_stopping_drains_the_training_and_the_next_start_resumes_it(tiny_folders, tmp_path):
     import httpx
-    from conftest import KronaUp
+    from helpers.services import KronaUp
     from PIL import Image
 
     from shared.db import make_engine, make_session_factory

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from api_helpers import image_files
+from helpers.api import image_files
 from sqlalchemy import select
 
 from shared.db import Evaluation, Training

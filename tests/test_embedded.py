@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import KronaUp
+from helpers.services import KronaUp
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ RUN = dict(steps=3, guidance_scale=5.0)
 @pytest.fixture(scope="module")
 def adapter_files(tiny_folders, tmp_path_factory):
     """Four adapters with (64, 8) factors and different random values, as file bytes."""
-    from conftest import randomize_adapter
+    from helpers.models import randomize_adapter
 
     from shared.krona import adapter_state_dict
 

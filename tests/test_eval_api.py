@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from api_helpers import image_files, png
+from helpers.api import image_files, png
 
 from shared.training_spec import EvaluationRequest, TrainingSpec
 
@@ -37,7 +37,7 @@ def _wait(client, path, headers, done, timeout=300):
 
 def test_a_training_with_evaluate_and_the_evaluation_route_score_the_adapter(tiny_folders, tmp_path):
     import httpx
-    from conftest import KronaUp
+    from helpers.services import KronaUp
 
     up = KronaUp(tmp_path, KRONA_EVAL_CLIP_MODEL="tiny-clip", KRONA_EVAL_DINO_MODEL="tiny-dino")
     try:

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build_tiny_unet, randomize_adapter
+from helpers.models import build_tiny_unet, randomize_adapter
 from PIL import Image
 
 from services.cli.main import main

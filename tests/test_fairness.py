@@ -233,7 +233,7 @@ def test_on_the_embedded_stack_a_single_request_does_not_wait_behind_a_batch_of_
     """B's one generation is served within a few of A's 200 queued before it (first-in-first-out would serve all
     200 first). Counted in A's jobs finished, not in seconds, so a loaded machine cannot fail it."""
     import httpx
-    from conftest import KronaUp
+    from helpers.services import KronaUp
 
     up = KronaUp(tmp_path)
     try:

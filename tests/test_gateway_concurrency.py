@@ -8,96 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import statistics
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import httpx
-import pytest
+from helpers.api import running_training
+from helpers.services import free_port, start_gateway, stop_gateway
 from sqlalchemy import update
 
 from shared.db import Training, make_engine, make_session_factory, utcnow
 from shared.tenants import create_tenant
 
-ROOT = Path(__file__).resolve().parents[1]
 FOLLOWERS = 100
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_gateway(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
-    """`krona gateway` in its own process on a free port, once /healthz answers; (process, base URL)."""
-    port = _free_port()
-    log = open(tmp_path / "gateway.log", "ab")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.main", "gateway", "--host", "127.0.0.1", "--port", str(port), *args],
-        cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    log.close()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the gateway did not start: {(tmp_path / 'gateway.log').read_text()[-2000:]}")
-        time.sleep(0.2)
-
-
-def stop_gateway(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-
-
-@pytest.fixture
-def live_gateway(postgres_url, redis_url, tiny_folders, tmp_path):
-    """`krona gateway` in its own process; yields (base URL, sessions, an API key)."""
-    env = {
-        "KRONA_DATABASE_URL": postgres_url,
-        "KRONA_BROKER_URL": redis_url,
-        "KRONA_BASE_MODEL": "tiny-sd",
-        "KRONA_DATA_DIR": str(tmp_path),
-        "KRONA_EVENT_POLL_INTERVAL_SECONDS": "0.2",
-    }
-    process, base = start_gateway(tmp_path, env)
-    sessions = make_session_factory(make_engine(postgres_url))
-    with sessions() as session:
-        _, key = create_tenant(session, f"load-{uuid.uuid4().hex[:6]}")
-        session.commit()
-    try:
-        yield base, sessions, key
-    finally:
-        stop_gateway(process)
-
-
-def _running_training(sessions, key: str) -> str:
-    from shared.tenants import tenant_for_key
-
-    with sessions() as session:
-        tenant = tenant_for_key(session, key)
-        row = Training(
-            tenant_id=tenant.id, base_model="tiny-sd", instance_prompt="p", status="running", image_keys=["a", "b"],
-            total_steps=10, started_at=utcnow(),
-        )  # fmt: skip
-        session.add(row)
-        session.commit()
-        return row.id
 
 
 async def _follow(client: httpx.AsyncClient, path: str, headers: dict, opened: list) -> list[str]:
@@ -117,7 +41,7 @@ async def _follow(client: httpx.AsyncClient, path: str, headers: dict, opened: l
 def test_hundred_followers_do_not_stall_the_gateway(live_gateway):
     base, sessions, key = live_gateway
     headers = {"Authorization": f"Bearer {key}"}
-    training_id = _running_training(sessions, key)
+    training_id = running_training(sessions, key)
     path = f"/v1/trainings/{training_id}/events"
 
     def progress(step: int, status: str = "running") -> None:
@@ -200,7 +124,7 @@ class _DownStorage:
 
 
 def test_storage_outage_answers_503(api):
-    from api_helpers import image_files
+    from helpers.api import image_files
 
     from shared.db import Adapter
 
@@ -230,7 +154,7 @@ def test_storage_outage_answers_503(api):
 def test_database_outage_answers_503(api):
     from sqlalchemy.orm import sessionmaker
 
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     down = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/krona?connect_timeout=2")
     api.context.sessions = sessionmaker(bind=down, expire_on_commit=False)
     for method, path in (("GET", "/v1/trainings"), ("POST", "/v1/generations")):
@@ -242,8 +166,8 @@ def test_database_outage_answers_503(api):
 
 def test_chunked_upload_over_the_limit_is_413_and_stores_nothing(postgres_url, tiny_folders, tmp_path):
     """The finding: the limit read only Content-Length, so a chunked body was read to its end."""
-    from api_helpers import RecordingEnqueuer, png
     from fastapi.testclient import TestClient
+    from helpers.api import RecordingEnqueuer, png
 
     from services.gateway.app import create_app
     from shared.settings import Settings

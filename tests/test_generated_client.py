@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
-from api_helpers import png
+from helpers.api import png
 
 
 def _generate(base: str, folder: Path):

@@ -45,7 +45,7 @@ def rt(request, tmp_path, tiny_folders):
 
 @pytest.fixture(scope="module")
 def adapter_files(tiny_folders, tmp_path_factory):
-    from conftest import randomize_adapter
+    from helpers.models import randomize_adapter
 
     from shared.krona import KronaConfig, adapter_state_dict, inject_adapter, save_adapter
     from shared.models import load_pipeline

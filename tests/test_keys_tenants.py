@@ -7,7 +7,7 @@ import logging
 import uuid
 
 import pytest
-from api_helpers import Api, RecordingEnqueuer, image_files
+from helpers.api import Api, RecordingEnqueuer, image_files
 from sqlalchemy import func, inspect, select, text
 
 from services.cli.main import main

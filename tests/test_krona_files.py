@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_tiny_unet, randomize_adapter, unet_inputs
+from helpers.models import build_tiny_unet, randomize_adapter, unet_inputs
 from safetensors.torch import save_file
 
 from shared.krona import (

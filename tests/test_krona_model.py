@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import build_tiny_unet, randomize_adapter, unet_inputs
+from helpers.models import build_tiny_unet, randomize_adapter, unet_inputs
 from torch import nn
 
 from shared.krona import (

@@ -7,31 +7,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import update
-
-
-def _tenant_of(api, name: str = "acme"):
-    from shared.tenants import tenant_for_key
-
-    with api.context.sessions() as session:
-        tenant = tenant_for_key(session, api.keys[name])
-        session.expunge(tenant)
-        return tenant
-
-
-def _set(api, name: str = "acme", weight: float | None = None, **limits) -> str:
-    from shared.db import Tenant
-
-    tenant = _tenant_of(api, name)
-    values = {"limits": limits} | ({"weight": weight} if weight is not None else {})
-    with api.context.sessions() as session:
-        session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
-        session.commit()
-    return tenant.id
+from helpers.api import set_tenant_limits, tenant_of
 
 
 def test_a_key_over_its_rate_gets_429_with_retry_after_and_ratelimit_headers(api):
-    _set(api, rate_limit_per_second=0.5, rate_limit_burst=3)
+    set_tenant_limits(api, rate_limit_per_second=0.5, rate_limit_burst=3)
     answers = [api.client.get("/v1/trainings", headers=api.headers()) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]
     assert [a.headers["RateLimit-Remaining"] for a in answers] == ["2", "1", "0", "0"]
@@ -52,7 +32,7 @@ def test_the_bucket_is_exact_for_120_concurrent_clients_across_two_gateway_repli
     from services.gateway.app import create_app
     from shared.storage import LocalStorage
 
-    _set(api, rate_limit_per_second=0.001, rate_limit_burst=50)
+    set_tenant_limits(api, rate_limit_per_second=0.001, rate_limit_burst=50)
     replica = create_app(api.context.settings, enqueuer=api.enqueuer, storage=LocalStorage(tmp_path / "blobs"))
     statuses: list[int] = []
     lock = threading.Lock()
@@ -75,7 +55,7 @@ def test_the_bucket_is_exact_for_120_concurrent_clients_across_two_gateway_repli
 def test_the_queued_jobs_cap_refuses_what_does_not_fit_and_writes_nothing(api):
     from shared.db import Generation
 
-    tenant_id = _set(api, max_queued_jobs=3)
+    tenant_id = set_tenant_limits(api, max_queued_jobs=3)
     four = {"generations": [{"prompt": f"p{i}"} for i in range(4)]}
     refused = api.client.post("/v1/batches", headers=api.headers(), json=four)
     assert refused.status_code == 429 and refused.headers["Retry-After"]
@@ -96,7 +76,7 @@ def test_the_queued_jobs_cap_refuses_what_does_not_fit_and_writes_nothing(api):
 
 
 def test_the_compute_cap_is_overridden_per_tenant(api):
-    _set(api, max_generation_compute=64 * 64 * 10)
+    set_tenant_limits(api, max_generation_compute=64 * 64 * 10)
     small = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x", "steps": 10})
     assert small.status_code == 202
     big = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x", "steps": 11})
@@ -109,7 +89,7 @@ def test_the_compute_cap_is_overridden_per_tenant(api):
 def test_jobs_carry_their_cost_and_new_tenants_their_counter(api):
     from shared.db import Generation, TenantService
 
-    tenant_id = _tenant_of(api).id
+    tenant_id = tenant_of(api).id
     job = api.client.post("/v1/generations", headers=api.headers(), json={"prompt": "x", "steps": 10, "num_images": 2})
     with api.context.sessions() as session:
         assert session.get(Generation, job.json()["id"]).cost == 64 * 64 * 10 * 2 / 4096
@@ -121,7 +101,7 @@ def test_usage_reports_what_the_jobs_recorded_per_day_month_and_total(api):
 
     from shared.db import UsageRecord
 
-    tenant_id, other_id = _tenant_of(api).id, _tenant_of(api, "globex").id
+    tenant_id, other_id = tenant_of(api).id, tenant_of(api, "globex").id
     records = [
         (tenant_id, "generation", "2026-11-02", 1.5, 4, 20, 4 * 64 * 64, "cpu"),
         (tenant_id, "generation", "2026-11-02", 0.5, 1, 25, 64 * 64, "cuda:H100"),
@@ -167,7 +147,7 @@ def test_the_queued_jobs_cap_is_exact_for_120_concurrent_creates(api):
 
     from shared.db import Generation
 
-    tenant_id = _set(api, max_queued_jobs=50)
+    tenant_id = set_tenant_limits(api, max_queued_jobs=50)
     start = threading.Barrier(120)
 
     def create(i: int) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from api_helpers import image_files, wait_for
-from conftest import SeaweedFS
+from helpers.api import image_files, wait_for
+from helpers.services import SeaweedFS
 from sqlalchemy import func, select
 
 from shared.db import Adapter, Training

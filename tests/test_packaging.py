@@ -41,7 +41,11 @@ def _distributions(module: str) -> set[str]:
 
 def _imported_modules(folder: str) -> dict[str, str]:
     """Top-level third-party module -> a file of ``folder`` that imports it (at any depth, lazily or not)."""
-    local = LOCAL | {p.stem for p in (ROOT / folder).rglob("*.py")}
+    local = (
+        LOCAL
+        | {p.stem for p in (ROOT / folder).rglob("*.py")}
+        | {p.name for p in (ROOT / folder).iterdir() if p.is_dir()}
+    )
     found: dict[str, str] = {}
     for path in sorted((ROOT / folder).rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

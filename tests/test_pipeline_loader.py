@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomize_adapter
+from helpers.models import randomize_adapter
 from safetensors.torch import save_file
 
 from shared.krona import (

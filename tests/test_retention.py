@@ -8,7 +8,7 @@ import os
 import time
 from datetime import timedelta
 
-from api_helpers import image_files, png
+from helpers.api import image_files, png
 from sqlalchemy import update
 
 from shared.db import Adapter, Batch, Evaluation, Generation, Training, utcnow

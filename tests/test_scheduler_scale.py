@@ -35,7 +35,7 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])
 def db(request, tmp_path_factory):
     """(session factory, settings) on a database of this module's own, so that every row is the test's."""
-    from conftest import fresh_postgres_database
+    from helpers.services import fresh_postgres_database
 
     tmp = tmp_path_factory.mktemp("scale")
     if request.param == "postgresql":

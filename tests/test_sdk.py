@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import krona_sdk
 import pytest
-from conftest import KronaUp
+from helpers.services import KronaUp
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,12 +8,10 @@ import os
 import uuid
 
 import pytest
-from api_helpers import RecordingEnqueuer, image_files
-from fastapi.testclient import TestClient
+from helpers.api import image_files, native_adapter_file
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 from sqlalchemy import func, select
-from test_api import _native_adapter_file
 
 from shared.db import Adapter, IdempotencyKey, Training
 from shared.settings import PLACEHOLDER_SECRET, Settings
@@ -73,28 +71,6 @@ def test_route_label_is_the_path_template(api):
     routes = _label_values(_http_series(), "route")
     assert "/v1/trainings/{training_id}" in routes
     assert not any(route.startswith("/v1/trainings/trn_") for route in routes)
-
-
-@pytest.fixture
-def app_with(postgres_url, tmp_path):
-    """Build a gateway on the session's database with extra settings (storage and broker stand-ins)."""
-    from services.gateway.app import create_app
-    from shared.storage import LocalStorage
-
-    clients = []
-
-    def build(**overrides) -> TestClient:
-        base = {"database_url": postgres_url, "data_dir": tmp_path, "blob_dir": tmp_path / "blobs"}
-        settings = Settings(**(base | overrides))
-        app = create_app(settings, enqueuer=RecordingEnqueuer(), storage=LocalStorage(tmp_path / "blobs"))
-        client = TestClient(app)
-        clients.append((client, app))
-        return client
-
-    yield build
-    for client, app in clients:
-        client.close()
-        app.state.context.engine.dispose()
 
 
 def _prod_settings(**overrides) -> dict:
@@ -213,7 +189,7 @@ def _post_training(api, data: dict, key: str):
 
 
 def _post_adapter(api, data: dict):
-    files = {"file": ("a.safetensors", _native_adapter_file(), "application/octet-stream")}
+    files = {"file": ("a.safetensors", native_adapter_file(), "application/octet-stream")}
     return api.client.post("/v1/adapters", headers=api.headers(), data=data, files=files)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from api_helpers import Api, RecordingEnqueuer, image_files, png
+from helpers.api import Api, RecordingEnqueuer, image_files, png
 from PIL import Image, PngImagePlugin
 
 from shared.images import (

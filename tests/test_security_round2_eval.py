@@ -15,7 +15,7 @@ import tracemalloc
 from datetime import timedelta
 
 import pytest
-from api_helpers import png
+from helpers.api import png
 
 from shared.eval.prompts import (
     MAX_SUBJECT_WORD_CHARS,

@@ -8,11 +8,9 @@ import json
 import uuid
 
 import pytest
-from api_helpers import png
 from fastapi.testclient import TestClient
+from helpers.api import native_adapter_file, png
 from sqlalchemy import update
-from test_api import _native_adapter_file
-from test_security_inputs import app_with  # noqa: F401  (fixture)
 
 from shared.db import Generation
 from shared.supervision import STATE_FILE
@@ -77,7 +75,7 @@ def test_downloads_carry_the_security_headers(api):
     image = client.get(f"/v1/generations/{generation['id']}/images/0", headers=headers)
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
     _assert_headers(image, no_store=True)
-    files = {"file": ("a.safetensors", _native_adapter_file(), "application/octet-stream")}
+    files = {"file": ("a.safetensors", native_adapter_file(), "application/octet-stream")}
     adapter = client.post("/v1/adapters", headers=headers, files=files).json()
     for fmt in ("krona", "lycoris"):
         download = client.get(f"/v1/adapters/{adapter['id']}/file", headers=headers, params={"format": fmt})
@@ -146,7 +144,7 @@ def test_admin_key_sees_the_processes(supervised):
     assert response.json()["processes"] == PROCESSES
 
 
-def test_metrics_token_sees_the_processes(app_with, tmp_path):  # noqa: F811
+def test_metrics_token_sees_the_processes(app_with, tmp_path):
     (tmp_path / STATE_FILE).write_text(json.dumps(PROCESSES))
     client = app_with(metrics_token="tok-readyz-123")
     assert "processes" not in client.get("/readyz").json()

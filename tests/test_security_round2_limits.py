@@ -12,10 +12,9 @@ import time
 
 import httpx
 import pytest
-from api_helpers import image_files
+from helpers.api import image_files, running_training
+from helpers.api import set_tenant_limits as _set
 from sqlalchemy import select, update
-from test_gateway_concurrency import _running_training, live_gateway  # noqa: F401 (a fixture)
-from test_limits import _set
 
 from shared.db import ApiKey, Tenant, Training
 
@@ -42,7 +41,7 @@ def _answer_to_a_huge_upload(base: str, key: str, declared: int = 150 * 1024 * 1
     return int(answer.split(b" ", 2)[1]), len(chunk)
 
 
-def test_the_key_is_checked_before_the_body_is_read(live_gateway):  # noqa: F811
+def test_the_key_is_checked_before_the_body_is_read(live_gateway):
     """The review: an unauthenticated client made the gateway receive and spool up to 200 MiB before its 401.
     Now the 401 comes after the headers, with 64 KiB of 150 MiB sent; a rate-limited key gets its 429 alike."""
     base, sessions, key = live_gateway
@@ -126,7 +125,7 @@ def test_concurrent_key_creates_cannot_pass_the_cap(api):
 
 
 def test_adapters_per_tenant_are_capped_counting_trainings_under_way(api):
-    from test_api import _native_adapter_file as _adapter_file
+    from helpers.api import native_adapter_file as _adapter_file
 
     _set(api, max_adapters=2)
     upload = api.client.post("/v1/adapters", headers=api.headers(), files={"file": ("a.safetensors", _adapter_file())})
@@ -156,11 +155,11 @@ def _stream_until_end(base: str, key: str, training_id: str, opened: threading.E
 
 
 @pytest.mark.parametrize("how", ["revoke", "delete_tenant"])
-def test_an_open_stream_ends_when_its_key_is_revoked_or_its_tenant_deleted(live_gateway, how):  # noqa: F811
+def test_an_open_stream_ends_when_its_key_is_revoked_or_its_tenant_deleted(live_gateway, how):
     from shared.tenants import create_api_key, tenant_for_key
 
     base, sessions, key = live_gateway
-    training_id = _running_training(sessions, key)
+    training_id = running_training(sessions, key)
     with sessions() as session:
         tenant = tenant_for_key(session, key)
         tenant_id = tenant.id

@@ -21,12 +21,11 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from api_helpers import image_files
+from helpers.api import image_files, native_adapter_file
 from safetensors.numpy import load as load_numpy
 from safetensors.numpy import save as save_numpy
 from safetensors.torch import save as save_torch
 from sqlalchemy import func, select
-from test_api import _native_adapter_file
 
 from shared.db import Adapter
 from shared.krona.convert import (
@@ -398,7 +397,7 @@ def test_native_factor_that_cannot_fit_is_refused_before_its_values_are_read(tin
 
 
 def _upload_native(api) -> str:
-    response = _upload(api, _native_adapter_file())
+    response = _upload(api, native_adapter_file())
     assert response.status_code == 201, response.text
     return response.json()["id"]
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from test_webhooks import _row, hooks_runtime, receiver  # noqa: F401  (fixtures)
+from helpers.webhooks import read_row as _row
 
 from shared.db import Training
 from shared.webhooks import (
@@ -199,7 +199,7 @@ def test_create_answers_422_within_the_deadline(api, hanging_dns):
     assert api.client.get("/v1/generations", headers=api.headers()).json()["data"] == []
 
 
-def test_a_delivery_with_a_hung_lookup_is_a_retried_failure(hooks_runtime, hanging_dns):  # noqa: F811
+def test_a_delivery_with_a_hung_lookup_is_a_retried_failure(hooks_runtime, hanging_dns):
     from workers.webhooks import deliver_webhook
 
     make_runtime, finished_training = hooks_runtime

@@ -9,7 +9,7 @@ import os
 import signal
 from pathlib import Path
 
-from api_helpers import image_files, wait_for
+from helpers.api import image_files, wait_for
 from PIL import Image
 from safetensors.numpy import load as load_safetensors
 from sqlalchemy import func, select

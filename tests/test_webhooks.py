@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-import uuid
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from api_helpers import wait_for
+from helpers.api import wait_for
+from helpers.webhooks import read_row
 from sqlalchemy import update
 
 from shared.db import Generation, Tenant, Training, utcnow
 from shared.settings import Settings
-from shared.storage import LocalStorage
-from shared.webhooks import SIGNATURE_HEADER, check_webhook_url, is_allowed_address, sign, verify
+from shared.webhooks import check_webhook_url, is_allowed_address, sign, verify
 
 
 def test_targets():
@@ -69,113 +66,6 @@ def test_signature_round_trip():
     assert not verify(body, sign(body, "secret", timestamp=1), "secret")  # too old
 
 
-class Receiver:
-    """An HTTP receiver on 127.0.0.1 that records deliveries; ``mode`` is ok, fail (503) or trickle."""
-
-    def __init__(self, mode: str = "ok") -> None:
-        self.mode = mode
-        self.received: list[dict] = []
-        self.active = 0
-        self.max_active = 0
-        self.release = threading.Event()  # ends a trickling answer early
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                with receiver._lock:
-                    receiver.active += 1
-                    receiver.max_active = max(receiver.max_active, receiver.active)
-                try:
-                    body = self.rfile.read(int(self.headers["Content-Length"]))
-                    receiver.received.append(
-                        {
-                            "body": body,
-                            "signature": self.headers[SIGNATURE_HEADER],
-                            "host": self.headers["Host"],
-                            "headers": dict(self.headers),
-                        }
-                    )
-                    if receiver.mode == "trickle":  # the status line, one byte at a time
-                        for byte in b"HTTP/1.1 200 OK\r\n\r\n" * 10:
-                            if receiver.release.wait(0.5):
-                                break
-                            self.wfile.write(bytes([byte]))
-                            self.wfile.flush()
-                        return
-                    self.send_response(503 if receiver.mode == "fail" else 200)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                except OSError:
-                    pass  # the sender hung up (its deadline)
-                finally:
-                    with receiver._lock:
-                        receiver.active -= 1
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver():
-    made: list[Receiver] = []
-
-    def make(mode: str = "ok") -> Receiver:
-        made.append(Receiver(mode))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
-
-
-@pytest.fixture
-def hooks_runtime(postgres_url, tmp_path):
-    """A worker runtime on PostgreSQL whose sends are recorded, and a factory of finished jobs with a webhook."""
-    from shared.tenants import create_tenant
-    from workers.runtime import build_runtime
-
-    def runtime(**overrides):
-        settings = Settings(database_url=postgres_url, data_dir=tmp_path, **overrides)
-        rt = build_runtime(settings, storage=LocalStorage(tmp_path / "blobs"))
-        rt.sent = []
-        rt.send = lambda task, ref, countdown=None: rt.sent.append((task, ref, countdown))
-        return rt
-
-    def finished_training(rt, url: str, tenant_name: str | None = None) -> tuple[str, Tenant]:
-        with rt.sessions() as session:
-            tenant, _ = create_tenant(session, tenant_name or f"hooks-{uuid.uuid4().hex[:8]}")
-            row = Training(
-                tenant_id=tenant.id, base_model="tiny-sd", instance_prompt="p", status="succeeded", webhook_url=url,
-                webhook_state="waiting", finished_at=utcnow(), image_keys=["a", "b"], total_steps=3, step=3,
-            )  # fmt: skip
-            session.add(row)
-            session.commit()
-            session.refresh(tenant)
-            session.expunge(tenant)
-            return row.id, tenant
-
-    return runtime, finished_training
-
-
-def _row(rt, model, job_id):
-    with rt.sessions() as session:
-        row = session.get(model, job_id)
-        session.expunge(row)
-        return row
-
-
 def _make_due(rt, model, job_id):
     with rt.sessions() as session:
         session.execute(
@@ -204,7 +94,7 @@ def test_each_tenant_signs_with_its_own_secret(hooks_runtime, receiver):
     assert not verify(b["body"], b["signature"], tenant_a.webhook_secret)
     event = json.loads(a["body"])
     assert event["type"] == "training.succeeded" and event["data"]["id"] == job_a
-    assert _row(rt, Training, job_a).webhook_state == "delivered"
+    assert read_row(rt, Training, job_a).webhook_state == "delivered"
     # Rotation: later deliveries use the new secret, and the old one no longer verifies.
     with rt.sessions() as session:
         new_secret = rotate_webhook_secret(session, session.get(Tenant, tenant_a.id))
@@ -301,7 +191,7 @@ def test_dns_rebinding_cannot_redirect_a_delivery(hooks_runtime, receiver, monke
     _make_due(rt, Training, job)
     assert deliver_webhook(rt, f"training:{job}") == "refused"  # the new answer is checked, never connected to
     assert dns.connects == [("93.184.216.34", hook.port)] and hook.received == []
-    assert _row(rt, Training, job).webhook_state == "refused"
+    assert read_row(rt, Training, job).webhook_state == "refused"
 
 
 def test_pinned_connection_keeps_the_host_name(hooks_runtime, receiver, monkeypatch):
@@ -325,7 +215,7 @@ def test_a_trickling_receiver_is_cut_at_the_total_deadline(hooks_runtime, receiv
     hook = receiver("trickle")  # 20 bytes of status line at one byte per 0.5 s: 10 s unless cut
     job, _ = finished_training(rt, hook.url)
     assert deliver_webhook(rt, f"training:{job}") == "retrying"
-    row = _row(rt, Training, job)
+    row = read_row(rt, Training, job)
     assert row.webhook_state == "pending" and "deadline of 1.5 s passed" in row.webhook_last_error
     assert rt.sent and rt.sent[-1][1] == f"training:{job}" and rt.sent[-1][2] > 0  # the next attempt is scheduled
 
@@ -345,7 +235,7 @@ def test_attempts_stop_at_the_limit_in_process(hooks_runtime, receiver):
         reap_once(rt)
     assert results[:3] == ["retrying", "retrying", "given_up"] and set(results[3:]) == {"skipped"}
     assert len(hook.received) == 3
-    row = _row(rt, Training, job)
+    row = read_row(rt, Training, job)
     assert row.webhook_state == "given_up" and row.webhook_attempts == 3
 
 
