@@ -63,9 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.no_grad()
     def mixed():
         slots = [engine.slot_for(a) for a in ids[:n]]
-        routing.uniform_slot = None
-        routing.slots = torch.tensor(slots * 2)
-        routing.scales = torch.ones(2 * n)
+        routing.mixed(torch.tensor(slots * 2), torch.ones(2 * n))
         unet(sample, t, encoder_hidden_states=states)
         routing.clear()
 
@@ -75,15 +73,13 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.no_grad()
     def mixed_steps():
         slots = [engine.slot_for(a) for a in ids[:n]]
-        routing.uniform_slot = None
-        routing.slots = torch.tensor(slots * 2)
-        routing.scales = torch.ones(2 * n)
+        routing.mixed(torch.tensor(slots * 2), torch.ones(2 * n))
         unet(sample, per_row, encoder_hidden_states=states)
         routing.clear()
 
     @torch.no_grad()
     def single():
-        routing.uniform_slot, routing.uniform_scale = engine.slot_for(ids[0]), 1.0
+        routing.uniform(engine.slot_for(ids[0]), 1.0)
         unet(sample, t, encoder_hidden_states=states)
         routing.clear()
 
@@ -92,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         # n + 1 adapters rotating through n slots: every call is a real swap.
         for i in range(n):
             sequential.k = (getattr(sequential, "k", -1) + 1) % len(ids)
-            routing.uniform_slot, routing.uniform_scale = engine.slot_for(ids[sequential.k]), 1.0
+            routing.uniform(engine.slot_for(ids[sequential.k]), 1.0)
             unet(sample[i::n][:2], t, encoder_hidden_states=states[i::n][:2])
         routing.clear()
 

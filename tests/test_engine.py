@@ -214,3 +214,36 @@ def test_cache_counters_are_exported_as_prometheus_metrics(engine):
     assert "krona_adapter_cache_storage_fetches_total 1.0" in text
     assert "krona_adapter_cache_device_hits_total 1.0" in text
     assert "krona_adapter_cache_device_resident 1.0" in text
+
+
+def test_a_compiled_bank_keeps_one_graph_across_slots_and_scales():
+    """torch.compile specializes on Python numbers: the routing hands a compiled forward its slot and scale as
+    tensors, so another adapter or scale reuses the graph; eager and compiled agree for each of them."""
+    from shared.krona.bank import Routing
+
+    torch.manual_seed(0)
+    routing = Routing()
+    layer = KronaBankLinear(torch.nn.Linear(16, 32), (4, 2), num_slots=4, routing=routing).eval()
+    with torch.no_grad():
+        layer.bank_a[1:].normal_()
+        layer.bank_b[1:].normal_()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=counting)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        for slot, scale in ((1, 1.0), (2, 1.0), (3, 0.5), (1, 0.25), (2, 2.0)):
+            routing.uniform(slot, scale)
+            expected = layer.base_layer(x) + scale * (x @ torch.kron(layer.bank_a[slot], layer.bank_b[slot]).T)
+            torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+        assert len(graphs) == 1
+        routing.uniform(0, 1.0)  # no adapter: the base layer alone (another mode, one more graph at most)
+        torch.testing.assert_close(compiled(x), layer.base_layer(x))
+    assert len(graphs) <= 2
+    torch._dynamo.reset()

@@ -23,16 +23,45 @@ __all__ = ["KronaBankLinear", "Routing", "kron_delta_per_sample"]
 
 @dataclass
 class Routing:
-    """Per-sample slot indices and scales for the next forward passes (set by the engine)."""
+    """Per-sample slot indices and scales for the next forward passes (set by the engine through ``uniform``,
+    ``mixed`` and ``clear``).
 
-    slots: torch.Tensor | None = None  # (batch,) long
-    scales: torch.Tensor | None = None  # (batch,) float
-    uniform_slot: int | None = None  # set when every sample uses the same slot and scale
-    uniform_scale: float = 1.0
+    ``mode`` is "off" (no adapter: the base layer alone), "uniform" (one slot and scale for the whole batch) or
+    "mixed" (``slots``/``scales`` per sample). A compiled UNet reads only ``mode`` and tensors: the uniform slot
+    and scale also live in one-element tensors updated in place, since ``torch.compile`` specializes a graph on
+    every Python number it reads (a recompile per slot index and scale), not on a tensor's values. Eager forwards
+    read the Python numbers (an index into the bank is a view; a tensor index would copy the factors).
+    """
+
+    mode: str = "off"
+    slots: torch.Tensor | None = None  # (batch,) long, "mixed"
+    scales: torch.Tensor | None = None  # (batch,) float, "mixed"
+    uniform_slot: int = 0
+    uniform_scale: float = 0.0
+    slot_tensor: torch.Tensor | None = None  # (1,) long: uniform_slot, for compiled graphs
+    scale_tensor: torch.Tensor | None = None  # (1,) float32: uniform_scale, for compiled graphs
 
     def clear(self) -> None:
+        self.mode = "off"
         self.slots = self.scales = None
-        self.uniform_slot = None
+
+    def uniform(self, slot: int, scale: float, device: torch.device | str = "cpu") -> None:
+        """Every sample uses ``slot`` at ``scale`` (slot 0 or scale 0: no adapter)."""
+        self.slots = self.scales = None
+        if slot == 0 or scale == 0.0:
+            self.mode = "off"
+            return
+        self.mode, self.uniform_slot, self.uniform_scale = "uniform", int(slot), float(scale)
+        device = torch.device(device)
+        if self.slot_tensor is None or self.slot_tensor.device != device:
+            self.slot_tensor = torch.zeros(1, dtype=torch.long, device=device)
+            self.scale_tensor = torch.zeros(1, dtype=torch.float32, device=device)
+        self.slot_tensor.fill_(int(slot))
+        self.scale_tensor.fill_(float(scale))
+
+    def mixed(self, slots: torch.Tensor, scales: torch.Tensor) -> None:
+        """Sample i uses ``slots[i]`` at ``scales[i]``."""
+        self.mode, self.slots, self.scales = "mixed", slots, scales
 
 
 @torch.no_grad()
@@ -76,14 +105,18 @@ class KronaBankLinear(WrapsLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         routing = self.routing
-        if routing.uniform_slot is not None:
-            if routing.uniform_slot == 0 or routing.uniform_scale == 0.0:
-                return out
+        mode = routing.mode
+        if mode == "off":
+            return out
+        if mode == "uniform":
+            if torch.compiler.is_compiling():  # tensors: another slot or scale is another input, not another graph
+                slot = routing.slot_tensor
+                a, b = self.bank_a.index_select(0, slot)[0], self.bank_b.index_select(0, slot)[0]
+                delta = kron_delta(x.to(self.bank_a.dtype), a, b)
+                return out + (delta * routing.scale_tensor.to(delta.dtype)).to(out.dtype)
             slot = routing.uniform_slot
             delta = kron_delta(x.to(self.bank_a.dtype), self.bank_a[slot], self.bank_b[slot])
             return out + (delta * routing.uniform_scale).to(out.dtype)
-        if routing.slots is None:
-            return out
         slots = routing.slots
         if slots.shape[0] != x.shape[0]:
             raise RuntimeError(f"routing has {slots.shape[0]} samples but the batch has {x.shape[0]}")

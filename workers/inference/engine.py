@@ -301,14 +301,11 @@ class Engine:
 
     def route(self, slots: Sequence[int], scales: Sequence[float]) -> None:
         """Set the slot and scale of every sample (UNet row) of the next forward passes."""
+        device = self.flat.device
         if len(set(zip(slots, scales, strict=True))) == 1:
-            self.routing.uniform_slot, self.routing.uniform_scale = slots[0], scales[0]
-            self.routing.slots = self.routing.scales = None
+            self.routing.uniform(slots[0], scales[0], device)
         else:
-            device = self.flat.device
-            self.routing.uniform_slot = None
-            self.routing.slots = torch.tensor(list(slots), device=device)
-            self.routing.scales = torch.tensor(list(scales), device=device)
+            self.routing.mixed(torch.tensor(list(slots), device=device), torch.tensor(list(scales), device=device))
 
     def _run_chunk(self, chunk, steps, guidance_scale, width, height):
         pinned: set[int] = set()
