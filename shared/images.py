@@ -226,6 +226,7 @@ def _inspect(data: bytes, name: str, limits: ImageLimits) -> _Header:
 
 def _refused_format(data: bytes, name: str, limits: ImageLimits) -> ImageError:
     """Name the format for the message by Pillow's signature checks only (no plugin parses anything)."""
+    # lazy: loads PIL
     from PIL import Image
 
     Image.init()
@@ -371,6 +372,7 @@ def _decoded(data: bytes, name: str, limits: ImageLimits, draft: bool) -> Iterat
     """The image, checked, opened and decoded within its CPU budget (Pillow's image object, loaded), held in a
     decode slot until the caller's block ends (what it does with the pixels counts against the same bound);
     ``draft``: a JPEG at the smallest of 1/2, 1/4, 1/8 scale that keeps its shorter side ``limits.min_side``."""
+    # lazy: loads PIL
     from PIL import Image, UnidentifiedImageError
 
     header = _inspect(data, name, limits)
@@ -388,6 +390,7 @@ def _decoded(data: bytes, name: str, limits: ImageLimits, draft: bool) -> Iterat
 
 
 def _load(img: ImageFile, source: _BudgetedBytes, name: str, limits: ImageLimits, draft: bool) -> None:
+    # lazy: loads PIL
     from PIL import Image
 
     if img.format not in limits.formats:  # an MPO (several JPEGs in one file), say
@@ -420,6 +423,7 @@ def decode_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) ->
     Raises an ImageError (a ValueError) naming the image: ImageUnreadable, ImageFormatRefused, ImageTooLarge,
     ImageTooSmall, ImageTooComplex or ImageDamaged; DecoderBusy when no decode slot came free in time.
     """
+    # lazy: loads PIL
     from PIL import ImageOps
 
     if len(data) > limits.max_bytes:
@@ -438,6 +442,7 @@ def validate_image(data: bytes, name: str, limits: ImageLimits = ImageLimits()) 
     pixels): a JPEG is decoded at 1/8 scale, the EXIF orientation and RGB conversion run on an 8x8 corner.
     Returns the format ("PNG", "JPEG", "WEBP"); raises what ``decode_image`` raises.
     """
+    # lazy: loads PIL
     from PIL import ImageOps
 
     if len(data) > limits.max_bytes:
@@ -485,6 +490,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def encode_png(image: np.ndarray) -> bytes:
     """A float image in [0, 1] (H, W, 3), as ``to_uint8`` converts it, encoded as PNG bytes."""
+    # lazy: loads PIL
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -495,6 +501,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def save_image(image: np.ndarray, path: str | os.PathLike[str]) -> None:
     """A float image in [0, 1] (H, W, 3), as ``to_uint8`` converts it, saved in the format of the path's
     extension (Pillow's rule: ``.png`` is PNG)."""
+    # lazy: loads PIL
     from PIL import Image
 
     Image.fromarray(to_uint8(image)).save(path)

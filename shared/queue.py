@@ -55,6 +55,7 @@ def make_celery(settings: Settings) -> Celery:
     Acknowledged late and rejected (re-queued) when the worker dies mid-task, one message prefetched at a
     time: a job's message is never lost with a crashed worker, and a long job holds no others back.
     """
+    # lazy: loads celery, kombu, yaml
     from celery import Celery
 
     broker = settings.resolved_broker_url
@@ -88,6 +89,7 @@ def send(app: Celery, task: str, job_id: str, *, countdown: float | None = None,
 
 @lru_cache
 def celery_app() -> Celery:
+    # lazy: loads pydantic
     from shared.settings import get_settings
 
     return make_celery(get_settings())

@@ -28,6 +28,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from sqlalchemy import bindparam, exists, func, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import BindParameter
@@ -97,10 +99,7 @@ def evaluation_cost(request: EvaluationRequest, resolution: int) -> float:
 def _ensure_counter(session: Session, tenant_id: str, queue: str, start: float) -> None:
     """Create the tenant's counter at ``start`` unless it exists (concurrent creators: the first one wins)."""
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
     session.execute(
         insert(TenantService)
         .values(tenant_id=tenant_id, queue=queue, counter=start, updated_at=utcnow())

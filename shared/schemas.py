@@ -6,13 +6,15 @@ In `shared` because the workers send the same bodies in webhooks.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from sqlalchemy import func, select
 
-from shared.db import JobStatus
-from shared.limits import LimitOverrides
+from shared.db import Evaluation, JobStatus
+from shared.limits import LimitOverrides, tenant_limits
 from shared.training_spec import CLIENT_PARAMS, EvaluationRequest, TrainingSpec
 
 if TYPE_CHECKING:
@@ -378,7 +380,6 @@ def queue_positions(
 ) -> dict[str, int]:
     """Each queued row's place among the tenant's queued jobs of ``model`` (1 = next): one query, only when a row
     is queued."""
-    from sqlalchemy import func, select
 
     wanted = {row.id for row in rows if row.status == JobStatus.QUEUED}
     if not wanted:
@@ -475,9 +476,6 @@ def evaluation_public(row: Evaluation) -> AdapterEvaluation:
 
 def latest_evaluations(session: Session, adapter_ids: list[str]) -> dict[str, Evaluation]:
     """The newest evaluation of each of these adapters that has one: one query for a page of adapters."""
-    from sqlalchemy import func, select
-
-    from shared.db import Evaluation
 
     if not adapter_ids:
         return {}
@@ -704,9 +702,6 @@ def api_key_public(row: ApiKey, key: str | None = None) -> dict[str, Any]:
 
 
 def tenant_public(row: Tenant, settings: Settings) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    from shared.limits import tenant_limits
 
     overrides = {k: v for k, v in (row.limits or {}).items() if v is not None}
     return TenantPublic(

@@ -217,7 +217,7 @@ def run_evaluation_job(rt: Runtime, message_job_id: str) -> str:
     """A message of the train queue (``krona.evaluate``): like ``krona.train``, it claims the queue's fairest job,
     a training or an evaluation (workers/train_queue.py), and runs it."""
     # Lazy: workers.train_queue imports this module to run the evaluations it claims.
-    from workers.train_queue import run_train_queue_job
+    from workers.train_queue import run_train_queue_job  # here: train_queue.py imports this module
 
     return run_train_queue_job(rt, message_job_id)
 

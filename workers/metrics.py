@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from prometheus_client import REGISTRY, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,8 +43,8 @@ class EngineCollector(Collector):
 
 
 def start_metrics_server(port: int) -> None:
-    from prometheus_client import REGISTRY, start_http_server
 
+    # lazy: loads torch, sqlalchemy, numpy, …
     from .inference.engine import Engine
     from .runtime import runtime
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import check_migrated, make_engine, make_session_factory
+from shared.queue import celery_app, send
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
@@ -25,7 +26,6 @@ class Runtime:
     pipelines: dict[str, Any] = field(default_factory=dict)
 
     def send(self, task: str, job_id: str, *, countdown: float | None = None) -> None:
-        from shared.queue import celery_app, send
 
         send(celery_app(), task, job_id, countdown=countdown)
 

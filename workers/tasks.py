@@ -38,6 +38,7 @@ ALIVE_INTERVAL_SECONDS = 10
 
 def _unless_draining(job_id: str) -> None:
     """A message taken after SIGTERM goes back to its queue unclaimed, for a worker that stays."""
+    # lazy: loads sqlalchemy
     from workers.drain import drain_requested
 
     if drain_requested():
@@ -46,6 +47,7 @@ def _unless_draining(job_id: str) -> None:
 
 @app.task(name=TRAIN_TASK)
 def train_task(training_id: str) -> str:
+    # lazy: loads torch, sqlalchemy, numpy, …
     from workers.runtime import runtime
     from workers.training.job import run_training_job
 
@@ -55,6 +57,7 @@ def train_task(training_id: str) -> str:
 
 @app.task(name=GENERATE_TASK)
 def generate_task(generation_id: str) -> str:
+    # lazy: loads sqlalchemy, numpy, prometheus_client
     from workers.inference.job import run_generation_job
     from workers.runtime import runtime
 
@@ -64,6 +67,7 @@ def generate_task(generation_id: str) -> str:
 
 @app.task(name=EVALUATE_TASK)
 def evaluate_task(job_id: str) -> str:
+    # lazy: loads sqlalchemy, numpy, prometheus_client
     from workers.evaluation import run_evaluation_job
     from workers.runtime import runtime
 
@@ -83,6 +87,7 @@ def webhook_task(ref: str) -> str:
 
 @app.task(name=REAP_TASK)
 def reap_task() -> dict:
+    # lazy: loads sqlalchemy
     from workers.reaper import reap_once
     from workers.runtime import runtime
 
@@ -93,6 +98,7 @@ _stop = threading.Event()
 
 
 def _reaper_loop() -> None:
+    # lazy: loads sqlalchemy
     from workers.reaper import reap_once
     from workers.runtime import runtime
     from workers.transient import fault_code
@@ -128,6 +134,7 @@ def _alive_loop() -> None:
 
 @worker_ready.connect
 def _start(**_kwargs) -> None:
+    # lazy: loads sqlalchemy
     from workers.runtime import runtime
 
     try:
@@ -140,6 +147,7 @@ def _start(**_kwargs) -> None:
     threading.Thread(target=_reaper_loop, name="krona-reaper", daemon=True).start()
     threading.Thread(target=_alive_loop, name="krona-alive", daemon=True).start()
     if rt.settings.worker_metrics_port:
+        # lazy: loads prometheus_client
         from workers.metrics import start_metrics_server
 
         start_metrics_server(rt.settings.worker_metrics_port)

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shared.errors import ServiceError
+
 __all__ = ["CliError", "WaitInterrupted", "add_connection_options", "connect", "describe_error"]
 
 
@@ -70,6 +72,7 @@ def _api_key(args: argparse.Namespace, admin: bool) -> str:
 def connect(args: argparse.Namespace, *, admin: bool = False) -> Any:
     """An SDK client for the command's server and key (``krona_sdk.Client``)."""
     try:
+        # lazy: loads httpx, krona_sdk, pydantic
         import krona_sdk
     except ImportError:
         raise CliError(
@@ -84,11 +87,11 @@ def connect(args: argparse.Namespace, *, admin: bool = False) -> Any:
 
 def describe_error(exc: BaseException) -> tuple[str, int] | None:
     """(one line, exit status) for an SDK error or a service error (admin commands); None for anything else."""
-    from shared.errors import ServiceError
 
     if isinstance(exc, ServiceError):
         return exc.message, 2
     try:
+        # lazy: loads httpx, krona_sdk, pydantic
         import krona_sdk
     except ImportError:
         return None

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from shared.images import SubjectImage, save_image
 from shared.krona import (
@@ -29,6 +30,7 @@ from shared.krona import (
 )
 from shared.models import REFERENCE_UNET_CONFIGS, load_pipeline, resolve_base_model
 from shared.training_spec import TrainingSpec
+from workers.training import check_factors_fit_base_model, load_components, native_resolution, train
 
 PROMPT = "a photo of sks square"
 STEPS = 30
@@ -50,6 +52,7 @@ def _generate(pipe, seed: int) -> np.ndarray:
 
 def _quiet_libraries() -> None:
     """The demo prints its own steps; the libraries' progress bars and notices would drown them."""
+    # lazy: loads torch, diffusers, transformers, …
     import diffusers
     import transformers
 
@@ -60,7 +63,6 @@ def _quiet_libraries() -> None:
 
 
 def run_demo(out: Path, base: str) -> None:
-    from workers.training import check_factors_fit_base_model, load_components, native_resolution, train
 
     _quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,6 @@ def run_demo(out: Path, base: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LyCORISCompatibilityWarning)
         lyco = to_lycoris(state)
-    from safetensors.torch import save_file
 
     save_file(lyco, out / "adapter_lycoris.safetensors")
     print(f"[4/6] saved {native} and {out / 'adapter_lycoris.safetensors'} (LoKr keys for ComfyUI/A1111/Forge)")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from services.cli.progress import wait_generation, wait_training
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -27,6 +29,7 @@ def _free_port() -> int:
 
 def _subject_images(folder: Path) -> None:
     """Three views of a 'toy': a coloured square on a plain background, shifted a little."""
+    # lazy: loads PIL
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -37,9 +40,8 @@ def _subject_images(folder: Path) -> None:
 
 
 def run_service_demo(out: Path) -> None:
+    # lazy: loads krona_sdk, pydantic
     import krona_sdk
-
-    from services.cli.progress import wait_generation, wait_training
 
     out = out.resolve()
     data_dir = out / "krona-data"

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from services.cli.commands import MODULES, HelpFormatter
+from services.cli.connection import CliError, WaitInterrupted, describe_error
 
 DESCRIPTION = """\
 DiffuseKronA (Kronecker-product) adapters for Stable Diffusion, as a service.
@@ -52,7 +53,6 @@ def _fail(args: argparse.Namespace, message: object, status: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from services.cli.connection import CliError, WaitInterrupted, describe_error
 
     try:
         return args.handler(args) or 0

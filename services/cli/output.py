@@ -105,6 +105,7 @@ def _training_step(row: dict) -> str:
 
 
 def _training_phase(row: dict) -> str:
+    # lazy: loads httpx, krona_sdk, pydantic
     from krona_sdk import Training
 
     return Training.model_validate(row).phase.replace("_", " ")

@@ -9,11 +9,22 @@ KRONA_BROKER_URL / KRONA_S3_* set run against PostgreSQL, Redis and S3.
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import json
 import os
+import re
+import shutil
+import socket
 import sys
+import tempfile
 from pathlib import Path
 
+from services.cli.connection import CliError
 from services.cli.supervisor import Child, Supervisor
+from shared.models import resolve_base_model
+from shared.queue import WEBHOOK_QUEUE
+from shared.storage import S3Storage, StorageError, storage_from_settings
 
 DEFAULT_TENANT = "default"
 # How long `krona up` waits for its job worker to drain when it stops (one training step and a checkpoint).
@@ -26,6 +37,7 @@ GATEWAY_GRACEFUL_SECONDS = 2
 
 def _settings(data_dir: str | None = None, *, export: bool = False):
     """Settings with ``--data-dir`` applied; ``export`` also puts it in the environment for child processes."""
+    # lazy: loads pydantic
     from shared.settings import Settings
 
     if not data_dir:
@@ -37,6 +49,7 @@ def _settings(data_dir: str | None = None, *, export: bool = False):
 
 
 def migrate(args: argparse.Namespace) -> int:
+    # lazy: loads sqlalchemy
     from shared.db import upgrade_to_head
 
     settings = _settings(getattr(args, "data_dir", None))
@@ -48,7 +61,6 @@ def migrate(args: argparse.Namespace) -> int:
 
 def _ensure_bucket(settings) -> None:
     """With S3 storage: create the bucket when it is missing, and say which happened (no-op for a local folder)."""
-    from shared.storage import S3Storage, StorageError, storage_from_settings
 
     storage = storage_from_settings(settings)
     if not isinstance(storage, S3Storage):
@@ -62,8 +74,10 @@ def _ensure_bucket(settings) -> None:
 
 def _ensure_default_tenant(settings) -> Path:
     """First start: create tenant 'default' and write its key to <data_dir>/api-key (mode 600)."""
+    # lazy: loads sqlalchemy
     from sqlalchemy import select
 
+    # lazy: loads sqlalchemy
     from shared.db import Tenant, make_engine, make_session_factory
     from shared.tenants import create_api_key, create_tenant
 
@@ -107,8 +121,6 @@ def gateway(args: argparse.Namespace) -> int:
     if workers == 1 or args.reuse_port:
         _serve_gateway(args.host, args.port, reuse_port=args.reuse_port)
         return 0
-    import shutil
-    import tempfile
 
     # Several processes: their metrics are summed from files (prometheus_client's multiprocess mode).
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="krona-metrics-")
@@ -128,10 +140,11 @@ def gateway(args: argparse.Namespace) -> int:
 
 
 def _serve_gateway(host: str, port: int, *, reuse_port: bool) -> None:
-    import socket
 
+    # lazy: loads sqlalchemy, numpy, fastapi, …
     import uvicorn
 
+    # lazy: loads fastapi, sqlalchemy
     from services.gateway.app import configure_logging
 
     configure_logging()
@@ -160,7 +173,6 @@ def _serve_gateway(host: str, port: int, *, reuse_port: bool) -> None:
 
 def worker_command(queues: str, hostname: str, *, webhook_concurrency: int = 8) -> list[str]:
     """The Celery worker for ``queues``: jobs one at a time (solo pool); webhook deliveries on a thread pool."""
-    from shared.queue import WEBHOOK_QUEUE
 
     names = set(queues.split(","))
     if WEBHOOK_QUEUE in names and names != {WEBHOOK_QUEUE}:
@@ -184,9 +196,6 @@ def worker(args: argparse.Namespace) -> int:
 
 def _lock_data_dir(data_dir: Path):
     """Hold ``<data dir>/up.lock`` for this process's life: one `krona up` per data folder (CliError otherwise)."""
-    import fcntl
-
-    from services.cli.connection import CliError
 
     path = data_dir / "up.lock"
     handle = open(path, "a+")  # noqa: SIM115 - held until the process exits
@@ -209,10 +218,6 @@ def _lock_data_dir(data_dir: Path):
 
 def _check_port(host: str, port: int) -> None:
     """CliError when something listens on host:port already (before anything starts)."""
-    import errno
-    import socket
-
-    from services.cli.connection import CliError
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -228,7 +233,6 @@ def _check_port(host: str, port: int) -> None:
 def _gateway_line_to_terminal(line: str, previous: bool) -> bool:
     """Gateway output: its JSON log lines at WARNING and above (and anything that is not a log line) reach the
     terminal; access lines (INFO) only the log file."""
-    import json
 
     if not line.strip():
         return False
@@ -242,7 +246,6 @@ def _gateway_line_to_terminal(line: str, previous: bool) -> bool:
 def _worker_line_to_terminal(line: str, previous: bool) -> bool:
     """Celery output: its log lines at WARNING and above, with the lines that follow them (a traceback); the
     banner and the info lines only the log file."""
-    import re
 
     match = re.match(r"^\[[^\]]*: (\w+)/[^\]]*\] ?(.*)$", line)
     if match:
@@ -256,8 +259,10 @@ def _no_job_running(settings):
     """True when no training, generation or adapter evaluation is running (embedded: none on our worker)."""
 
     def idle() -> bool:
+        # lazy: loads sqlalchemy
         from sqlalchemy import func, select
 
+        # lazy: loads sqlalchemy
         from shared.db import Adapter, Generation, Training, make_engine
 
         engine = make_engine(settings.resolved_database_url)
@@ -277,6 +282,7 @@ def _no_job_running(settings):
 
 
 def _ready(url: str):
+    # lazy: loads httpx
     import httpx
 
     def probe() -> bool:
@@ -294,8 +300,8 @@ def up(args: argparse.Namespace) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data_dir)  # noqa: F841 - held until exit
     _check_port(args.host, args.port)
+    # lazy: loads sqlalchemy
     from shared.db import upgrade_to_head
-    from shared.models import resolve_base_model
 
     upgrade_to_head(settings.resolved_database_url)
     _ensure_bucket(settings)

@@ -18,6 +18,7 @@ so a worker gets a longer wait than the gateway. A second Ctrl-C (or SIGTERM) wh
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -41,8 +42,6 @@ POLL_SECONDS = 0.1
 
 def _libc():
     try:
-        import ctypes
-
         return ctypes.CDLL(None, use_errno=True)
     except OSError:  # pragma: no cover - not Linux
         return None

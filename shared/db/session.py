@@ -84,6 +84,7 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 def _scripts() -> ScriptDirectory:
+    # lazy: loads sqlalchemy, alembic
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
@@ -141,6 +142,7 @@ def check_migrated(engine: Engine) -> None:
 
 def upgrade_to_head(url: str) -> None:
     """Apply every migration (alembic upgrade head) to the database at ``url``."""
+    # lazy: loads sqlalchemy, alembic
     from alembic import command
     from alembic.config import Config
 

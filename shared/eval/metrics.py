@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.images import to_uint8
+
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 
@@ -26,9 +28,8 @@ DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 def to_pil(image: Any) -> Any:
     """A PIL RGB image from a PIL image, a uint8 array (H, W, 3) or a float array in [0, 1] (a pipeline's
     `output_type="np"`)."""
+    # lazy: loads PIL
     from PIL import Image
-
-    from shared.images import to_uint8
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -57,6 +58,7 @@ class ClipEmbedder:
     """A CLIP model and its processor: unit-length image and text embeddings, (N, projection_dim)."""
 
     def __init__(self, model: str = DEFAULT_CLIP_MODEL, *, device: str | torch.device | None = None) -> None:
+        # lazy: loads torch, transformers, PIL, …
         from transformers import CLIPModel, CLIPProcessor
 
         self.name = str(model)
@@ -85,6 +87,7 @@ class DinoEmbedder:
     """A DINO ViT (ViTModel) and its image processor: unit-length CLS embeddings, (N, hidden_size)."""
 
     def __init__(self, model: str = DEFAULT_DINO_MODEL, *, device: str | torch.device | None = None) -> None:
+        # lazy: loads torch, transformers, PIL, …
         from transformers import AutoImageProcessor, ViTModel
 
         self.name = str(model)

@@ -18,10 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
-from shared.eval.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL
+from shared.eval.metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, ClipEmbedder, DinoEmbedder, clip_i, clip_t, dino
 from shared.eval.prompts import evaluation_prompts, image_seeds, prompt_data
+from shared.eval.tiny import resolve_eval_model
+from shared.images import ImageLimits, list_image_files, load_subject_images, save_image
 from shared.krona.keys import is_lokr_key
+from shared.models import load_pipeline
 
 if TYPE_CHECKING:
     from shared.images import ImageLimits
@@ -73,7 +77,6 @@ class EvalReport:
 
 def save_grid(rows: list[list[np.ndarray]], path: str | os.PathLike[str]) -> None:
     """A PNG grid of float images in [0, 1] (H, W, 3): one row per prompt, one column per seed."""
-    from shared.images import save_image
 
     height = max(image.shape[0] for row in rows for image in row)
     width = max(image.shape[1] for row in rows for image in row)
@@ -87,6 +90,7 @@ def save_grid(rows: list[list[np.ndarray]], path: str | os.PathLike[str]) -> Non
 
 def is_diffusers_lora(path: str | os.PathLike[str]) -> bool:
     """A diffusers/PEFT LoRA file (``…lora_A.weight`` or ``…lora.down.weight`` keys), not a KronA or LoKr one."""
+    # lazy: loads safetensors
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
@@ -107,10 +111,9 @@ def generate_images(
     device: str | None = None,
 ) -> list[list[np.ndarray]]:
     """For each prompt, one float image (H, W, 3) per seed; image k of every prompt starts from seed k's noise."""
-    import torch
 
+    # lazy: loads safetensors
     from shared.krona import load_into_pipeline
-    from shared.models import load_pipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(base, device=device)
@@ -168,9 +171,6 @@ def evaluate(
     few of the default set). The real images are decoded with ``image_limits`` (the service's upload limits;
     default ``ImageLimits()``). Inputs are checked before any model loads (real images, prompts, counts).
     """
-    from shared.eval.metrics import ClipEmbedder, DinoEmbedder, clip_i, clip_t, dino
-    from shared.eval.tiny import resolve_eval_model
-    from shared.images import ImageLimits, list_image_files, load_subject_images, save_image
 
     if not 1 <= per_prompt <= 16:
         raise ValueError(f"--per-prompt must be between 1 and 16, got {per_prompt}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.models.tiny import SEED, model_cache_root
-from shared.models.tokenizer import CLIP_MAX_LENGTH, VOCAB_SIZE
+from shared.models.tokenizer import CLIP_MAX_LENGTH, VOCAB_SIZE, build_clip_tokenizer, write_clip_tokenizer_files
 
 BUILD_VERSION = 1
 _IMAGE_SIZE = 32
@@ -59,9 +59,8 @@ def tiny_eval_model_path(name: str) -> Path:
 
 
 def _build_tiny_clip(folder: Path) -> None:
+    # lazy: loads torch, transformers, PIL, …
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from shared.models.tokenizer import build_clip_tokenizer, write_clip_tokenizer_files
 
     config = TINY_EVAL_CONFIGS["tiny-clip"]
     # transformers' PreTrainedModel.eval() and CLIPProcessor.__init__ are unannotated
@@ -76,6 +75,7 @@ def _build_tiny_clip(folder: Path) -> None:
 
 
 def _build_tiny_dino(folder: Path) -> None:
+    # lazy: loads torch, transformers, PIL, …
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     vit = ViTModel(ViTConfig(**TINY_EVAL_CONFIGS["tiny-dino"]), add_pooling_layer=False)
@@ -91,6 +91,7 @@ def ensure_tiny_eval_model(name: str) -> Path:
 
     Built in a temporary sibling renamed into place, so the folder is either complete or absent.
     """
+    # lazy: loads torch, numpy, tqdm
     import torch
 
     target = tiny_eval_model_path(name)

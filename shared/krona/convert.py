@@ -512,6 +512,7 @@ def c_order(array: np.ndarray) -> np.ndarray:
 
 def safetensors_bytes(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """A safetensors blob of ``arrays`` (``BFLOAT16`` ones written as BF16), keys sorted."""
+    # lazy: loads safetensors
     from safetensors.numpy import save
 
     bf16 = sorted(k for k, v in arrays.items() if v.dtype == BFLOAT16)

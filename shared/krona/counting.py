@@ -28,6 +28,7 @@ def _read_unet_config(source: str | os.PathLike[str]) -> dict[str, Any]:
 
 def meta_unet(unet_config: Mapping[str, Any] | str | os.PathLike[str]) -> nn.Module:
     """A diffusers UNet2DConditionModel built from its config on the meta device (no memory, no weights)."""
+    # lazy: loads torch, diffusers, transformers, …
     from diffusers import UNet2DConditionModel
 
     config = dict(unet_config) if isinstance(unet_config, Mapping) else _read_unet_config(unet_config)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import KronaConfig
@@ -85,8 +85,6 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
     parse_safetensors_header(header, size - 8 - header_len, str(path), dtype_sizes=TORCH_DTYPE_SIZES)
     try:
         tensors = load_file(path)
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             metadata = dict(f.metadata() or {})
     except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -115,6 +115,7 @@ def hub_unet_config(repo_id: str) -> dict[str, Any]:
     into memory (a process with no writable home or cache, such as the gateway's container). A model that is
     not found raises ``BaseModelNotFound`` naming the id and, for a removed one, its mirrors.
     """
+    # lazy: loads huggingface_hub, tqdm, yaml
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "unet/config.json")
@@ -124,6 +125,7 @@ def hub_unet_config(repo_id: str) -> dict[str, Any]:
             return config
     if repo_id in HUB_UNET_CONFIGS:
         return dict(HUB_UNET_CONFIGS[repo_id])
+    # lazy: loads huggingface_hub, tqdm, yaml
     from huggingface_hub import hf_hub_download
 
     try:
@@ -141,6 +143,7 @@ def hub_unet_config(repo_id: str) -> dict[str, Any]:
 
 
 def _fetch_into_memory(repo_id: str, filename: str) -> dict[str, Any]:
+    # lazy: loads huggingface_hub
     from huggingface_hub import hf_hub_url
 
     # huggingface_hub.utils re-exports these lazily, without the explicit re-export (`as` or __all__) mypy reads

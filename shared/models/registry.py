@@ -74,6 +74,7 @@ def load_pipeline(name_or_path: str | Path, *, torch_dtype: Any = None, device: 
     Hub ids go through the Hugging Face cache as usual (and stay offline when `HF_HUB_OFFLINE=1`).
     `torch_dtype` (e.g. `torch.float16`) and `device` (e.g. `"cuda"`) are applied when given.
     """
+    # lazy: loads torch, diffusers, transformers, …
     from diffusers import DiffusionPipeline
 
     source = resolve_base_model(name_or_path)

@@ -245,6 +245,7 @@ def build_tiny_pipeline(name: str) -> Any:
     Prefer `ensure_tiny_model` / `load_pipeline`, which load it through `from_pretrained` like a real model.
     """
     try:
+        # lazy: loads torch, diffusers, transformers, …
         import diffusers
         import torch
         import transformers

@@ -86,6 +86,7 @@ def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
     `pad_token` is `<|endoftext|>` for SD 1.x and SDXL's first tokenizer; SDXL's second (OpenCLIP)
     tokenizer pads with `"!"` (id 0).
     """
+    # lazy: loads transformers, PIL, numpy, …
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="krona-clip-tokenizer-") as directory:

@@ -91,6 +91,7 @@ class Storage(abc.ABC):
 
 def storage_from_settings(settings: Settings) -> Storage:
     """S3Storage when KRONA_S3_ENDPOINT is set, else LocalStorage under the blob folder."""
+    # Here, not at the top: local.py and s3.py import this module (Storage, BlobNotFound).
     from .local import LocalStorage
     from .s3 import S3Storage
 

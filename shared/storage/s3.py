@@ -17,6 +17,7 @@ __all__ = ["S3Storage"]
 
 class S3Storage(Storage):
     def __init__(self, *, endpoint: str, bucket: str, access_key: str, secret_key: str, region: str = "us-east-1"):
+        # lazy: loads boto3, botocore
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -42,6 +43,7 @@ class S3Storage(Storage):
         self.transfer = TransferConfig(multipart_threshold=16 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # lazy: loads botocore
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -61,6 +63,7 @@ class S3Storage(Storage):
 
     def bucket_exists(self) -> bool:
         """Whether the bucket exists; StorageError when S3 is unreachable or refuses these credentials."""
+        # lazy: loads botocore
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -81,6 +84,7 @@ class S3Storage(Storage):
 
     def ensure_bucket(self) -> bool:
         """Create the bucket unless it exists; whether it was created. StorageError as for ``bucket_exists``."""
+        # lazy: loads botocore
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self.bucket_exists():

@@ -156,6 +156,7 @@ class Engine:
 
     def _prepare(self, adapter_id: str, data: bytes) -> tuple[torch.Tensor, int]:
         """File bytes -> one flat CPU vector in the engine's layer order (checked against the slots' shapes)."""
+        # lazy: loads safetensors
         from safetensors.torch import load
 
         try:

@@ -57,8 +57,10 @@ def engine_for(rt: Runtime):
     """The process's engine: the base pipeline loaded once, with adapter slots on every target layer."""
     key = f"engine:{rt.settings.base_model}"
     if key not in rt.pipelines:
+        # lazy: loads torch, tqdm
         import torch
 
+        # lazy: loads torch, diffusers
         from shared.models import load_pipeline
 
         from .engine import Engine
@@ -94,6 +96,7 @@ def engine_for(rt: Runtime):
 
 
 def _device(engine) -> str:
+    # lazy: loads torch, tqdm
     import torch
 
     device = getattr(engine.pipe, "device", torch.device("cpu"))
@@ -153,6 +156,7 @@ class _LoopServer:
     # The loop ------------------------------------------------------------------------------------------------
 
     def serve(self, first_id: str) -> str:
+        # lazy: loads torch, diffusers, PIL, …
         from .loop import DenoisingLoop
 
         first = self._read(first_id)
@@ -271,6 +275,7 @@ class _LoopServer:
 
     def _admit(self, loop, row: Generation) -> None:
         """Start the request's lease heartbeat and join it to the loop; a request that cannot join fails alone."""
+        # lazy: loads torch, tqdm
         from .engine import AdapterShapeError, Request
 
         self.tenants.add(row.tenant_id)

@@ -32,6 +32,7 @@ slot (pinned) while it runs.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -278,7 +279,6 @@ class DenoisingLoop:
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict[str, Any]:
     """What the pipelines' ``prepare_extra_step_kwargs`` passes to ``scheduler.step`` (eta 0, the generators)."""
-    import inspect
 
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs: dict[str, Any] = {}

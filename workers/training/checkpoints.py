@@ -10,8 +10,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from shared.krona import adapter_state_dict, load_adapter_state_dict, save_adapter
+from shared.krona import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
 from shared.training_spec import TrainingSpec
 
 from .adapter import ADAPTER_NAME
@@ -34,8 +35,6 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         if spec.method == "lora":
-            from safetensors.torch import save_file
-
             save_file(lora_state_dict(components), tmp / "lora.safetensors")
         else:
             factors = adapter_state_dict(components.unet, ADAPTER_NAME)
@@ -69,7 +68,6 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 def load_checkpoint(path: str | os.PathLike, components: Components, spec: TrainingSpec, state: TrainState) -> None:
     """Restore factors, optimizer, step, losses and RNG; refuses a checkpoint made with other settings."""
-    from shared.krona import load_adapter
 
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
@@ -79,8 +77,6 @@ def load_checkpoint(path: str | os.PathLike, components: Components, spec: Train
     if differing:
         raise ValueError(f"checkpoint {path} was made with different settings ({', '.join(differing)}); cannot resume")
     if spec.method == "lora":
-        from safetensors.torch import load_file
-
         load_lora_state_dict(components, load_file(path / "lora.safetensors"))
     else:
         factors, _, _ = load_adapter(path / "adapter.safetensors")

@@ -44,6 +44,7 @@ def class_image_set(base_model: str, spec: TrainingSpec, resolution: int) -> str
 
 
 def _png(pixels: np.ndarray) -> bytes:
+    # lazy: loads PIL
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -52,6 +53,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def _pixels(png: bytes) -> np.ndarray:
+    # lazy: loads PIL
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as image:
@@ -69,7 +71,7 @@ def generate_class_images(
     """Prior-preservation images of the class: ``spec.num_class_images`` of them, from ``cache`` where it has
     them, else made by the base model (and put in the cache one by one). ``should_stop`` is asked before each
     image made; on True, TrainingCanceled is raised at step 0 (what was made is in the cache)."""
-    from .trainer import TrainingCanceled
+    from .trainer import TrainingCanceled  # here: trainer.py imports this module
 
     resolution = spec.resolution or native_resolution(components)
     images = []

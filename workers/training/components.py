@@ -41,6 +41,7 @@ def load_components(
     base_model: str, *, device: str | torch.device | None = None, mixed_precision: str = "no"
 ) -> Components:
     """Load ``base_model`` (built-in name, folder or hub id) frozen, on ``device`` (default: CUDA if present)."""
+    # lazy: loads torch, diffusers, PIL, …
     from diffusers import DDPMScheduler
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -42,6 +42,7 @@ def to_training_tensor(image: SubjectImage, resolution: int) -> tuple[torch.Tens
     Returns (tensor (3, resolution, resolution), original size (h, w), crop top-left (top, left) in the
     resized image); SDXL conditions on the last two (``add_time_ids``).
     """
+    # lazy: loads PIL
     from PIL import Image
 
     pil = Image.fromarray(image.pixels)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from shared.eval.run import is_diffusers_lora
 from shared.images import SubjectImage
+from shared.krona import load_into_pipeline, set_adapter_scale
 from shared.training_spec import TrainingSpec
 
 from .components import load_components
@@ -36,8 +38,6 @@ def heldout_losses(
 
     `samples` draws of (image, latent, noise, timestep) per set, from `seed`; without an adapter, only `base`.
     """
-    from shared.eval.run import is_diffusers_lora
-    from shared.krona import load_into_pipeline, set_adapter_scale
 
     if not 1 <= samples <= 1024:
         raise ValueError(f"the held-out loss takes 1 to 1024 samples, got {samples}")

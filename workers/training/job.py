@@ -31,6 +31,7 @@ from shared.storage import BlobNotFound
 from shared.storage import keys as blob_keys
 from shared.training_spec import EvaluationRequest, TrainingSpec
 from shared.usage import Usage
+from workers.train_queue import run_train_queue_job
 
 from ..drain import Drained, drain_requested, hand_over_training, unless_drained
 from ..evaluation import evaluate_trained_adapter, interrupted_evaluation, record_of_training_evaluation
@@ -72,7 +73,6 @@ def run_training_job(rt: Runtime, message_job_id: str) -> str:
     """A message of the train queue: claim the queue's fairest job (a training or an evaluation; a crashed one
     named by the message first) and run it; the final status, or 'skipped' when there was nothing to claim."""
     # Lazy: workers.train_queue imports this module to run the trainings it claims.
-    from workers.train_queue import run_train_queue_job
 
     return run_train_queue_job(rt, message_job_id)
 

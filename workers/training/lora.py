@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from shared.krona import KronaConfig, target_layer_shapes
+from shared.krona.counting import meta_unet
 from shared.training_spec import TrainingSpec
 
 from .components import Components
@@ -25,6 +29,7 @@ LORA_ADAPTER_NAME = "default"
 
 
 def _lora_config(spec: TrainingSpec) -> Any:
+    # lazy: loads torch, transformers, peft, …
     from peft import LoraConfig
 
     return LoraConfig(
@@ -59,6 +64,7 @@ def build_lora_adapter(components: Components, spec: TrainingSpec) -> list[torch
 
 def lora_state_dict(components: Components) -> dict[str, torch.Tensor]:
     """The LoRA weights in PEFT's naming (``<module path>.lora_A.weight`` …), on the CPU."""
+    # lazy: loads torch, transformers, peft, …
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(components.unet, adapter_name=LORA_ADAPTER_NAME)
@@ -67,6 +73,7 @@ def lora_state_dict(components: Components) -> dict[str, torch.Tensor]:
 
 def load_lora_state_dict(components: Components, state: dict[str, torch.Tensor]) -> None:
     """Put saved LoRA weights (``lora_state_dict``'s naming) back into the UNet's LoRA layers."""
+    # lazy: loads torch, transformers, peft, …
     from peft.utils import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(components.unet, state, adapter_name=LORA_ADAPTER_NAME)
@@ -78,9 +85,8 @@ def load_lora_state_dict(components: Components, state: dict[str, torch.Tensor])
 def save_lora_adapter(path: str | os.PathLike, components: Components, metadata: dict[str, str]) -> Path:
     """The trained LoRA as one diffusers LoRA safetensors file (``pipe.load_lora_weights`` reads it), with
     ``metadata`` (base model, training parameters) added to diffusers' own."""
+    # lazy: loads torch, diffusers, PIL, …
     from diffusers.utils import convert_state_dict_to_diffusers
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +104,6 @@ def save_lora_adapter(path: str | os.PathLike, components: Components, metadata:
 
 def count_lora_parameters(unet_config: dict[str, Any], spec: TrainingSpec) -> int:
     """Trainable parameters of rank-r LoRA on the target layers: Σ r * (d_in + d_out) (no weights loaded)."""
-    from shared.krona import KronaConfig, target_layer_shapes
-    from shared.krona.counting import meta_unet
 
     shapes = target_layer_shapes(meta_unet(unet_config), KronaConfig(a1=1, a2=1, target_modules=spec.target_modules))
     if not shapes:

@@ -50,6 +50,7 @@ def _make_optimizer(spec: TrainingSpec, params: list[torch.nn.Parameter]) -> tor
     )
     if spec.use_8bit_adam:
         try:
+            # lazy: loads an optional package
             import bitsandbytes as bnb
         except ImportError:
             raise ValueError("use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes)") from None

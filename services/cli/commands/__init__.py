@@ -5,7 +5,11 @@ heavy dependencies inside the handlers, so `krona --help` stays fast and loads n
 from __future__ import annotations
 
 import argparse
+import sys
+import textwrap
 from collections.abc import Sequence
+
+from services.cli.connection import CliError
 
 __all__ = ["MODULES", "HelpFormatter", "add_group", "add_leaf"]
 
@@ -31,7 +35,6 @@ class HelpFormatter(argparse.HelpFormatter):
     help text does not."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        import textwrap
 
         paragraphs = []
         for paragraph in text.split("\n\n"):
@@ -75,7 +78,6 @@ def add_leaf(sub, name: str, help: str, examples: Sequence[str], description: st
 
 def note(message: str) -> None:
     """A message about what happened: stderr, so that stdout holds only the resource."""
-    import sys
 
     print(message, file=sys.stderr, flush=True)
 
@@ -96,7 +98,6 @@ def add_list_options(parser: argparse.ArgumentParser, *, statuses: bool = False)
 def list_resources(fetch_page, args: argparse.Namespace) -> dict:
     """``{"data": [...], "next_cursor": ...}`` of the newest ``--limit`` (or ``--all``) resources, fetched page by
     page with ``fetch_page(limit=, cursor=)``."""
-    from services.cli.connection import CliError
 
     if args.limit < 1:
         raise CliError("--limit must be at least 1")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from services.cli.commands import add_group, add_leaf, add_list_options, list_resources, note
-from services.cli.connection import CliError, add_connection_options, connect
+from services.cli.connection import CliError, WaitInterrupted, add_connection_options, connect
 from services.cli.images import expand_images
 from services.cli.output import add_output_option, emit, output_format
 
@@ -157,8 +157,6 @@ def evaluate_adapter(args: argparse.Namespace) -> int:
             try:
                 adapter = client.adapters.wait_evaluation(args.id)
             except KeyboardInterrupt:
-                from services.cli.connection import WaitInterrupted
-
                 raise WaitInterrupted(
                     f"stopped waiting; the evaluation goes on. See its scores: krona adapters get {args.id}"
                 ) from None

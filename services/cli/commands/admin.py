@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from services.cli.commands import HelpFormatter, add_leaf
 from services.cli.commands.tenants import LIMITS as LIMIT_NAMES
 from services.cli.commands.tenants import add_clear_option, add_limit_options
 from services.cli.connection import CliError
 from services.cli.output import emit, print_table
+from services.cli.stack import _settings
+from shared.errors import ServiceError
+from shared.storage import storage_from_settings
 
 DATA_DIR_HELP = "the embedded data folder (default: $KRONA_DATA_DIR, else .krona; ignored with KRONA_DATABASE_URL)"
 
@@ -151,9 +155,8 @@ def register(sub) -> None:
 
 def checked_settings(data_dir: str | None):
     """Settings whose database exists and is migrated (CliError otherwise: this never creates one)."""
-    from pathlib import Path
 
-    from services.cli.stack import _settings
+    # lazy: loads sqlalchemy
     from shared.db import DatabaseNotMigrated, check_migrated, make_engine
 
     settings = _settings(data_dir)
@@ -182,6 +185,7 @@ def _database(handler):
     """Run ``handler(args, settings, session)`` on the checked database."""
 
     def run(args: argparse.Namespace) -> int:
+        # lazy: loads sqlalchemy
         from shared.db import make_engine, make_session_factory
 
         settings = checked_settings(args.data_dir)
@@ -196,6 +200,7 @@ def _database(handler):
 
 
 def _find_tenant(session, reference: str):
+    # lazy: loads sqlalchemy, fastapi, pydantic, …
     from services.gateway.services.tenants import find_tenant
 
     return find_tenant(session, reference)  # ValueError: a one-line error
@@ -217,6 +222,7 @@ def _structured(args: argparse.Namespace) -> bool:
 
 
 def create_tenant(args, settings, session) -> int:
+    # lazy: loads sqlalchemy
     from shared.tenants import create_tenant as create
 
     tenant, key = create(session, args.name)
@@ -233,8 +239,10 @@ def create_tenant(args, settings, session) -> int:
 
 
 def rotate_webhook_secret(args, settings, session) -> int:
+    # lazy: loads sqlalchemy
     from sqlalchemy import select
 
+    # lazy: loads sqlalchemy
     from shared.db import Tenant
     from shared.tenants import rotate_webhook_secret as rotate
 
@@ -252,6 +260,7 @@ def rotate_webhook_secret(args, settings, session) -> int:
 
 
 def create_admin_key(args, settings, session) -> int:
+    # lazy: loads sqlalchemy
     from shared.tenants import new_api_key
 
     key, row = new_api_key(session, None, name=args.name, role="admin")
@@ -265,6 +274,7 @@ def create_admin_key(args, settings, session) -> int:
 
 
 def create_tenant_key(args, settings, session) -> int:
+    # lazy: loads sqlalchemy
     from shared.tenants import new_api_key
 
     tenant = _find_tenant(session, args.tenant)
@@ -279,8 +289,10 @@ def create_tenant_key(args, settings, session) -> int:
 
 
 def list_tenant_keys(args, settings, session) -> int:
+    # lazy: loads sqlalchemy, pydantic
     from sqlalchemy import select
 
+    # lazy: loads sqlalchemy
     from shared.db import ApiKey
     from shared.schemas import api_key_public
 
@@ -300,8 +312,8 @@ def list_tenant_keys(args, settings, session) -> int:
 
 
 def revoke_tenant_key(args, settings, session) -> int:
+    # lazy: loads sqlalchemy, fastapi, pydantic, …
     from services.gateway.services.tenants import revoke_key
-    from shared.errors import ServiceError
 
     try:
         revoked = revoke_key(session=session, tenant=None, key_id=args.key_id)
@@ -312,8 +324,10 @@ def revoke_tenant_key(args, settings, session) -> int:
 
 
 def list_all_tenants(args, settings, session) -> int:
+    # lazy: loads sqlalchemy, pydantic
     from sqlalchemy import select
 
+    # lazy: loads sqlalchemy
     from shared.db import Tenant
     from shared.schemas import tenant_public
 
@@ -333,8 +347,10 @@ def list_all_tenants(args, settings, session) -> int:
 
 
 def set_limits(args, settings, session) -> int:
+    # lazy: loads sqlalchemy, fastapi, pydantic, …
     from pydantic import ValidationError
 
+    # lazy: loads sqlalchemy, fastapi
     from services.gateway.services.tenants import DEFAULT_WEIGHT, apply_limits
     from shared.limits import tenant_limits
     from shared.schemas import TenantUpdate, tenant_public
@@ -374,8 +390,8 @@ def set_limits(args, settings, session) -> int:
 
 
 def delete_tenant(args, settings, session) -> int:
+    # lazy: loads sqlalchemy, fastapi, pydantic, …
     from services.gateway.services.tenants import delete_tenant as delete
-    from shared.storage import storage_from_settings
 
     tenant = _find_tenant(session, args.tenant)
     if not args.yes:
@@ -397,8 +413,10 @@ def delete_tenant(args, settings, session) -> int:
 
 
 def tenant_usage(args, settings, session) -> int:
+    # lazy: loads sqlalchemy
     from sqlalchemy import select
 
+    # lazy: loads sqlalchemy
     from shared.db import Tenant
     from shared.usage import default_range, parse_day, usage_totals
 
@@ -434,6 +452,7 @@ def tenant_usage(args, settings, session) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """One retention pass now (workers/retention.py); prints the counts. Exit status 1 if a step failed."""
+    # lazy: loads sqlalchemy, pydantic
     from workers.retention import run_retention
     from workers.runtime import build_runtime
 

@@ -12,6 +12,8 @@ from services.cli.commands import add_group, add_leaf, add_list_options, list_re
 from services.cli.commands.generations import add_generation_options, generation_fields
 from services.cli.connection import CliError, add_connection_options, connect
 from services.cli.output import add_output_option, emit, output_format
+from services.cli.progress import duration
+from services.cli.progress import wait_batch as follow
 
 
 def register(sub) -> None:
@@ -109,7 +111,6 @@ def download_all(client, batch, out: str) -> int:
 
 
 def _finish(client, batch, started: float, out: str | None, args: argparse.Namespace) -> int:
-    from services.cli.progress import duration
 
     counts = ", ".join(f"{n} {s}" for s, n in batch.counts.items() if n)
     note(f"batch {batch.id} ended after {duration(time.monotonic() - started)}: {counts or 'empty'}")
@@ -120,7 +121,6 @@ def _finish(client, batch, started: float, out: str | None, args: argparse.Names
 
 
 def create_batch(args: argparse.Namespace) -> int:
-    from services.cli.progress import wait_batch
 
     requests = _requests(args)
     with connect(args) as client:
@@ -131,7 +131,7 @@ def create_batch(args: argparse.Namespace) -> int:
             emit(batch, output_format(args), "batch")
             return 0
         started = time.monotonic()
-        batch = wait_batch(client, batch.id)
+        batch = follow(client, batch.id)
         return _finish(client, batch, started, args.out, args)
 
 
@@ -149,7 +149,6 @@ def list_batches(args: argparse.Namespace) -> int:
 
 
 def wait_batch(args: argparse.Namespace) -> int:
-    from services.cli.progress import wait_batch as follow
 
     started = time.monotonic()
     with connect(args) as client:

@@ -9,6 +9,8 @@ from pathlib import Path
 from services.cli.commands import add_group, add_leaf, add_list_options, list_resources, note
 from services.cli.connection import add_connection_options, connect
 from services.cli.output import add_output_option, emit, output_format
+from services.cli.progress import exit_status, require_done, summary
+from services.cli.progress import wait_generation as follow
 
 # The fields of a generation request, as options (the API's names).
 FIELDS = ("adapter_id", "adapter_scale", "negative_prompt", "num_images", "steps", "guidance_scale", "width",
@@ -111,7 +113,6 @@ def save_images(client, generation, out: str) -> list[Path]:
 
 
 def _finish(client, generation, started: float, out: str | None, args: argparse.Namespace) -> int:
-    from services.cli.progress import exit_status, summary
 
     note(summary("generation", generation, started))
     if out and generation.status == "succeeded":
@@ -121,7 +122,6 @@ def _finish(client, generation, started: float, out: str | None, args: argparse.
 
 
 def create_generation(args: argparse.Namespace) -> int:
-    from services.cli.progress import wait_generation
 
     with connect(args) as client:
         generation = client.generations.create(
@@ -133,7 +133,7 @@ def create_generation(args: argparse.Namespace) -> int:
             emit(generation, output_format(args), "generation")
             return 0
         started = time.monotonic()
-        generation = wait_generation(client, generation.id)
+        generation = follow(client, generation.id)
         return _finish(client, generation, started, args.out, args)
 
 
@@ -156,7 +156,6 @@ def list_generations(args: argparse.Namespace) -> int:
 
 
 def wait_generation(args: argparse.Namespace) -> int:
-    from services.cli.progress import wait_generation as follow
 
     started = time.monotonic()
     with connect(args) as client:
@@ -180,7 +179,6 @@ def delete_generation(args: argparse.Namespace) -> int:
 
 
 def download_generation(args: argparse.Namespace) -> int:
-    from services.cli.progress import require_done
 
     with connect(args) as client:
         generation = client.generations.get(args.id)

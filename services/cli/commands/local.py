@@ -10,8 +10,13 @@ from pathlib import Path
 
 from services.cli.commands import add_leaf
 from services.cli.connection import CliError
+from services.cli.images import expand_images
 from services.cli.output import print_table
 from services.cli.params import add_training_options
+from shared.eval.prompts import evaluation_prompts
+from shared.eval.tiny import resolve_eval_model
+from shared.krona.keys import short_name
+from shared.models import REFERENCE_UNET_CONFIGS, load_pipeline, resolve_base_model, unet_config
 
 BASE_HELP = "tiny-sd, tiny-sdxl, a diffusers folder or a hub id"
 
@@ -231,6 +236,7 @@ def _sha256(path: Path) -> str:
 
 
 def inspect_file(args: argparse.Namespace) -> int:
+    # lazy: loads torch, numpy, safetensors, …
     from shared.krona import FORMAT, load_adapter
     from shared.krona.io import read_safetensors
     from shared.krona.lycoris import from_lycoris
@@ -267,8 +273,10 @@ def inspect_file(args: argparse.Namespace) -> int:
 
 
 def export_file(args: argparse.Namespace) -> int:
+    # lazy: loads torch, numpy, safetensors, …
     from safetensors.torch import save_file
 
+    # lazy: loads torch
     from shared.krona import LyCORISCompatibilityWarning, load_adapter, to_lycoris
 
     state_dict, _config, metadata = load_adapter(args.file)
@@ -290,9 +298,9 @@ def export_file(args: argparse.Namespace) -> int:
 
 
 def import_file(args: argparse.Namespace) -> int:
+    # lazy: loads torch, numpy, safetensors, …
     from shared.krona import KronaConfig, from_lycoris, save_adapter
     from shared.krona.io import read_safetensors
-    from shared.krona.keys import short_name
     from shared.krona.model import group_factors
 
     tensors, _ = read_safetensors(args.file)
@@ -309,8 +317,8 @@ def import_file(args: argparse.Namespace) -> int:
 
 
 def count_parameters(args: argparse.Namespace) -> int:
+    # lazy: loads torch, numpy, tqdm
     from shared.krona import KronaConfig, count_adapter_parameters, meta_unet, target_layer_shapes
-    from shared.models import REFERENCE_UNET_CONFIGS, resolve_base_model, unet_config
 
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     config = KronaConfig(a1=args.a1, a2=args.a2, target_modules=targets)
@@ -328,16 +336,16 @@ def count_parameters(args: argparse.Namespace) -> int:
 
 
 def model_path(args: argparse.Namespace) -> int:
-    from shared.models import resolve_base_model
 
     print(resolve_base_model(args.name))
     return 0
 
 
 def train_adapter(args: argparse.Namespace) -> int:
+    # lazy: loads torch, numpy, safetensors, …
     from tqdm import tqdm
 
-    from services.cli.images import expand_images
+    # lazy: loads torch, diffusers
     from workers.training import (
         TrainingCanceled,
         TrainingSpec,
@@ -427,11 +435,12 @@ def generate_images(args: argparse.Namespace) -> int:
         raise ValueError(f"--adapter-scale must be between 0 and 2, got {args.adapter_scale}")
     if not 1 <= args.num_images <= 8:
         raise ValueError(f"--num-images must be between 1 and 8, got {args.num_images}")
+    # lazy: loads torch, numpy, safetensors, …
     import torch
 
+    # lazy: loads torch, PIL
     from shared.images import save_image
     from shared.krona import load_into_pipeline
-    from shared.models import load_pipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(args.base, device=device)
@@ -461,7 +470,7 @@ def generate_images(args: argparse.Namespace) -> int:
 
 def _check_eval_inputs(args: argparse.Namespace) -> None:
     """What `krona eval` checks before loading any model (the same checks and words as shared.eval.run)."""
-    from shared.eval.prompts import evaluation_prompts
+    # lazy: loads numpy
     from shared.images import load_subject_images
 
     if not 0 <= args.adapter_scale <= 2:
@@ -479,8 +488,8 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
 def _load_scoring_models(args: argparse.Namespace) -> None:
     """Load CLIP and DINO once before anything is generated, so that a model that cannot be had (no hub access,
     a wrong name) fails in seconds, not after the generation; they are cached for the scoring that follows."""
+    # lazy: loads torch, numpy, tqdm
     from shared.eval.metrics import ClipEmbedder, DinoEmbedder
-    from shared.eval.tiny import resolve_eval_model
 
     for option, name, embedder in (("--clip", args.clip, ClipEmbedder), ("--dino", args.dino, DinoEmbedder)):
         try:
@@ -495,6 +504,7 @@ def _load_scoring_models(args: argparse.Namespace) -> None:
 
 
 def evaluate_adapter(args: argparse.Namespace) -> int:
+    # lazy: loads torch, numpy, tqdm
     from shared.eval.run import METRICS, evaluate, write_report
 
     _check_eval_inputs(args)
@@ -521,6 +531,7 @@ def evaluate_adapter(args: argparse.Namespace) -> int:
     rows.append(["mean", *(f"{report.scores[m]:.4f}" for m in METRICS)])
     print_table(["prompt", "CLIP-I", "CLIP-T", "DINO"], rows)
     if loss_sets:
+        # lazy: loads torch, numpy, safetensors, …
         from workers.training.heldout import heldout_losses
 
         report.heldout_loss = heldout_losses(
@@ -549,6 +560,7 @@ def evaluate_adapter(args: argparse.Namespace) -> int:
 
 def _heldout_sets(args: argparse.Namespace) -> dict:
     """`krona eval`'s held-out loss sets: name -> (decoded images, prompt)."""
+    # lazy: loads numpy
     from shared.images import load_subject_images
 
     sets = {}

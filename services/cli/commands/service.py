@@ -7,6 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
+from services.cli import stack
 from services.cli.commands import add_leaf
 
 
@@ -94,7 +95,6 @@ def register(sub) -> None:
 
 def _stack(name: str):
     def run(args: argparse.Namespace) -> int:
-        from services.cli import stack
 
         return getattr(stack, name)(args)
 
@@ -104,10 +104,12 @@ def _stack(name: str):
 def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.local:
+        # lazy: loads torch, PIL, numpy, …
         from services.cli.demo import run_demo as local_demo
 
         local_demo(Path(args.out), args.base)
     else:
+        # lazy: loads httpx
         from services.cli.demo_service import run_service_demo
 
         run_service_demo(Path(args.out))

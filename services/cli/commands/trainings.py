@@ -7,10 +7,12 @@ import json
 import time
 
 from services.cli.commands import add_group, add_leaf, add_list_options, list_resources, note
-from services.cli.connection import add_connection_options, connect
+from services.cli.connection import WaitInterrupted, add_connection_options, connect
 from services.cli.images import expand_images
 from services.cli.output import add_output_option, emit, output_format
 from services.cli.params import add_training_options, training_params
+from services.cli.progress import exit_status, summary
+from services.cli.progress import wait_training as follow
 
 PROMPT = '"a photo of sks toy"'
 
@@ -116,7 +118,6 @@ def register(sub) -> None:
 
 
 def create_training(args: argparse.Namespace) -> int:
-    from services.cli.progress import exit_status, summary, wait_training
 
     files = expand_images(args.images)
     params = training_params(args, args.params)
@@ -136,7 +137,7 @@ def create_training(args: argparse.Namespace) -> int:
             emit(training, output_format(args), "training")
             return 0
         started = time.monotonic()
-        training = wait_training(client, training.id)
+        training = follow(client, training.id)
     adapter = f"; adapter {training.adapter_id}" if training.adapter_id else ""
     note(summary("training", training, started) + adapter)
     emit(training, output_format(args), "training")
@@ -157,8 +158,6 @@ def list_trainings(args: argparse.Namespace) -> int:
 
 
 def wait_training(args: argparse.Namespace) -> int:
-    from services.cli.progress import exit_status, summary
-    from services.cli.progress import wait_training as follow
 
     started = time.monotonic()
     with connect(args) as client:
@@ -186,7 +185,6 @@ def delete_training(args: argparse.Namespace) -> int:
 
 
 def training_events(args: argparse.Namespace) -> int:
-    from services.cli.connection import WaitInterrupted
 
     with connect(args) as client:
         try:
