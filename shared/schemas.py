@@ -702,7 +702,6 @@ def api_key_public(row: ApiKey, key: str | None = None) -> dict[str, Any]:
 
 
 def tenant_public(row: Tenant, settings: Settings) -> dict[str, Any]:
-
     overrides = {k: v for k, v in (row.limits or {}).items() if v is not None}
     return TenantPublic(
         id=row.id,

@@ -185,39 +185,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.env == "prod":
-            # Production refuses dev's embedded backends and placeholder secrets; every problem is listed.
-            problems = []
-            database = (self.database_url or "").split(":", 1)[0].lower()
-            if not self.database_url or database.split("+")[0] == "sqlite":
-                problems.append("set KRONA_DATABASE_URL to a database server (PostgreSQL); SQLite is for dev")
-            broker = (self.broker_url or "").split(":", 1)[0].lower()
-            embedded = broker in ("memory", "filesystem") or (
-                broker.split("+")[0] in ("sqla", "sqlalchemy") and "sqlite" in broker
-            )
-            if not self.broker_url or embedded:
-                problems.append(
-                    "set KRONA_BROKER_URL to a broker server (Redis); embedded brokers (SQLite, filesystem, memory) "
-                    "are for dev"
-                )
-            for variable, url in (("KRONA_DATABASE_URL", self.database_url), ("KRONA_BROKER_URL", self.broker_url)):
-                try:
-                    password = urlsplit(url or "").password
-                except ValueError:
-                    problems.append(f"{variable} is not a valid URL")
-                    continue
-                if password is not None and unquote(password) in ("", PLACEHOLDER_SECRET):
-                    problems.append(f"{variable} has a placeholder password; set the real one")
-            if not self.s3_endpoint:
-                problems.append("set KRONA_S3_ENDPOINT (S3-compatible storage); the local blob folder is for dev")
-            elif _secret(self.s3_secret_key) in (None, "", PLACEHOLDER_SECRET):
-                problems.append("set KRONA_S3_SECRET_KEY to the real secret")
-            elif self.s3_access_key == PLACEHOLDER_SECRET:
-                problems.append("set KRONA_S3_ACCESS_KEY to the real access key")
-            if self.allow_private_webhooks:
-                problems.append("unset KRONA_ALLOW_PRIVATE_WEBHOOKS: webhooks to private networks are for dev")
-            metrics_token = _secret(self.metrics_token)
-            if metrics_token is not None and metrics_token.strip() in ("", PLACEHOLDER_SECRET):
-                problems.append("set KRONA_METRICS_TOKEN to a real secret, or unset it to disable /metrics")
+            problems = self._production_problems()
             if problems:
                 raise ValueError("KRONA_ENV=prod refuses this configuration: " + "; ".join(problems))
         if self.s3_endpoint and not (self.s3_access_key and _secret(self.s3_secret_key)):
@@ -227,6 +195,36 @@ class Settings(BaseSettings):
         if self.lease_seconds < 8:
             raise ValueError("KRONA_LEASE_SECONDS must be at least 8")
         return self
+
+    def _production_problems(self) -> list[str]:
+        """Production refuses dev's embedded backends and placeholder secrets; every problem is listed."""
+        problems = []
+        database = (self.database_url or "").split(":", 1)[0].lower()
+        if not self.database_url or database.split("+")[0] == "sqlite":
+            problems.append("set KRONA_DATABASE_URL to a database server (PostgreSQL); SQLite is for dev")
+        broker = (self.broker_url or "").split(":", 1)[0].lower()
+        embedded = broker in ("memory", "filesystem") or (
+            broker.split("+")[0] in ("sqla", "sqlalchemy") and "sqlite" in broker
+        )
+        if not self.broker_url or embedded:
+            problems.append(
+                "set KRONA_BROKER_URL to a broker server (Redis); embedded brokers (SQLite, filesystem, memory) "
+                "are for dev"
+            )
+        for variable, url in (("KRONA_DATABASE_URL", self.database_url), ("KRONA_BROKER_URL", self.broker_url)):
+            problems.extend(_placeholder_password(variable, url))
+        if not self.s3_endpoint:
+            problems.append("set KRONA_S3_ENDPOINT (S3-compatible storage); the local blob folder is for dev")
+        elif _secret(self.s3_secret_key) in (None, "", PLACEHOLDER_SECRET):
+            problems.append("set KRONA_S3_SECRET_KEY to the real secret")
+        elif self.s3_access_key == PLACEHOLDER_SECRET:
+            problems.append("set KRONA_S3_ACCESS_KEY to the real access key")
+        if self.allow_private_webhooks:
+            problems.append("unset KRONA_ALLOW_PRIVATE_WEBHOOKS: webhooks to private networks are for dev")
+        metrics_token = _secret(self.metrics_token)
+        if metrics_token is not None and metrics_token.strip() in ("", PLACEHOLDER_SECRET):
+            problems.append("set KRONA_METRICS_TOKEN to a real secret, or unset it to disable /metrics")
+        return problems
 
     @property
     def engine_a_shape(self) -> tuple[int, int]:
@@ -244,6 +242,17 @@ class Settings(BaseSettings):
     @property
     def resolved_blob_dir(self) -> Path:
         return (self.blob_dir or self.data_dir / "blobs").resolve()
+
+
+def _placeholder_password(variable: str, url: str | None) -> list[str]:
+    """The problem with ``url``'s password, if it is empty or the placeholder (or the URL does not parse)."""
+    try:
+        password = urlsplit(url or "").password
+    except ValueError:
+        return [f"{variable} is not a valid URL"]
+    if password is not None and unquote(password) in ("", PLACEHOLDER_SECRET):
+        return [f"{variable} has a placeholder password; set the real one"]
+    return []
 
 
 def _secret(value: SecretStr | None) -> str | None:

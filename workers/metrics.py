@@ -43,7 +43,6 @@ class EngineCollector(Collector):
 
 
 def start_metrics_server(port: int) -> None:
-
     # lazy: loads torch, sqlalchemy, numpy, …
     from .inference.engine import Engine
     from .runtime import runtime

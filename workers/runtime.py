@@ -26,7 +26,6 @@ class Runtime:
     pipelines: dict[str, Any] = field(default_factory=dict)
 
     def send(self, task: str, job_id: str, *, countdown: float | None = None) -> None:
-
         send(celery_app(), task, job_id, countdown=countdown)
 
 

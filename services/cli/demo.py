@@ -63,7 +63,6 @@ def _quiet_libraries() -> None:
 
 
 def run_demo(out: Path, base: str) -> None:
-
     _quiet_libraries()
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_base_model(base)

@@ -140,7 +140,6 @@ def gateway(args: argparse.Namespace) -> int:
 
 
 def _serve_gateway(host: str, port: int, *, reuse_port: bool) -> None:
-
     # lazy: loads sqlalchemy, numpy, fastapi, …
     import uvicorn
 

@@ -189,72 +189,85 @@ def install_openapi(app) -> None:
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 if operation.get("security"):  # every authenticated request takes a token (shared/limits.py)
-                    description, headers = _DESCRIPTIONS[429]
-                    operation["responses"].setdefault(
-                        "429",
-                        {
-                            "description": description,
-                            "headers": dict(headers or {}),
-                            "content": {
-                                "application/json": {
-                                    "schema": {"$ref": "#/components/schemas/ErrorResponse"},
-                                    "example": {
-                                        "error": {"code": _EXAMPLES[429][0], "message": _EXAMPLES[429][1]},
-                                    },
-                                }
-                            },
-                        },
-                    )
-                    for status, response in operation["responses"].items():
-                        if status < "400" or status == "429":
-                            response.setdefault("headers", {}).update(_RATE_LIMIT_HEADERS)
+                    _add_rate_limits(operation)
                 form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
-                if form is not None:  # the form routes take no fields but their own (and cap how many)
-                    name = form["schema"].get("$ref", "").rsplit("/", 1)[-1]
-                    body = schema["components"]["schemas"].get(name, form["schema"])
-                    body["additionalProperties"] = False
-                    typed = TYPED_PARTS.get(operation.get("operationId", ""))
-                    if typed is not None:  # a JSON part with its schema, so that generated clients type it
-                        part, model = typed
-                        _add_model(schema, model)
-                        description = body["properties"][part].get("description")
-                        body["properties"][part] = {"$ref": f"#/components/schemas/{model.__name__}"}
-                        if description:
-                            body["properties"][part] = {"allOf": [body["properties"][part]], "description": description}
-                        form["encoding"] = {part: {"contentType": "application/json"}}
-                    for field in body.get("properties", {}).values():
-                        # Files as generators know them: OpenAPI 3.0's `format: binary` next to 3.1's
-                        # contentMediaType (openapi-python-client reads only the former).
-                        for part in (field, field.get("items", {})):
-                            if "contentMediaType" in part:
-                                part["format"] = "binary"
-                for status, response in operation.get("responses", {}).items():
-                    response.setdefault("headers", {})["X-Request-ID"] = _REQUEST_ID
-                    if status in ("201", "202") and operation.get("operationId", "").startswith(("create", "upload")):
-                        response["headers"]["Location"] = _LOCATION
-                        response["headers"]["Idempotent-Replayed"] = _REPLAYED
-                    media = response.get("content", {})
-                    if status >= "400" and media and "schema" not in media.get("application/json", {}):
-                        # Errors are JSON even on a route whose success is a stream or a file.
-                        other = next(spec for name, spec in media.items() if name != "application/json")
-                        response["content"] = {"application/json": {**other, **media.get("application/json", {})}}
-                for media, spec in operation.get("responses", {}).get("200", {}).get("content", {}).items():
-                    if media in BINARY_MEDIA:  # a file, as generators know one
-                        spec["schema"] = {"type": "string", "format": "binary"}
-                example = CREATED_EXAMPLES.get(operation.get("operationId", ""))
-                if example is not None:
-                    for status in ("201", "202"):
-                        media = operation["responses"].get(status, {}).get("content", {}).get("application/json")
-                        if media is not None:
-                            media["example"] = example
-                content = operation.get("responses", {}).get("200", {}).get("content", {})
-                stream = content.get("text/event-stream")
-                if stream is not None:
-                    content["text/event-stream"] = {
-                        "schema": {"type": "string", "description": SSE_DESCRIPTION},
-                        "example": 'event: progress\ndata: {"id": "trn_…", "status": "running", …}\n\n',
-                    }
+                if form is not None:
+                    _close_form(schema, operation, form)
+                _fix_responses(operation)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi
+
+
+def _add_rate_limits(operation: dict[str, Any]) -> None:
+    """A 429 answer and the RateLimit-* headers on the answers that carry them."""
+    description, headers = _DESCRIPTIONS[429]
+    example = {"error": {"code": _EXAMPLES[429][0], "message": _EXAMPLES[429][1]}}
+    operation["responses"].setdefault(
+        "429",
+        {
+            "description": description,
+            "headers": dict(headers or {}),
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}, "example": example}
+            },
+        },
+    )
+    for status, response in operation["responses"].items():
+        if status < "400" or status == "429":
+            response.setdefault("headers", {}).update(_RATE_LIMIT_HEADERS)
+
+
+def _close_form(schema: dict[str, Any], operation: dict[str, Any], form: dict[str, Any]) -> None:
+    """A form route takes no fields but its own (and caps how many); its JSON part has its model's schema, so
+    that generated clients type it; its files are `format: binary`."""
+    name = form["schema"].get("$ref", "").rsplit("/", 1)[-1]
+    body = schema["components"]["schemas"].get(name, form["schema"])
+    body["additionalProperties"] = False
+    typed = TYPED_PARTS.get(operation.get("operationId", ""))
+    if typed is not None:
+        part, model = typed
+        _add_model(schema, model)
+        description = body["properties"][part].get("description")
+        body["properties"][part] = {"$ref": f"#/components/schemas/{model.__name__}"}
+        if description:
+            body["properties"][part] = {"allOf": [body["properties"][part]], "description": description}
+        form["encoding"] = {part: {"contentType": "application/json"}}
+    for field in body.get("properties", {}).values():
+        # Files as generators know them: OpenAPI 3.0's `format: binary` next to 3.1's
+        # contentMediaType (openapi-python-client reads only the former).
+        for part in (field, field.get("items", {})):
+            if "contentMediaType" in part:
+                part["format"] = "binary"
+
+
+def _fix_responses(operation: dict[str, Any]) -> None:
+    """Every answer's headers, JSON errors on every route, binary files, create examples and the event stream."""
+    operation_id = operation.get("operationId", "")
+    responses = operation.get("responses", {})
+    for status, response in responses.items():
+        response.setdefault("headers", {})["X-Request-ID"] = _REQUEST_ID
+        if status in ("201", "202") and operation_id.startswith(("create", "upload")):
+            response["headers"]["Location"] = _LOCATION
+            response["headers"]["Idempotent-Replayed"] = _REPLAYED
+        media = response.get("content", {})
+        if status >= "400" and media and "schema" not in media.get("application/json", {}):
+            # Errors are JSON even on a route whose success is a stream or a file.
+            other = next(spec for name, spec in media.items() if name != "application/json")
+            response["content"] = {"application/json": {**other, **media.get("application/json", {})}}
+    content = responses.get("200", {}).get("content", {})
+    for media, spec in content.items():
+        if media in BINARY_MEDIA:  # a file, as generators know one
+            spec["schema"] = {"type": "string", "format": "binary"}
+    example = CREATED_EXAMPLES.get(operation_id)
+    if example is not None:
+        for status in ("201", "202"):
+            created = responses.get(status, {}).get("content", {}).get("application/json")
+            if created is not None:
+                created["example"] = example
+    if "text/event-stream" in content:
+        content["text/event-stream"] = {
+            "schema": {"type": "string", "description": SSE_DESCRIPTION},
+            "example": 'event: progress\ndata: {"id": "trn_…", "status": "running", …}\n\n',
+        }

@@ -193,6 +193,31 @@ def lycoris_arrays(native: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarr
     return out, not_rebuildable
 
 
+def _checked_lokr_module(name: str, fields: Mapping[str, np.ndarray]) -> float | None:
+    """One LoKr module's dtypes (factor dtypes, both halves of a pair alike) and layout (a factor is full or a
+    pair, never both) checked before any arithmetic; its alpha, or None."""
+    for field, array in sorted(fields.items()):
+        if field in LOKR_FIELDS and field != "alpha" and dtype_name(array) not in FACTOR_DTYPES:
+            raise ValueError(unsupported_dtype_message(f"{name}.{field}", dtype_name(array)))
+    for which in ("w1", "w2"):
+        down, up = fields.get(f"lokr_{which}_a"), fields.get(f"lokr_{which}_b")
+        if down is not None and up is not None and dtype_name(down) != dtype_name(up):
+            raise ValueError(
+                f"{name}.lokr_{which}_a is {dtype_name(down)} but lokr_{which}_b is {dtype_name(up)}; "
+                "the halves of a low-rank factor must share one dtype"
+            )
+        halves = [f"lokr_{which}_{half}" for half in ("a", "b") if f"lokr_{which}_{half}" in fields]
+        if f"lokr_{which}" in fields and halves:
+            raise ValueError(
+                f"{name}: has both lokr_{which} and {'/'.join(halves)}; a LoKr factor is either full or a "
+                "low-rank pair, and a tensor no loader uses is not accepted"
+            )
+    if "alpha" not in fields:
+        return None
+    alpha_array = fields["alpha"]  # widened only once it is known to be one number
+    return scalar_alpha(name, widen(alpha_array) if alpha_array.size == 1 else alpha_array)
+
+
 def native_arrays_from_lycoris(
     arrays: Mapping[str, np.ndarray],
     *,
@@ -227,28 +252,8 @@ def native_arrays_from_lycoris(
                 f"{name}: only UNet modules ({UNET_PREFIX}…) are supported, not text-encoder or other modules"
             )
         path = module_path_from_kohya(name, known)
-        for field, array in sorted(fields.items()):
-            if field in LOKR_FIELDS and field != "alpha" and dtype_name(array) not in FACTOR_DTYPES:
-                raise ValueError(unsupported_dtype_message(f"{name}.{field}", dtype_name(array)))
-        for which in ("w1", "w2"):
-            down, up = fields.get(f"lokr_{which}_a"), fields.get(f"lokr_{which}_b")
-            if down is not None and up is not None and dtype_name(down) != dtype_name(up):
-                raise ValueError(
-                    f"{name}.lokr_{which}_a is {dtype_name(down)} but lokr_{which}_b is {dtype_name(up)}; "
-                    "the halves of a low-rank factor must share one dtype"
-                )
-        alpha = None
-        if "alpha" in fields:  # widened only once it is known to be one number
-            alpha_array = fields["alpha"]
-            alpha = scalar_alpha(name, widen(alpha_array) if alpha_array.size == 1 else alpha_array)
+        alpha = _checked_lokr_module(name, fields)
         shapes = {field: tuple(array.shape) for field, array in fields.items()}
-        for which in ("w1", "w2"):
-            halves = [f"lokr_{which}_{half}" for half in ("a", "b") if f"lokr_{which}_{half}" in shapes]
-            if f"lokr_{which}" in shapes and halves:
-                raise ValueError(
-                    f"{name}: has both lokr_{which} and {'/'.join(halves)}; a LoKr factor is either full or a "
-                    "low-rank pair, and a tensor no loader uses is not accepted"
-                )
         layer_shape = None if layer_shapes is None else layer_shapes[path]
         plans[name] = (path, plan_lokr_module(name, shapes, alpha, layer_shape))
         _check_ranks(name, shapes)
@@ -437,38 +442,43 @@ def parse_safetensors_header(
             f"{name} holds {len(parsed):,} tensors; at most {max_tensors:,} are accepted (an adapter has at most "
             f"{len(LOKR_FIELDS)} per attention layer of the base model)"
         )
-    tensors: dict[str, TensorInfo] = {}
-    for key, entry in parsed.items():
-        if not isinstance(entry, dict) or set(entry) != _TENSOR_FIELDS:
-            raise ValueError(f"{invalid}: {_short(key)} is not a tensor entry (dtype, shape, data_offsets)")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in dtype_sizes:
-            raise ValueError(
-                f"{name} could not be read: {_short(key)} has dtype {_short(dtype)}; factors must be "
-                f"{', '.join(FACTOR_DTYPES)}"
-            )
-        if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(_count(d) for d in shape):
-            raise ValueError(
-                f"{invalid}: {_short(key)} has shape {_short(shape)}; a tensor here has at most {MAX_TENSOR_DIMS} "
-                "sizes >= 0"
-            )
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(_count(o) for o in offsets)
-            or not offsets[0] <= offsets[1] <= data_size
-        ):
-            raise ValueError(
-                f"{invalid}: {_short(key)} has data offsets {_short(offsets)} outside the {data_size:,}-byte data "
-                "section"
-            )
-        nbytes = math.prod(shape) * dtype_sizes[dtype]
-        if offsets[1] - offsets[0] != nbytes:
-            raise ValueError(
-                f"{invalid}: {_short(key)} is {dtype} {_short(tuple(shape))} ({_short(nbytes)} bytes) but its data "
-                f"offsets span {offsets[1] - offsets[0]:,} bytes"
-            )
-        tensors[key] = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+    tensors = {key: _tensor_entry(key, entry, data_size, dtype_sizes, name) for key, entry in parsed.items()}
+    _check_laid_end_to_end(tensors, data_size, invalid)
+    return tensors, metadata
+
+
+def _tensor_entry(key: str, entry: Any, data_size: int, dtype_sizes: Mapping[str, int], name: str) -> TensorInfo:
+    """One header entry checked: its fields, dtype, shape, and data offsets that span exactly its bytes."""
+    invalid = f"{name} is not a valid safetensors file"
+    if not isinstance(entry, dict) or set(entry) != _TENSOR_FIELDS:
+        raise ValueError(f"{invalid}: {_short(key)} is not a tensor entry (dtype, shape, data_offsets)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in dtype_sizes:
+        raise ValueError(
+            f"{name} could not be read: {_short(key)} has dtype {_short(dtype)}; factors must be "
+            f"{', '.join(FACTOR_DTYPES)}"
+        )
+    if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(_count(d) for d in shape):
+        raise ValueError(
+            f"{invalid}: {_short(key)} has shape {_short(shape)}; a tensor here has at most {MAX_TENSOR_DIMS} "
+            "sizes >= 0"
+        )
+    in_section = isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+    if not in_section or not offsets[0] <= offsets[1] <= data_size:
+        raise ValueError(
+            f"{invalid}: {_short(key)} has data offsets {_short(offsets)} outside the {data_size:,}-byte data section"
+        )
+    nbytes = math.prod(shape) * dtype_sizes[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(
+            f"{invalid}: {_short(key)} is {dtype} {_short(tuple(shape))} ({_short(nbytes)} bytes) but its data "
+            f"offsets span {offsets[1] - offsets[0]:,} bytes"
+        )
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_laid_end_to_end(tensors: dict[str, TensorInfo], data_size: int, invalid: str) -> None:
+    """The tensors cover the data section end to end: no overlap, no gap."""
     end = 0
     for key, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
         if info.start != end:
@@ -479,7 +489,6 @@ def parse_safetensors_header(
         end = info.end
     if end != data_size:
         raise ValueError(f"{invalid}: its tensors end at byte {end:,} of the {data_size:,}-byte data section")
-    return tensors, metadata
 
 
 def read_safetensors_bytes(

@@ -35,7 +35,6 @@ class HelpFormatter(argparse.HelpFormatter):
     help text does not."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-
         paragraphs = []
         for paragraph in text.split("\n\n"):
             lines = paragraph.splitlines()

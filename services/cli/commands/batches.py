@@ -111,7 +111,6 @@ def download_all(client, batch, out: str) -> int:
 
 
 def _finish(client, batch, started: float, out: str | None, args: argparse.Namespace) -> int:
-
     counts = ", ".join(f"{n} {s}" for s, n in batch.counts.items() if n)
     note(f"batch {batch.id} ended after {duration(time.monotonic() - started)}: {counts or 'empty'}")
     if out:
@@ -121,7 +120,6 @@ def _finish(client, batch, started: float, out: str | None, args: argparse.Names
 
 
 def create_batch(args: argparse.Namespace) -> int:
-
     requests = _requests(args)
     with connect(args) as client:
         batch = client.batches.create(requests, idempotency_key=args.idempotency_key)
@@ -149,7 +147,6 @@ def list_batches(args: argparse.Namespace) -> int:
 
 
 def wait_batch(args: argparse.Namespace) -> int:
-
     started = time.monotonic()
     with connect(args) as client:
         batch = follow(client, args.id)

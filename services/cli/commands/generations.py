@@ -113,7 +113,6 @@ def save_images(client, generation, out: str) -> list[Path]:
 
 
 def _finish(client, generation, started: float, out: str | None, args: argparse.Namespace) -> int:
-
     note(summary("generation", generation, started))
     if out and generation.status == "succeeded":
         save_images(client, generation, out)
@@ -122,7 +121,6 @@ def _finish(client, generation, started: float, out: str | None, args: argparse.
 
 
 def create_generation(args: argparse.Namespace) -> int:
-
     with connect(args) as client:
         generation = client.generations.create(
             args.prompt, idempotency_key=args.idempotency_key, **generation_fields(args)
@@ -156,7 +154,6 @@ def list_generations(args: argparse.Namespace) -> int:
 
 
 def wait_generation(args: argparse.Namespace) -> int:
-
     started = time.monotonic()
     with connect(args) as client:
         generation = follow(client, args.id)
@@ -179,7 +176,6 @@ def delete_generation(args: argparse.Namespace) -> int:
 
 
 def download_generation(args: argparse.Namespace) -> int:
-
     with connect(args) as client:
         generation = client.generations.get(args.id)
         require_done(generation, "generation")

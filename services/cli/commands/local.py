@@ -336,7 +336,6 @@ def count_parameters(args: argparse.Namespace) -> int:
 
 
 def model_path(args: argparse.Namespace) -> int:
-
     print(resolve_base_model(args.name))
     return 0
 

@@ -95,7 +95,6 @@ def register(sub) -> None:
 
 def _stack(name: str):
     def run(args: argparse.Namespace) -> int:
-
         return getattr(stack, name)(args)
 
     return run

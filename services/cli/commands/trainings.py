@@ -118,7 +118,6 @@ def register(sub) -> None:
 
 
 def create_training(args: argparse.Namespace) -> int:
-
     files = expand_images(args.images)
     params = training_params(args, args.params)
     with connect(args) as client:
@@ -158,7 +157,6 @@ def list_trainings(args: argparse.Namespace) -> int:
 
 
 def wait_training(args: argparse.Namespace) -> int:
-
     started = time.monotonic()
     with connect(args) as client:
         training = follow(client, args.id)
@@ -185,7 +183,6 @@ def delete_training(args: argparse.Namespace) -> int:
 
 
 def training_events(args: argparse.Namespace) -> int:
-
     with connect(args) as client:
         try:
             for event in client.trainings.events(args.id):
