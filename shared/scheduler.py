@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import BindParameter
 
-from shared.db import Evaluation, Generation, Tenant, TenantService, Training, utcnow
+from shared.db import Evaluation, Generation, JobStatus, Tenant, TenantService, Training, utcnow
 from shared.limits import tenant_limits
 
 if TYPE_CHECKING:
@@ -276,7 +276,7 @@ def _oldest(model, tenant_id, filters: tuple):
     created_at) finds it); ``tenant_id`` a value or a column of an enclosing query."""
     return (
         select(model.id, model.cost, model.created_at)
-        .where(model.tenant_id == tenant_id, model.status == "queued", *filters)
+        .where(model.tenant_id == tenant_id, model.status == JobStatus.QUEUED, *filters)
         .order_by(model.created_at, model.id)
         .limit(1)
     )
@@ -360,7 +360,7 @@ def _running(session: Session, models: tuple, tenant_ids: list[str]) -> dict[str
     for model in models:
         for tenant_id, count in session.execute(
             select(model.tenant_id, func.count())
-            .where(model.status == "running", model.tenant_id.in_(tenant_ids))
+            .where(model.status == JobStatus.RUNNING, model.tenant_id.in_(tenant_ids))
             .group_by(model.tenant_id)
         ).all():
             running[tenant_id] = running.get(tenant_id, 0) + count
@@ -434,7 +434,7 @@ def pick(
 def _any_queued(session: Session, models: tuple, job_filters: dict) -> bool:
     """Whether any queued job matches the filters (one index read per model when the queue is empty)."""
     return any(
-        session.execute(select(model.id).where(model.status == "queued", *job_filters[model]).limit(1)).first()
+        session.execute(select(model.id).where(model.status == JobStatus.QUEUED, *job_filters[model]).limit(1)).first()
         for model in models
     )
 

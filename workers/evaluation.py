@@ -121,12 +121,12 @@ def _write_references(into: Path, named_bytes: list[tuple[str, bytes]]) -> Path:
 
 
 def _scored(state: dict[str, Any], scores: dict[str, float]) -> dict[str, Any]:
-    return {**state, **scores, "status": "succeeded", "error": None, "finished_at": utcnow().isoformat()}
+    return {**state, **scores, "status": JobStatus.SUCCEEDED, "error": None, "finished_at": utcnow().isoformat()}
 
 
 def _failed(state: dict[str, Any], code: str, message: str) -> dict[str, Any]:
     error = {"code": code, "message": message[:2000]}
-    return {**state, "status": "failed", "error": error, "finished_at": utcnow().isoformat()}
+    return {**state, "status": JobStatus.FAILED, "error": error, "finished_at": utcnow().isoformat()}
 
 
 def evaluate_trained_adapter(
@@ -183,7 +183,9 @@ def record_of_training_evaluation(state: dict[str, Any], tenant_id: str, adapter
         status=state["status"],
         params=_params_of(state),
         reference_keys=[],
-        scores={k: state.get(k) for k in ("clip_i", "clip_t", "dino")} if state["status"] == "succeeded" else None,
+        scores={k: state.get(k) for k in ("clip_i", "clip_t", "dino")}
+        if state["status"] == JobStatus.SUCCEEDED
+        else None,
         error_code=error.get("code"),
         error_message=error.get("message"),
         started_at=now,
@@ -293,12 +295,12 @@ def run_claimed_evaluation(rt: Runtime, evaluation_id: str) -> str:
             )
             # Generating and scoring cannot stop half-way: on SIGTERM another worker starts it over, at once.
             scores = unless_drained(score, "an evaluation")
-        status, values = "succeeded", {"scores": scores}
+        status, values = JobStatus.SUCCEEDED, {"scores": scores}
     except Drained:
         return _hand_over(rt, evaluation_id)
     except Exception as exc:
         log.warning("evaluation %s failed", evaluation_id, exc_info=True)
-        status = "failed"
+        status = JobStatus.FAILED
         values = {"error_code": "evaluation_failed", "error_message": f"{exc.__class__.__name__}: {exc}"[:2000]}
     finally:
         shutil.rmtree(work, ignore_errors=True)

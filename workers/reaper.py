@@ -47,7 +47,7 @@ JOBS = (
 def reap_once(rt: Runtime) -> dict[str, int]:
     now = utcnow()
     grace = timedelta(seconds=rt.settings.enqueue_grace_seconds)
-    counts = {"requeued": 0, "failed": 0, "webhooks": 0}
+    counts = {"requeued": 0, JobStatus.FAILED: 0, "webhooks": 0}
     for model, task, kind in JOBS:
         with rt.sessions() as session:
             expired = session.scalars(
@@ -68,7 +68,7 @@ def reap_once(rt: Runtime) -> dict[str, int]:
                         )
                     )
                     session.commit()
-                    counts["failed"] += result.rowcount
+                    counts[JobStatus.FAILED] += result.rowcount
                     if result.rowcount and model is Evaluation:
                         _delete_references(rt, session, row.id)
                     continue

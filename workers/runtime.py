@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.db import check_migrated, make_engine, make_session_factory
-from shared.queue import celery_app, send
+from shared import queue
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
@@ -26,7 +26,7 @@ class Runtime:
     pipelines: dict[str, Any] = field(default_factory=dict)
 
     def send(self, task: str, job_id: str, *, countdown: float | None = None) -> None:
-        send(celery_app(), task, job_id, countdown=countdown)
+        queue.send(queue.celery_app(), task, job_id, countdown=countdown)  # looked up at the call (tests patch it)
 
 
 def build_runtime(settings: Settings | None = None, storage: Storage | None = None) -> Runtime:

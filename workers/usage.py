@@ -14,6 +14,7 @@ import threading
 from prometheus_client import Counter
 from sqlalchemy.orm import Session
 
+from shared.db import JobStatus
 from shared.usage import Usage, new_record
 
 __all__ = ["TenantLabels", "count_usage", "record_usage"]
@@ -23,7 +24,7 @@ WORKER_SECONDS = Counter("krona_tenant_worker_seconds", "worker seconds spent on
 JOBS = Counter("krona_tenant_jobs", "a tenant's finished jobs", ["tenant", "kind", "status"])
 IMAGES = Counter("krona_tenant_images", "images generated for a tenant", ["tenant"])
 STEPS = Counter("krona_tenant_steps", "denoising or training steps run for a tenant", ["tenant", "kind"])
-STATUSES = frozenset({"succeeded", "failed", "canceled"})
+STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
 
 class TenantLabels:
@@ -63,7 +64,7 @@ def count_usage(*, tenant_id: str, kind: str, status: str, usage: Usage, max_ten
     """The Prometheus side of a committed usage record."""
     tenant = _label(max_tenants, tenant_id)
     WORKER_SECONDS.labels(tenant, kind).inc(max(0.0, usage.worker_seconds))
-    JOBS.labels(tenant, kind, status if status in STATUSES else "failed").inc()
+    JOBS.labels(tenant, kind, status if status in STATUSES else JobStatus.FAILED).inc()
     STEPS.labels(tenant, kind).inc(usage.steps)
     if usage.images:
         IMAGES.labels(tenant).inc(usage.images)

@@ -271,7 +271,7 @@ def _queue_full(queued: int, cap: int, count: int) -> LimitExceeded:
         "queue_full",
         f"this tenant has {queued} queued jobs and may queue at most {cap}; "
         f"{count} more do not fit: wait for some to finish",
-        {"queued": queued, "limit": cap, "requested": count},
+        {JobStatus.QUEUED: queued, "limit": cap, "requested": count},
         retry_after=10,
     )
 

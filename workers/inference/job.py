@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from shared.db import Adapter, Generation
+from shared.db import Adapter, Generation, JobStatus
 from shared.images import encode_png
 from shared.models import BaseModelNotFound
 from shared.queue import GENERATE_TASK
@@ -164,8 +164,8 @@ class _LoopServer:
         try:
             engine = engine_for(self.rt)
         except BaseModelNotFound as exc:  # a removed or mistyped id: say so, do not retry as a lost worker
-            self._end_unjoined(first, "failed", error_code="base_model_not_found", error_message=str(exc))
-            return "failed"
+            self._end_unjoined(first, JobStatus.FAILED, error_code="base_model_not_found", error_message=str(exc))
+            return JobStatus.FAILED
         self.device = _device(engine)
         loop = DenoisingLoop(
             engine,
@@ -190,7 +190,9 @@ class _LoopServer:
                     log.exception("a denoising step failed; failing the %d requests in it", len(loop.active))
                     for d in list(loop.active):
                         loop.leave(d.key)
-                        self._end_member(d.key, d, "failed", error_code="generation_failed", error_message=str(exc))
+                        self._end_member(
+                            d.key, d, JobStatus.FAILED, error_code="generation_failed", error_message=str(exc)
+                        )
                     break
                 self.steps += 1
                 if finished:
@@ -200,7 +202,9 @@ class _LoopServer:
                         images = loop.decode(d)
                     except (ValueError, RuntimeError) as exc:
                         log.exception("generation %s: decoding failed", d.key)
-                        self._end_member(d.key, d, "failed", error_code="generation_failed", error_message=str(exc))
+                        self._end_member(
+                            d.key, d, JobStatus.FAILED, error_code="generation_failed", error_message=str(exc)
+                        )
                         continue
                     # Stored by the store thread while the loop takes its next step.
                     self.storing.append(self.stores.submit(self._store, self.members.pop(d.key), d, images))
@@ -212,9 +216,13 @@ class _LoopServer:
         _prefetch(self.rt, engine)
         log.info("loop %dx%d: %d generations in %d steps (%s); cache %s", loop.width, loop.height,
                  len(self.outcomes), self.steps, _count(self.outcomes.values()), engine.stats())  # fmt: skip
-        if "succeeded" in self.outcomes.values():
-            return "succeeded"
-        return "canceled" if self.outcomes and set(self.outcomes.values()) == {"canceled"} else "failed"
+        if JobStatus.SUCCEEDED in self.outcomes.values():
+            return JobStatus.SUCCEEDED
+        return (
+            JobStatus.CANCELED
+            if self.outcomes and set(self.outcomes.values()) == {JobStatus.CANCELED}
+            else JobStatus.FAILED
+        )
 
     def _wait_for_stores(self) -> bool:
         """Wait for the requests being stored; whether there were any."""
@@ -287,7 +295,7 @@ class _LoopServer:
 
         def failed(code: str, message: str) -> None:
             member.own_seconds += time.perf_counter() - started
-            self._end_member(row.id, None, "failed", error_code=code, error_message=message)
+            self._end_member(row.id, None, JobStatus.FAILED, error_code=code, error_message=message)
 
         if row.adapter_id:
 
@@ -347,7 +355,7 @@ class _LoopServer:
         for job_id in canceled:
             d = loop.leave(job_id)
             if d is not None:
-                self._end_member(job_id, d, "canceled")
+                self._end_member(job_id, d, JobStatus.CANCELED)
                 self.next_look = 0.0
 
     # Ends ----------------------------------------------------------------------------------------------------
@@ -368,12 +376,12 @@ class _LoopServer:
                 )
                 stored.append({"index": index, "key": key, "seed": row.seed + index})
             member.own_seconds += time.perf_counter() - storing
-            self._end_member(row.id, d, "succeeded", member=member, images=stored)
+            self._end_member(row.id, d, JobStatus.SUCCEEDED, member=member, images=stored)
         except DependencyUnavailable as exc:
-            self._end_member(row.id, d, "failed", member=member, error_code=exc.code, error_message=str(exc))
+            self._end_member(row.id, d, JobStatus.FAILED, member=member, error_code=exc.code, error_message=str(exc))
         except Exception as exc:
             log.exception("generation %s: storing its images failed", row.id)
-            self._end_member(row.id, d, "failed", member=member, error_code="generation_failed",
+            self._end_member(row.id, d, JobStatus.FAILED, member=member, error_code="generation_failed",
                              error_message=f"{exc.__class__.__name__}: {exc}")  # fmt: skip
 
     def _end_member(self, job_id: str, d, status: str, *, member: _Member | None = None, **values) -> None:
@@ -385,7 +393,7 @@ class _LoopServer:
                 seconds += d.unet_seconds + d.decode_seconds
             row = member.row
             usage = Usage(seconds, self.device)
-            if status == "succeeded":
+            if status == JobStatus.SUCCEEDED:
                 images = len(values["images"])
                 usage = Usage(seconds, self.device, images=images, steps=row.steps,
                               pixels=row.width * row.height * images)  # fmt: skip
@@ -400,7 +408,7 @@ class _LoopServer:
         """The final status and the usage record, by the lease owner only; then the webhook (workers/outcome.py).
         A success renews the lease first: a request whose lease lapsed during its last steps is not this worker's."""
         try:
-            lease = self.lease if status == "succeeded" else None
+            lease = self.lease if status == JobStatus.SUCCEEDED else None
             written = end_job(self.rt, Generation, row.id, kind="generation", tenant_id=row.tenant_id, status=status,
                               usage=usage, renew_lease=lease, **values)  # fmt: skip
         except DependencyUnavailable:  # the database stayed away: the lease expires and the reaper sends it again
@@ -436,7 +444,11 @@ def _set_phase(rt: Runtime, job_ids: list[str], phase: str) -> None:
         with rt.sessions() as session:
             session.execute(
                 update(Generation)
-                .where(Generation.id.in_(job_ids), Generation.status == "running", Generation.lease_owner == rt.owner)
+                .where(
+                    Generation.id.in_(job_ids),
+                    Generation.status == JobStatus.RUNNING,
+                    Generation.lease_owner == rt.owner,
+                )
                 .values(phase=phase)
                 .execution_options(synchronize_session=False)
             )
@@ -450,7 +462,7 @@ def _prefetch(rt: Runtime, engine) -> None:
     with rt.sessions() as session:
         upcoming = session.scalars(
             select(Generation.adapter_id)
-            .where(Generation.status == "queued", Generation.adapter_id.is_not(None))
+            .where(Generation.status == JobStatus.QUEUED, Generation.adapter_id.is_not(None))
             .order_by(Generation.created_at)
             .limit(rt.settings.engine_slots)
         ).all()

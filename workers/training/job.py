@@ -179,8 +179,8 @@ class _Attempt:
         except TrainingCanceled as stopped:
             if drain_requested() and not self.cancel_requested():  # SIGTERM: another worker resumes (drain.py)
                 return hand_over_training(self.rt, self.training_id, stopped.checkpoint, self.on_checkpoint)
-            self.end("canceled")
-            return "canceled"
+            self.end(JobStatus.CANCELED)
+            return JobStatus.CANCELED
         except LeaseLost:
             log.warning("training %s: lease lost to another worker; stopping", self.training_id)
             return "lease_lost"
@@ -244,8 +244,8 @@ class _Attempt:
                        status=status, usage=usage, **values)  # fmt: skip
 
     def fail(self, code: str, message: str) -> str:
-        self.end("failed", error_code=code, error_message=message)
-        return "failed"
+        self.end(JobStatus.FAILED, error_code=code, error_message=message)
+        return JobStatus.FAILED
 
     def _read_images(self) -> list[SubjectImage]:
         settings, storage = self.rt.settings, self.rt.storage

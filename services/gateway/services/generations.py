@@ -126,7 +126,9 @@ def create_batch(
         session.add_all(rows)
         session.flush()
         ids = sorted(row.id for row in rows)
-        counts = {"queued": len(ids)} | dict.fromkeys(("running", "canceling", "succeeded", "failed", "canceled"), 0)
+        counts = {JobStatus.QUEUED: len(ids)} | dict.fromkeys(
+            (JobStatus.RUNNING, "canceling", JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED), 0
+        )
         public = BatchPublic(
             id=batch.id,
             total=batch.total,
@@ -148,7 +150,14 @@ def send_batch(context: AppContext, ids: list[str]) -> None:
 
 
 # Every status a batch's counts name (zero included), `canceling` too.
-BATCH_STATUSES = ("queued", "running", "canceling", "succeeded", "failed", "canceled")
+BATCH_STATUSES = (
+    JobStatus.QUEUED,
+    JobStatus.RUNNING,
+    "canceling",
+    JobStatus.SUCCEEDED,
+    JobStatus.FAILED,
+    JobStatus.CANCELED,
+)
 
 
 def batch_publics(session: Session, batches: list[Batch], public_url: str) -> list[dict]:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shared.db import Evaluation, Generation, Tenant, Training, utcnow
+from shared.db import Evaluation, Generation, JobStatus, Tenant, Training, utcnow
 from shared.errors import BadRequest
 from shared.queue import INFER_QUEUE, TRAIN_QUEUE
 from shared.schemas import ErrorInfo
@@ -77,25 +77,25 @@ def queue_depths(session: Session) -> QueuesReport:
     by_kind: dict[str, list[KindDepth]] = {queue: [] for queue in QUEUES}
     by_tenant: dict[str, dict[str, dict[str, int]]] = {queue: {} for queue in QUEUES}
     for kind, (queue, model) in JOB_MODELS.items():
-        counts = {"queued": 0, "running": 0}
+        counts = {JobStatus.QUEUED: 0, JobStatus.RUNNING: 0}
         oldest = None
         for status, count, first in session.execute(
             select(model.status, func.count(), func.min(model.created_at))
-            .where(model.status.in_(("queued", "running")))
+            .where(model.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
             .group_by(model.status)
         ):
             counts[status] = int(count)
-            if status == "queued":
+            if status == JobStatus.QUEUED:
                 oldest = first
         by_kind[queue].append(
             KindDepth(kind=kind, **counts, oldest_queued_at=oldest, oldest_queued_seconds=_seconds_since(oldest, now))
         )
         for tenant_id, status, count in session.execute(
             select(model.tenant_id, model.status, func.count())
-            .where(model.status.in_(("queued", "running")))
+            .where(model.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
             .group_by(model.tenant_id, model.status)
         ):
-            entry = by_tenant[queue].setdefault(tenant_id, {"queued": 0, "running": 0})
+            entry = by_tenant[queue].setdefault(tenant_id, {JobStatus.QUEUED: 0, JobStatus.RUNNING: 0})
             entry[status] += int(count)
     names = _tenant_names(session, [t for queue in QUEUES for t in by_tenant[queue]])
     queues = []
@@ -149,7 +149,7 @@ def workers_seen(session: Session) -> WorkersReport:
     for kind, (queue, model) in JOB_MODELS.items():
         for owner, count, expires in session.execute(
             select(model.lease_owner, func.count(), func.max(model.lease_expires_at))
-            .where(model.status == "running", model.lease_owner.is_not(None))
+            .where(model.status == JobStatus.RUNNING, model.lease_owner.is_not(None))
             .group_by(model.lease_owner)
         ):
             entry = seen.setdefault(owner, {"queues": set(), "kinds": {}, "jobs": 0, "expires": None})
@@ -255,7 +255,7 @@ def recent_failures(session: Session, limit: int, kind: str | None) -> FailuresR
                 model.created_at,
                 model.finished_at,
             )
-            .where(model.status == "failed")
+            .where(model.status == JobStatus.FAILED)
             .order_by(model.finished_at.desc().nulls_last(), model.id.desc())
             .limit(limit)
         )
