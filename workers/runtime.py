@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.db import check_migrated, make_engine, make_session_factory
 from shared import queue
+from shared.db import check_migrated, make_engine, make_session_factory
 from shared.settings import Settings, get_settings
 from shared.storage import Storage, storage_from_settings
 
