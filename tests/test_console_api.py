@@ -315,6 +315,9 @@ def test_the_console_is_served_from_the_repository_with_its_security_headers(api
     for missing in ("/console/nope.js", "/console/../app.py", "/console/%2e%2e/routes/console.py", "/console/js"):
         answer = api.client.get(missing)
         assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", missing
+    # Browsers ask every origin for /favicon.ico (on /docs, /healthz, ...): the console's icon, not a 404.
+    icon = api.client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["Content-Type"] == "image/svg+xml" and b"<svg" in icon.content
 
 
 def test_the_console_loads_nothing_from_elsewhere_and_every_module_it_imports_is_served():

@@ -16,7 +16,10 @@ import pytest
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
-REDIS_URL = "redis://127.0.0.1:6379/15"
+# A Redis database of its own for each pytest-xdist worker (15, 14, ...; `make test` runs the suite on several):
+# a stack's worker must never take another test's messages, and each session flushes its database first.
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+REDIS_URL = f"redis://127.0.0.1:6379/{15 - XDIST_WORKER}"
 
 
 S3_KEY, S3_SECRET = "krona-test-key", "krona-test-secret"

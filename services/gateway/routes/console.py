@@ -87,6 +87,12 @@ def _serve(request: Request, name: str) -> Response:
     return Response(asset.body, media_type=asset.media_type, headers=headers)
 
 
+@router.api_route("/favicon.ico", methods=["GET", "HEAD"])
+async def favicon(request: Request) -> Response:
+    """What a browser asks every origin for (on /docs, /healthz, ...): the console's icon, not a 404 in the logs."""
+    return _serve(request, "favicon.svg")
+
+
 @router.api_route("/console", methods=["GET", "HEAD"])
 async def console_root() -> Response:
     """The console lives at /console/ so that its files load by relative URLs (behind a path prefix too)."""
