@@ -13,6 +13,9 @@ from sqlalchemy import delete, func, select, update
 
 from shared.db import Generation, Tenant, Training, make_engine, make_session_factory, upgrade_to_head, utcnow
 
+# Run after the parallel tests, alone (concurrent creates and their connections): `make test`'s second phase (Makefile).
+pytestmark = pytest.mark.serial
+
 
 def _counts(session, tenant_id: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """(what the triggers kept, what a count says) of (queued trainings, queued generations)."""

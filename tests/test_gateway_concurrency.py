@@ -14,12 +14,16 @@ import time
 import uuid
 
 import httpx
+import pytest
 from helpers.api import running_training
 from helpers.services import free_port, start_gateway, stop_gateway
 from sqlalchemy import update
 
 from shared.db import Training, make_engine, make_session_factory, utcnow
 from shared.tenants import create_tenant
+
+# Run after the parallel tests, alone (hundreds of concurrent requests): `make test`'s second phase (Makefile).
+pytestmark = pytest.mark.serial
 
 FOLLOWERS = 100
 

@@ -16,6 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Run after the parallel tests, alone (it measures the gateway under load): `make test`'s second phase (Makefile).
+pytestmark = pytest.mark.serial
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = re.compile(r"create_to_healthz_ratio_p50`?\s*=\s*([0-9.]+)")
 

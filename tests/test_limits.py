@@ -7,7 +7,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from helpers.api import set_tenant_limits, tenant_of
+
+# Run after the parallel tests, alone (120 concurrent clients on two replicas): `make test`'s second phase (Makefile).
+pytestmark = pytest.mark.serial
 
 
 def test_a_key_over_its_rate_gets_429_with_retry_after_and_ratelimit_headers(api):
