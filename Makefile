@@ -64,10 +64,11 @@ services:
 # (964 tests: 805 s serial, 536 s with -n 3, 809 s with -n 4 on the 2-core VM; `make test TEST_WORKERS=0` runs
 # them in this process). Each process has its own databases, Redis database, S3 server and ports. The tests marked
 # `serial` (hundreds of concurrent connections, or a measurement under load) run afterwards, alone: in parallel,
-# three processes' pools can exhaust PostgreSQL's 100 connections.
+# three processes' pools can exhaust PostgreSQL's 100 connections. `--dist loadfile`: a file's tests run in one
+# process, in order, sharing its module fixtures (some build on the one before, e.g. test_sdk.py's stack).
 TEST_WORKERS ?= 3
 test: install lint services
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not serial"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"
 	$(PY) -m pytest -q -m serial
 
 demo: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.service-installed)
