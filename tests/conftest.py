@@ -1,3 +1,12 @@
-"""The shared fixtures and the tier markers live in tests/helpers/ (plain code the tests import from there too)."""
+"""The shared fixtures and the tier markers live in tests/helpers/ (plain code the tests import from there too).
 
-pytest_plugins = ["helpers.fixtures", "helpers.tiers"]
+One torch (OpenMP) thread per process, for the tests and every process they start (before torch is imported): the
+suite runs three pytest processes, each with workers of its own, on a 2-core machine, and with a thread per core
+each, OpenMP's spinning threads fight over the cores (three copies of test_continuous_batching.py side by side:
+133 s with torch's default, 58 s with one thread). A given OMP_NUM_THREADS is kept."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+pytest_plugins = ["helpers.fixtures", "helpers.tiers", "helpers.order"]
