@@ -171,46 +171,32 @@ def render_batch(batch: Any, now: float) -> tuple[str, Any]:
     return line + (f"  ({detail})" if detail else ""), tenth
 
 
-def _follow(label: str, view: Callable, wait: Callable[[Callable], Any], resume: str, what: str) -> Any:
-    display = Display(label, view)
-    try:
-        return wait(display.update)
-    except KeyboardInterrupt:
-        display.close()
-        raise WaitInterrupted(f"stopped waiting; {what} goes on on the server. Wait again: {resume}") from None
-    finally:
-        display.close()
+def _waiter(collection: str, noun: str, view: Callable[[], Callable], *, cancel_hint: bool = False) -> Callable:
+    """``wait(client, job_id)``: follow a job of ``collection`` (the SDK's attribute, the command group) to its end
+    with its progress on stderr (``view()`` renders it); Ctrl-C stops the waiting, saying how to wait again."""
+
+    def wait(client: Any, job_id: str) -> Any:
+        display = Display(job_id, view())
+        try:
+            return getattr(client, collection).wait(job_id, on_progress=display.update)
+        except KeyboardInterrupt:
+            display.close()
+            resume = f"krona {collection} wait {job_id}"
+            if cancel_hint:
+                resume += f"  (stop it: krona {collection} cancel {job_id})"
+            raise WaitInterrupted(
+                f"stopped waiting; {noun} {job_id} goes on on the server. Wait again: {resume}"
+            ) from None
+        finally:
+            display.close()
+
+    return wait
 
 
-def wait_training(client: Any, training_id: str) -> Any:
-    """Follow a training to its end (event stream, else polling) with its phase on stderr."""
-    return _follow(
-        training_id,
-        TrainingView(),
-        lambda on_progress: client.trainings.wait(training_id, on_progress=on_progress),
-        f"krona trainings wait {training_id}  (stop it: krona trainings cancel {training_id})",
-        f"training {training_id}",
-    )
-
-
-def wait_generation(client: Any, generation_id: str) -> Any:
-    return _follow(
-        generation_id,
-        GenerationView(),
-        lambda on_progress: client.generations.wait(generation_id, on_progress=on_progress),
-        f"krona generations wait {generation_id}",
-        f"generation {generation_id}",
-    )
-
-
-def wait_batch(client: Any, batch_id: str) -> Any:
-    return _follow(
-        batch_id,
-        render_batch,
-        lambda on_progress: client.batches.wait(batch_id, on_progress=on_progress),
-        f"krona batches wait {batch_id}",
-        f"batch {batch_id}",
-    )
+# Follow a training (event stream, else polling) with its phase, a generation, a batch with its counts.
+wait_training = _waiter("trainings", "training", TrainingView, cancel_hint=True)
+wait_generation = _waiter("generations", "generation", GenerationView)
+wait_batch = _waiter("batches", "batch", lambda: render_batch)
 
 
 def summary(kind: str, resource: Any, started: float) -> str:

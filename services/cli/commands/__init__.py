@@ -5,13 +5,20 @@ heavy dependencies inside the handlers, so `krona --help` stays fast and loads n
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import textwrap
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from services.cli.connection import CliError
+from services.cli.connection import CliError, add_connection_options, connect
+from services.cli.output import add_output_option, emit, output_format
 
-__all__ = ["MODULES", "HelpFormatter", "add_group", "add_leaf"]
+__all__ = ["MODULES", "HelpFormatter", "Resource", "add_group", "add_leaf", "api_command"]
+
+Handler = Callable[[argparse.Namespace], int]
 
 # In the order `krona --help` lists them.
 MODULES = (
@@ -62,10 +69,19 @@ def add_group(sub, name: str, help: str, description: str | None = None, aliases
     return parser, actions
 
 
-def add_leaf(sub, name: str, help: str, examples: Sequence[str], description: str | None = None, **kwargs):
-    """A command with help text, a description and examples (shown under `--help`)."""
+def add_leaf(
+    sub,
+    name: str,
+    help: str,
+    examples: Sequence[str],
+    description: str | None = None,
+    *,
+    handler: Handler | None = None,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """A command with help text, a description and examples (shown under `--help`), run by ``handler``."""
     epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
-    return sub.add_parser(
+    parser = sub.add_parser(
         name,
         help=help,
         description=description or (help[0].upper() + help[1:] + "."),
@@ -73,6 +89,152 @@ def add_leaf(sub, name: str, help: str, examples: Sequence[str], description: st
         formatter_class=HelpFormatter,
         **kwargs,
     )
+    if handler is not None:
+        parser.set_defaults(handler=handler)
+    return parser
+
+
+def api_command(
+    actions,
+    name: str,
+    help: str,
+    examples: Sequence[str],
+    handler: Handler,
+    *,
+    admin: bool = False,
+    output: bool = True,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """A command that talks to the API: ``add_leaf`` with the connection options (``--url``, ``--api-key``,
+    ``--data-dir``), ``-o`` unless ``output`` is False (commands that print no resource), and its handler."""
+    parser = add_leaf(actions, name, help, examples, **kwargs)
+    add_connection_options(parser, admin=admin)
+    if output:
+        add_output_option(parser)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One API collection as the commands see it (``krona generations get gen_…``): the SDK's attribute, the
+    output's kind, its ids; the subcommands that take an id, and the handlers every collection has alike."""
+
+    collection: str  # the SDK client's attribute: "generations"
+    kind: str  # the output's kind (its table columns): "generation"
+    metavar: str  # "GENERATION_ID"
+    prefix: str  # of its ids: "gen_"
+    admin: bool = False  # an admin key's collection (tenants)
+    follow: Callable[[Any, str], Any] | None = None  # a job's: follow(client, id) to its end, progress on stderr
+
+    def group(self, sub, help: str, description: str) -> Any:
+        """``krona <collection>``: its subparsers action."""
+        return add_group(sub, self.collection.replace("_", "-"), help, description)[1]
+
+    def command(
+        self,
+        actions,
+        name: str,
+        help: str,
+        handler: Handler,
+        *,
+        output: bool = True,
+        examples: Sequence[str] | None = None,
+        id_help: str | None = None,
+        **kwargs: Any,
+    ) -> argparse.ArgumentParser:
+        """A subcommand on one resource, ``krona <group> <name> ID``; its example by default:
+        ``krona <group> <name> <prefix>…``."""
+        group = self.collection.replace("_", "-")
+        examples = examples or [f"krona {group} {name} {self.prefix}…"]
+        parser = api_command(actions, name, help, examples, handler, admin=self.admin, output=output, **kwargs)
+        parser.add_argument("id", metavar=self.metavar, help=id_help or f"{self.prefix}…")
+        return parser
+
+    def client(self, args: argparse.Namespace) -> Any:
+        return connect(args, admin=self.admin)
+
+    def api(self, client: Any) -> Any:
+        return getattr(client, self.collection)
+
+    def show(self, args: argparse.Namespace) -> int:
+        """``get``: the resource as the API answers it."""
+        with self.client(args) as client:
+            emit(self.api(client).get(args.id), output_format(args), self.kind)
+        return 0
+
+    def lister(self, *filters: str) -> Handler:
+        """``list``: newest first, ``--limit``/``--all``/``--cursor``, with the API's filters of these names."""
+
+        def list_handler(args: argparse.Namespace) -> int:
+            with self.client(args) as client:
+                fetch = functools.partial(self.api(client).list_page, **{f: getattr(args, f) for f in filters})
+                page = list_resources(fetch, args)
+            emit(page, output_format(args), self.kind, page=True)
+            return 0
+
+        return list_handler
+
+    def ending(self, actions, name: str, help: str, said: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """``delete``, ``revoke``: a subcommand that calls the SDK's method of its name with the id, then says
+        ``said`` (``{id}`` in it) on stderr; it prints no resource."""
+
+        def end_handler(args: argparse.Namespace) -> int:
+            with self.client(args) as client:
+                getattr(self.api(client), name)(args.id)
+            note(said.format(id=args.id))
+            return 0
+
+        return self.command(actions, name, help, end_handler, output=False, **kwargs)
+
+    def acting(self, method: str, said: Callable[[Any], str]) -> Handler:
+        """``cancel``: calls the SDK's ``method(id)``, says ``said(answer)`` on stderr and prints the answer."""
+
+        def act_handler(args: argparse.Namespace) -> int:
+            with self.client(args) as client:
+                answer = getattr(self.api(client), method)(args.id)
+            note(said(answer))
+            emit(answer, output_format(args), self.kind)
+            return 0
+
+        return act_handler
+
+    def follower(self, finish: Finish) -> Handler:
+        """``wait``: follow the job to its end, then ``finish`` (what it says, prints and exits with)."""
+
+        def wait_handler(args: argparse.Namespace) -> int:
+            started = time.monotonic()
+            with self.client(args) as client:
+                return finish(client, self._follow(client, args.id), started, args)
+
+        return wait_handler
+
+    def queued(
+        self,
+        args: argparse.Namespace,
+        client: Any,
+        job: Any,
+        finish: Finish,
+        *,
+        wait: bool,
+        hint: str = "",
+    ) -> int:
+        """What a ``create`` does once the job is queued: with ``wait``, what ``wait`` does; else prints it and how
+        to follow it."""
+        if not wait:
+            note(f"follow it: krona {self.collection} wait {job.id}{hint}")
+            emit(job, output_format(args), self.kind)
+            return 0
+        started = time.monotonic()
+        return finish(client, self._follow(client, job.id), started, args)
+
+    def _follow(self, client: Any, job_id: str) -> Any:
+        assert self.follow is not None, f"{self.collection} are not jobs"
+        return self.follow(client, job_id)
+
+
+# What a job's `wait` does once it has ended: (client, the job, when the waiting started, args) -> exit status.
+Finish = Callable[[Any, Any, float, argparse.Namespace], int]
 
 
 def note(message: str) -> None:
@@ -81,7 +243,7 @@ def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def add_list_options(parser: argparse.ArgumentParser, *, statuses: bool = False) -> None:
+def add_list_options(parser: argparse.ArgumentParser, *, statuses: bool = False, limit: int = 20) -> None:
     group = parser.add_argument_group("listing")
     if statuses:
         group.add_argument(
@@ -89,7 +251,7 @@ def add_list_options(parser: argparse.ArgumentParser, *, statuses: bool = False)
             choices=("queued", "running", "canceling", "succeeded", "failed", "canceled"),
             help="only this status",
         )
-    group.add_argument("--limit", type=int, default=20, metavar="N", help="show the newest N")
+    group.add_argument("--limit", type=int, default=limit, metavar="N", help="show the newest N")
     group.add_argument("--all", action="store_true", help="show every one (fetches every page)")
     group.add_argument("--cursor", metavar="CURSOR", help="start at this page (the next_cursor of a previous list)")
 

@@ -6,45 +6,43 @@ import argparse
 import json
 from pathlib import Path
 
-from services.cli.commands import add_group, add_leaf, add_list_options, list_resources, note
-from services.cli.connection import CliError, WaitInterrupted, add_connection_options, connect
+from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.connection import CliError, WaitInterrupted, connect
 from services.cli.images import expand_images
-from services.cli.output import add_output_option, emit, output_format
+from services.cli.output import emit, output_format
+
+ADAPTERS = Resource("adapters", "adapter", "ADAPTER_ID", "adp_")
 
 
 def register(sub) -> None:
-    _, actions = add_group(
+    actions = ADAPTERS.group(
         sub,
-        "adapters",
         "trained or uploaded adapters: list, download, upload, evaluate, delete",
         "Adapters of this tenant: made by trainings or uploaded (native Krona or kohya/LyCORIS LoKr files).",
     )
 
-    listing = add_leaf(
-        actions,
-        "list",
-        "adapters, newest first",
-        ["krona adapters list", "ADAPTER=$(krona adapters list --limit 1 -o id)   # the newest adapter's id"],
+    add_list_options(
+        api_command(
+            actions,
+            "list",
+            "adapters, newest first",
+            ["krona adapters list", "ADAPTER=$(krona adapters list --limit 1 -o id)   # the newest adapter's id"],
+            ADAPTERS.lister(),
+        )
     )
-    add_list_options(listing)
-    listing.set_defaults(handler=list_adapters)
+    ADAPTERS.command(actions, "get", "one adapter: factor shapes, parameters, size, evaluation", ADAPTERS.show)
 
-    get = add_leaf(
-        actions, "get", "one adapter: factor shapes, parameters, size, evaluation", ["krona adapters get adp_…"]
-    )
-    get.add_argument("id", metavar="ADAPTER_ID", help="adp_…")
-    get.set_defaults(handler=get_adapter)
-
-    download = add_leaf(
+    download = ADAPTERS.command(
         actions,
         "download",
         "download the adapter file",
-        [
+        download_adapter,
+        output=False,
+        examples=[
             "krona adapters download adp_… --out sks.safetensors",
             "krona adapters download adp_… --format lycoris --out sks-lokr.safetensors   # for ComfyUI, A1111, Forge",
         ],
     )
-    download.add_argument("id", metavar="ADAPTER_ID", help="adp_…")
     download.add_argument(
         "--format",
         default="krona",
@@ -54,28 +52,26 @@ def register(sub) -> None:
     download.add_argument(
         "--out", metavar="PATH", help="file or folder to write (default: <id>.<format>.safetensors here)"
     )
-    download.set_defaults(handler=download_adapter)
 
-    upload = add_leaf(
+    upload = api_command(
         actions,
         "upload",
         "upload a native Krona or LyCORIS LoKr file trained elsewhere",
         ["krona adapters upload my-lokr.safetensors --name mine"],
+        upload_adapter,
     )
     upload.add_argument("file", metavar="FILE", help="a .safetensors file whose factors fit the server's base model")
     upload.add_argument("--name", help="a label for people")
     upload.add_argument("--base-model", metavar="NAME", help="the base model it was trained on (must be the server's)")
-    upload.set_defaults(handler=upload_adapter)
 
-    delete = add_leaf(actions, "delete", "delete an adapter and its file", ["krona adapters delete adp_…"])
-    delete.add_argument("id", metavar="ADAPTER_ID", help="adp_…")
-    delete.set_defaults(handler=delete_adapter)
+    ADAPTERS.ending(actions, "delete", "delete an adapter and its file", "deleted adapter {id} and its file")
 
-    evaluate = add_leaf(
+    evaluate = ADAPTERS.command(
         actions,
         "evaluate",
         "score an adapter (CLIP-I, CLIP-T, DINO) against photos of its subject",
-        [
+        evaluate_adapter,
+        examples=[
             "krona adapters evaluate adp_… --images photos/ --class-noun dog --wait",
             "krona adapters evaluate adp_… --images photos/ --prompts 8 --per-prompt 2",
         ],
@@ -83,7 +79,6 @@ def register(sub) -> None:
         "prompts for the class and scores the images against the photos (CLIP-I, DINO) and the prompts (CLIP-T). "
         "The photos are deleted afterwards. See the scores with `krona adapters get`.",
     )
-    evaluate.add_argument("id", metavar="ADAPTER_ID", help="adp_…")
     evaluate.add_argument(
         "--images",
         nargs="+",
@@ -99,25 +94,6 @@ def register(sub) -> None:
     )
     evaluate.add_argument("--identifier", metavar="WORD", help="the rare token, e.g. sks (default: from the prompt)")
     evaluate.add_argument("--wait", action="store_true", help="poll until the scores are in")
-    evaluate.set_defaults(handler=evaluate_adapter)
-
-    for parser in actions.choices.values():
-        add_connection_options(parser)
-        if parser not in (delete, download):
-            add_output_option(parser)
-
-
-def list_adapters(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        page = list_resources(client.adapters.list_page, args)
-    emit(page, output_format(args), "adapter", page=True)
-    return 0
-
-
-def get_adapter(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        emit(client.adapters.get(args.id), output_format(args), "adapter")
-    return 0
 
 
 def download_adapter(args: argparse.Namespace) -> int:
@@ -136,13 +112,6 @@ def upload_adapter(args: argparse.Namespace) -> int:
         adapter = client.adapters.upload(path, name=args.name, base_model=args.base_model)
     note(f"uploaded {path} as adapter {adapter.id}")
     emit(adapter, output_format(args), "adapter")
-    return 0
-
-
-def delete_adapter(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        client.adapters.delete(args.id)
-    note(f"deleted adapter {args.id} and its file")
     return 0
 
 

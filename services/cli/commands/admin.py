@@ -25,15 +25,23 @@ from shared.storage import storage_from_settings
 DATA_DIR_HELP = "the embedded data folder (default: $KRONA_DATA_DIR, else .krona; ignored with KRONA_DATABASE_URL)"
 
 
-def _output(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-o",
-        "--output",
-        choices=("table", "wide", "json", "yaml"),
-        default="table",
-        metavar="FORMAT",
-        help="table, wide, json or yaml (default: table)",
-    )
+def _command(actions, name: str, help: str, examples: list[str], handler, *, tenant: str | None = None,
+             output: bool = True, on_database: bool = True, **kwargs) -> argparse.ArgumentParser:  # fmt: skip
+    """An operator command: ``--data-dir``, ``-o`` (table by default) unless ``output`` is False, a TENANT
+    argument when ``tenant`` names its help, and the handler, run on the checked database (``_database``) unless
+    ``on_database`` is False."""
+    parser = add_leaf(actions, name, help, examples, **kwargs)
+    if tenant:
+        parser.add_argument("tenant", metavar="TENANT", help=tenant)
+    parser.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
+    if output:
+        parser.add_argument("-o", "--output", choices=("table", "wide", "json", "yaml"), default="table",
+                            metavar="FORMAT", help="table, wide, json or yaml (default: table)")  # fmt: skip
+    parser.set_defaults(handler=_database(handler) if on_database else handler)
+    return parser
+
+
+TENANT = "the tenant's name or id"
 
 
 def register(sub) -> None:
@@ -45,109 +53,105 @@ def register(sub) -> None:
     )
     actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    tenant = add_leaf(
+    tenant = _command(
         actions,
         "create-tenant",
         "create a tenant and print its webhook signing secret and API key once",
         ["krona admin create-tenant acme", "krona admin create-tenant acme --data-dir out/demo/krona-data"],
+        create_tenant,
     )
     tenant.add_argument("name", metavar="NAME", help="1-100 letters, digits, '-', '_' or '.'; unique")
-    tenant.set_defaults(handler=_database(create_tenant))
-
-    rotate = add_leaf(
+    rotate = _command(
         actions,
         "rotate-webhook-secret",
         "give a tenant a new webhook signing secret and print it once",
         ["krona admin rotate-webhook-secret acme"],
+        rotate_webhook_secret,
     )
     rotate.add_argument("name", metavar="TENANT", help="the tenant's name")
-    rotate.set_defaults(handler=_database(rotate_webhook_secret))
-
-    admin_key = add_leaf(
+    admin_key = _command(
         actions,
         "create-admin-key",
         "create an admin key (for `krona tenants` and /v1/tenants); shown once",
         ["krona admin create-admin-key --name ops"],
+        create_admin_key,
     )
     admin_key.add_argument("--name", help="a label for people")
-    admin_key.set_defaults(handler=_database(create_admin_key))
-
-    create_key = add_leaf(
+    create_key = _command(
         actions,
         "create-key",
         "create an API key for a tenant and print it once",
         ["krona admin create-key acme --name ci"],
+        create_tenant_key,
+        tenant=TENANT,
     )
-    create_key.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
     create_key.add_argument("--name", help="a label for people")
-    create_key.set_defaults(handler=_database(create_tenant_key))
-
-    list_keys = add_leaf(
-        actions, "list-keys", "a tenant's API keys (prefix, name, times; never the key)", ["krona admin list-keys acme"]
+    _command(
+        actions,
+        "list-keys",
+        "a tenant's API keys (prefix, name, times; never the key)",
+        ["krona admin list-keys acme"],
+        list_tenant_keys,
+        tenant=TENANT,
     )
-    list_keys.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
-    list_keys.set_defaults(handler=_database(list_tenant_keys))
-
-    revoke = add_leaf(
-        actions, "revoke-key", "revoke an API key (its next request answers 401)", ["krona admin revoke-key key_…"]
+    revoke = _command(
+        actions,
+        "revoke-key",
+        "revoke an API key (its next request answers 401)",
+        ["krona admin revoke-key key_…"],
+        revoke_tenant_key,
     )
     revoke.add_argument("key_id", metavar="KEY_ID", help="key_… (krona admin list-keys TENANT)")
-    revoke.set_defaults(handler=_database(revoke_tenant_key))
-
-    list_tenants = add_leaf(
-        actions, "list-tenants", "every tenant with its weight and limit overrides", ["krona admin list-tenants"]
+    _command(
+        actions,
+        "list-tenants",
+        "every tenant with its weight and limit overrides",
+        ["krona admin list-tenants"],
+        list_all_tenants,
     )
-    list_tenants.set_defaults(handler=_database(list_all_tenants))
-
-    limits = add_leaf(
+    limits = _command(
         actions,
         "set-limits",
         "set a tenant's weight and limit overrides (others are kept)",
         ["krona admin set-limits acme --weight 2 --max-queued-jobs 500", "krona admin set-limits acme --clear weight"],
+        set_limits,
+        tenant=TENANT,
         description="Set a tenant's fair-share weight and overrides of the server's limits; --clear NAME puts a "
         "limit back to the server's default. Prints the limits in effect.",
     )
-    limits.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
     add_limit_options(limits)
     add_clear_option(limits)
-    limits.set_defaults(handler=_database(set_limits))
-
-    delete = add_leaf(
+    delete = _command(
         actions,
         "delete-tenant",
         "delete a tenant with all its rows and files (no undo)",
         ["krona admin delete-tenant acme --yes"],
+        delete_tenant,
+        tenant=TENANT,
     )
-    delete.add_argument("tenant", metavar="TENANT", help="the tenant's name or id")
     delete.add_argument("--yes", action="store_true", help="required: confirms the deletion")
-    delete.set_defaults(handler=_database(delete_tenant))
-
-    usage = add_leaf(
+    usage = _command(
         actions,
         "usage",
         "worker time and work done per tenant and period",
         ["krona admin usage --tenant acme --granularity month"],
+        tenant_usage,
     )
     usage.add_argument("--tenant", help="one tenant's name or id (default: every tenant)")
     usage.add_argument("--start", help="first UTC day, YYYY-MM-DD (default: 29 days before --end)")
     usage.add_argument("--end", help="last UTC day, YYYY-MM-DD (default: today)")
     usage.add_argument("--granularity", default="day", choices=["day", "month", "total"], help="one row per")
     usage.add_argument("--json", action="store_const", const="json", dest="output", help="the same as -o json")
-    usage.set_defaults(handler=_database(tenant_usage))
-
-    sweep = add_leaf(
+    sweep = _command(
         actions,
         "sweep",
         "run one retention pass now: purge ended trainings' photos, expire old images, delete orphaned blobs",
         ["krona admin sweep", "krona admin sweep --json"],
+        run_sweep,
+        output=False,
+        on_database=False,
     )
     sweep.add_argument("--json", action="store_true", help="print the counts as JSON")
-    sweep.set_defaults(handler=run_sweep)
-
-    for name, parser in actions.choices.items():
-        parser.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
-        if name != "sweep":
-            _output(parser)
 
 
 # The database ------------------------------------------------------------------------------------------------
@@ -218,6 +222,15 @@ def _structured(args: argparse.Namespace) -> bool:
     return args.output in ("json", "yaml")
 
 
+def _shown_once(args: argparse.Namespace, data: dict, *lines: str) -> int:
+    """A secret made now: ``data`` for -o json/yaml, else ``lines`` (what it is, the secret, …) one per line."""
+    if _structured(args):
+        emit(data, args.output)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
 # Handlers ----------------------------------------------------------------------------------------------------
 
 
@@ -227,15 +240,15 @@ def create_tenant(args, settings, session) -> int:
 
     tenant, key = create(session, args.name)
     session.commit()
-    if _structured(args):
-        emit({"id": tenant.id, "name": tenant.name, "api_key": key, "webhook_secret": tenant.webhook_secret},
-             args.output)  # fmt: skip
-        return 0
-    print(f"tenant {tenant.name} ({tenant.id}) created; its webhook signing secret (shown once):")
-    print(tenant.webhook_secret)
-    print("its API key (shown once):")
-    print(key)
-    return 0
+    data = {"id": tenant.id, "name": tenant.name, "api_key": key, "webhook_secret": tenant.webhook_secret}
+    return _shown_once(
+        args,
+        data,
+        f"tenant {tenant.name} ({tenant.id}) created; its webhook signing secret (shown once):",
+        tenant.webhook_secret,
+        "its API key (shown once):",
+        key,
+    )
 
 
 def rotate_webhook_secret(args, settings, session) -> int:
@@ -251,12 +264,8 @@ def rotate_webhook_secret(args, settings, session) -> int:
         raise CliError(f"no tenant {args.name!r} (krona admin list-tenants)")
     secret = rotate(session, tenant)
     session.commit()
-    if _structured(args):
-        emit({"tenant": args.name, "webhook_secret": secret}, args.output)
-        return 0
-    print(f"tenant {args.name}: new webhook signing secret (shown once; deliveries from now on use it):")
-    print(secret)
-    return 0
+    said = f"tenant {args.name}: new webhook signing secret (shown once; deliveries from now on use it):"
+    return _shown_once(args, {"tenant": args.name, "webhook_secret": secret}, said, secret)
 
 
 def create_admin_key(args, settings, session) -> int:
@@ -265,12 +274,8 @@ def create_admin_key(args, settings, session) -> int:
 
     key, row = new_api_key(session, None, name=args.name, role="admin")
     session.commit()
-    if _structured(args):
-        emit({"id": row.id, "name": row.name, "role": "admin", "key": key}, args.output)
-        return 0
-    print(f"admin key {row.id} created; the key (shown once; it manages tenants through /v1/tenants):")
-    print(key)
-    return 0
+    said = f"admin key {row.id} created; the key (shown once; it manages tenants through /v1/tenants):"
+    return _shown_once(args, {"id": row.id, "name": row.name, "role": "admin", "key": key}, said, key)
 
 
 def create_tenant_key(args, settings, session) -> int:
@@ -280,12 +285,8 @@ def create_tenant_key(args, settings, session) -> int:
     tenant = _find_tenant(session, args.tenant)
     key, row = new_api_key(session, tenant, name=args.name)
     session.commit()
-    if _structured(args):
-        emit({"id": row.id, "tenant": tenant.name, "name": row.name, "key": key}, args.output)
-        return 0
-    print(f"API key {row.id} created for tenant {tenant.name}; the key (shown once):")
-    print(key)
-    return 0
+    said = f"API key {row.id} created for tenant {tenant.name}; the key (shown once):"
+    return _shown_once(args, {"id": row.id, "tenant": tenant.name, "name": row.name, "key": key}, said, key)
 
 
 def list_tenant_keys(args, settings, session) -> int:

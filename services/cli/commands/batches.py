@@ -8,20 +8,21 @@ import sys
 import time
 from pathlib import Path
 
-from services.cli.commands import add_group, add_leaf, add_list_options, list_resources, note
-from services.cli.commands.generations import add_generation_options, generation_fields
-from services.cli.connection import CliError, add_connection_options, connect
-from services.cli.output import add_output_option, emit, output_format
-from services.cli.progress import duration
-from services.cli.progress import wait_batch as follow
+from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.commands.generations import add_generation_options, add_image_job_commands, generation_fields
+from services.cli.connection import CliError, connect
+from services.cli.output import emit, output_format
+from services.cli.progress import duration, wait_batch
+
+BATCHES = Resource("batches", "batch", "BATCH_ID", "bat_", follow=wait_batch)
 
 
 def register(sub) -> None:
-    _, actions = add_group(
-        sub, "batches", "many generations in one request (up to 1000)", "Batches of generations: create, follow."
+    actions = BATCHES.group(
+        sub, "many generations in one request (up to 1000)", "Batches of generations: create, follow."
     )
 
-    create = add_leaf(
+    create = api_command(
         actions,
         "create",
         "queue many generations at once",
@@ -30,6 +31,7 @@ def register(sub) -> None:
             'krona batches create --prompt "a red car" --prompt "a blue car" --steps 20 --wait --out images/',
             "jq -c '{generations: [.[] | {prompt: .}]}' prompts.json | krona batches create -",
         ],
+        create_batch,
         description='Queue up to 1000 generations: from a JSON file ({"generations": [{"prompt": …}, …]}, or just '
         "the list; - reads stdin), or one per --prompt with the same options. With --out, waits and downloads "
         "every image to DIR.",
@@ -46,40 +48,21 @@ def register(sub) -> None:
     create.add_argument("--idempotency-key", metavar="KEY", help="the same key returns the first batch")
     create.add_argument("--wait", action="store_true", help="follow it until every generation has ended")
     create.add_argument("--out", metavar="DIR", help="save every image in DIR as <generation id>-<index>.png (waits)")
-    create.set_defaults(handler=create_batch)
 
-    get = add_leaf(actions, "get", "a batch with its counts per status", ["krona batches get bat_…"])
-    get.add_argument("id", metavar="BATCH_ID", help="bat_…")
-    get.set_defaults(handler=get_batch)
-
-    listing = add_leaf(actions, "list", "batches, newest first", ["krona batches list"])
-    add_list_options(listing)
-    listing.set_defaults(handler=list_batches)
-
-    wait = add_leaf(
-        actions, "wait", "follow a batch until every generation has ended", ["krona batches wait bat_… --out images/"]
+    BATCHES.command(actions, "get", "a batch with its counts per status", BATCHES.show)
+    add_list_options(api_command(actions, "list", "batches, newest first", ["krona batches list"], BATCHES.lister()))
+    add_image_job_commands(
+        BATCHES,
+        actions,
+        finish,
+        download_batch,
+        cancel=(
+            "stop the batch's queued and running generations",
+            lambda batch: f"batch {batch.id}: its queued and running generations stop",
+        ),
+        download_help="save every image of a batch",
+        files="<generation id>-<index>.png",
     )
-    wait.add_argument("id", metavar="BATCH_ID", help="bat_…")
-    wait.add_argument("--out", metavar="DIR", help="then save every image in DIR")
-    wait.set_defaults(handler=wait_batch)
-
-    cancel = add_leaf(
-        actions, "cancel", "stop the batch's queued and running generations", ["krona batches cancel bat_…"]
-    )
-    cancel.add_argument("id", metavar="BATCH_ID", help="bat_…")
-    cancel.set_defaults(handler=cancel_batch)
-
-    download = add_leaf(
-        actions, "download", "save every image of a batch", ["krona batches download bat_… --out images/"]
-    )
-    download.add_argument("id", metavar="BATCH_ID", help="bat_…")
-    download.add_argument("--out", default=".", metavar="DIR", help="folder for <generation id>-<index>.png")
-    download.set_defaults(handler=download_batch)
-
-    for parser in actions.choices.values():
-        add_connection_options(parser)
-        if parser is not download:
-            add_output_option(parser)
 
 
 def _requests(args: argparse.Namespace) -> list[dict]:
@@ -110,11 +93,11 @@ def download_all(client, batch, out: str) -> int:
     return written
 
 
-def _finish(client, batch, started: float, out: str | None, args: argparse.Namespace) -> int:
+def finish(client, batch, started: float, args: argparse.Namespace) -> int:
     counts = ", ".join(f"{n} {s}" for s, n in batch.counts.items() if n)
     note(f"batch {batch.id} ended after {duration(time.monotonic() - started)}: {counts or 'empty'}")
-    if out:
-        download_all(client, batch, out)
+    if args.out:
+        download_all(client, batch, args.out)
     emit(batch, output_format(args), "batch")
     return 0 if batch.counts.get("failed", 0) == 0 and batch.counts.get("canceled", 0) == 0 else 1
 
@@ -124,41 +107,7 @@ def create_batch(args: argparse.Namespace) -> int:
     with connect(args) as client:
         batch = client.batches.create(requests, idempotency_key=args.idempotency_key)
         note(f"batch {batch.id} queued: {batch.total} generations")
-        if not (args.wait or args.out):
-            note(f"follow it: krona batches wait {batch.id} --out DIR")
-            emit(batch, output_format(args), "batch")
-            return 0
-        started = time.monotonic()
-        batch = follow(client, batch.id)
-        return _finish(client, batch, started, args.out, args)
-
-
-def get_batch(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        emit(client.batches.get(args.id), output_format(args), "batch")
-    return 0
-
-
-def list_batches(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        page = list_resources(client.batches.list_page, args)
-    emit(page, output_format(args), "batch", page=True)
-    return 0
-
-
-def wait_batch(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    with connect(args) as client:
-        batch = follow(client, args.id)
-        return _finish(client, batch, started, args.out, args)
-
-
-def cancel_batch(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        batch = client.batches.cancel(args.id)
-    note(f"batch {batch.id}: its queued and running generations stop")
-    emit(batch, output_format(args), "batch")
-    return 0
+        return BATCHES.queued(args, client, batch, finish, wait=args.wait or args.out, hint=" --out DIR")
 
 
 def download_batch(args: argparse.Namespace) -> int:

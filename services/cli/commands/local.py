@@ -31,38 +31,39 @@ def register(sub) -> None:
         "inspect",
         "describe an adapter file (native or LyCORIS LoKr)",
         ["krona inspect sks.safetensors --layers"],
+        handler=inspect_file,
     )
     inspect.add_argument("file", metavar="FILE", help="a native Krona or LyCORIS LoKr .safetensors file")
     inspect.add_argument("--layers", action="store_true", help="list every layer with its factor shapes")
-    inspect.set_defaults(handler=inspect_file)
 
     export = add_leaf(
         sub,
         "export",
         "convert a native adapter to the kohya/LyCORIS LoKr format",
         ["krona export sks.safetensors -o sks-lokr.safetensors"],
+        handler=export_file,
     )
     export.add_argument("file", metavar="FILE", help="native Krona adapter (.safetensors)")
     export.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors path")
     export.add_argument("--format", default="lycoris", choices=["lycoris"], help="target format")
-    export.set_defaults(handler=export_file)
 
     imp = add_leaf(
         sub,
         "import",
         "convert a kohya/LyCORIS LoKr file to a native adapter",
         ["krona import lokr.safetensors -o native.safetensors --base-model tiny-sd"],
+        handler=import_file,
     )
     imp.add_argument("file", metavar="FILE", help="LyCORIS LoKr file (.safetensors)")
     imp.add_argument("-o", "--out", required=True, metavar="OUT", help="output native adapter path")
     imp.add_argument("--base-model", default="", metavar="NAME", help="base model it was trained on (metadata)")
-    imp.set_defaults(handler=import_file)
 
     count = add_leaf(
         sub,
         "count",
         "trainable parameters of a KronA adapter on a base model (no weights loaded)",
         ["krona count --base sdxl --a1 64 --a2 4", "krona count --base sd15 --target-modules to_q,to_v"],
+        handler=count_parameters,
     )
     count.add_argument("--base", default="sdxl", help="sd15, sd21, sdxl, tiny-sd, tiny-sdxl or a model folder")
     count.add_argument("--a1", type=int, default=64, help="rows of A")
@@ -71,15 +72,17 @@ def register(sub) -> None:
         "--target-modules", default="to_q,to_k,to_v,to_out.0", metavar="NAMES", help="comma-separated module names"
     )
     count.add_argument("--targets", dest="target_modules", help=argparse.SUPPRESS)
-    count.set_defaults(handler=count_parameters)
 
     models = sub.add_parser("models", help="built-in tiny base models", description="Built-in tiny base models.")
     models_sub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     path = add_leaf(
-        models_sub, "path", "build (once) and print the folder of a built-in model", ["krona models path tiny-sd"]
+        models_sub,
+        "path",
+        "build (once) and print the folder of a built-in model",
+        ["krona models path tiny-sd"],
+        handler=model_path,
     )
     path.add_argument("name", choices=["tiny-sd", "tiny-sdxl"], help="the built-in model")
-    path.set_defaults(handler=model_path)
 
 
 def _register_train(sub) -> None:
@@ -94,6 +97,7 @@ def _register_train(sub) -> None:
         description="Train only the Kronecker factors of the UNet (text encoders frozen). Defaults are the paper's: "
         "AdamW learning rate 1e-3 constant (its ablation finds ~6e-4 best; >1e-3 overfits, <1e-4 loses fidelity), "
         "batch 1 x gradient accumulation 4, 500 steps (SD) / 1000 (SDXL), no prior preservation.",
+        handler=train_adapter,
     )
     train.add_argument("--base", required=True, help=BASE_HELP)
     train.add_argument(
@@ -136,7 +140,6 @@ def _register_train(sub) -> None:
     group.add_argument("--resume", metavar="DIR", help="continue from the newest checkpoint in DIR")
     group.add_argument("--validation-every", type=int, default=0, metavar="N", help="validation images every N steps")
     group.add_argument("--validation-dir", metavar="DIR", help="write validation images here (default: none)")
-    train.set_defaults(handler=train_adapter)
 
 
 def _register_generate(sub) -> None:
@@ -145,6 +148,7 @@ def _register_generate(sub) -> None:
         "generate",
         "generate images with a base model and an optional adapter, in this process",
         ['krona generate --base tiny-sd --adapter a.safetensors --prompt "sks toy on the moon" --out moon.png'],
+        handler=generate_images,
     )
     generate.add_argument("--base", required=True, help=BASE_HELP)
     generate.add_argument("--adapter", metavar="FILE", help="native Krona or LyCORIS LoKr file")
@@ -162,7 +166,6 @@ def _register_generate(sub) -> None:
     generate.add_argument("--height", type=int, metavar="PX", help="multiple of 8 (default: the model's native size)")
     generate.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
     generate.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    generate.set_defaults(handler=generate_images)
 
 
 def _register_eval(sub) -> None:
@@ -181,6 +184,7 @@ def _register_eval(sub) -> None:
         "subject's real images: CLIP-I and DINO (mean cosine of image embeddings, generated vs real) and CLIP-T "
         "(image vs prompt, the identifier removed). Image k of every prompt uses seed --seed + k. Writes the images, "
         "grid.png and a JSON report under --out.",
+        handler=evaluate_adapter,
     )
     evaluate.add_argument("--base", required=True, help=BASE_HELP)
     evaluate.add_argument(
@@ -221,7 +225,6 @@ def _register_eval(sub) -> None:
         "--resolution", type=int, metavar="PX", help="image size of the held-out loss (default: native)"
     )
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    evaluate.set_defaults(handler=evaluate_adapter)
 
 
 # Handlers ----------------------------------------------------------------------------------------------------
@@ -429,11 +432,18 @@ def train_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_ranges(args: argparse.Namespace, *bounds: tuple[str, float, float | None]) -> None:
+    """Each option ``name`` within [low, high] (no upper bound where high is None); ValueError naming it."""
+    for name, low, high in bounds:
+        value, option = getattr(args, name), "--" + name.replace("_", "-")
+        if high is None and value < low:
+            raise ValueError(f"{option} must be at least {low}, got {value}")
+        if high is not None and not low <= value <= high:
+            raise ValueError(f"{option} must be between {low} and {high}, got {value}")
+
+
 def generate_images(args: argparse.Namespace) -> int:
-    if not 0 <= args.adapter_scale <= 2:
-        raise ValueError(f"--adapter-scale must be between 0 and 2, got {args.adapter_scale}")
-    if not 1 <= args.num_images <= 8:
-        raise ValueError(f"--num-images must be between 1 and 8, got {args.num_images}")
+    _check_ranges(args, ("adapter_scale", 0, 2), ("num_images", 1, 8))
     # lazy: loads torch, numpy, safetensors, …
     import torch
 
@@ -472,12 +482,7 @@ def _check_eval_inputs(args: argparse.Namespace) -> None:
     # lazy: loads numpy
     from shared.images import load_subject_images
 
-    if not 0 <= args.adapter_scale <= 2:
-        raise ValueError(f"--adapter-scale must be between 0 and 2, got {args.adapter_scale}")
-    if not 1 <= args.per_prompt <= 16:
-        raise ValueError(f"--per-prompt must be between 1 and 16, got {args.per_prompt}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    _check_ranges(args, ("adapter_scale", 0, 2), ("per_prompt", 1, 16), ("steps", 1, None))
     load_subject_images(args.images)
     evaluation_prompts(args.prompts, identifier=args.identifier, class_noun=args.class_noun)
     if args.adapter and not Path(args.adapter).is_file():
@@ -569,6 +574,6 @@ def _heldout_sets(args: argparse.Namespace) -> dict:
     if args.class_images:
         prompt = args.class_prompt or f"a photo of a {args.class_noun}"
         sets["class"] = (load_subject_images(args.class_images), prompt)
-    if sets and not 1 <= args.loss_samples <= 1024:
-        raise ValueError(f"--loss-samples must be between 1 and 1024, got {args.loss_samples}")
+    if sets:
+        _check_ranges(args, ("loss_samples", 1, 1024))
     return sets

@@ -21,13 +21,12 @@ def register(sub) -> None:
         "local blob folder and the built-in tiny-sd model (set KRONA_BASE_MODEL for a real one). Says it is up once "
         "/readyz answers; keeps access logs in <data dir>/logs/ (warnings and errors also here). One `krona up` per "
         "data folder. Ctrl-C stops it: a running training checkpoints first (Ctrl-C again stops at once).",
+        handler=_stack("up"),
     )
-    up.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    up.add_argument("--port", type=int, default=8000, help="port to listen on")
+    _listen(up)
     up.add_argument(
         "--data-dir", default=".krona", metavar="DIR", help="database, broker, files, logs and the api-key file"
     )
-    up.set_defaults(handler=_stack("up"))
 
     demo = add_leaf(
         sub,
@@ -37,11 +36,11 @@ def register(sub) -> None:
         description="Start `krona up` in a fresh folder, train an adapter on three sample photos over HTTP, generate "
         "two images with it, download it in both formats and stop. The tiny model has random weights: the images "
         "are noise. --local runs the adapter alone in this process instead.",
+        handler=run_demo,
     )
     demo.add_argument("--out", default="out/demo", metavar="DIR", help="folder for the demo's files")
     demo.add_argument("--local", action="store_true", help="the adapter-only demo in this process (no service)")
     demo.add_argument("--base", default="tiny-sd", help="with --local: tiny-sd, tiny-sdxl, a folder or a hub id")
-    demo.set_defaults(handler=run_demo)
 
     migrate = add_leaf(
         sub,
@@ -50,20 +49,18 @@ def register(sub) -> None:
         ["krona migrate", "KRONA_DATABASE_URL=postgresql+psycopg://krona@db/krona krona migrate"],
         description="Bring the database (KRONA_DATABASE_URL, or the embedded one under --data-dir) to the schema head, "
         "and create the S3 bucket (KRONA_S3_BUCKET) if it is missing. Run it once per release.",
+        handler=_stack("migrate"),
     )
-    migrate.add_argument(
-        "--data-dir", metavar="DIR", help="embedded data folder (default: $KRONA_DATA_DIR, else .krona)"
-    )
-    migrate.set_defaults(handler=_stack("migrate"))
+    _data_dir(migrate)
 
     gateway = add_leaf(
         sub,
         "gateway",
         "run the HTTP gateway alone (production: behind a proxy)",
         ["krona gateway --host 0.0.0.0 --workers 2"],
+        handler=_stack("gateway"),
     )
-    gateway.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    gateway.add_argument("--port", type=int, default=8000, help="port to listen on")
+    _listen(gateway)
     gateway.add_argument(
         "--workers",
         type=int,
@@ -71,26 +68,32 @@ def register(sub) -> None:
         help="gateway processes (default: KRONA_GATEWAY_WORKERS, 1); each has its own threadpool",
     )
     gateway.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
-    gateway.add_argument(
-        "--data-dir", metavar="DIR", help="embedded data folder (default: $KRONA_DATA_DIR, else .krona)"
-    )
-    gateway.set_defaults(handler=_stack("gateway"))
+    _data_dir(gateway)
 
     worker = add_leaf(
         sub,
         "worker",
         "run a Celery worker for the given queues: train/infer one job at a time, webhooks on a thread pool",
         ["krona worker --queues train", "krona worker --queues webhooks"],
+        handler=_stack("worker"),
     )
     worker.add_argument(
         "--queues",
         default="train,infer",
         help="train, infer, both (train,infer), or webhooks (deliveries only, KRONA_WEBHOOK_CONCURRENCY at once)",
     )
-    worker.add_argument(
+    _data_dir(worker)
+
+
+def _listen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+
+
+def _data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--data-dir", metavar="DIR", help="embedded data folder (default: $KRONA_DATA_DIR, else .krona)"
     )
-    worker.set_defaults(handler=_stack("worker"))
 
 
 def _stack(name: str):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.commands import add_group, add_leaf, list_resources, note
-from services.cli.connection import CliError, add_connection_options, connect
-from services.cli.output import add_output_option, emit, output_format
+from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.connection import CliError, connect
+from services.cli.output import emit, output_format
 
 LIMITS = ("rate_limit_per_second", "rate_limit_burst", "max_queued_jobs", "max_running_jobs", "max_generation_compute")
 
@@ -45,60 +45,59 @@ def _limits(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}
 
 
+TENANTS = Resource("tenants", "tenant", "TENANT_ID", "ten_", admin=True)
+
+
 def register(sub) -> None:
-    _, actions = add_group(
+    actions = TENANTS.group(
         sub,
-        "tenants",
         "tenants, through the API with an admin key (create, list, get, update, delete)",
         "Tenants, with an admin key (krona admin create-admin-key; pass it as --api-key or KRONA_ADMIN_KEY).",
     )
-    create = add_leaf(
+    create = api_command(
         actions,
         "create",
         "create a tenant; prints its API key and webhook secret once",
         ["krona tenants create acme --weight 2 --max-queued-jobs 500"],
+        create_tenant,
+        admin=True,
     )
     create.add_argument("name", metavar="NAME", help="1-100 letters, digits, '-', '_' or '.'; unique")
     add_limit_options(create)
-    create.set_defaults(handler=create_tenant)
 
-    listing = add_leaf(
-        actions, "list", "every tenant with its weight and limit overrides", ["krona tenants list -o wide"]
+    listing = api_command(
+        actions,
+        "list",
+        "every tenant with its weight and limit overrides",
+        ["krona tenants list -o wide"],
+        TENANTS.lister(),
+        admin=True,
     )
-    listing.add_argument("--limit", type=int, default=100, metavar="N", help="show the newest N")
-    listing.add_argument("--all", action="store_true", help="every tenant")
-    listing.add_argument("--cursor", metavar="CURSOR", help="start at this page")
-    listing.set_defaults(handler=list_tenants)
+    add_list_options(listing, limit=100)
+    TENANTS.command(actions, "get", "one tenant with the limits in effect", TENANTS.show)
 
-    get = add_leaf(actions, "get", "one tenant with the limits in effect", ["krona tenants get ten_…"])
-    get.add_argument("id", metavar="TENANT_ID", help="ten_…")
-    get.set_defaults(handler=get_tenant)
-
-    update = add_leaf(
+    update = TENANTS.command(
         actions,
         "update",
         "change a tenant's weight or limit overrides (others are kept)",
-        ["krona tenants update ten_… --rate-limit-per-second 20", "krona tenants update ten_… --clear max-queued-jobs"],
+        update_tenant,
+        examples=[
+            "krona tenants update ten_… --rate-limit-per-second 20",
+            "krona tenants update ten_… --clear max-queued-jobs",
+        ],
     )
-    update.add_argument("id", metavar="TENANT_ID", help="ten_…")
     add_limit_options(update)
     add_clear_option(update)
-    update.set_defaults(handler=update_tenant)
 
-    delete = add_leaf(
+    delete = TENANTS.command(
         actions,
         "delete",
         "delete a tenant with all its rows and files (no undo)",
-        ["krona tenants delete ten_… --yes"],
+        delete_tenant,
+        output=False,
+        examples=["krona tenants delete ten_… --yes"],
     )
-    delete.add_argument("id", metavar="TENANT_ID", help="ten_…")
     delete.add_argument("--yes", action="store_true", help="required: confirms the deletion")
-    delete.set_defaults(handler=delete_tenant)
-
-    for parser in actions.choices.values():
-        add_connection_options(parser, admin=True)
-        if parser is not delete:
-            add_output_option(parser)
 
 
 def create_tenant(args: argparse.Namespace) -> int:
@@ -113,19 +112,6 @@ def create_tenant(args: argparse.Namespace) -> int:
         print(created.api_key)
     else:
         emit(created, fmt)
-    return 0
-
-
-def list_tenants(args: argparse.Namespace) -> int:
-    with connect(args, admin=True) as client:
-        page = list_resources(client.tenants.list_page, args)
-    emit(page, output_format(args), "tenant", page=True)
-    return 0
-
-
-def get_tenant(args: argparse.Namespace) -> int:
-    with connect(args, admin=True) as client:
-        emit(client.tenants.get(args.id), output_format(args), "tenant")
     return 0
 
 

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-from services.cli.commands import add_group, add_leaf, add_list_options, list_resources, note
-from services.cli.connection import WaitInterrupted, add_connection_options, connect
+from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.connection import WaitInterrupted, connect
 from services.cli.images import expand_images
-from services.cli.output import add_output_option, emit, output_format
+from services.cli.output import emit, output_format
 from services.cli.params import add_training_options, training_params
-from services.cli.progress import exit_status, summary
-from services.cli.progress import wait_training as follow
+from services.cli.progress import exit_status, summary, wait_training
 
 PROMPT = '"a photo of sks toy"'
+TRAININGS = Resource("trainings", "training", "TRAINING_ID", "trn_", follow=wait_training)
 
 
 def register(sub) -> None:
-    _, actions = add_group(
+    actions = TRAININGS.group(
         sub,
-        "trainings",
         "fine-tune an adapter on photos of a subject, on the server",
         "Fine-tunes on the server: start one on 2-20 photos, follow it, list, cancel or delete them.",
     )
 
-    create = add_leaf(
+    create = api_command(
         actions,
         "create",
         "upload 2-20 photos and start a training",
@@ -34,6 +32,7 @@ def register(sub) -> None:
             f"krona trainings create --images 'photos/*.jpg' --prompt {PROMPT} --learning-rate 6e-4 --evaluate",
             f"krona trainings create --images a.png b.png c.png --prompt {PROMPT} --params '{{\"steps\": 200}}'",
         ],
+        create_training,
         description="Upload 2-20 photos of one subject (PNG, JPEG or WebP) and start a DreamBooth-KronA fine-tune. "
         "Parameters the options do not set take the server's defaults (the paper's: 500 steps on SD 1.x/2.x, "
         "learning rate 1e-3, a1=64, a2=8). With --wait, follows it to the end: exit status 0 when it succeeded.",
@@ -58,63 +57,51 @@ def register(sub) -> None:
     )
     create.add_argument("--wait", action="store_true", help="follow it until it ends (Ctrl-C stops waiting only)")
     add_training_options(create, local=False)
-    create.set_defaults(handler=create_training)
 
-    get = add_leaf(actions, "get", "one training with its progress", ["krona trainings get trn_…"])
-    get.add_argument("id", metavar="TRAINING_ID", help="trn_…")
-    get.set_defaults(handler=get_training)
-
-    listing = add_leaf(
+    TRAININGS.command(actions, "get", "one training with its progress", TRAININGS.show)
+    listing = api_command(
         actions,
         "list",
         "trainings, newest first",
         ["krona trainings list", "krona trainings list --status running", "krona trainings list --all -o json"],
+        TRAININGS.lister("status"),
     )
     add_list_options(listing, statuses=True)
-    listing.set_defaults(handler=list_trainings)
-
-    wait = add_leaf(
+    TRAININGS.command(
         actions,
         "wait",
         "follow a training until it ends",
-        ["krona trainings wait trn_…"],
+        TRAININGS.follower(finish),
         description="Follow a training until it ends, with its phase and the server's ETA on stderr; the exit status "
         "is 0 when it succeeded. Ctrl-C stops waiting; the training goes on.",
     )
-    wait.add_argument("id", metavar="TRAINING_ID", help="trn_…")
-    wait.set_defaults(handler=wait_training)
-
-    cancel = add_leaf(
+    TRAININGS.command(
         actions,
         "cancel",
         "stop a training (a queued one at once, a running one at its next step)",
-        ["krona trainings cancel trn_…"],
+        TRAININGS.acting("cancel", _canceled),
     )
-    cancel.add_argument("id", metavar="TRAINING_ID", help="trn_…")
-    cancel.set_defaults(handler=cancel_training)
-
-    delete = add_leaf(
+    TRAININGS.ending(
         actions,
         "delete",
         "delete an ended training with its photos (its adapter stays)",
-        ["krona trainings delete trn_…"],
+        "deleted training {id} and its photos (its adapter stays)",
     )
-    delete.add_argument("id", metavar="TRAINING_ID", help="trn_…")
-    delete.set_defaults(handler=delete_training)
-
-    events = add_leaf(
+    TRAININGS.command(
         actions,
         "events",
         "print a training's progress events as they come (JSON lines)",
-        ["krona trainings events trn_… | jq -c '.data.progress'"],
+        training_events,
+        output=False,
+        examples=["krona trainings events trn_… | jq -c '.data.progress'"],
     )
-    events.add_argument("id", metavar="TRAINING_ID", help="trn_…")
-    events.set_defaults(handler=training_events)
 
-    for parser in actions.choices.values():
-        add_connection_options(parser)
-        if parser is not events and parser is not delete:
-            add_output_option(parser)
+
+def finish(client, training, started: float, args: argparse.Namespace) -> int:
+    adapter = f"; adapter {training.adapter_id}" if training.adapter_id else ""
+    note(summary("training", training, started) + adapter)
+    emit(training, output_format(args), "training")
+    return exit_status(training)
 
 
 def create_training(args: argparse.Namespace) -> int:
@@ -131,55 +118,11 @@ def create_training(args: argparse.Namespace) -> int:
         )
         steps = training.progress.total_steps or params.get("steps") or "the default number of"
         note(f"training {training.id} {training.status}: {len(files)} images, {steps} steps")
-        if not args.wait:
-            note(f"follow it: krona trainings wait {training.id}")
-            emit(training, output_format(args), "training")
-            return 0
-        started = time.monotonic()
-        training = follow(client, training.id)
-    adapter = f"; adapter {training.adapter_id}" if training.adapter_id else ""
-    note(summary("training", training, started) + adapter)
-    emit(training, output_format(args), "training")
-    return exit_status(training)
+        return TRAININGS.queued(args, client, training, finish, wait=args.wait)
 
 
-def get_training(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        emit(client.trainings.get(args.id), output_format(args), "training")
-    return 0
-
-
-def list_trainings(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        page = list_resources(lambda **k: client.trainings.list_page(status=args.status, **k), args)
-    emit(page, output_format(args), "training", page=True)
-    return 0
-
-
-def wait_training(args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    with connect(args) as client:
-        training = follow(client, args.id)
-    adapter = f"; adapter {training.adapter_id}" if training.adapter_id else ""
-    note(summary("training", training, started) + adapter)
-    emit(training, output_format(args), "training")
-    return exit_status(training)
-
-
-def cancel_training(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        training = client.trainings.cancel(args.id)
-    when = "canceled" if training.status == "canceled" else "stops at its next step"
-    note(f"training {training.id} {when}")
-    emit(training, output_format(args), "training")
-    return 0
-
-
-def delete_training(args: argparse.Namespace) -> int:
-    with connect(args) as client:
-        client.trainings.delete(args.id)
-    note(f"deleted training {args.id} and its photos (its adapter stays)")
-    return 0
+def _canceled(training) -> str:
+    return f"training {training.id} {'canceled' if training.status == 'canceled' else 'stops at its next step'}"
 
 
 def training_events(args: argparse.Namespace) -> int:

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.commands import add_leaf, note
-from services.cli.connection import add_connection_options, connect
-from services.cli.output import add_output_option, emit, output_format
+from services.cli.commands import api_command, note
+from services.cli.connection import connect
+from services.cli.output import emit, output_format
 
 
 def register(sub) -> None:
-    usage = add_leaf(
+    usage = api_command(
         sub,
         "usage",
         "worker time and work done by this tenant's jobs, per day, month or in total",
         ["krona usage", "krona usage --start 2026-11-01 --end 2026-11-30 --granularity total -o json"],
+        show_usage,
     )
     usage.add_argument("--start", metavar="YYYY-MM-DD", help="first UTC day (default: 29 days before --end)")
     usage.add_argument("--end", metavar="YYYY-MM-DD", help="last UTC day, included (default: today)")
     usage.add_argument("--granularity", default="day", choices=("day", "month", "total"), help="one row per")
-    add_connection_options(usage)
-    add_output_option(usage)
-    usage.set_defaults(handler=show_usage)
 
 
 def show_usage(args: argparse.Namespace) -> int:

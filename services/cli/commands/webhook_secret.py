@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.commands import add_group, add_leaf, note
-from services.cli.connection import add_connection_options, connect
-from services.cli.output import add_output_option, emit, output_format
+from services.cli.commands import add_group, api_command, note
+from services.cli.connection import connect
+from services.cli.output import emit, output_format
 
 
 def register(sub) -> None:
@@ -16,17 +16,15 @@ def register(sub) -> None:
         "the tenant's webhook signing secret",
         "The secret that signs this tenant's webhook deliveries (X-Krona-Signature: HMAC-SHA256).",
     )
-    rotate = add_leaf(
+    api_command(
         actions,
         "rotate",
         "replace the signing secret and print the new one (shown once)",
         ["krona webhook-secret rotate", "SECRET=$(krona webhook-secret rotate -o json | jq -r .webhook_secret)"],
+        rotate_secret,
         description="Replace the tenant's webhook signing secret. Deliveries made from now on are signed with the "
         "new one; the old one stops verifying. The new secret is shown only here.",
     )
-    add_connection_options(rotate)
-    add_output_option(rotate)
-    rotate.set_defaults(handler=rotate_secret)
 
 
 def rotate_secret(args: argparse.Namespace) -> int:
