@@ -49,6 +49,10 @@ _CURSOR = re.compile(CURSOR_PATTERN)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+# A page's size, and the status filter of the job lists.
+LimitParam = Annotated[int, Query(ge=1, le=100)]
+StatusParam = Annotated[str | None, Query(pattern="^(queued|running|canceling|succeeded|failed|canceled)$")]
+
 # The pattern is documented, and checked by decode_cursor (400 invalid_cursor), not by FastAPI (422).
 CursorParam = Annotated[
     str | None,

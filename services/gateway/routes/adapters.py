@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from shared.db import Adapter
@@ -15,7 +15,7 @@ from shared.storage import BlobNotFound
 
 from ..deps import AdapterId, AuthenticatedRoute, ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import CursorParam, created, get_owned, page
+from ..jobs import CursorParam, LimitParam, created, get_owned, page
 from ..openapi import errors
 from ..services.adapters import (
     MAX_BASE_MODEL_CHARS,
@@ -80,7 +80,7 @@ EvaluationParams = Annotated[
 def list_adapters(
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: LimitParam = 20,
     cursor: CursorParam = None,
 ):
     """The tenant's adapters, newest first; pass `next_cursor` as `cursor` for the next page."""

@@ -21,7 +21,7 @@ from shared.storage import BlobNotFound
 
 from ..deps import AuthenticatedRoute, BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
 from ..errors import ApiError
-from ..jobs import CursorParam, cancel_jobs, created, get_owned, page, status_filters
+from ..jobs import CursorParam, LimitParam, StatusParam, cancel_jobs, created, get_owned, page, status_filters
 from ..openapi import ErrorResponse, errors
 from ..services import generations, retention
 
@@ -60,14 +60,14 @@ def list_generations(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    status: Annotated[str | None, Query(pattern="^(queued|running|canceling|succeeded|failed|canceled)$")] = None,
+    status: StatusParam = None,
     adapter_id: Annotated[
         str | None, Query(pattern="^adp_[0-9a-f]{24}$", examples=["adp_3f2a9c0d1e2b4a5f6c7d8e9f"])
     ] = None,
     batch_id: Annotated[
         str | None, Query(pattern="^bat_[0-9a-f]{24}$", examples=["bat_3f2a9c0d1e2b4a5f6c7d8e9f"])
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: LimitParam = 20,
     cursor: CursorParam = None,
 ):
     """The tenant's generations, newest first, optionally of one status, adapter or batch; pass `next_cursor`
@@ -198,7 +198,7 @@ def list_batches(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: LimitParam = 20,
     cursor: CursorParam = None,
 ):
     """The tenant's batches, newest first, with counts per status; pass `next_cursor` as `cursor`."""

@@ -10,7 +10,7 @@ from shared.db import ApiKey
 from shared.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, Page, api_key_public
 
 from ..deps import AuthenticatedRoute, ContextDep, CurrentTenant, SessionDep, _resource_id
-from ..jobs import CursorParam, created, page
+from ..jobs import CursorParam, LimitParam, created, page
 from ..openapi import ErrorResponse, errors
 from ..services import tenants
 
@@ -43,7 +43,7 @@ def create_api_key(context: ContextDep, session: SessionDep, tenant: CurrentTena
 def list_api_keys(
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: LimitParam = 20,
     cursor: CursorParam = None,
 ):
     """This tenant's keys, revoked ones included, newest first: their prefix, name and times, never the key.

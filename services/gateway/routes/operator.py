@@ -3,11 +3,10 @@ their leases, usage per tenant and recent failures (services/gateway/services/op
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from ..deps import AuthenticatedRoute, CurrentAdmin, SessionDep
+from ..jobs import LimitParam
 from ..openapi import errors
 from ..services.operator import (
     FailuresReport,
@@ -21,7 +20,7 @@ from ..services.operator import (
     workers_seen,
 )
 from .tenants import ADMIN_ONLY
-from .usage import DAY
+from .usage import EndDay, StartDay
 
 router = APIRouter(
     route_class=AuthenticatedRoute,
@@ -53,8 +52,8 @@ def get_workers(session: SessionDep, admin: CurrentAdmin):
 def get_usage_per_tenant(
     session: SessionDep,
     admin: CurrentAdmin,
-    start: Annotated[str | None, Query(description="first UTC day (default: 29 days before end)", **DAY)] = None,
-    end: Annotated[str | None, Query(description="last UTC day, included (default: today)", **DAY)] = None,
+    start: StartDay = None,
+    end: EndDay = None,
 ):
     """Every tenant's totals over the range (366 days at most), per kind of job, as `GET /v1/usage` counts them;
     the most worker time first."""
@@ -65,7 +64,7 @@ def get_usage_per_tenant(
 def get_failures(
     session: SessionDep,
     admin: CurrentAdmin,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: LimitParam = 20,
     kind: JobKind | None = None,
 ):
     """The most recently ended failed trainings, evaluations and generations (or those of one `kind`), with their

@@ -3,15 +3,13 @@ change weight and limits, delete with everything of theirs."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from shared.schemas import Page, TenantCreate, TenantCreated, TenantPublic, TenantUpdate, tenant_public
 
 from ..deps import AuthenticatedRoute, ContextDep, CurrentAdmin, SessionDep, _resource_id
-from ..jobs import CursorParam
+from ..jobs import CursorParam, LimitParam
 from ..openapi import ErrorResponse, errors
 from ..services import tenants
 
@@ -42,7 +40,7 @@ def list_tenants(
     context: ContextDep,
     session: SessionDep,
     admin: CurrentAdmin,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: LimitParam = 20,
     cursor: CursorParam = None,
 ):
     """Every tenant with its weight, its limit overrides and the limits in effect; pass `next_cursor` as `cursor`

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
@@ -24,7 +24,7 @@ from ..deps import (
 )
 from ..errors import ApiError, error_body
 from ..events import FollowerRefused, TooManyStreams, TrainingGone
-from ..jobs import CursorParam, cancel_jobs, created, get_owned, page, status_filters
+from ..jobs import CursorParam, LimitParam, StatusParam, cancel_jobs, created, get_owned, page, status_filters
 from ..openapi import errors
 from ..services import retention
 from ..services.trainings import (
@@ -117,8 +117,8 @@ def list_trainings(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    status: Annotated[str | None, Query(pattern="^(queued|running|canceling|succeeded|failed|canceled)$")] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: StatusParam = None,
+    limit: LimitParam = 20,
     cursor: CursorParam = None,
 ):
     """The tenant's trainings, newest first, optionally of one status; pass `next_cursor` as `cursor`."""

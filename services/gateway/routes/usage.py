@@ -15,6 +15,8 @@ from ..openapi import errors
 
 # A calendar day, as a string: pydantic's date would also take numbers (as Unix times).
 DAY = {"pattern": r"^\d{4}-\d{2}-\d{2}$", "json_schema_extra": {"format": "date"}, "examples": ["2026-11-29"]}
+StartDay = Annotated[str | None, Query(description="first UTC day (default: 29 days before end)", **DAY)]
+EndDay = Annotated[str | None, Query(description="last UTC day, included (default: today)", **DAY)]
 
 router = APIRouter(route_class=AuthenticatedRoute, prefix="/v1/usage", tags=["usage"], responses=errors(401, 422, 503))
 
@@ -41,8 +43,8 @@ class UsageReport(BaseModel):
 def get_usage(
     session: SessionDep,
     tenant: CurrentTenant,
-    start: Annotated[str | None, Query(description="first UTC day (default: 29 days before end)", **DAY)] = None,
-    end: Annotated[str | None, Query(description="last UTC day, included (default: today)", **DAY)] = None,
+    start: StartDay = None,
+    end: EndDay = None,
     granularity: Literal["day", "month", "total"] = "day",
 ):
     """Totals of the tenant's finished jobs per period and kind; periods without usage are left out (366 days
