@@ -73,22 +73,10 @@ def claim(session: Session, model, job_id: str, owner: str, lease_seconds: int, 
     return result.rowcount == 1
 
 
-def claim_next(
-    session: Session,
-    model,
-    settings: Settings,
-    owner: str,
-    lease_seconds: int,
-    *,
-    message_job_id: str | None = None,
-    filters: Sequence = (),
-    tries: int = 8,
-) -> str | None:
+def claim_next(session: Session, model, settings: Settings, owner: str, lease_seconds: int, **options) -> str | None:
     """Claim the next job of ``model`` the fair way (shared/scheduler.py) and charge its tenant; its id, or None.
-    (``claim_next_job`` for a queue that serves several models.)"""
-    claimed = claim_next_job(
-        session, (model,), settings, owner, lease_seconds, message_job_id=message_job_id, filters=filters, tries=tries
-    )
+    (``claim_next_job``, which takes the same ``options``, for a queue that serves several models.)"""
+    claimed = claim_next_job(session, (model,), settings, owner, lease_seconds, **options)
     return claimed[1] if claimed is not None else None
 
 

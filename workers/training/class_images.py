@@ -20,7 +20,7 @@ import torch
 from shared.images import SubjectImage, to_uint8
 from shared.training_spec import TrainingSpec
 
-from .components import Components, native_resolution
+from .components import Components, native_resolution, render
 
 __all__ = ["CLASS_IMAGE_SEED", "ClassImageCache", "class_image_set", "generate_class_images"]
 
@@ -83,14 +83,7 @@ def generate_class_images(
         if should_stop is not None and should_stop():
             raise TrainingCanceled(0, None)
         generator = torch.Generator().manual_seed(CLASS_IMAGE_SEED + index)
-        out = components.pipe(
-            spec.class_prompt,
-            height=resolution,
-            width=resolution,
-            num_inference_steps=spec.validation_steps,
-            generator=generator,
-            output_type="np",
-        ).images[0]
+        out = render(components, spec.class_prompt, resolution, spec.validation_steps, generator)
         pixels = to_uint8(out)
         if cache is not None:
             cache.put(index, _png(pixels))

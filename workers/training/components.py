@@ -9,7 +9,7 @@ import torch
 
 from shared.models import is_sdxl, load_pipeline
 
-__all__ = ["Components", "encode_prompt", "load_components", "native_resolution", "weight_dtype_for"]
+__all__ = ["Components", "encode_prompt", "load_components", "native_resolution", "render", "weight_dtype_for"]
 
 
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
@@ -73,6 +73,14 @@ def native_resolution(components: Components) -> int:
 
 
 @torch.no_grad()
+def render(components: Components, prompt: str, resolution: int, steps: int, generator: torch.Generator) -> Any:
+    """One image of ``prompt``, ``resolution`` px square, from the pipeline as it is now (with the adapter, if one
+    is in it): float pixels in [0, 1], height x width x 3."""
+    return components.pipe(
+        prompt, height=resolution, width=resolution, num_inference_steps=steps, generator=generator, output_type="np"
+    ).images[0]
+
+
 def encode_prompt(components: Components, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt_embeds (1, 77, D), pooled (1, P) for SDXL else None), exactly as the pipeline encodes at inference."""
     pipe = components.pipe

@@ -10,7 +10,7 @@ import torch
 from shared.images import save_image
 from shared.training_spec import TrainingSpec
 
-from .components import Components, native_resolution
+from .components import Components, native_resolution, render
 
 __all__ = ["render_validation_images"]
 
@@ -36,14 +36,9 @@ def render_validation_images(
     generator = torch.Generator().manual_seed(spec.seed)
     paths = []
     for index in range(spec.num_validation_images):
-        image = pipe(
-            spec.validation_prompt or spec.instance_prompt,
-            height=resolution,
-            width=resolution,
-            num_inference_steps=spec.validation_steps,
-            generator=generator,
-            output_type="np",
-        ).images[0]
+        image = render(
+            components, spec.validation_prompt or spec.instance_prompt, resolution, spec.validation_steps, generator
+        )
         path = out / f"step-{step:07d}-{index}.png"
         save_image(image, path)
         paths.append(path)
