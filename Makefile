@@ -68,7 +68,7 @@ services:
 # process, in order, sharing its module fixtures (some build on the one before, e.g. test_sdk.py's stack).
 TEST_WORKERS ?= 3
 test: install lint services
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial" --durations=15
 	$(PY) -m pytest -q -m serial
 
 demo: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.service-installed)

@@ -6,7 +6,13 @@ each, OpenMP's spinning threads fight over the cores (three copies of test_conti
 133 s with torch's default, 58 s with one thread). A given OMP_NUM_THREADS is kept."""
 
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Ctrl-C tests send SIGINT to the CLI. A shell without job control starts a background job (`make test &`) with
+# SIGINT ignored, which its children inherit (and then Python installs no KeyboardInterrupt): give them the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest_plugins = ["helpers.fixtures", "helpers.tiers", "helpers.order"]

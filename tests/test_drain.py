@@ -55,6 +55,8 @@ def _checkpoint_step(storage, key: str) -> int:
 def test_sigterm_mid_training_checkpoints_and_a_second_worker_resumes_at_once(stack, monkeypatch, tmp_path):
     client, headers, sessions = stack["client"], stack["headers"], stack["sessions"]
     storage = client.app.state.context.storage
+    # A lease long enough to outlast the pause below (the stack's 8 s would let the reaper hand the job over).
+    monkeypatch.setenv("KRONA_LEASE_SECONDS", "120")
     first, _ = _start_worker(stack, monkeypatch, tmp_path, "first", "train")
     data = {"instance_prompt": "a photo of sks dog", "params": '{"steps": 30, "gradient_accumulation": 1}'}
     training = client.post("/v1/trainings", headers=headers, data=data, files=image_files(2)).json()
@@ -65,8 +67,14 @@ def test_sigterm_mid_training_checkpoints_and_a_second_worker_resumes_at_once(st
 
     wait_for(client, f"/v1/trainings/{training['id']}", headers, lambda _: row().step >= 4, timeout=180)
     assert f":{first.pid}:" in row().lease_owner
-    second, second_alive = _start_worker(stack, monkeypatch, tmp_path, "second", "train")
-    _poll(second_alive.exists, "the second worker ready", 120, 0.2)
+    # The first worker waits (SIGSTOP) while the second starts, so that the training is still mid-way however
+    # long the start takes on a loaded machine; then it goes on (SIGCONT) and gets the SIGTERM.
+    os.killpg(first.pid, signal.SIGSTOP)
+    try:
+        second, second_alive = _start_worker(stack, monkeypatch, tmp_path, "second", "train")
+        _poll(second_alive.exists, "the second worker ready", 120, 0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
     before = row()
     assert before.status == "running" and f":{first.pid}:" in before.lease_owner  # still the first worker's
     step_seconds = before.eta_seconds / (before.total_steps - before.step)  # this machine's pace, under its load
