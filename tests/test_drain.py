@@ -104,11 +104,12 @@ def test_sigterm_mid_training_checkpoints_and_a_second_worker_resumes_at_once(st
     assert "draining" in (stack["logs"] / "first.log").read_text()
     # The bounds. The step in flight at SIGTERM finishes first (a step cannot be cut), then the checkpoint,
     # its upload and the release take under a second (0.25 s measured here on an idle machine); the step's time
-    # is doubled for a loaded one. The second worker claims the training within seconds of the release: 5 s on an
-    # idle machine, plus a few of this machine's training steps when other work slows it (its pace, measured above,
-    # is what it can do now; 6.8 s was seen with the load average at 5).
+    # is doubled for a loaded one. The second worker claims the training within seconds of the release (its
+    # broker delivers the wake-up, it claims): 10 s, plus a few of this machine's training steps when other work
+    # slows it (its pace, measured above, is what it can do now). 6.8 s was seen with the load average at 5, and
+    # 6.3 s with 0.13 s steps in a fresh-clone `make test` (three test processes, each with workers, on 2 cores).
     assert released_at - stopped < 1.0 + 2 * step_seconds, (released_at - stopped, step_seconds)
-    assert claimed_at - released_at < 5.0 + 5 * step_seconds, (claimed_at - released_at, step_seconds)
+    assert claimed_at - released_at < 10.0 + 5 * step_seconds, (claimed_at - released_at, step_seconds)
 
 
 def test_sigterm_during_a_generation_batch_finishes_it_and_takes_no_new_job(stack, monkeypatch, tmp_path):

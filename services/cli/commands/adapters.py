@@ -32,6 +32,10 @@ def register(sub) -> None:
     )
     ADAPTERS.command(actions, "get", "one adapter: factor shapes, parameters, size, evaluation", ADAPTERS.show)
 
+    _register_file_commands(actions)
+
+
+def _register_file_commands(actions) -> None:
     download = ADAPTERS.command(
         actions,
         "download",
@@ -66,6 +70,10 @@ def register(sub) -> None:
 
     ADAPTERS.ending(actions, "delete", "delete an adapter and its file", "deleted adapter {id} and its file")
 
+    _register_evaluate(actions)
+
+
+def _register_evaluate(actions) -> None:
     evaluate = ADAPTERS.command(
         actions,
         "evaluate",

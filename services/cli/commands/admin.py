@@ -69,6 +69,12 @@ def register(sub) -> None:
         rotate_webhook_secret,
     )
     rotate.add_argument("name", metavar="TENANT", help="the tenant's name")
+    _register_key_commands(actions)
+    _register_tenant_commands(actions)
+    _register_usage_commands(actions)
+
+
+def _register_key_commands(actions) -> None:
     admin_key = _command(
         actions,
         "create-admin-key",
@@ -102,6 +108,9 @@ def register(sub) -> None:
         revoke_tenant_key,
     )
     revoke.add_argument("key_id", metavar="KEY_ID", help="key_… (krona admin list-keys TENANT)")
+
+
+def _register_tenant_commands(actions) -> None:
     _command(
         actions,
         "list-tenants",
@@ -130,6 +139,9 @@ def register(sub) -> None:
         tenant=TENANT,
     )
     delete.add_argument("--yes", action="store_true", help="required: confirms the deletion")
+
+
+def _register_usage_commands(actions) -> None:
     usage = _command(
         actions,
         "usage",

@@ -12,7 +12,7 @@ from services.cli.commands import add_leaf
 from services.cli.connection import CliError
 from services.cli.images import expand_images
 from services.cli.output import print_table
-from services.cli.params import add_training_options
+from services.cli.params import TRAINING_PARAMS, add_training_options
 from shared.eval.prompts import evaluation_prompts
 from shared.eval.tiny import resolve_eval_model
 from shared.krona.keys import short_name
@@ -26,6 +26,10 @@ def register(sub) -> None:
     _register_generate(sub)
     _register_eval(sub)
 
+    _register_file_commands(sub)
+
+
+def _register_file_commands(sub) -> None:
     inspect = add_leaf(
         sub,
         "inspect",
@@ -343,6 +347,19 @@ def model_path(args: argparse.Namespace) -> int:
     return 0
 
 
+# TrainingSpec's fields that `krona train` has options for beyond the API's params (services/cli/params.py).
+LOCAL_SPEC_FIELDS = ("batch_size", "mixed_precision", "gradient_checkpointing", "keep_intermediate", "use_8bit_adam",
+                     "checkpoint_every", "validation_every", "method", "lora_rank")  # fmt: skip
+
+
+def _training_fields(args: argparse.Namespace) -> dict:
+    """The API's training params as `krona train` has them (its own defaults for those not given)."""
+    fields = {name: getattr(args, name) for name, *_ in TRAINING_PARAMS if name != "evaluate" and hasattr(args, name)}
+    if "target_modules" in fields:
+        fields["target_modules"] = tuple(fields["target_modules"])
+    return fields
+
+
 def train_adapter(args: argparse.Namespace) -> int:
     # lazy: loads torch, numpy, safetensors, …
     from tqdm import tqdm
@@ -358,32 +375,8 @@ def train_adapter(args: argparse.Namespace) -> int:
     from workers.training import train as run_training
 
     # Everything that can be wrong with the job is checked before the model is loaded.
-    spec = TrainingSpec(
-        instance_prompt=args.prompt,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        a1=args.a1,
-        a2=args.a2,
-        target_modules=tuple(args.target_modules),
-        resolution=args.resolution,
-        batch_size=args.batch_size,
-        gradient_accumulation=args.gradient_accumulation,
-        seed=args.seed,
-        random_flip=args.random_flip,
-        prior_preservation=args.prior_preservation,
-        class_prompt=args.class_prompt,
-        num_class_images=args.num_class_images,
-        prior_loss_weight=args.prior_loss_weight,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        keep_intermediate=args.keep_intermediate,
-        use_8bit_adam=args.use_8bit_adam,
-        checkpoint_every=args.checkpoint_every,
-        validation_prompt=args.validation_prompt,
-        validation_every=args.validation_every,
-        method=args.method,
-        lora_rank=args.lora_rank,
-    )
+    local = {name: getattr(args, name) for name in LOCAL_SPEC_FIELDS}
+    spec = TrainingSpec(instance_prompt=args.prompt, **_training_fields(args), **local)
     sources = args.images[0] if len(args.images) == 1 and Path(args.images[0]).is_dir() else expand_images(args.images)
     images = load_subject_images(sources)
     n_params = check_factors_fit_base_model(spec, args.base)

@@ -42,6 +42,10 @@ def register(sub) -> None:
     demo.add_argument("--local", action="store_true", help="the adapter-only demo in this process (no service)")
     demo.add_argument("--base", default="tiny-sd", help="with --local: tiny-sd, tiny-sdxl, a folder or a hub id")
 
+    _register_processes(sub)
+
+
+def _register_processes(sub) -> None:
     migrate = add_leaf(
         sub,
         "migrate",

@@ -58,6 +58,10 @@ def register(sub) -> None:
     create.add_argument("--wait", action="store_true", help="follow it until it ends (Ctrl-C stops waiting only)")
     add_training_options(create, local=False)
 
+    _register_follow_commands(actions)
+
+
+def _register_follow_commands(actions) -> None:
     TRAININGS.command(actions, "get", "one training with its progress", TRAININGS.show)
     listing = api_command(
         actions,

@@ -26,7 +26,7 @@ from shared.training_spec import EvaluationRequest
 
 from ..context import AppContext
 from ..jobs import admission, enqueue, get_owned
-from .uploads import decode_uploaded_images, read_uploads
+from .uploads import decode_uploaded_images, read_uploads, store_photos
 
 __all__ = [
     "AdapterUpload",
@@ -236,31 +236,7 @@ def request_evaluation(
     """
     settings = context.settings
     adapter = get_owned(session, Adapter, adapter_id, tenant, "adapter")
-    instance_prompt = adapter.instance_prompt or ""
-    if not instance_prompt and adapter.training_id:  # an adapter recorded before it kept its prompt
-        instance_prompt = (
-            session.scalar(select(Training.instance_prompt).where(Training.id == adapter.training_id)) or ""
-        )
-    request = submitted.request
-    if request.identifier is None and adapter.identifier:  # what it was trained or uploaded with
-        request = request.model_copy(update={"identifier": adapter.identifier})
-    identifier, class_noun = request.subject_words(instance_prompt)
-    if not class_noun:
-        raise Invalid(
-            "invalid_params",
-            'this adapter has no instance prompt to take the class from: give params.class_noun ("dog")',
-        )
-    if not identifier:
-        raise Invalid(
-            "invalid_params",
-            'this adapter has no identifier (its rare token): give params.identifier, e.g. "sks", or upload it '
-            "with its instance_prompt or identifier",
-        )
-    for name, word in (("identifier", identifier), ("class_noun", class_noun)):
-        if len(word) > 100 or not word.isprintable():
-            raise Invalid(
-                "invalid_params", f"the {name} read off the training's prompt is not usable: give params.{name}"
-            )
+    request, instance_prompt = _subject_request(session, adapter, submitted.request)
     running = session.scalar(
         select(Evaluation.id)
         .where(Evaluation.adapter_id == adapter_id, Evaluation.status == JobStatus.RUNNING)
@@ -276,13 +252,7 @@ def request_evaluation(
     keys = [
         blob_keys.evaluation_photo(tenant.id, adapter_id, evaluation_id, i, ext) for i, (_, ext) in enumerate(images)
     ]
-    try:
-        for key, (data, ext) in zip(keys, images, strict=True):
-            context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
-    except Exception:
-        with contextlib.suppress(Exception):
-            context.storage.delete_prefix(prefix)
-        raise Unavailable("storage_unavailable", "could not store the images; try again") from None
+    store_photos(context.storage, prefix, keys, images)
     state = request.initial_state(
         instance_prompt=instance_prompt,
         clip_model=settings.eval_clip_model,
@@ -302,18 +272,59 @@ def request_evaluation(
         cost=evaluation_cost(request, context.native_size()),
         enqueued_at=utcnow(),  # cleared again if the message cannot be sent (jobs.enqueue_many)
     )
+    _insert_replacing_queued(context, session, tenant, row, prefix)
+    enqueue(context, session, Evaluation, evaluation_id, EVALUATE_TASK)
+    adapter = session.get(Adapter, adapter_id)
+    return adapter_public(adapter, latest_evaluations(session, [adapter_id]).get(adapter_id))
+
+
+def _subject_request(session: Session, adapter: Adapter, request: EvaluationRequest) -> tuple[EvaluationRequest, str]:
+    """The request with the adapter's identifier where it gives none, and the instance prompt the subject's words
+    are read from; 422 ``invalid_params`` when a word cannot be had or used."""
+    instance_prompt = adapter.instance_prompt or ""
+    if not instance_prompt and adapter.training_id:  # an adapter recorded before it kept its prompt
+        instance_prompt = (
+            session.scalar(select(Training.instance_prompt).where(Training.id == adapter.training_id)) or ""
+        )
+    if request.identifier is None and adapter.identifier:  # what it was trained or uploaded with
+        request = request.model_copy(update={"identifier": adapter.identifier})
+    identifier, class_noun = request.subject_words(instance_prompt)
+    if not class_noun:
+        raise Invalid(
+            "invalid_params",
+            'this adapter has no instance prompt to take the class from: give params.class_noun ("dog")',
+        )
+    if not identifier:
+        raise Invalid(
+            "invalid_params",
+            'this adapter has no identifier (its rare token): give params.identifier, e.g. "sks", or upload it '
+            "with its instance_prompt or identifier",
+        )
+    for name, word in (("identifier", identifier), ("class_noun", class_noun)):
+        if len(word) > 100 or not word.isprintable():
+            raise Invalid(
+                "invalid_params", f"the {name} read off the training's prompt is not usable: give params.{name}"
+            )
+    return request, instance_prompt
+
+
+def _insert_replacing_queued(
+    context: AppContext, session: Session, tenant: Tenant, row: Evaluation, prefix: str
+) -> None:
+    """Insert the evaluation, under the tenant's admission checks, canceling the adapter's queued one (a newer
+    request replaces it) and deleting that one's photos; on failure the new photos (under ``prefix``) go."""
     replaced: list[str] = []
     try:
         with admission(context, session, tenant, Evaluation, 1):
             queued = session.scalars(
                 select(Evaluation)
-                .where(Evaluation.adapter_id == adapter_id, Evaluation.status == JobStatus.QUEUED)
+                .where(Evaluation.adapter_id == row.adapter_id, Evaluation.status == JobStatus.QUEUED)
                 .with_for_update()
             ).all()
             for old in queued:  # a newer request replaces a queued one
                 replaced += list(old.reference_keys or [])
-                old.status, old.reference_keys, old.finished_at = "canceled", [], utcnow()
-                old.error_code, old.error_message = "replaced", f"replaced by evaluation {evaluation_id}"
+                old.status, old.reference_keys, old.finished_at = JobStatus.CANCELED, [], utcnow()
+                old.error_code, old.error_message = "replaced", f"replaced by evaluation {row.id}"
             session.add(row)
             session.commit()
     except Exception:
@@ -323,6 +334,3 @@ def request_evaluation(
     for key in replaced:
         with contextlib.suppress(Exception):  # the storage sweep takes what is left
             context.storage.delete(key)
-    enqueue(context, session, Evaluation, evaluation_id, EVALUATE_TASK)
-    adapter = session.get(Adapter, adapter_id)
-    return adapter_public(adapter, latest_evaluations(session, [adapter_id]).get(adapter_id))

@@ -16,7 +16,7 @@ from fastapi import UploadFile
 from sqlalchemy.orm import Session
 
 from shared.db import Tenant, Training, WebhookState, new_id, utcnow
-from shared.errors import Invalid, TooLarge, Unavailable
+from shared.errors import Invalid, TooLarge
 from shared.krona.config import check_factors_fit_shapes
 from shared.limits import TenantLimits, tenant_limits
 from shared.models.shapes import select_targets
@@ -31,7 +31,7 @@ from shared.webhooks import WEBHOOK_EVENTS, check_webhook_url
 from ..context import AppContext
 from ..jobs import admission, commit_created, enqueue, replay, request_hash
 from .adapters import check_adapter_room
-from .uploads import decode_uploaded_images, read_uploads
+from .uploads import decode_uploaded_images, read_uploads, store_photos
 
 __all__ = [
     "CLIENT_PARAMS",
@@ -174,21 +174,12 @@ def check_training_limits(spec: TrainingSpec, *, steps: int, resolution: int, li
     return cost
 
 
-def create_training(
-    *,
-    context: AppContext,
-    session: Session,
-    tenant: Tenant,
-    idempotency_key: str | None,
-    submitted: TrainingRequest,
-) -> tuple[int, dict[str, Any]]:
-    """Check the images and the factors, store the images, insert the row and enqueue it (idempotently).
-
-    Returns (status, body): 202 and the new Training, or the first answer to a repeated Idempotency-Key.
-    """
-    settings = context.settings
-    spec, webhook_url, name = submitted.spec, submitted.webhook_url, submitted.name
-    # Everything below reads or checks, the cheap checks first; nothing is written until all of it passed.
+def _checked_request(
+    context: AppContext, session: Session, tenant: Tenant, submitted: TrainingRequest
+) -> tuple[int, float, list[tuple[bytes, str]]]:
+    """Everything a training request is checked for, the cheap checks first (nothing is written until all of it
+    passed): its steps, cost, decoded images."""
+    settings, spec = context.settings, submitted.spec
     total_steps = spec.steps or settings.default_train_steps or spec.resolved_steps(False)
     cost = check_training_limits(
         spec,
@@ -204,37 +195,54 @@ def create_training(
     context.check_servable((spec.a1, spec.a2), layers)
     check_adapter_room(session, settings, tenant)
     images = decode_uploaded_images(settings, submitted.files)
-    if webhook_url:
+    if submitted.webhook_url:
         try:
-            check_webhook_url(webhook_url, allow_private=settings.allow_private_webhooks)
+            check_webhook_url(submitted.webhook_url, allow_private=settings.allow_private_webhooks)
         except ValueError as exc:
             raise Invalid("invalid_webhook_url", str(exc)) from None
+    return total_steps, cost, images
 
-    fingerprint = request_hash(
+
+def _fingerprint(submitted: TrainingRequest, images: list[tuple[bytes, str]]) -> str:
+    """What an Idempotency-Key's repeat must match: the request's fields and its photos' digests."""
+    return request_hash(
         submitted.instance_prompt,
         submitted.raw_params or "",
-        name or "",
-        webhook_url or "",
+        submitted.name or "",
+        submitted.webhook_url or "",
         ",".join(submitted.webhook_events or []),
         *[hashlib.sha256(d).digest() for d, _ in images],
     )
+
+
+def create_training(
+    *,
+    context: AppContext,
+    session: Session,
+    tenant: Tenant,
+    idempotency_key: str | None,
+    submitted: TrainingRequest,
+) -> tuple[int, dict[str, Any]]:
+    """Check the images and the factors, store the images, insert the row and enqueue it (idempotently).
+
+    Returns (status, body): 202 and the new Training, or the first answer to a repeated Idempotency-Key.
+    """
+    settings = context.settings
+    spec, webhook_url = submitted.spec, submitted.webhook_url
+    total_steps, cost, images = _checked_request(context, session, tenant, submitted)
+
+    fingerprint = _fingerprint(submitted, images)
     stored = replay(session, tenant, idempotency_key, "trainings", fingerprint)
     if stored is not None:
         return stored
 
     training_id = new_id("trn")
     keys = [blob_keys.training_photo(tenant.id, training_id, i, ext) for i, (_, ext) in enumerate(images)]
-    try:
-        for key, (data, ext) in zip(keys, images, strict=True):
-            context.storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
-    except Exception:
-        with contextlib.suppress(Exception):  # storage is down: the cleanup may fail too; the 503 must not
-            context.storage.delete_prefix(blob_keys.training_folder(tenant.id, training_id))
-        raise Unavailable("storage_unavailable", "could not store the images; try again") from None
+    store_photos(context.storage, blob_keys.training_folder(tenant.id, training_id), keys, images)
     row = Training(
         id=training_id,
         tenant_id=tenant.id,
-        name=name,
+        name=submitted.name,
         base_model=settings.base_model,
         instance_prompt=submitted.instance_prompt,
         params={k: v for k, v in spec.to_dict().items() if k in CLIENT_PARAMS or k == "steps"} | {"steps": total_steps},

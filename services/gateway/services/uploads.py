@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import UploadFile
 
 from shared.errors import Invalid, TooLarge, Unavailable, UnsupportedMedia
@@ -15,10 +17,23 @@ from shared.images import (
     validate_image,
 )
 from shared.settings import Settings
+from shared.storage import Storage
 
-__all__ = ["decode_uploaded_images", "read_uploads"]
+__all__ = ["decode_uploaded_images", "read_uploads", "store_photos"]
 
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+
+
+def store_photos(storage: Storage, prefix: str, keys: list[str], images: list[tuple[bytes, str]]) -> None:
+    """The decoded photos (bytes, extension) under ``keys``; on a storage error none of the job's stays (all under
+    ``prefix`` deleted, as far as the storage lets) and the answer is 503 ``storage_unavailable``."""
+    try:
+        for key, (data, ext) in zip(keys, images, strict=True):
+            storage.put_bytes(key, data, content_type=f"image/{'jpeg' if ext == 'jpg' else ext}")
+    except Exception:
+        with contextlib.suppress(Exception):  # storage is down: the cleanup may fail too; the 503 must not
+            storage.delete_prefix(prefix)
+        raise Unavailable("storage_unavailable", "could not store the images; try again") from None
 
 
 async def read_uploads(settings: Settings, uploads: list[UploadFile]) -> list[tuple[str, bytes]]:
