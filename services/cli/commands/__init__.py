@@ -16,7 +16,19 @@ from typing import Any
 from services.cli.connection import CliError, add_connection_options, connect
 from services.cli.output import add_output_option, emit, output_format
 
-__all__ = ["MODULES", "HelpFormatter", "Resource", "add_group", "add_leaf", "api_command"]
+__all__ = [
+    "MODULES",
+    "Finish",
+    "Handler",
+    "HelpFormatter",
+    "Resource",
+    "add_group",
+    "add_leaf",
+    "add_list_options",
+    "api_command",
+    "list_resources",
+    "note",
+]
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -229,7 +241,8 @@ class Resource:
         return finish(client, self._follow(client, job.id), started, args)
 
     def _follow(self, client: Any, job_id: str) -> Any:
-        assert self.follow is not None, f"{self.collection} are not jobs"
+        if self.follow is None:
+            raise TypeError(f"{self.collection} are not jobs: nothing to follow")
         return self.follow(client, job_id)
 
 
