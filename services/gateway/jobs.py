@@ -7,16 +7,17 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
-from fastapi import Query
+from fastapi import Depends, Query
 from fastapi.responses import JSONResponse
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from shared.db import IdempotencyKey, JobStatus, Tenant, is_id, utcnow
+from shared.db import TERMINAL_STATUSES, IdempotencyKey, JobStatus, Tenant, is_id, utcnow
 from shared.errors import BadRequest, Conflict, LimitExceeded, NotFound
 from shared.limits import tenant_limits
 from shared.queue import WEBHOOK_TASK
@@ -64,6 +65,22 @@ CursorParam = Annotated[
 ]
 
 
+@dataclass(frozen=True)
+class PageRequest:
+    """A list route's page: its size and the cursor the previous page answered (None: the first page)."""
+
+    limit: int = 20
+    cursor: str | None = None
+
+
+def _page_request(limit: LimitParam = 20, cursor: CursorParam = None) -> PageRequest:
+    return PageRequest(limit, cursor)
+
+
+# The `limit` and `cursor` query parameters of every list route, read into one value.
+Paging = Annotated[PageRequest, Depends(_page_request)]
+
+
 def encode_cursor(row) -> str:
     created = row.created_at
     return f"{row.id}.{(created - _EPOCH) // timedelta(microseconds=1)}"
@@ -77,10 +94,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return _EPOCH + timedelta(microseconds=int(micros)), last_id
 
 
-def page(
-    session: Session, model, tenant: Tenant, *, limit: int, cursor: str | None, filters=()
-) -> tuple[list, str | None]:
-    return page_of(session, model, select(model).where(model.tenant_id == tenant.id, *filters), limit, cursor)
+def page(session: Session, model, tenant: Tenant, paging: PageRequest, filters=()) -> tuple[list, str | None]:
+    """One page of the tenant's rows of ``model`` (see page_of)."""
+    query = select(model).where(model.tenant_id == tenant.id, *filters)
+    return page_of(session, model, query, paging.limit, paging.cursor)
 
 
 def page_of(session: Session, model, query, limit: int, cursor: str | None) -> tuple[list, str | None]:
@@ -104,6 +121,17 @@ def status_filters(model, status: str | None) -> tuple:
     if status == JobStatus.RUNNING:
         return (model.status == JobStatus.RUNNING, model.cancel_requested.is_(False))
     return (model.status == status,)
+
+
+def cancel_owned(context: AppContext, session: Session, model, job_id: str, tenant: Tenant, kind: str):
+    """Cancel one of the tenant's jobs (404 for another tenant's; 409 ``not_cancelable`` once it has ended) and
+    return its row as it is now: ``canceled`` if it was queued, ``canceling`` (running) until its worker stops."""
+    row = get_owned(session, model, job_id, tenant, kind)
+    if row.status in TERMINAL_STATUSES:
+        raise Conflict("not_cancelable", f"{kind} {job_id} is already {row.status}")
+    cancel_jobs(context, session, model, [row.id], kind)
+    session.refresh(row)
+    return row
 
 
 def cancel_jobs(context: AppContext, session: Session, model, job_ids: list[str], kind: str) -> None:

@@ -15,7 +15,7 @@ from shared.storage import BlobNotFound
 
 from ..deps import AdapterId, AuthenticatedRoute, ContextDep, CurrentTenant, SessionDep
 from ..errors import ApiError
-from ..jobs import CursorParam, LimitParam, created, get_owned, page
+from ..jobs import Paging, created, get_owned, page
 from ..openapi import errors
 from ..services.adapters import (
     MAX_BASE_MODEL_CHARS,
@@ -80,11 +80,10 @@ EvaluationParams = Annotated[
 def list_adapters(
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: LimitParam = 20,
-    cursor: CursorParam = None,
+    paging: Paging,
 ):
     """The tenant's adapters, newest first; pass `next_cursor` as `cursor` for the next page."""
-    rows, next_cursor = page(session, Adapter, tenant, limit=limit, cursor=cursor)
+    rows, next_cursor = page(session, Adapter, tenant, paging)
     evaluations = latest_evaluations(session, [r.id for r in rows])
     return {"data": [adapter_public(r, evaluations.get(r.id)) for r in rows], "next_cursor": next_cursor}
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from starlette.background import BackgroundTask
 
-from shared.db import TERMINAL_STATUSES, Batch, Generation
+from shared.db import Batch, Generation
 from shared.schemas import (
     BatchCreate,
     BatchPublic,
@@ -21,7 +21,7 @@ from shared.storage import BlobNotFound
 
 from ..deps import AuthenticatedRoute, BatchId, ContextDep, CurrentTenant, GenerationId, IdempotencyKey, SessionDep
 from ..errors import ApiError
-from ..jobs import CursorParam, LimitParam, StatusParam, cancel_jobs, created, get_owned, page, status_filters
+from ..jobs import Paging, StatusParam, cancel_owned, created, get_owned, page, status_filters
 from ..openapi import ErrorResponse, errors
 from ..services import generations, retention
 
@@ -60,6 +60,7 @@ def list_generations(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
+    paging: Paging,
     status: StatusParam = None,
     adapter_id: Annotated[
         str | None, Query(pattern="^adp_[0-9a-f]{24}$", examples=["adp_3f2a9c0d1e2b4a5f6c7d8e9f"])
@@ -67,8 +68,6 @@ def list_generations(
     batch_id: Annotated[
         str | None, Query(pattern="^bat_[0-9a-f]{24}$", examples=["bat_3f2a9c0d1e2b4a5f6c7d8e9f"])
     ] = None,
-    limit: LimitParam = 20,
-    cursor: CursorParam = None,
 ):
     """The tenant's generations, newest first, optionally of one status, adapter or batch; pass `next_cursor`
     as `cursor` for the next page."""
@@ -77,7 +76,7 @@ def list_generations(
         for column, value in ((Generation.adapter_id, adapter_id), (Generation.batch_id, batch_id))
         if value is not None
     )
-    rows, next_cursor = page(session, Generation, tenant, limit=limit, cursor=cursor, filters=filters)
+    rows, next_cursor = page(session, Generation, tenant, paging, filters)
     positions = queue_positions(session, Generation, tenant.id, rows)
     data = [generation_public(r, context.settings.public_url, positions.get(r.id)) for r in rows]
     return {"data": data, "next_cursor": next_cursor}
@@ -103,11 +102,7 @@ def get_generation(generation_id: GenerationId, context: ContextDep, session: Se
 def cancel_generation(generation_id: GenerationId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     """Cancel a generation: a queued one at once (`canceled`), a running one at its worker's next denoising step
     (`canceling` until then; no images are kept); 409 once it has ended."""
-    row = get_owned(session, Generation, generation_id, tenant, "generation")
-    if row.status in TERMINAL_STATUSES:
-        raise ApiError(409, "not_cancelable", f"generation {generation_id} is already {row.status}")
-    cancel_jobs(context, session, Generation, [row.id], "generation")
-    session.refresh(row)
+    row = cancel_owned(context, session, Generation, generation_id, tenant, "generation")
     return generation_public(row, context.settings.public_url)
 
 
@@ -198,11 +193,10 @@ def list_batches(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: LimitParam = 20,
-    cursor: CursorParam = None,
+    paging: Paging,
 ):
     """The tenant's batches, newest first, with counts per status; pass `next_cursor` as `cursor`."""
-    rows, next_cursor = page(session, Batch, tenant, limit=limit, cursor=cursor)
+    rows, next_cursor = page(session, Batch, tenant, paging)
     return {"data": generations.batch_publics(session, rows, context.settings.public_url), "next_cursor": next_cursor}
 
 

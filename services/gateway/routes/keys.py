@@ -10,7 +10,7 @@ from shared.db import ApiKey
 from shared.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPublic, Page, api_key_public
 
 from ..deps import AuthenticatedRoute, ContextDep, CurrentTenant, SessionDep, _resource_id
-from ..jobs import CursorParam, LimitParam, created, page
+from ..jobs import Paging, created, page
 from ..openapi import ErrorResponse, errors
 from ..services import tenants
 
@@ -43,12 +43,11 @@ def create_api_key(context: ContextDep, session: SessionDep, tenant: CurrentTena
 def list_api_keys(
     session: SessionDep,
     tenant: CurrentTenant,
-    limit: LimitParam = 20,
-    cursor: CursorParam = None,
+    paging: Paging,
 ):
     """This tenant's keys, revoked ones included, newest first: their prefix, name and times, never the key.
     Pass `next_cursor` as `cursor` for the next page."""
-    rows, next_cursor = page(session, ApiKey, tenant, limit=limit, cursor=cursor)
+    rows, next_cursor = page(session, ApiKey, tenant, paging)
     return {"data": [api_key_public(r) for r in rows], "next_cursor": next_cursor}
 
 

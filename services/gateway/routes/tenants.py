@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from shared.schemas import Page, TenantCreate, TenantCreated, TenantPublic, TenantUpdate, tenant_public
 
 from ..deps import AuthenticatedRoute, ContextDep, CurrentAdmin, SessionDep, _resource_id
-from ..jobs import CursorParam, LimitParam
+from ..jobs import Paging
 from ..openapi import ErrorResponse, errors
 from ..services import tenants
 
@@ -40,12 +40,11 @@ def list_tenants(
     context: ContextDep,
     session: SessionDep,
     admin: CurrentAdmin,
-    limit: LimitParam = 20,
-    cursor: CursorParam = None,
+    paging: Paging,
 ):
     """Every tenant with its weight, its limit overrides and the limits in effect; pass `next_cursor` as `cursor`
     for the next page."""
-    rows, next_cursor = tenants.list_tenants(session=session, limit=limit, cursor=cursor)
+    rows, next_cursor = tenants.list_tenants(session=session, paging=paging)
     return {"data": [tenant_public(r, context.settings) for r in rows], "next_cursor": next_cursor}
 
 

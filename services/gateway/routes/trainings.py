@@ -24,7 +24,7 @@ from ..deps import (
 )
 from ..errors import ApiError, error_body
 from ..events import FollowerRefused, TooManyStreams, TrainingGone
-from ..jobs import CursorParam, LimitParam, StatusParam, cancel_jobs, created, get_owned, page, status_filters
+from ..jobs import Paging, StatusParam, cancel_owned, created, get_owned, page, status_filters
 from ..openapi import errors
 from ..services import retention
 from ..services.trainings import (
@@ -117,13 +117,12 @@ def list_trainings(
     context: ContextDep,
     session: SessionDep,
     tenant: CurrentTenant,
+    paging: Paging,
     status: StatusParam = None,
-    limit: LimitParam = 20,
-    cursor: CursorParam = None,
 ):
     """The tenant's trainings, newest first, optionally of one status; pass `next_cursor` as `cursor`."""
     filters = status_filters(Training, status)
-    rows, next_cursor = page(session, Training, tenant, limit=limit, cursor=cursor, filters=filters)
+    rows, next_cursor = page(session, Training, tenant, paging, filters)
     positions = queue_positions(session, Training, tenant.id, rows)
     url = context.settings.public_url
     return {"data": [training_public(r, positions.get(r.id), url) for r in rows], "next_cursor": next_cursor}
@@ -149,11 +148,7 @@ def get_training(training_id: TrainingId, context: ContextDep, session: SessionD
 def cancel_training(training_id: TrainingId, context: ContextDep, session: SessionDep, tenant: CurrentTenant):
     """Cancel a training: a queued one at once (`canceled`), a running one at its next step (`canceling` until
     its worker stops it, then `canceled`); 409 once it has ended."""
-    row = get_owned(session, Training, training_id, tenant, "training")
-    if row.status in TERMINAL_STATUSES:
-        raise ApiError(409, "not_cancelable", f"training {training_id} is already {row.status}")
-    cancel_jobs(context, session, Training, [row.id], "training")
-    session.refresh(row)
+    row = cancel_owned(context, session, Training, training_id, tenant, "training")
     return training_public(row, None, context.settings.public_url)
 
 

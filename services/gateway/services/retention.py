@@ -34,18 +34,7 @@ def delete_training(*, context: AppContext, session: Session, tenant: Tenant, tr
             "and delete it once it has stopped",
         )
     keys = [*row.image_keys, *([row.checkpoint_key] if row.checkpoint_key else [])]
-    tenant_id = row.tenant_id
-    prefix = blob_keys.training_folder(tenant_id, training_id)
-    session.rollback()  # ends the read transaction: storage calls may be slow
-    for key in keys:
-        context.storage.delete(key)
-    context.storage.delete_prefix(prefix)
-    session.execute(
-        delete(Training).where(
-            Training.id == training_id, Training.tenant_id == tenant_id, Training.status.in_(TERMINAL_STATUSES)
-        )
-    )
-    session.commit()
+    _delete_ended(context, session, row, keys, blob_keys.training_folder(row.tenant_id, training_id))
 
 
 def delete_generation(*, context: AppContext, session: Session, tenant: Tenant, generation_id: str) -> None:
@@ -59,17 +48,17 @@ def delete_generation(*, context: AppContext, session: Session, tenant: Tenant, 
             f"generation {generation_id} is {row.status}; delete it once it has finished",
         )
     keys = [image["key"] for image in row.images or []]
-    tenant_id = row.tenant_id
-    prefix = blob_keys.generation_folder(tenant_id, generation_id)
+    _delete_ended(context, session, row, keys, blob_keys.generation_folder(row.tenant_id, generation_id))
+
+
+def _delete_ended(context: AppContext, session: Session, row: Training | Generation, keys: list[str], folder: str):
+    """Delete the blobs ``keys`` and everything under ``folder``, then the row if it is still ended. Commits."""
+    model, row_id, tenant_id = type(row), row.id, row.tenant_id
     session.rollback()  # ends the read transaction: storage calls may be slow
     for key in keys:
         context.storage.delete(key)
-    context.storage.delete_prefix(prefix)
+    context.storage.delete_prefix(folder)
     session.execute(
-        delete(Generation).where(
-            Generation.id == generation_id,
-            Generation.tenant_id == tenant_id,
-            Generation.status.in_(TERMINAL_STATUSES),
-        )
+        delete(model).where(model.id == row_id, model.tenant_id == tenant_id, model.status.in_(TERMINAL_STATUSES))
     )
     session.commit()

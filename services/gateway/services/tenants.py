@@ -23,7 +23,7 @@ from shared.tenants import create_tenant as create_tenant_row
 from shared.tenants import new_api_key
 from shared.tenants import rotate_webhook_secret as rotate_secret
 
-from ..jobs import page_of
+from ..jobs import PageRequest, page_of
 
 __all__ = [
     "apply_limits",
@@ -130,9 +130,9 @@ def find_tenant(session: Session, name_or_id: str) -> Tenant:
     return tenant
 
 
-def list_tenants(*, session: Session, limit: int, cursor: str | None) -> tuple[list[Tenant], str | None]:
+def list_tenants(*, session: Session, paging: PageRequest) -> tuple[list[Tenant], str | None]:
     """Every tenant, newest first, a page at a time (the cursor of services/gateway/jobs.py)."""
-    return page_of(session, Tenant, select(Tenant), limit, cursor)
+    return page_of(session, Tenant, select(Tenant), paging.limit, paging.cursor)
 
 
 def create_tenant(*, session: Session, settings: Settings, spec: TenantCreate) -> dict[str, Any]:
