@@ -63,8 +63,7 @@ class ClipEmbedder:
 
         self.name = str(model)
         self.device = _device(device)
-        # transformers' PreTrainedModel.eval() is unannotated
-        self.model = CLIPModel.from_pretrained(model).eval().to(self.device)  # type: ignore[no-untyped-call]
+        self.model = CLIPModel.from_pretrained(model).eval().to(self.device)
         self.processor = CLIPProcessor.from_pretrained(model)
 
     @torch.no_grad()
@@ -93,10 +92,9 @@ class DinoEmbedder:
         self.name = str(model)
         self.device = _device(device)
         # DINO checkpoints have no pooler: the CLS token of the last (layer-normed) hidden state is the embedding.
-        # transformers' PreTrainedModel.eval() and AutoImageProcessor.from_pretrained are unannotated
         vit = ViTModel.from_pretrained(model, add_pooling_layer=False)
-        self.model = vit.eval().to(self.device)  # type: ignore[no-untyped-call]
-        self.processor = AutoImageProcessor.from_pretrained(model)  # type: ignore[no-untyped-call]
+        self.model = vit.eval().to(self.device)
+        self.processor = AutoImageProcessor.from_pretrained(model)
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Any]) -> torch.Tensor:

@@ -63,13 +63,12 @@ def _build_tiny_clip(folder: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     config = TINY_EVAL_CONFIGS["tiny-clip"]
-    # transformers' PreTrainedModel.eval() and CLIPProcessor.__init__ are unannotated
-    CLIPModel(CLIPConfig(**config)).eval().save_pretrained(folder)  # type: ignore[no-untyped-call]
+    CLIPModel(CLIPConfig(**config)).eval().save_pretrained(folder)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": _IMAGE_SIZE}, crop_size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}
     )
     tokenizer = build_clip_tokenizer()
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)  # type: ignore[no-untyped-call]
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(folder)
     write_clip_tokenizer_files(folder)  # transformers 4 reads vocab.json + merges.txt
 
@@ -79,7 +78,7 @@ def _build_tiny_dino(folder: Path) -> None:
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     vit = ViTModel(ViTConfig(**TINY_EVAL_CONFIGS["tiny-dino"]), add_pooling_layer=False)
-    vit.eval().save_pretrained(folder)  # type: ignore[no-untyped-call]  # transformers' PreTrainedModel.eval()
+    vit.eval().save_pretrained(folder)
     ViTImageProcessor(size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}).save_pretrained(folder)
 
 

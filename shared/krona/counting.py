@@ -33,8 +33,7 @@ def meta_unet(unet_config: Mapping[str, Any] | str | os.PathLike[str]) -> nn.Mod
 
     config = dict(unet_config) if isinstance(unet_config, Mapping) else _read_unet_config(unet_config)
     with torch.device("meta"):
-        # diffusers' __init__ shows mypy its untyped dummy_pt_objects stand-ins, not the real classes
-        unet: nn.Module = UNet2DConditionModel.from_config(config)  # type: ignore[no-untyped-call]
+        unet: nn.Module = UNet2DConditionModel.from_config(config)
         return unet
 
 

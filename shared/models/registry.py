@@ -82,8 +82,7 @@ def load_pipeline(name_or_path: str | Path, *, torch_dtype: Any = None, device: 
         logger.warning("base model %s has random weights: generated images are noise", name_or_path)
     kwargs = {} if torch_dtype is None else {_dtype_keyword(): torch_dtype}
     try:
-        # diffusers' __init__ shows mypy its untyped dummy_pt_objects stand-ins, not the real classes
-        pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)  # type: ignore[no-untyped-call]
+        pipeline = DiffusionPipeline.from_pretrained(source, **kwargs)
     except OSError as exc:
         if Path(source).is_dir():
             raise
