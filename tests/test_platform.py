@@ -58,7 +58,12 @@ def test_a_base_model_the_server_cannot_read_answers_503_naming_it(api, tmp_path
     from services.gateway.app import create_app
     from shared.storage import LocalStorage
 
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable once, at import (an earlier test may have imported it): set what it read,
+    # or the gateway reaches for the Hub and waits out the network's timeouts (23 s here) before the same 503.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     settings = api.context.settings.model_copy(update={"base_model": "nobody-krona/no-such-model"})
     app = create_app(settings, enqueuer=api.enqueuer, storage=LocalStorage(tmp_path / "blobs"))
