@@ -322,8 +322,7 @@ def continuous_batching_section(run: Run) -> dict:
     command = [sys.executable, str(script), "--quick", "--json", str(out)]
     if run.dry:
         command += ["--requests", "4", "--rates", "1.6"]
-    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True).stdout
-    on_gpu = "--device" in help_text
+    on_gpu = '"--device"' in script.read_text()  # an option it declares (read, not run: `--help` imports torch)
     if on_gpu and run.cuda:
         command += ["--device", "cuda"]
     timeout = run.args.cb_timeout or (120 if run.dry else 300)
