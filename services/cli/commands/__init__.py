@@ -175,8 +175,17 @@ class Resource:
             emit(self.api(client).get(args.id), output_format(args), self.kind)
         return 0
 
+    def listing(
+        self, actions, help: str, examples: Sequence[str], *filters: str, limit: int = 20
+    ) -> argparse.ArgumentParser:
+        """``krona <group> list``: newest first, ``--limit`` (default ``limit``)/``--all``/``--cursor``, and the
+        API's filters of these names (``status`` has its choices; the caller declares the others' options)."""
+        parser = api_command(actions, "list", help, examples, self.lister(*filters), admin=self.admin)
+        add_list_options(parser, statuses="status" in filters, limit=limit)
+        return parser
+
     def lister(self, *filters: str) -> Handler:
-        """``list``: newest first, ``--limit``/``--all``/``--cursor``, with the API's filters of these names."""
+        """``list``'s handler: the pages the options ask for, with the API's filters of these names."""
 
         def list_handler(args: argparse.Namespace) -> int:
             with self.client(args) as client:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.commands import Resource, api_command, note
 from services.cli.connection import CliError, WaitInterrupted, connect
 from services.cli.images import expand_images
 from services.cli.output import emit, output_format
@@ -21,14 +21,10 @@ def register(sub) -> None:
         "Adapters of this tenant: made by trainings or uploaded (native Krona or kohya/LyCORIS LoKr files).",
     )
 
-    add_list_options(
-        api_command(
-            actions,
-            "list",
-            "adapters, newest first",
-            ["krona adapters list", "ADAPTER=$(krona adapters list --limit 1 -o id)   # the newest adapter's id"],
-            ADAPTERS.lister(),
-        )
+    ADAPTERS.listing(
+        actions,
+        "adapters, newest first",
+        ["krona adapters list", "ADAPTER=$(krona adapters list --limit 1 -o id)   # the newest adapter's id"],
     )
     ADAPTERS.command(actions, "get", "one adapter: factor shapes, parameters, size, evaluation", ADAPTERS.show)
 

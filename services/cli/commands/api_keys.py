@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.commands import Resource, api_command, note
 from services.cli.connection import connect
 from services.cli.output import emit, output_format
 
@@ -25,14 +25,7 @@ def register(sub) -> None:
         create_key,
     )
     create.add_argument("--name", help="a label for people")
-    listing = api_command(
-        actions,
-        "list",
-        "the tenant's keys: prefix, name, times (never the key)",
-        ["krona api-keys list"],
-        KEYS.lister(),
-    )
-    add_list_options(listing, limit=100)
+    KEYS.listing(actions, "the tenant's keys: prefix, name, times (never the key)", ["krona api-keys list"], limit=100)
     KEYS.ending(
         actions,
         "revoke",

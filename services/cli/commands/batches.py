@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.commands import Resource, api_command, note
 from services.cli.commands.generations import add_generation_options, add_image_job_commands, generation_fields
 from services.cli.connection import CliError, connect
 from services.cli.output import emit, output_format
@@ -50,7 +50,7 @@ def register(sub) -> None:
     create.add_argument("--out", metavar="DIR", help="save every image in DIR as <generation id>-<index>.png (waits)")
 
     BATCHES.command(actions, "get", "a batch with its counts per status", BATCHES.show)
-    add_list_options(api_command(actions, "list", "batches, newest first", ["krona batches list"], BATCHES.lister()))
+    BATCHES.listing(actions, "batches, newest first", ["krona batches list"])
     add_image_job_commands(
         BATCHES,
         actions,

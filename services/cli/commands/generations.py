@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from services.cli.commands import Finish, Handler, Resource, add_list_options, api_command, note
+from services.cli.commands import Finish, Handler, Resource, api_command, note
 from services.cli.connection import connect
 from services.cli.output import emit, output_format
 from services.cli.progress import exit_status, require_done, summary, wait_generation
@@ -61,14 +61,14 @@ def register(sub) -> None:
 
     GENERATIONS.command(actions, "get", "one generation with its image URLs", GENERATIONS.show)
 
-    listing = api_command(
+    listing = GENERATIONS.listing(
         actions,
-        "list",
         "generations, newest first",
         ["krona generations list", "krona generations list --batch-id bat_… --status failed"],
-        GENERATIONS.lister("status", "adapter_id", "batch_id"),
+        "status",
+        "adapter_id",
+        "batch_id",
     )
-    add_list_options(listing, statuses=True)
     listing.add_argument("--adapter-id", metavar="ID", help="only those with this adapter")
     listing.add_argument("--batch-id", metavar="ID", help="only those of this batch")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.commands import Resource, api_command, note
 from services.cli.connection import CliError, connect
 from services.cli.output import emit, output_format
 
@@ -65,15 +65,9 @@ def register(sub) -> None:
     create.add_argument("name", metavar="NAME", help="1-100 letters, digits, '-', '_' or '.'; unique")
     add_limit_options(create)
 
-    listing = api_command(
-        actions,
-        "list",
-        "every tenant with its weight and limit overrides",
-        ["krona tenants list -o wide"],
-        TENANTS.lister(),
-        admin=True,
+    TENANTS.listing(
+        actions, "every tenant with its weight and limit overrides", ["krona tenants list -o wide"], limit=100
     )
-    add_list_options(listing, limit=100)
     TENANTS.command(actions, "get", "one tenant with the limits in effect", TENANTS.show)
 
     update = TENANTS.command(

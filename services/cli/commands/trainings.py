@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from services.cli.commands import Resource, add_list_options, api_command, note
+from services.cli.commands import Resource, api_command, note
 from services.cli.connection import WaitInterrupted, connect
 from services.cli.images import expand_images
 from services.cli.output import emit, output_format
@@ -63,14 +63,12 @@ def register(sub) -> None:
 
 def _register_follow_commands(actions) -> None:
     TRAININGS.command(actions, "get", "one training with its progress", TRAININGS.show)
-    listing = api_command(
+    TRAININGS.listing(
         actions,
-        "list",
         "trainings, newest first",
         ["krona trainings list", "krona trainings list --status running", "krona trainings list --all -o json"],
-        TRAININGS.lister("status"),
+        "status",
     )
-    add_list_options(listing, statuses=True)
     TRAININGS.command(
         actions,
         "wait",
