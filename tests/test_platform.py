@@ -53,12 +53,11 @@ def test_a_generation_over_the_compute_cap_is_422_and_writes_nothing(api):
 
 
 def test_a_base_model_the_server_cannot_read_answers_503_naming_it(api, tmp_path, monkeypatch):
+    import huggingface_hub
     from fastapi.testclient import TestClient
 
     from services.gateway.app import create_app
     from shared.storage import LocalStorage
-
-    import huggingface_hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # huggingface_hub reads the variable once, at import (an earlier test may have imported it): set what it read,
