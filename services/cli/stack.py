@@ -293,6 +293,28 @@ def _ready(url: str):
     return probe
 
 
+def _children(settings, args: argparse.Namespace, env: dict[str, str], logs: Path) -> list[Child]:
+    """`krona up`'s processes: the gateway, the job worker and the webhook worker."""
+    gateway_cmd = [sys.executable, "-m", "services.cli.main", "gateway", "--host", args.host, "--port", str(args.port)]
+    return [
+        Child("gateway", gateway_cmd, env, log_file=logs / "gateway.log", to_terminal=_gateway_line_to_terminal,
+              stop_timeout=10.0),
+        # SIGTERM drains the job worker: a training checkpoints and hands over, a batch finishes.
+        Child("worker", worker_command("train,infer", "krona-embedded@%h"), env, stop_timeout=WORKER_STOP_SECONDS,
+              log_file=logs / "worker.log", to_terminal=_worker_line_to_terminal, idle=_no_job_running(settings)),
+        Child(
+            "webhooks",
+            worker_command("webhooks", "krona-webhooks@%h", webhook_concurrency=settings.webhook_concurrency),
+            env,
+            log_file=logs / "webhooks.log",
+            to_terminal=_worker_line_to_terminal,
+            # Idle, Celery takes ~4 s to stop; a delivery cut short is claimed and retried (at least once).
+            stop_timeout=WEBHOOKS_STOP_SECONDS,
+            quiet_kill=True,
+        ),
+    ]  # fmt: skip
+
+
 def up(args: argparse.Namespace) -> int:
     settings = _settings(args.data_dir)
     data_dir = settings.data_dir.resolve()
@@ -315,28 +337,8 @@ def up(args: argparse.Namespace) -> int:
         # they wait for each other: on a busy 2-core machine one thread trained 25 steps in 6.5 s against 76 s
         # with the default. A real model keeps torch's default (or the OMP_NUM_THREADS given).
         env.setdefault("OMP_NUM_THREADS", "1")
-    gateway_cmd = [sys.executable, "-m", "services.cli.main", "gateway", "--host", args.host, "--port", str(args.port)]
     logs = data_dir / "logs"
-    supervisor = Supervisor(
-        [
-            Child("gateway", gateway_cmd, env, log_file=logs / "gateway.log", to_terminal=_gateway_line_to_terminal,
-                  stop_timeout=10.0),
-            # SIGTERM drains the job worker: a training checkpoints and hands over, a batch finishes.
-            Child("worker", worker_command("train,infer", "krona-embedded@%h"), env, stop_timeout=WORKER_STOP_SECONDS,
-                  log_file=logs / "worker.log", to_terminal=_worker_line_to_terminal, idle=_no_job_running(settings)),
-            Child(
-                "webhooks",
-                worker_command("webhooks", "krona-webhooks@%h", webhook_concurrency=settings.webhook_concurrency),
-                env,
-                log_file=logs / "webhooks.log",
-                to_terminal=_worker_line_to_terminal,
-                # Idle, Celery takes ~4 s to stop; a delivery cut short is claimed and retried (at least once).
-                stop_timeout=WEBHOOKS_STOP_SECONDS,
-                quiet_kill=True,
-            ),
-        ],
-        data_dir,
-    )  # fmt: skip
+    supervisor = Supervisor(_children(settings, args, env, logs), data_dir)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     url = f"http://{connect_host}:{args.port}"
     print(f"starting Krona on http://{args.host}:{args.port} (data in {data_dir}, logs in {logs})")

@@ -360,10 +360,25 @@ def _training_fields(args: argparse.Namespace) -> dict:
     return fields
 
 
-def train_adapter(args: argparse.Namespace) -> int:
+def _training_bar(total: int):
+    """A progress bar of ``total`` steps and the trainer's ``on_progress`` that moves it, with the trainer's loss,
+    learning rate and ETA (one ETA: tqdm's own estimate is left out of the bar)."""
     # lazy: loads torch, numpy, safetensors, …
     from tqdm import tqdm
 
+    bar = tqdm(
+        total=total, unit="step", desc="training", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n}/{total} {postfix}"
+    )
+
+    def on_progress(p) -> None:
+        bar.n = p.step
+        bar.set_postfix_str(f"loss {p.loss:.4f}, lr {p.learning_rate:g}, ETA {p.eta_seconds:.0f}s", refresh=False)
+        bar.refresh()
+
+    return bar, on_progress
+
+
+def train_adapter(args: argparse.Namespace) -> int:
     # lazy: loads torch, diffusers
     from workers.training import (
         TrainingCanceled,
@@ -384,17 +399,7 @@ def train_adapter(args: argparse.Namespace) -> int:
     print(f"{len(images)} images, {adapter}: {n_params:,} trainable parameters")
     components = load_components(args.base, device=args.device, mixed_precision=spec.mixed_precision)
     checkpoint_dir = args.resume or args.checkpoint_dir or f"{args.out}.checkpoints"
-    total = spec.resolved_steps(components.sdxl)
-    # One ETA: the trainer's (tqdm's own estimate is left out of the bar).
-    bar = tqdm(
-        total=total, unit="step", desc="training", dynamic_ncols=True, bar_format="{l_bar}{bar}| {n}/{total} {postfix}"
-    )
-
-    def on_progress(p) -> None:
-        bar.n = p.step
-        bar.set_postfix_str(f"loss {p.loss:.4f}, lr {p.learning_rate:g}, ETA {p.eta_seconds:.0f}s", refresh=False)
-        bar.refresh()
-
+    bar, on_progress = _training_bar(spec.resolved_steps(components.sdxl))
     try:
         result = run_training(
             spec,
