@@ -12,15 +12,14 @@ REQUIREMENTS := deploy/docker/requirements-gateway.txt deploy/docker/requirement
 
 .PHONY: install test lint format demo bench bench-quick clean services requirements
 
-# torch first (pinned, CPU), then the project with its dev extras (gateway, worker and the test tools) at
-# the versions the images pin, so the tests run what the images ship; then the Python SDK (sdk/python), which
-# the `krona` client commands use for every HTTP call.
+# torch first (pinned, CPU), then, in one resolve, the project with its dev extras (gateway, worker and the test
+# tools) at the versions the images pin, so the tests run what the images ship, and the Python SDK (sdk/python),
+# which the `krona` client commands use for every HTTP call.
 define make_venv
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(FIND_LINKS) "torch==$(TORCH_VERSION)"
-	$(PIP) install -q $(FIND_LINKS) $(addprefix -r ,$(REQUIREMENTS)) -e ".[$(1)]"
-	$(PIP) install -q $(FIND_LINKS) -e "sdk/python[images]"
+	$(PIP) install -q $(FIND_LINKS) $(addprefix -r ,$(REQUIREMENTS)) -e ".[$(1)]" -e "sdk/python[images]"
 	touch $@
 endef
 
@@ -70,7 +69,7 @@ services:
 TEST_WORKERS ?= 3
 test: install lint services
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not serial" --durations=15
-	$(PY) -m pytest -q -m serial
+	$(PY) -m pytest -q -m serial --durations=5
 
 demo: $(if $(wildcard $(VENV)/.installed),$(VENV)/.installed,$(VENV)/.service-installed)
 	$(VENV)/bin/krona demo --out out/demo

@@ -14,7 +14,7 @@ database). Then the event-stream figure: the most followers of one running train
 
 The capacity ratio: the highest rate of creates that keeps p99 <= 50 ms (and no error), divided by the
 highest rate of `GET /healthz` that does, both measured in the same run against the same gateway (a ladder
-of rates x1.5, then bisection to ~10%). `/healthz` does no I/O, so the ratio says how much a create costs
+of rates x1.5, x2 with --smoke, then bisection to ~10%). `/healthz` does no I/O, so the ratio says how much a create costs
 next to the cheapest answer this gateway gives, on whatever machine it runs: a change that makes creates
 slower lowers it, a slower or busier machine mostly does not.
 
@@ -277,11 +277,11 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="gateway processes (krona gateway --workers)")
     parser.add_argument("--followers", default="50,100,200", help="event-stream followers to try")
     parser.add_argument("--capacity-seconds", type=float, default=3.0, help="duration of each capacity probe")
-    parser.add_argument("--smoke", action="store_true", help="only the capacity ratio at p50, with 1.5 s probes")
+    parser.add_argument("--smoke", action="store_true", help="only the capacity ratio at p50, with 1 s probes")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.smoke:
-        args.rates, args.followers, args.capacity_seconds = "", "", min(args.capacity_seconds, 1.5)
+        args.rates, args.followers, args.capacity_seconds = "", "", min(args.capacity_seconds, 1.0)
 
     import redis
     from sqlalchemy import create_engine, select, text
