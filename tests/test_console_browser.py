@@ -304,11 +304,11 @@ def test_a_tenant_trains_generates_downloads_compares_and_manages_keys(console_s
 def generate(page: Page, prompt: str) -> tuple[float, float]:
     """Fill the generate form (2 tiny images) and submit it; wait until both images show. (submitted, first image
     shown) as time.monotonic() values."""
+    wait_until(lambda: not page.find_all("[aria-busy=true]"), "the page settled")
     page.key_in("#prompt", prompt)
     for field, value in GENERATE.items():
         page.key_in(f"#{field}", value)
     page.key_in("#num-images", "2")
-    wait_until(lambda: not page.find_all("[aria-busy=true]"), "the page settled")
     before = {a.get_attribute("data-generation") for a in page.find_all("#results article")}
     submitted = time.monotonic()
     page.find("form button[type=submit]").click()

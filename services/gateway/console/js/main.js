@@ -183,7 +183,9 @@ async function renderPage(main, entry, found, params) {
   }
   const heading = main.querySelector("h1");
   document.title = heading ? `${heading.textContent} · Krona console` : "Krona console";
-  if (!firstRender && heading) {
+  // The focus goes to the new page's heading, unless the user is already in one of its controls (typing into a
+  // form that showed before the page's last data came): taking the focus there would drop their keystrokes.
+  if (!firstRender && heading && !main.contains(document.activeElement)) {
     heading.setAttribute("tabindex", "-1");
     heading.focus();
   }
