@@ -66,8 +66,16 @@ def test_a_base_model_the_server_cannot_read_answers_503_naming_it(api, tmp_path
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     settings = api.context.settings.model_copy(update={"base_model": "nobody-krona/no-such-model"})
     app = create_app(settings, enqueuer=api.enqueuer, storage=LocalStorage(tmp_path / "blobs"))
+    import services.gateway.context as context_module
+
+    reads = []
+    real_unet_config = context_module.unet_config
+    monkeypatch.setattr(context_module, "unet_config", lambda name: reads.append(name) or real_unet_config(name))
     with TestClient(app) as client:
-        answer = client.post("/v1/generations", headers=api.headers(), json={"prompt": "x"})
-    assert answer.status_code == 503
-    error = answer.json()["error"]
-    assert error["code"] == "base_model_unavailable" and "nobody-krona/no-such-model" in error["message"]
+        answers = [client.post("/v1/generations", headers=api.headers(), json={"prompt": "x"}) for _ in range(3)]
+    for answer in answers:
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "30"
+        error = answer.json()["error"]
+        assert error["code"] == "base_model_unavailable" and "nobody-krona/no-such-model" in error["message"]
+    # Read once: the next creates are answered from that failure (a Hub id with no network can take 20 s a read).
+    assert reads == ["nobody-krona/no-such-model"]

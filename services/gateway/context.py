@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -22,6 +23,10 @@ from shared.tenants import key_is_active
 from .events import ProgressHub
 
 log = logging.getLogger("krona.gateway")
+
+
+# How long a base model that could not be read is answered 503 without trying again.
+BASE_MODEL_RETRY_SECONDS = 30
 
 
 class Enqueuer(Protocol):
@@ -71,6 +76,9 @@ class AppContext:
     progress: ProgressHub | None = None
     _shapes: dict[str, tuple[int, int]] | None = field(default=None)
     _native_size: int | None = field(default=None)
+    # A base model that could not be read: (when, why), answered from here for BASE_MODEL_RETRY_SECONDS.
+    _base_model_failure: tuple[float, str] | None = field(default=None)
+    _base_model_lock: threading.Lock = field(default_factory=threading.Lock)
     _autocommit: Engine | None = field(default=None)
     _key_checks: dict[str, tuple[float, bool]] = field(default_factory=dict)
 
@@ -134,11 +142,21 @@ class AppContext:
         return self._native_size or 512
 
     def _load_base_model_config(self) -> None:
-        # unet_config reads the config without building the model (resolve_base_model would build a tiny one).
-        try:
-            config: dict[str, Any] = unet_config(self.settings.base_model)
-        except BaseModelNotFound as exc:  # the server's KRONA_BASE_MODEL names no model it can read
-            raise Unavailable("base_model_unavailable", str(exc)) from None
-        self._shapes = attention_projection_shapes(config)
-        # The VAE downsamples by 8 in every SD-family model.
-        self._native_size = int(config.get("sample_size", 64)) * 8
+        # One request reads it; the others wait for that one. A model that could not be read (a Hub id with no
+        # network can take the Hub client's timeouts, 20 s and more) is answered 503 at once for a while, so that
+        # a gateway with a bad KRONA_BASE_MODEL does not hold every create for that long.
+        with self._base_model_lock:
+            if self._native_size is not None:
+                return
+            failure = self._base_model_failure
+            if failure is not None and time.monotonic() - failure[0] < BASE_MODEL_RETRY_SECONDS:
+                raise Unavailable("base_model_unavailable", failure[1], retry_after=BASE_MODEL_RETRY_SECONDS)
+            # unet_config reads the config without building the model (resolve_base_model would build a tiny one).
+            try:
+                config: dict[str, Any] = unet_config(self.settings.base_model)
+            except BaseModelNotFound as exc:  # the server's KRONA_BASE_MODEL names no model it can read
+                self._base_model_failure = (time.monotonic(), str(exc))
+                raise Unavailable("base_model_unavailable", str(exc), retry_after=BASE_MODEL_RETRY_SECONDS) from None
+            self._shapes = attention_projection_shapes(config)
+            # The VAE downsamples by 8 in every SD-family model.
+            self._native_size = int(config.get("sample_size", 64)) * 8
