@@ -14,9 +14,9 @@ database). Then the event-stream figure: the most followers of one running train
 
 The capacity ratio: the highest rate of creates that keeps p99 <= 50 ms (and no error), divided by the
 highest rate of `GET /healthz` that does, both measured in the same run against the same gateway (a ladder
-of rates x1.5, x2 with --smoke, then bisection to ~10%). `/healthz` does no I/O, so the ratio says how much a create costs
-next to the cheapest answer this gateway gives, on whatever machine it runs: a change that makes creates
-slower lowers it, a slower or busier machine mostly does not.
+of rates x1.5, x2 with --smoke, then bisection to ~10%). `/healthz` does no I/O, so the ratio says how much a
+create costs next to the cheapest answer this gateway gives, on whatever machine it runs: a change that makes
+creates slower lowers it, a slower or busier machine mostly does not.
 
 The same ratio at p50 <= 50 ms (`create_to_healthz_ratio_p50`) is what CI checks: `--smoke` measures only it,
 with short steps, and tests/test_gateway_load_smoke.py fails when it falls below half of the figure recorded in
