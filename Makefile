@@ -60,9 +60,10 @@ services:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
 
 # Three pytest-xdist processes: most tests wait on services, workers and stacks, so three beat one even on 2 cores
-# (964 tests: 805 s serial, 536 s with -n 3, 809 s with -n 4 on the 2-core VM; `make test TEST_WORKERS=0` runs
-# them in this process). tests/conftest.py gives every test process one OpenMP thread (the parallel phase: 840 s
-# -> 532 s on a slow day), and tests/helpers/order.py hands out the longest files first. Each process has its own databases, Redis database, S3 server and ports. The tests marked
+# (the parallel phase on the 2-core VM, 2026-12-04: 373-476 s with -n 3, 486 s with -n 2, 448 s with -n 4; `make
+# test TEST_WORKERS=0` runs them in this process). tests/conftest.py gives every test process one OpenMP thread (the
+# parallel phase: 840 s -> 532 s on a slow day), and tests/helpers/order.py hands out the longest files first. Each
+# process has its own databases, Redis database, S3 server and ports. The tests marked
 # `serial` (hundreds of concurrent connections, or a measurement under load) run afterwards, alone: in parallel,
 # three processes' pools can exhaust PostgreSQL's 100 connections. `--dist loadfile`: a file's tests run in one
 # process, in order, sharing its module fixtures (some build on the one before, e.g. test_sdk.py's stack).
