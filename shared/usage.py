@@ -119,6 +119,14 @@ def default_range(today: date | None = None) -> tuple[date, date]:
     return today - timedelta(days=29), today
 
 
+def report_range(start: str | None, end: str | None, names: tuple[str, str] = ("start", "end")) -> tuple[date, date]:
+    """The days a usage report covers: ``start`` to ``end`` (YYYY-MM-DD, both included), by default the 30 days up
+    to ``end`` (itself today by default); ValueError naming the bad one (``names``: what the caller calls them)."""
+    first, last = parse_day(start, names[0]), parse_day(end, names[1])
+    default_first, default_last = default_range(last)
+    return first or default_first, last or default_last
+
+
 def parse_day(text: str | None, what: str) -> date | None:
     """A YYYY-MM-DD date (or an ISO timestamp, whose UTC date is taken); ValueError naming ``what``."""
     if text is None or text == "":

@@ -431,12 +431,10 @@ def tenant_usage(args, settings, session) -> int:
 
     # lazy: loads sqlalchemy
     from shared.db import Tenant
-    from shared.usage import default_range, parse_day, usage_totals
+    from shared.usage import report_range, usage_totals
 
     tenant_id = _find_tenant(session, args.tenant).id if args.tenant else None
-    first, last = default_range()
-    end = parse_day(args.end, "--end") or last
-    start = parse_day(args.start, "--start") or (end - (last - first))
+    start, end = report_range(args.start, args.end, ("--start", "--end"))
     totals = usage_totals(session, tenant_id, start, end, args.granularity)
     if _structured(args):
         emit({"start": start.isoformat(), "end": end.isoformat(), "data": totals}, args.output)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from shared.usage import default_range, parse_day, usage_totals
+from shared.usage import report_range, usage_totals
 
 from ..deps import AuthenticatedRoute, CurrentTenant, SessionDep
 from ..errors import ApiError
@@ -50,9 +50,7 @@ def get_usage(
     """Totals of the tenant's finished jobs per period and kind; periods without usage are left out (366 days
     at most per request). Each job is recorded once, when it ends, with the worker time it took."""
     try:
-        first, last = parse_day(start, "start"), parse_day(end, "end")
-        default_first, default_last = default_range(last)
-        first, last = first or default_first, last or default_last
+        first, last = report_range(start, end)
         data = usage_totals(session, tenant.id, first, last, granularity)
     except ValueError as exc:
         raise ApiError(400, "invalid_range", str(exc)) from None

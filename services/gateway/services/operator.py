@@ -15,7 +15,7 @@ from shared.db import Evaluation, Generation, JobStatus, Tenant, Training, utcno
 from shared.errors import BadRequest
 from shared.queue import INFER_QUEUE, TRAIN_QUEUE
 from shared.schemas import ErrorInfo
-from shared.usage import default_range, parse_day, usage_totals
+from shared.usage import report_range, usage_totals
 
 JobKind = Literal["training", "evaluation", "generation"]
 # Every kind of leased job, the queue its workers take it from, and its table.
@@ -203,9 +203,7 @@ def usage_per_tenant(session: Session, start: str | None, end: str | None) -> Op
     """Every tenant's usage totals per kind over the range (default: the last 30 days); 400 invalid_range as
     `GET /v1/usage` answers it."""
     try:
-        first, last = parse_day(start, "start"), parse_day(end, "end")
-        default_first, default_last = default_range(last)
-        first, last = first or default_first, last or default_last
+        first, last = report_range(start, end)
         totals = usage_totals(session, None, first, last, "total")
     except ValueError as exc:
         raise BadRequest("invalid_range", str(exc)) from None
