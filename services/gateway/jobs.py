@@ -69,8 +69,8 @@ CursorParam = Annotated[
 class PageRequest:
     """A list route's page: its size and the cursor the previous page answered (None: the first page)."""
 
-    limit: int = 20
-    cursor: str | None = None
+    limit: int
+    cursor: str | None
 
 
 def _page_request(limit: LimitParam = 20, cursor: CursorParam = None) -> PageRequest:
