@@ -16,7 +16,7 @@ LONGEST_FIRST = (
     "test_cli_errors.py",  # ~40 s
     "test_service_e2e.py",  # ~35 s
     "test_outages.py",  # ~35 s
-    "test_fairness.py",  # ~35 s: 64 generations on the embedded stack (was 200: ~85 s)
+    "test_fairness.py",  # ~45 s: 64 generations on the embedded stack (was 200: ~85 s)
     "test_readme.py",  # ~30 s
     "test_continuous_batching.py",  # ~30 s
     "test_gpu_suite.py",  # ~30 s
