@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.cli.commands import add_leaf, command_doc
 from services.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +138,37 @@ def test_training_option_names_are_the_apis_params():
 
     names = {name for name, *_ in TRAINING_PARAMS}
     assert names <= set(TrainingSpec.model_fields) and names | {"evaluate"} <= CLIENT_PARAMS
+
+
+def test_a_command_takes_its_help_description_and_examples_from_its_handlers_docstring():
+    def handler(args):
+        r"""do the thing to one thing
+        over two lines
+
+        What it does, at length.
+
+        A second paragraph.
+
+        Examples:
+            krona thing do x
+            krona thing do y \
+                --long option
+        """
+
+    help, description, examples = command_doc(handler)
+    assert help == "do the thing to one thing over two lines"
+    assert description == "What it does, at length.\n\nA second paragraph."
+    assert examples == ["krona thing do x", "krona thing do y \\", "    --long option"]
+
+    def terse(args):
+        """just a help line"""
+
+    assert command_doc(terse) == ("just a help line", None, [])
+    parser = add_leaf(argparse.ArgumentParser().add_subparsers(), "do", handler)
+    assert parser.description == description and "examples:\n  krona thing do x\n" in parser.epilog
+    assert add_leaf(argparse.ArgumentParser().add_subparsers(), "t", terse).description == "Just a help line."
+    with pytest.raises(TypeError, match="needs a docstring"):
+        add_leaf(argparse.ArgumentParser().add_subparsers(), "x", lambda args: 0)
+    # Given help wins over the docstring (handlers every collection shares have none of their own).
+    given = add_leaf(argparse.ArgumentParser().add_subparsers(), "y", handler, help="other", examples=["krona y"])
+    assert given.description == "Other." and given.epilog == "examples:\n  krona y"

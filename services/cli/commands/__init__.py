@@ -1,11 +1,14 @@
 """The `krona` subcommands, one module per group (as diffusers' commands/): each module's ``register(sub)`` adds
-its parser and subcommands and points each at its handler (``set_defaults(handler=…)``). Modules import their
-heavy dependencies inside the handlers, so `krona --help` stays fast and loads no torch."""
+its parser and subcommands and points each at its handler (``set_defaults(handler=…)``). A command's help,
+description and examples are its handler's docstring (``command_doc``; a group's, its ``register``'s), so what
+`--help` says stands next to the code that does it. Modules import their heavy dependencies inside the handlers, so
+`krona --help` stays fast and loads no torch."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import sys
 import textwrap
 import time
@@ -26,6 +29,7 @@ __all__ = [
     "add_leaf",
     "add_list_options",
     "api_command",
+    "command_doc",
     "list_resources",
     "note",
 ]
@@ -72,8 +76,10 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def add_group(sub, name: str, help: str, description: str | None = None, aliases: Sequence[str] = ()):
-    """A command group (``krona trainings``) and the subparsers action for its subcommands."""
+def add_group(sub, name: str, register: Callable[..., Any], aliases: Sequence[str] = ()):
+    """A command group (``krona trainings``) and the subparsers action for its subcommands; its help and
+    description are ``register``'s docstring's (``command_doc``)."""
+    help, description, _ = command_doc(register)
     parser = sub.add_parser(
         name, help=help, description=description or help, formatter_class=HelpFormatter, aliases=list(aliases)
     )
@@ -84,14 +90,19 @@ def add_group(sub, name: str, help: str, description: str | None = None, aliases
 def add_leaf(
     sub,
     name: str,
-    help: str,
-    examples: Sequence[str],
-    description: str | None = None,
+    handler: Handler | None,
     *,
-    handler: Handler | None = None,
+    help: str | None = None,
+    examples: Sequence[str] | None = None,
+    description: str | None = None,
+    default_example: str | None = None,
     **kwargs: Any,
 ) -> argparse.ArgumentParser:
-    """A command with help text, a description and examples (shown under `--help`), run by ``handler``."""
+    """A command run by ``handler``, with help text, a description and examples (shown under `--help`): those
+    given, else its handler's docstring's (``command_doc``); ``default_example`` where neither has examples."""
+    if help is None:
+        help, description, examples = command_doc(handler)
+    examples = list(examples or ([default_example] if default_example else []))
     epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
     parser = sub.add_parser(
         name,
@@ -106,24 +117,29 @@ def add_leaf(
     return parser
 
 
+def command_doc(handler: Callable[..., Any] | None) -> tuple[str, str | None, list[str]]:
+    """A command's help, description and examples from its handler's docstring, as click takes a command's help
+    from its function's: the first paragraph is the one-line help its group's `--help` lists, the paragraphs
+    after it (if any) the description `--help` shows (else the help as a sentence), the lines under
+    ``Examples:`` the examples, one a line. A group's help is its ``register``'s docstring, read the same way."""
+    doc = inspect.getdoc(handler) if handler is not None else None
+    if not doc:
+        raise TypeError(f"{handler!r}: a command's handler needs a docstring (its help), or pass help=")
+    body, _, examples = doc.partition("\nExamples:\n")
+    first, _, description = body.strip().partition("\n\n")
+    # An example may go on over more indented lines (a shell line that ends in a backslash): they keep it.
+    return " ".join(first.split()), description or None, textwrap.dedent(examples).strip("\n").splitlines()
+
+
 def api_command(
-    actions,
-    name: str,
-    help: str,
-    examples: Sequence[str],
-    handler: Handler,
-    *,
-    admin: bool = False,
-    output: bool = True,
-    **kwargs: Any,
+    actions, name: str, handler: Handler, *, admin: bool = False, output: bool = True, **kwargs: Any
 ) -> argparse.ArgumentParser:
     """A command that talks to the API: ``add_leaf`` with the connection options (``--url``, ``--api-key``,
     ``--data-dir``), ``-o`` unless ``output`` is False (commands that print no resource), and its handler."""
-    parser = add_leaf(actions, name, help, examples, **kwargs)
+    parser = add_leaf(actions, name, handler, **kwargs)
     add_connection_options(parser, admin=admin)
     if output:
         add_output_option(parser)
-    parser.set_defaults(handler=handler)
     return parser
 
 
@@ -139,27 +155,18 @@ class Resource:
     admin: bool = False  # an admin key's collection (tenants)
     follow: Callable[[Any, str], Any] | None = None  # a job's: follow(client, id) to its end, progress on stderr
 
-    def group(self, sub, help: str, description: str) -> Any:
-        """``krona <collection>``: its subparsers action."""
-        return add_group(sub, self.collection.replace("_", "-"), help, description)[1]
+    def group(self, sub, register: Callable[..., Any]) -> Any:
+        """``krona <collection>``: its subparsers action; its help is ``register``'s docstring's."""
+        return add_group(sub, self.collection.replace("_", "-"), register)[1]
 
     def command(
-        self,
-        actions,
-        name: str,
-        help: str,
-        handler: Handler,
-        *,
-        output: bool = True,
-        examples: Sequence[str] | None = None,
-        id_help: str | None = None,
-        **kwargs: Any,
+        self, actions, name: str, handler: Handler, *, id_help: str | None = None, **kwargs: Any
     ) -> argparse.ArgumentParser:
         """A subcommand on one resource, ``krona <group> <name> ID``; its example by default:
         ``krona <group> <name> <prefix>…``."""
         group = self.collection.replace("_", "-")
-        examples = examples or [f"krona {group} {name} {self.prefix}…"]
-        parser = api_command(actions, name, help, examples, handler, admin=self.admin, output=output, **kwargs)
+        example = f"krona {group} {name} {self.prefix}…"
+        parser = api_command(actions, name, handler, admin=self.admin, default_example=example, **kwargs)
         parser.add_argument("id", metavar=self.metavar, help=id_help or f"{self.prefix}…")
         return parser
 
@@ -180,7 +187,7 @@ class Resource:
     ) -> argparse.ArgumentParser:
         """``krona <group> list``: newest first, ``--limit`` (default ``limit``)/``--all``/``--cursor``, and the
         API's filters of these names (``status`` has its choices; the caller declares the others' options)."""
-        parser = api_command(actions, "list", help, examples, self.lister(*filters), admin=self.admin)
+        parser = api_command(actions, "list", self.lister(*filters), admin=self.admin, help=help, examples=examples)
         add_list_options(parser, statuses="status" in filters, limit=limit)
         return parser
 
@@ -206,7 +213,7 @@ class Resource:
             note(said.format(id=args.id))
             return 0
 
-        return self.command(actions, name, help, end_handler, output=False, **kwargs)
+        return self.command(actions, name, end_handler, help=help, output=False, **kwargs)
 
     def acting(self, method: str, said: Callable[[Any], str]) -> Handler:
         """``cancel``: calls the SDK's ``method(id)``, says ``said(answer)`` on stderr and prints the answer."""

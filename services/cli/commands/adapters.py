@@ -15,34 +15,24 @@ ADAPTERS = Resource("adapters", "adapter", "ADAPTER_ID", "adp_")
 
 
 def register(sub) -> None:
-    actions = ADAPTERS.group(
-        sub,
-        "trained or uploaded adapters: list, download, upload, evaluate, delete",
-        "Adapters of this tenant: made by trainings or uploaded (native Krona or kohya/LyCORIS LoKr files).",
-    )
+    """trained or uploaded adapters: list, download, upload, evaluate, delete
+
+    Adapters of this tenant: made by trainings or uploaded (native Krona or kohya/LyCORIS LoKr files).
+    """
+    actions = ADAPTERS.group(sub, register)
 
     ADAPTERS.listing(
         actions,
         "adapters, newest first",
         ["krona adapters list", "ADAPTER=$(krona adapters list --limit 1 -o id)   # the newest adapter's id"],
     )
-    ADAPTERS.command(actions, "get", "one adapter: factor shapes, parameters, size, evaluation", ADAPTERS.show)
+    ADAPTERS.command(actions, "get", ADAPTERS.show, help="one adapter: factor shapes, parameters, size, evaluation")
 
     _register_file_commands(actions)
 
 
 def _register_file_commands(actions) -> None:
-    download = ADAPTERS.command(
-        actions,
-        "download",
-        "download the adapter file",
-        download_adapter,
-        output=False,
-        examples=[
-            "krona adapters download adp_… --out sks.safetensors",
-            "krona adapters download adp_… --format lycoris --out sks-lokr.safetensors   # for ComfyUI, A1111, Forge",
-        ],
-    )
+    download = ADAPTERS.command(actions, "download", download_adapter, output=False)
     download.add_argument(
         "--format",
         default="krona",
@@ -53,13 +43,7 @@ def _register_file_commands(actions) -> None:
         "--out", metavar="PATH", help="file or folder to write (default: <id>.<format>.safetensors here)"
     )
 
-    upload = api_command(
-        actions,
-        "upload",
-        "upload a native Krona or LyCORIS LoKr file trained elsewhere",
-        ["krona adapters upload my-lokr.safetensors --name mine"],
-        upload_adapter,
-    )
+    upload = api_command(actions, "upload", upload_adapter)
     upload.add_argument("file", metavar="FILE", help="a .safetensors file whose factors fit the server's base model")
     upload.add_argument("--name", help="a label for people")
     upload.add_argument("--base-model", metavar="NAME", help="the base model it was trained on (must be the server's)")
@@ -70,19 +54,7 @@ def _register_file_commands(actions) -> None:
 
 
 def _register_evaluate(actions) -> None:
-    evaluate = ADAPTERS.command(
-        actions,
-        "evaluate",
-        "score an adapter (CLIP-I, CLIP-T, DINO) against photos of its subject",
-        evaluate_adapter,
-        examples=[
-            "krona adapters evaluate adp_… --images photos/ --class-noun dog --wait",
-            "krona adapters evaluate adp_… --images photos/ --prompts 8 --per-prompt 2",
-        ],
-        description="Queue an evaluation on the server: a worker generates the first N of DreamBooth's evaluation "
-        "prompts for the class and scores the images against the photos (CLIP-I, DINO) and the prompts (CLIP-T). "
-        "The photos are deleted afterwards. See the scores with `krona adapters get`.",
-    )
+    evaluate = ADAPTERS.command(actions, "evaluate", evaluate_adapter)
     evaluate.add_argument(
         "--images",
         nargs="+",
@@ -101,6 +73,12 @@ def _register_evaluate(actions) -> None:
 
 
 def download_adapter(args: argparse.Namespace) -> int:
+    """download the adapter file
+
+    Examples:
+        krona adapters download adp_… --out sks.safetensors
+        krona adapters download adp_… --format lycoris --out sks-lokr.safetensors   # for ComfyUI, A1111, Forge
+    """
     target = Path(args.out or ".")
     with connect(args) as client:
         path = client.adapters.download(args.id, format=args.format, path=target)
@@ -109,6 +87,11 @@ def download_adapter(args: argparse.Namespace) -> int:
 
 
 def upload_adapter(args: argparse.Namespace) -> int:
+    """upload a native Krona or LyCORIS LoKr file trained elsewhere
+
+    Examples:
+        krona adapters upload my-lokr.safetensors --name mine
+    """
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"no such file: {path}")
@@ -120,6 +103,16 @@ def upload_adapter(args: argparse.Namespace) -> int:
 
 
 def evaluate_adapter(args: argparse.Namespace) -> int:
+    """score an adapter (CLIP-I, CLIP-T, DINO) against photos of its subject
+
+    Queue an evaluation on the server: a worker generates the first N of DreamBooth's evaluation prompts for the class
+    and scores the images against the photos (CLIP-I, DINO) and the prompts (CLIP-T). The photos are deleted afterwards.
+    See the scores with `krona adapters get`.
+
+    Examples:
+        krona adapters evaluate adp_… --images photos/ --class-noun dog --wait
+        krona adapters evaluate adp_… --images photos/ --prompts 8 --per-prompt 2
+    """
     files = expand_images(args.images)
     fields = ("prompts", "per_prompt", "steps", "class_noun", "identifier")
     params = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}

@@ -25,12 +25,12 @@ from shared.storage import storage_from_settings
 DATA_DIR_HELP = "the embedded data folder (default: $KRONA_DATA_DIR, else .krona; ignored with KRONA_DATABASE_URL)"
 
 
-def _command(actions, name: str, help: str, examples: list[str], handler, *, tenant: str | None = None,
-             output: bool = True, on_database: bool = True, **kwargs) -> argparse.ArgumentParser:  # fmt: skip
+def _command(actions, name: str, handler, *, tenant: str | None = None, output: bool = True, on_database: bool = True,
+             **kwargs) -> argparse.ArgumentParser:  # fmt: skip
     """An operator command: ``--data-dir``, ``-o`` (table by default) unless ``output`` is False, a TENANT
     argument when ``tenant`` names its help, and the handler, run on the checked database (``_database``) unless
     ``on_database`` is False."""
-    parser = add_leaf(actions, name, help, examples, **kwargs)
+    parser = add_leaf(actions, name, handler, **kwargs)
     if tenant:
         parser.add_argument("tenant", metavar="TENANT", help=tenant)
     parser.add_argument("--data-dir", metavar="DIR", help=DATA_DIR_HELP)
@@ -53,21 +53,9 @@ def register(sub) -> None:
     )
     actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    tenant = _command(
-        actions,
-        "create-tenant",
-        "create a tenant and print its webhook signing secret and API key once",
-        ["krona admin create-tenant acme", "krona admin create-tenant acme --data-dir out/demo/krona-data"],
-        create_tenant,
-    )
+    tenant = _command(actions, "create-tenant", create_tenant)
     tenant.add_argument("name", metavar="NAME", help="1-100 letters, digits, '-', '_' or '.'; unique")
-    rotate = _command(
-        actions,
-        "rotate-webhook-secret",
-        "give a tenant a new webhook signing secret and print it once",
-        ["krona admin rotate-webhook-secret acme"],
-        rotate_webhook_secret,
-    )
+    rotate = _command(actions, "rotate-webhook-secret", rotate_webhook_secret)
     rotate.add_argument("name", metavar="TENANT", help="the tenant's name")
     _register_key_commands(actions)
     _register_tenant_commands(actions)
@@ -75,94 +63,32 @@ def register(sub) -> None:
 
 
 def _register_key_commands(actions) -> None:
-    admin_key = _command(
-        actions,
-        "create-admin-key",
-        "create an admin key (for `krona tenants` and /v1/tenants); shown once",
-        ["krona admin create-admin-key --name ops"],
-        create_admin_key,
-    )
+    admin_key = _command(actions, "create-admin-key", create_admin_key)
     admin_key.add_argument("--name", help="a label for people")
-    create_key = _command(
-        actions,
-        "create-key",
-        "create an API key for a tenant and print it once",
-        ["krona admin create-key acme --name ci"],
-        create_tenant_key,
-        tenant=TENANT,
-    )
+    create_key = _command(actions, "create-key", create_tenant_key, tenant=TENANT)
     create_key.add_argument("--name", help="a label for people")
-    _command(
-        actions,
-        "list-keys",
-        "a tenant's API keys (prefix, name, times; never the key)",
-        ["krona admin list-keys acme"],
-        list_tenant_keys,
-        tenant=TENANT,
-    )
-    revoke = _command(
-        actions,
-        "revoke-key",
-        "revoke an API key (its next request answers 401)",
-        ["krona admin revoke-key key_…"],
-        revoke_tenant_key,
-    )
+    _command(actions, "list-keys", list_tenant_keys, tenant=TENANT)
+    revoke = _command(actions, "revoke-key", revoke_tenant_key)
     revoke.add_argument("key_id", metavar="KEY_ID", help="key_… (krona admin list-keys TENANT)")
 
 
 def _register_tenant_commands(actions) -> None:
-    _command(
-        actions,
-        "list-tenants",
-        "every tenant with its weight and limit overrides",
-        ["krona admin list-tenants"],
-        list_all_tenants,
-    )
-    limits = _command(
-        actions,
-        "set-limits",
-        "set a tenant's weight and limit overrides (others are kept)",
-        ["krona admin set-limits acme --weight 2 --max-queued-jobs 500", "krona admin set-limits acme --clear weight"],
-        set_limits,
-        tenant=TENANT,
-        description="Set a tenant's fair-share weight and overrides of the server's limits; --clear NAME puts a "
-        "limit back to the server's default. Prints the limits in effect.",
-    )
+    _command(actions, "list-tenants", list_all_tenants)
+    limits = _command(actions, "set-limits", set_limits, tenant=TENANT)
     add_limit_options(limits)
     add_clear_option(limits)
-    delete = _command(
-        actions,
-        "delete-tenant",
-        "delete a tenant with all its rows and files (no undo)",
-        ["krona admin delete-tenant acme --yes"],
-        delete_tenant,
-        tenant=TENANT,
-    )
+    delete = _command(actions, "delete-tenant", delete_tenant, tenant=TENANT)
     delete.add_argument("--yes", action="store_true", help="required: confirms the deletion")
 
 
 def _register_usage_commands(actions) -> None:
-    usage = _command(
-        actions,
-        "usage",
-        "worker time and work done per tenant and period",
-        ["krona admin usage --tenant acme --granularity month"],
-        tenant_usage,
-    )
+    usage = _command(actions, "usage", tenant_usage)
     usage.add_argument("--tenant", help="one tenant's name or id (default: every tenant)")
     usage.add_argument("--start", help="first UTC day, YYYY-MM-DD (default: 29 days before --end)")
     usage.add_argument("--end", help="last UTC day, YYYY-MM-DD (default: today)")
     usage.add_argument("--granularity", default="day", choices=["day", "month", "total"], help="one row per")
     usage.add_argument("--json", action="store_const", const="json", dest="output", help="the same as -o json")
-    sweep = _command(
-        actions,
-        "sweep",
-        "run one retention pass now: purge ended trainings' photos, expire old images, delete orphaned blobs",
-        ["krona admin sweep", "krona admin sweep --json"],
-        run_sweep,
-        output=False,
-        on_database=False,
-    )
+    sweep = _command(actions, "sweep", run_sweep, output=False, on_database=False)
     sweep.add_argument("--json", action="store_true", help="print the counts as JSON")
 
 
@@ -248,6 +174,12 @@ def _shown_once(args: argparse.Namespace, data: dict, *lines: str) -> int:
 
 def create_tenant(args, settings, session) -> int:
     # lazy: loads sqlalchemy
+    """create a tenant and print its webhook signing secret and API key once
+
+    Examples:
+        krona admin create-tenant acme
+        krona admin create-tenant acme --data-dir out/demo/krona-data
+    """
     from shared.tenants import create_tenant as create
 
     tenant, key = create(session, args.name)
@@ -265,6 +197,11 @@ def create_tenant(args, settings, session) -> int:
 
 def rotate_webhook_secret(args, settings, session) -> int:
     # lazy: loads sqlalchemy
+    """give a tenant a new webhook signing secret and print it once
+
+    Examples:
+        krona admin rotate-webhook-secret acme
+    """
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy
@@ -282,6 +219,11 @@ def rotate_webhook_secret(args, settings, session) -> int:
 
 def create_admin_key(args, settings, session) -> int:
     # lazy: loads sqlalchemy
+    """create an admin key (for `krona tenants` and /v1/tenants); shown once
+
+    Examples:
+        krona admin create-admin-key --name ops
+    """
     from shared.tenants import new_api_key
 
     key, row = new_api_key(session, None, name=args.name, role="admin")
@@ -292,6 +234,11 @@ def create_admin_key(args, settings, session) -> int:
 
 def create_tenant_key(args, settings, session) -> int:
     # lazy: loads sqlalchemy
+    """create an API key for a tenant and print it once
+
+    Examples:
+        krona admin create-key acme --name ci
+    """
     from shared.tenants import new_api_key
 
     tenant = _find_tenant(session, args.tenant)
@@ -303,6 +250,11 @@ def create_tenant_key(args, settings, session) -> int:
 
 def list_tenant_keys(args, settings, session) -> int:
     # lazy: loads sqlalchemy, pydantic
+    """a tenant's API keys (prefix, name, times; never the key)
+
+    Examples:
+        krona admin list-keys acme
+    """
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy
@@ -326,6 +278,11 @@ def list_tenant_keys(args, settings, session) -> int:
 
 def revoke_tenant_key(args, settings, session) -> int:
     # lazy: loads sqlalchemy, fastapi, pydantic, …
+    """revoke an API key (its next request answers 401)
+
+    Examples:
+        krona admin revoke-key key_…
+    """
     from services.gateway.services.tenants import revoke_key
 
     try:
@@ -338,6 +295,11 @@ def revoke_tenant_key(args, settings, session) -> int:
 
 def list_all_tenants(args, settings, session) -> int:
     # lazy: loads sqlalchemy, pydantic
+    """every tenant with its weight and limit overrides
+
+    Examples:
+        krona admin list-tenants
+    """
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy
@@ -361,6 +323,15 @@ def list_all_tenants(args, settings, session) -> int:
 
 def set_limits(args, settings, session) -> int:
     # lazy: loads sqlalchemy, fastapi, pydantic, …
+    """set a tenant's weight and limit overrides (others are kept)
+
+    Set a tenant's fair-share weight and overrides of the server's limits; --clear NAME puts a limit back to the
+    server's default. Prints the limits in effect.
+
+    Examples:
+        krona admin set-limits acme --weight 2 --max-queued-jobs 500
+        krona admin set-limits acme --clear weight
+    """
     from pydantic import ValidationError
 
     # lazy: loads sqlalchemy, fastapi
@@ -404,6 +375,11 @@ def set_limits(args, settings, session) -> int:
 
 def delete_tenant(args, settings, session) -> int:
     # lazy: loads sqlalchemy, fastapi, pydantic, …
+    """delete a tenant with all its rows and files (no undo)
+
+    Examples:
+        krona admin delete-tenant acme --yes
+    """
     from services.gateway.services.tenants import delete_tenant as delete
 
     tenant = _find_tenant(session, args.tenant)
@@ -427,6 +403,11 @@ def delete_tenant(args, settings, session) -> int:
 
 def tenant_usage(args, settings, session) -> int:
     # lazy: loads sqlalchemy
+    """worker time and work done per tenant and period
+
+    Examples:
+        krona admin usage --tenant acme --granularity month
+    """
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy
@@ -462,7 +443,15 @@ def tenant_usage(args, settings, session) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    """One retention pass now (workers/retention.py); prints the counts. Exit status 1 if a step failed."""
+    """run one retention pass now: purge ended trainings' photos, expire old images, delete orphaned blobs
+
+    Run one retention pass now (what the workers' retention loop does on its schedule) and print what each step
+    removed. Exit status 1 if a step failed.
+
+    Examples:
+        krona admin sweep
+        krona admin sweep --json
+    """
     # lazy: loads sqlalchemy, pydantic
     from workers.retention import run_retention
     from workers.runtime import build_runtime

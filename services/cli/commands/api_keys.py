@@ -12,18 +12,12 @@ KEYS = Resource("api_keys", "api_key", "KEY_ID", "key_")
 
 
 def register(sub) -> None:
-    actions = KEYS.group(
-        sub,
-        "the tenant's API keys: create, list, revoke",
-        "This tenant's API keys. Rotate without downtime: create a new key, switch clients to it, revoke the old.",
-    )
-    create = api_command(
-        actions,
-        "create",
-        "create an API key (shown once)",
-        ["krona api-keys create --name ci", "krona api-keys create -o id"],
-        create_key,
-    )
+    """the tenant's API keys: create, list, revoke
+
+    This tenant's API keys. Rotate without downtime: create a new key, switch clients to it, revoke the old.
+    """
+    actions = KEYS.group(sub, register)
+    create = api_command(actions, "create", create_key)
     create.add_argument("--name", help="a label for people")
     KEYS.listing(actions, "the tenant's keys: prefix, name, times (never the key)", ["krona api-keys list"], limit=100)
     KEYS.ending(
@@ -36,6 +30,12 @@ def register(sub) -> None:
 
 
 def create_key(args: argparse.Namespace) -> int:
+    """create an API key (shown once)
+
+    Examples:
+        krona api-keys create --name ci
+        krona api-keys create -o id
+    """
     with connect(args) as client:
         key = client.api_keys.create(args.name)
     fmt = output_format(args)

@@ -18,24 +18,13 @@ BATCHES = Resource("batches", "batch", "BATCH_ID", "bat_", follow=wait_batch)
 
 
 def register(sub) -> None:
-    actions = BATCHES.group(
-        sub, "many generations in one request (up to 1000)", "Batches of generations: create, follow."
-    )
+    """many generations in one request (up to 1000)
 
-    create = api_command(
-        actions,
-        "create",
-        "queue many generations at once",
-        [
-            'krona batches create requests.json --wait --out images/   # {"generations": [{"prompt": …}, …]}',
-            'krona batches create --prompt "a red car" --prompt "a blue car" --steps 20 --wait --out images/',
-            "jq -c '{generations: [.[] | {prompt: .}]}' prompts.json | krona batches create -",
-        ],
-        create_batch,
-        description='Queue up to 1000 generations: from a JSON file ({"generations": [{"prompt": …}, …]}, or just '
-        "the list; - reads stdin), or one per --prompt with the same options. With --out, waits and downloads "
-        "every image to DIR.",
-    )
+    Batches of generations: create, follow.
+    """
+    actions = BATCHES.group(sub, register)
+
+    create = api_command(actions, "create", create_batch)
     create.add_argument("file", nargs="?", metavar="FILE", help="JSON file of the requests, - for stdin")
     create.add_argument(
         "--prompt",
@@ -49,7 +38,7 @@ def register(sub) -> None:
     create.add_argument("--wait", action="store_true", help="follow it until every generation has ended")
     create.add_argument("--out", metavar="DIR", help="save every image in DIR as <generation id>-<index>.png (waits)")
 
-    BATCHES.command(actions, "get", "a batch with its counts per status", BATCHES.show)
+    BATCHES.command(actions, "get", BATCHES.show, help="a batch with its counts per status")
     BATCHES.listing(actions, "batches, newest first", ["krona batches list"])
     add_image_job_commands(
         BATCHES,
@@ -103,6 +92,16 @@ def finish(client, batch, started: float, args: argparse.Namespace) -> int:
 
 
 def create_batch(args: argparse.Namespace) -> int:
+    """queue many generations at once
+
+    Queue up to 1000 generations: from a JSON file ({"generations": [{"prompt": …}, …]}, or just the list; - reads
+    stdin), or one per --prompt with the same options. With --out, waits and downloads every image to DIR.
+
+    Examples:
+        krona batches create requests.json --wait --out images/   # {"generations": [{"prompt": …}, …]}
+        krona batches create --prompt "a red car" --prompt "a blue car" --steps 20 --wait --out images/
+        jq -c '{generations: [.[] | {prompt: .}]}' prompts.json | krona batches create -
+    """
     requests = _requests(args)
     with connect(args) as client:
         batch = client.batches.create(requests, idempotency_key=args.idempotency_key)

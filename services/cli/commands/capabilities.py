@@ -10,16 +10,16 @@ from services.cli.output import emit, output_format
 
 
 def register(sub) -> None:
-    api_command(
-        sub,
-        "capabilities",
-        "the server's base model, servable factor shapes, limits and defaults",
-        ["krona capabilities", "krona capabilities -o json | jq .base_model"],
-        show_capabilities,
-    )
+    api_command(sub, "capabilities", show_capabilities)
 
 
 def show_capabilities(args: argparse.Namespace) -> int:
+    """the server's base model, servable factor shapes, limits and defaults
+
+    Examples:
+        krona capabilities
+        krona capabilities -o json | jq .base_model
+    """
     with connect(args) as client:
         emit(client.capabilities(), output_format(args))
     return 0

@@ -39,27 +39,20 @@ GENERATIONS = Resource("generations", "generation", "GENERATION_ID", "gen_", fol
 
 
 def register(sub) -> None:
-    actions = GENERATIONS.group(
-        sub, "ask for images, with or without an adapter", "Image requests: create, follow, download."
-    )
+    """ask for images, with or without an adapter
 
-    create = api_command(
-        actions,
-        "create",
-        "ask for images (with --out: wait and save them)",
-        [
-            'krona generations create --prompt "sks toy on the moon" --adapter-id adp_… --wait --out images/',
-            'krona generations create --prompt "a red car" --num-images 4 --steps 30 --seed 7',
-        ],
-        create_generation,
-    )
+    Image requests: create, follow, download.
+    """
+    actions = GENERATIONS.group(sub, register)
+
+    create = api_command(actions, "create", create_generation)
     create.add_argument("--prompt", required=True, help="what to draw")
     add_generation_options(create)
     create.add_argument("--idempotency-key", metavar="KEY", help="the same key returns the first generation")
     create.add_argument("--wait", action="store_true", help="follow it until it ends (Ctrl-C stops waiting only)")
     create.add_argument("--out", metavar="DIR", help="save the PNGs in DIR as <id>-<index>.png (implies --wait)")
 
-    GENERATIONS.command(actions, "get", "one generation with its image URLs", GENERATIONS.show)
+    GENERATIONS.command(actions, "get", GENERATIONS.show, help="one generation with its image URLs")
 
     listing = GENERATIONS.listing(
         actions,
@@ -104,19 +97,19 @@ def add_image_job_commands(
     wait = job.command(
         actions,
         "wait",
-        f"follow a {job.kind} until it ends",
         job.follower(finish),
+        help=f"follow a {job.kind} until it ends",
         examples=[f"krona {job.collection} wait {job.prefix}… --out images/"],
     )
     wait.add_argument("--out", metavar="DIR", help=f"then save the images in DIR as {files}")
-    job.command(actions, "cancel", cancel[0], job.acting("cancel", cancel[1]))
+    job.command(actions, "cancel", job.acting("cancel", cancel[1]), help=cancel[0])
     command = job.command(
         actions,
         "download",
-        download_help,
         download,
-        output=False,
+        help=download_help,
         examples=[f"krona {job.collection} download {job.prefix}… --out images/"],
+        output=False,
     )
     command.add_argument("--out", default=".", metavar="DIR", help=f"folder for {files}")
 
@@ -137,6 +130,12 @@ def finish(client, generation, started: float, args: argparse.Namespace) -> int:
 
 
 def create_generation(args: argparse.Namespace) -> int:
+    """ask for images (with --out: wait and save them)
+
+    Examples:
+        krona generations create --prompt "sks toy on the moon" --adapter-id adp_… --wait --out images/
+        krona generations create --prompt "a red car" --num-images 4 --steps 30 --seed 7
+    """
     with connect(args) as client:
         generation = client.generations.create(
             args.prompt, idempotency_key=args.idempotency_key, **generation_fields(args)

@@ -30,45 +30,21 @@ def register(sub) -> None:
 
 
 def _register_file_commands(sub) -> None:
-    inspect = add_leaf(
-        sub,
-        "inspect",
-        "describe an adapter file (native or LyCORIS LoKr)",
-        ["krona inspect sks.safetensors --layers"],
-        handler=inspect_file,
-    )
+    inspect = add_leaf(sub, "inspect", inspect_file)
     inspect.add_argument("file", metavar="FILE", help="a native Krona or LyCORIS LoKr .safetensors file")
     inspect.add_argument("--layers", action="store_true", help="list every layer with its factor shapes")
 
-    export = add_leaf(
-        sub,
-        "export",
-        "convert a native adapter to the kohya/LyCORIS LoKr format",
-        ["krona export sks.safetensors -o sks-lokr.safetensors"],
-        handler=export_file,
-    )
+    export = add_leaf(sub, "export", export_file)
     export.add_argument("file", metavar="FILE", help="native Krona adapter (.safetensors)")
     export.add_argument("-o", "--out", required=True, metavar="OUT", help="output .safetensors path")
     export.add_argument("--format", default="lycoris", choices=["lycoris"], help="target format")
 
-    imp = add_leaf(
-        sub,
-        "import",
-        "convert a kohya/LyCORIS LoKr file to a native adapter",
-        ["krona import lokr.safetensors -o native.safetensors --base-model tiny-sd"],
-        handler=import_file,
-    )
+    imp = add_leaf(sub, "import", import_file)
     imp.add_argument("file", metavar="FILE", help="LyCORIS LoKr file (.safetensors)")
     imp.add_argument("-o", "--out", required=True, metavar="OUT", help="output native adapter path")
     imp.add_argument("--base-model", default="", metavar="NAME", help="base model it was trained on (metadata)")
 
-    count = add_leaf(
-        sub,
-        "count",
-        "trainable parameters of a KronA adapter on a base model (no weights loaded)",
-        ["krona count --base sdxl --a1 64 --a2 4", "krona count --base sd15 --target-modules to_q,to_v"],
-        handler=count_parameters,
-    )
+    count = add_leaf(sub, "count", count_parameters)
     count.add_argument("--base", default="sdxl", help="sd15, sd21, sdxl, tiny-sd, tiny-sdxl or a model folder")
     count.add_argument("--a1", type=int, default=64, help="rows of A")
     count.add_argument("--a2", type=int, default=8, help="columns of A")
@@ -79,30 +55,12 @@ def _register_file_commands(sub) -> None:
 
     models = sub.add_parser("models", help="built-in tiny base models", description="Built-in tiny base models.")
     models_sub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
-    path = add_leaf(
-        models_sub,
-        "path",
-        "build (once) and print the folder of a built-in model",
-        ["krona models path tiny-sd"],
-        handler=model_path,
-    )
+    path = add_leaf(models_sub, "path", model_path)
     path.add_argument("name", choices=["tiny-sd", "tiny-sdxl"], help="the built-in model")
 
 
 def _register_train(sub) -> None:
-    train = add_leaf(
-        sub,
-        "train",
-        "DreamBooth-train a KronA adapter on subject photos, in this process",
-        [
-            'krona train --base tiny-sd --images photos/ --prompt "a photo of sks toy" --steps 100 --out a.safetensors',
-            "krona train ... --resume a.safetensors.checkpoints      # continue after a crash or Ctrl-C",
-        ],
-        description="Train only the Kronecker factors of the UNet (text encoders frozen). Defaults are the paper's: "
-        "AdamW learning rate 1e-3 constant (its ablation finds ~6e-4 best; >1e-3 overfits, <1e-4 loses fidelity), "
-        "batch 1 x gradient accumulation 4, 500 steps (SD) / 1000 (SDXL), no prior preservation.",
-        handler=train_adapter,
-    )
+    train = add_leaf(sub, "train", train_adapter)
     train.add_argument("--base", required=True, help=BASE_HELP)
     train.add_argument(
         "--images", nargs="+", required=True, metavar="PATH", help="1-20 subject photos: a folder, files or a glob"
@@ -147,13 +105,7 @@ def _register_train(sub) -> None:
 
 
 def _register_generate(sub) -> None:
-    generate = add_leaf(
-        sub,
-        "generate",
-        "generate images with a base model and an optional adapter, in this process",
-        ['krona generate --base tiny-sd --adapter a.safetensors --prompt "sks toy on the moon" --out moon.png'],
-        handler=generate_images,
-    )
+    generate = add_leaf(sub, "generate", generate_images)
     generate.add_argument("--base", required=True, help=BASE_HELP)
     generate.add_argument("--adapter", metavar="FILE", help="native Krona or LyCORIS LoKr file")
     generate.add_argument("--adapter-scale", type=float, default=1.0, metavar="S", help="adapter strength, 0-2")
@@ -173,23 +125,7 @@ def _register_generate(sub) -> None:
 
 
 def _register_eval(sub) -> None:
-    evaluate = add_leaf(
-        sub,
-        "eval",
-        "score an adapter: CLIP-I, CLIP-T and DINO on DreamBooth's prompts, in this process",
-        [
-            "krona eval --base B --adapter sks.safetensors --images photos/ --class-noun dog",
-            "krona eval --base tiny-sd --adapter a.safetensors --images photos/ --class-noun toy --clip tiny-clip "
-            "--dino tiny-dino --per-prompt 1 --steps 2   # offline, meaningless scores",
-        ],
-        description="Load the scoring models first (CLIP, DINO: a model that cannot be loaded fails here, before "
-        "anything is generated), then generate --per-prompt images for each evaluation prompt (DreamBooth's 25 "
-        "live-subject prompts for dogs and cats, its 25 object prompts otherwise) and score them against the "
-        "subject's real images: CLIP-I and DINO (mean cosine of image embeddings, generated vs real) and CLIP-T "
-        "(image vs prompt, the identifier removed). Image k of every prompt uses seed --seed + k. Writes the images, "
-        "grid.png and a JSON report under --out.",
-        handler=evaluate_adapter,
-    )
+    evaluate = add_leaf(sub, "eval", evaluate_adapter)
     evaluate.add_argument("--base", required=True, help=BASE_HELP)
     evaluate.add_argument(
         "--adapter", metavar="FILE", help="native Krona or LyCORIS LoKr file (default: the base alone)"
@@ -244,6 +180,11 @@ def _sha256(path: Path) -> str:
 
 def inspect_file(args: argparse.Namespace) -> int:
     # lazy: loads torch, numpy, safetensors, …
+    """describe an adapter file (native or LyCORIS LoKr)
+
+    Examples:
+        krona inspect sks.safetensors --layers
+    """
     from shared.krona import FORMAT, load_adapter
     from shared.krona.io import read_safetensors
     from shared.krona.lycoris import from_lycoris
@@ -281,6 +222,11 @@ def inspect_file(args: argparse.Namespace) -> int:
 
 def export_file(args: argparse.Namespace) -> int:
     # lazy: loads torch, numpy, safetensors, …
+    """convert a native adapter to the kohya/LyCORIS LoKr format
+
+    Examples:
+        krona export sks.safetensors -o sks-lokr.safetensors
+    """
     from safetensors.torch import save_file
 
     # lazy: loads torch
@@ -306,6 +252,11 @@ def export_file(args: argparse.Namespace) -> int:
 
 def import_file(args: argparse.Namespace) -> int:
     # lazy: loads torch, numpy, safetensors, …
+    """convert a kohya/LyCORIS LoKr file to a native adapter
+
+    Examples:
+        krona import lokr.safetensors -o native.safetensors --base-model tiny-sd
+    """
     from shared.krona import KronaConfig, from_lycoris, save_adapter
     from shared.krona.io import read_safetensors
     from shared.krona.model import group_factors
@@ -325,6 +276,12 @@ def import_file(args: argparse.Namespace) -> int:
 
 def count_parameters(args: argparse.Namespace) -> int:
     # lazy: loads torch, numpy, tqdm
+    """trainable parameters of a KronA adapter on a base model (no weights loaded)
+
+    Examples:
+        krona count --base sdxl --a1 64 --a2 4
+        krona count --base sd15 --target-modules to_q,to_v
+    """
     from shared.krona import KronaConfig, count_adapter_parameters, meta_unet, target_layer_shapes
 
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
@@ -343,6 +300,11 @@ def count_parameters(args: argparse.Namespace) -> int:
 
 
 def model_path(args: argparse.Namespace) -> int:
+    """build (once) and print the folder of a built-in model
+
+    Examples:
+        krona models path tiny-sd
+    """
     print(resolve_base_model(args.name))
     return 0
 
@@ -380,6 +342,16 @@ def _training_bar(total: int):
 
 def train_adapter(args: argparse.Namespace) -> int:
     # lazy: loads torch, diffusers
+    """DreamBooth-train a KronA adapter on subject photos, in this process
+
+    Train only the Kronecker factors of the UNet (text encoders frozen). Defaults are the paper's: AdamW learning rate
+    1e-3 constant (its ablation finds ~6e-4 best; >1e-3 overfits, <1e-4 loses fidelity), batch 1 x gradient accumulation
+    4, 500 steps (SD) / 1000 (SDXL), no prior preservation.
+
+    Examples:
+        krona train --base tiny-sd --images photos/ --prompt "a photo of sks toy" --steps 100 --out a.safetensors
+        krona train ... --resume a.safetensors.checkpoints      # continue after a crash or Ctrl-C
+    """
     from workers.training import (
         TrainingCanceled,
         TrainingSpec,
@@ -441,6 +413,11 @@ def _check_ranges(args: argparse.Namespace, *bounds: tuple[str, float, float | N
 
 
 def generate_images(args: argparse.Namespace) -> int:
+    """generate images with a base model and an optional adapter, in this process
+
+    Examples:
+        krona generate --base tiny-sd --adapter a.safetensors --prompt "sks toy on the moon" --out moon.png
+    """
     _check_ranges(args, ("adapter_scale", 0, 2), ("num_images", 1, 8))
     # lazy: loads torch, numpy, safetensors, …
     import torch
@@ -506,6 +483,19 @@ def _load_scoring_models(args: argparse.Namespace) -> None:
 
 
 def evaluate_adapter(args: argparse.Namespace) -> int:
+    r"""score an adapter: CLIP-I, CLIP-T and DINO on DreamBooth's prompts, in this process
+
+    Load the scoring models first (CLIP, DINO: a model that cannot be loaded fails here, before anything is
+    generated), then generate --per-prompt images for each evaluation prompt (DreamBooth's 25 live-subject prompts
+    for dogs and cats, its 25 object prompts otherwise) and score them against the subject's real images: CLIP-I and
+    DINO (mean cosine of image embeddings, generated vs real) and CLIP-T (image vs prompt, the identifier removed).
+    Image k of every prompt uses seed --seed + k. Writes the images, grid.png and a JSON report under --out.
+
+    Examples:
+        krona eval --base B --adapter sks.safetensors --images photos/ --class-noun dog
+        krona eval --base tiny-sd --adapter a.safetensors --images photos/ --class-noun toy \
+            --clip tiny-clip --dino tiny-dino --per-prompt 1 --steps 2   # offline, meaningless scores
+    """
     # lazy: loads torch, numpy, tqdm
     from shared.eval.run import METRICS, evaluate, write_report
 

@@ -49,52 +49,34 @@ TENANTS = Resource("tenants", "tenant", "TENANT_ID", "ten_", admin=True)
 
 
 def register(sub) -> None:
-    actions = TENANTS.group(
-        sub,
-        "tenants, through the API with an admin key (create, list, get, update, delete)",
-        "Tenants, with an admin key (krona admin create-admin-key; pass it as --api-key or KRONA_ADMIN_KEY).",
-    )
-    create = api_command(
-        actions,
-        "create",
-        "create a tenant; prints its API key and webhook secret once",
-        ["krona tenants create acme --weight 2 --max-queued-jobs 500"],
-        create_tenant,
-        admin=True,
-    )
+    """tenants, through the API with an admin key (create, list, get, update, delete)
+
+    Tenants, with an admin key (krona admin create-admin-key; pass it as --api-key or KRONA_ADMIN_KEY).
+    """
+    actions = TENANTS.group(sub, register)
+    create = api_command(actions, "create", create_tenant, admin=True)
     create.add_argument("name", metavar="NAME", help="1-100 letters, digits, '-', '_' or '.'; unique")
     add_limit_options(create)
 
     TENANTS.listing(
         actions, "every tenant with its weight and limit overrides", ["krona tenants list -o wide"], limit=100
     )
-    TENANTS.command(actions, "get", "one tenant with the limits in effect", TENANTS.show)
+    TENANTS.command(actions, "get", TENANTS.show, help="one tenant with the limits in effect")
 
-    update = TENANTS.command(
-        actions,
-        "update",
-        "change a tenant's weight or limit overrides (others are kept)",
-        update_tenant,
-        examples=[
-            "krona tenants update ten_… --rate-limit-per-second 20",
-            "krona tenants update ten_… --clear max-queued-jobs",
-        ],
-    )
+    update = TENANTS.command(actions, "update", update_tenant)
     add_limit_options(update)
     add_clear_option(update)
 
-    delete = TENANTS.command(
-        actions,
-        "delete",
-        "delete a tenant with all its rows and files (no undo)",
-        delete_tenant,
-        output=False,
-        examples=["krona tenants delete ten_… --yes"],
-    )
+    delete = TENANTS.command(actions, "delete", delete_tenant, output=False)
     delete.add_argument("--yes", action="store_true", help="required: confirms the deletion")
 
 
 def create_tenant(args: argparse.Namespace) -> int:
+    """create a tenant; prints its API key and webhook secret once
+
+    Examples:
+        krona tenants create acme --weight 2 --max-queued-jobs 500
+    """
     with connect(args, admin=True) as client:
         created = client.tenants.create(args.name, weight=args.weight, limits=_limits(args) or None)
     fmt = output_format(args)
@@ -110,6 +92,12 @@ def create_tenant(args: argparse.Namespace) -> int:
 
 
 def update_tenant(args: argparse.Namespace) -> int:
+    """change a tenant's weight or limit overrides (others are kept)
+
+    Examples:
+        krona tenants update ten_… --rate-limit-per-second 20
+        krona tenants update ten_… --clear max-queued-jobs
+    """
     limits = _limits(args)
     given = {*limits, *(["weight"] if args.weight is not None else [])}
     both = sorted(given & set(args.clear))
@@ -125,6 +113,11 @@ def update_tenant(args: argparse.Namespace) -> int:
 
 
 def delete_tenant(args: argparse.Namespace) -> int:
+    """delete a tenant with all its rows and files (no undo)
+
+    Examples:
+        krona tenants delete ten_… --yes
+    """
     if not args.yes:
         raise CliError(f"this deletes tenant {args.id} with all its jobs, adapters, keys, usage and files; add --yes")
     with connect(args, admin=True) as client:

@@ -17,26 +17,13 @@ TRAININGS = Resource("trainings", "training", "TRAINING_ID", "trn_", follow=wait
 
 
 def register(sub) -> None:
-    actions = TRAININGS.group(
-        sub,
-        "fine-tune an adapter on photos of a subject, on the server",
-        "Fine-tunes on the server: start one on 2-20 photos, follow it, list, cancel or delete them.",
-    )
+    """fine-tune an adapter on photos of a subject, on the server
 
-    create = api_command(
-        actions,
-        "create",
-        "upload 2-20 photos and start a training",
-        [
-            f"krona trainings create --images photos/ --prompt {PROMPT} --steps 60 --wait",
-            f"krona trainings create --images 'photos/*.jpg' --prompt {PROMPT} --learning-rate 6e-4 --evaluate",
-            f"krona trainings create --images a.png b.png c.png --prompt {PROMPT} --params '{{\"steps\": 200}}'",
-        ],
-        create_training,
-        description="Upload 2-20 photos of one subject (PNG, JPEG or WebP) and start a DreamBooth-KronA fine-tune. "
-        "Parameters the options do not set take the server's defaults (the paper's: 500 steps on SD 1.x/2.x, "
-        "learning rate 1e-3, a1=64, a2=8). With --wait, follows it to the end: exit status 0 when it succeeded.",
-    )
+    Fine-tunes on the server: start one on 2-20 photos, follow it, list, cancel or delete them.
+    """
+    actions = TRAININGS.group(sub, register)
+
+    create = api_command(actions, "create", create_training)
     create.add_argument(
         "--images",
         nargs="+",
@@ -62,7 +49,7 @@ def register(sub) -> None:
 
 
 def _register_follow_commands(actions) -> None:
-    TRAININGS.command(actions, "get", "one training with its progress", TRAININGS.show)
+    TRAININGS.command(actions, "get", TRAININGS.show, help="one training with its progress")
     TRAININGS.listing(
         actions,
         "trainings, newest first",
@@ -72,16 +59,16 @@ def _register_follow_commands(actions) -> None:
     TRAININGS.command(
         actions,
         "wait",
-        "follow a training until it ends",
         TRAININGS.follower(finish),
+        help="follow a training until it ends",
         description="Follow a training until it ends, with its phase and the server's ETA on stderr; the exit status "
         "is 0 when it succeeded. Ctrl-C stops waiting; the training goes on.",
     )
     TRAININGS.command(
         actions,
         "cancel",
-        "stop a training (a queued one at once, a running one at its next step)",
         TRAININGS.acting("cancel", _canceled),
+        help="stop a training (a queued one at once, a running one at its next step)",
     )
     TRAININGS.ending(
         actions,
@@ -89,14 +76,7 @@ def _register_follow_commands(actions) -> None:
         "delete an ended training with its photos (its adapter stays)",
         "deleted training {id} and its photos (its adapter stays)",
     )
-    TRAININGS.command(
-        actions,
-        "events",
-        "print a training's progress events as they come (JSON lines)",
-        training_events,
-        output=False,
-        examples=["krona trainings events trn_… | jq -c '.data.progress'"],
-    )
+    TRAININGS.command(actions, "events", training_events, output=False)
 
 
 def finish(client, training, started: float, args: argparse.Namespace) -> int:
@@ -107,6 +87,17 @@ def finish(client, training, started: float, args: argparse.Namespace) -> int:
 
 
 def create_training(args: argparse.Namespace) -> int:
+    """upload 2-20 photos and start a training
+
+    Upload 2-20 photos of one subject (PNG, JPEG or WebP) and start a DreamBooth-KronA fine-tune. Parameters the options
+    do not set take the server's defaults (the paper's: 500 steps on SD 1.x/2.x, learning rate 1e-3, a1=64, a2=8). With
+    --wait, follows it to the end: exit status 0 when it succeeded.
+
+    Examples:
+        krona trainings create --images photos/ --prompt "a photo of sks toy" --steps 60 --wait
+        krona trainings create --images 'photos/*.jpg' --prompt "a photo of sks toy" --learning-rate 6e-4 --evaluate
+        krona trainings create --images a.png b.png c.png --prompt "a photo of sks toy" --params '{"steps": 200}'
+    """
     files = expand_images(args.images)
     params = training_params(args, args.params)
     with connect(args) as client:
@@ -128,6 +119,11 @@ def _canceled(training) -> str:
 
 
 def training_events(args: argparse.Namespace) -> int:
+    """print a training's progress events as they come (JSON lines)
+
+    Examples:
+        krona trainings events trn_… | jq -c '.data.progress'
+    """
     with connect(args) as client:
         try:
             for event in client.trainings.events(args.id):

@@ -10,24 +10,24 @@ from services.cli.output import emit, output_format
 
 
 def register(sub) -> None:
-    _, actions = add_group(
-        sub,
-        "webhook-secret",
-        "the tenant's webhook signing secret",
-        "The secret that signs this tenant's webhook deliveries (X-Krona-Signature: HMAC-SHA256).",
-    )
-    api_command(
-        actions,
-        "rotate",
-        "replace the signing secret and print the new one (shown once)",
-        ["krona webhook-secret rotate", "SECRET=$(krona webhook-secret rotate -o json | jq -r .webhook_secret)"],
-        rotate_secret,
-        description="Replace the tenant's webhook signing secret. Deliveries made from now on are signed with the "
-        "new one; the old one stops verifying. The new secret is shown only here.",
-    )
+    """the tenant's webhook signing secret
+
+    The secret that signs this tenant's webhook deliveries (X-Krona-Signature: HMAC-SHA256).
+    """
+    _, actions = add_group(sub, "webhook-secret", register)
+    api_command(actions, "rotate", rotate_secret)
 
 
 def rotate_secret(args: argparse.Namespace) -> int:
+    """replace the signing secret and print the new one (shown once)
+
+    Replace the tenant's webhook signing secret. Deliveries made from now on are signed with the new one; the old one
+    stops verifying. The new secret is shown only here.
+
+    Examples:
+        krona webhook-secret rotate
+        SECRET=$(krona webhook-secret rotate -o json | jq -r .webhook_secret)
+    """
     with connect(args) as client:
         secret = client.webhook_secret.rotate()
     fmt = output_format(args)
