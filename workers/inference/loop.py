@@ -43,7 +43,27 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .engine import Engine, Request
 
-__all__ = ["Denoising", "DenoisingLoop"]
+__all__ = ["Conditioning", "Denoising", "DenoisingLoop", "Sampler"]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet is conditioned on for one request's rows: [uncond; cond] with classifier-free guidance."""
+
+    cfg: bool  # classifier-free guidance: its UNet rows are [uncond; cond]
+    embeds: torch.Tensor  # (rows, tokens, dim), rows = 2 x images with guidance, else images
+    added: dict[str, torch.Tensor] | None  # SDXL: text_embeds (rows, d), time_ids (rows, 6)
+    timestep_cond: torch.Tensor | None  # guidance-embedding UNets (time_cond_proj_dim): (rows, d)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One request's own copy of the pipeline's scheduler, at its step count, and the generators it draws with."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    generators: list[torch.Generator]
+    step_kwargs: dict[str, Any] = field(default_factory=dict)  # what the pipeline passes to scheduler.step
 
 
 @dataclass
@@ -54,17 +74,11 @@ class Denoising:
     request: Request
     steps: int
     guidance_scale: float
-    cfg: bool  # classifier-free guidance: its UNet rows are [uncond; cond]
-    scheduler: Any
-    timesteps: torch.Tensor
+    cond: Conditioning
+    sampler: Sampler
     latents: torch.Tensor  # (images, channels, height / 8, width / 8)
-    embeds: torch.Tensor  # (rows, tokens, dim), rows = 2 x images with guidance ([uncond; cond]), else images
-    added: dict[str, torch.Tensor] | None  # SDXL: text_embeds (rows, d), time_ids (rows, 6)
-    timestep_cond: torch.Tensor | None  # guidance-embedding UNets (time_cond_proj_dim): (rows, d)
     slot: int
     scale: float
-    generators: list[torch.Generator]
-    step_kwargs: dict[str, Any] = field(default_factory=dict)
     index: int = 0  # the next step
     setup_seconds: float = 0.0  # encoding its prompt and loading its adapter
     unet_seconds: float = 0.0  # its share of the steps it took part in (by UNet rows)
@@ -76,11 +90,11 @@ class Denoising:
 
     @property
     def rows(self) -> int:
-        return self.embeds.shape[0]
+        return self.cond.embeds.shape[0]
 
     @property
     def done(self) -> bool:
-        return self.index >= len(self.timesteps)
+        return self.index >= len(self.sampler.timesteps)
 
 
 class DenoisingLoop:
@@ -132,10 +146,30 @@ class DenoisingLoop:
         if request.num_images > self.room:
             raise ValueError(f"{request.num_images} images do not fit in the loop ({self.room} free)")
         started = time.perf_counter()
-        engine, pipe = self.engine, self.engine.pipe
+        with self.engine.lock:
+            slot, scale = self.engine.slot_and_scale(request, self.pinned())
+        cond = self._conditioning(request, guidance_scale)
+        sampler, latents = self._sampler(request, steps, cond.embeds.dtype)
+        d = Denoising(
+            key=key,
+            request=request,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            cond=cond,
+            sampler=sampler,
+            latents=latents,
+            slot=slot,
+            scale=scale,
+        )
+        d.setup_seconds = time.perf_counter() - started
+        self.active.append(d)
+        return d
+
+    def _conditioning(self, request: Request, guidance_scale: float) -> Conditioning:
+        """The request's prompt embeddings as its pipeline encodes them (the negative prompt's too, with guidance),
+        SDXL's pooled text and size ids, and the guidance embedding of UNets that take one."""
+        pipe = self.engine.pipe
         device = pipe._execution_device
-        with engine.lock:
-            slot, scale = engine.slot_and_scale(request, self.pinned())
         n = request.num_images
         cfg = guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
         negative = request.negative_prompt or None
@@ -161,44 +195,30 @@ class DenoisingLoop:
         else:
             cond, uncond = pipe.encode_prompt(request.prompt, device, n, cfg, negative)
         embeds = (torch.cat([uncond, cond]) if cfg else cond).to(device)
-
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(steps, device=device)
-        if self.sdxl and hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)  # as the SDXL pipeline does
-        generators = [torch.Generator().manual_seed(request.seed + k) for k in range(n)]
-        factor = pipe.vae_scale_factor
-        shape = (n, pipe.unet.config.in_channels, self.height // factor, self.width // factor)
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=cond.dtype)
-        latents = latents * scheduler.init_noise_sigma
         timestep_cond = None
         if pipe.unet.config.time_cond_proj_dim is not None:
             guidance = torch.tensor(guidance_scale - 1).repeat(embeds.shape[0])
             timestep_cond = pipe.get_guidance_scale_embedding(
                 guidance, embedding_dim=pipe.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
+            ).to(device=device, dtype=cond.dtype)
+        return Conditioning(cfg=cfg, embeds=embeds, added=added, timestep_cond=timestep_cond)
+
+    def _sampler(self, request: Request, steps: int, dtype: torch.dtype) -> tuple[Sampler, torch.Tensor]:
+        """The request's own scheduler at its step count, and its initial noise, drawn as the pipeline draws it: one
+        CPU generator per image, seeded seed + k, scaled by the scheduler's ``init_noise_sigma``."""
+        pipe = self.engine.pipe
+        device = pipe._execution_device
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        if self.sdxl and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # as the SDXL pipeline does
+        generators = [torch.Generator().manual_seed(request.seed + k) for k in range(request.num_images)]
+        factor = pipe.vae_scale_factor
+        shape = (request.num_images, pipe.unet.config.in_channels, self.height // factor, self.width // factor)
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         # The pipeline's own helper: eta for DDIM-like schedulers, the generators for those that add noise.
-        step_kwargs = _step_kwargs(scheduler, generators)
-        d = Denoising(
-            key=key,
-            request=request,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            cfg=cfg,
-            scheduler=scheduler,
-            timesteps=scheduler.timesteps,
-            latents=latents,
-            embeds=embeds,
-            added=added,
-            timestep_cond=timestep_cond,
-            slot=slot,
-            scale=scale,
-            generators=generators,
-            step_kwargs=step_kwargs,
-        )
-        d.setup_seconds = time.perf_counter() - started
-        self.active.append(d)
-        return d
+        sampler = Sampler(scheduler, scheduler.timesteps, generators, _step_kwargs(scheduler, generators))
+        return sampler, latents * scheduler.init_noise_sigma
 
     # One step ----------------------------------------------------------------------------------------------
 
@@ -214,25 +234,25 @@ class DenoisingLoop:
         engine = self.engine
         samples, timesteps, slots, scales = [], [], [], []
         for d in active:
-            t = d.timesteps[d.index]
-            rows = torch.cat([d.latents] * 2) if d.cfg else d.latents
-            samples.append(d.scheduler.scale_model_input(rows, t))
+            t = d.sampler.timesteps[d.index]
+            rows = torch.cat([d.latents] * 2) if d.cond.cfg else d.latents
+            samples.append(d.sampler.scheduler.scale_model_input(rows, t))
             timesteps.append(t.reshape(1).expand(d.rows))
             slots += [d.slot] * d.rows
             scales += [d.scale] * d.rows
         added = None
         if self.sdxl:
-            added = {k: torch.cat([d.added[k] for d in active]) for k in ("text_embeds", "time_ids")}
+            added = {k: torch.cat([d.cond.added[k] for d in active]) for k in ("text_embeds", "time_ids")}
         timestep_cond = None
-        if active[0].timestep_cond is not None:
-            timestep_cond = torch.cat([d.timestep_cond for d in active])
+        if active[0].cond.timestep_cond is not None:
+            timestep_cond = torch.cat([d.cond.timestep_cond for d in active])
         with engine.lock:
             engine.route(slots, scales)
             try:
                 noise = engine.pipe.unet(
                     torch.cat(samples),
                     torch.cat(timesteps),  # one timestep per row: requests are at different points of their schedules
-                    encoder_hidden_states=torch.cat([d.embeds for d in active]),
+                    encoder_hidden_states=torch.cat([d.cond.embeds for d in active]),
                     timestep_cond=timestep_cond,
                     added_cond_kwargs=added,
                     return_dict=False,
@@ -243,11 +263,11 @@ class DenoisingLoop:
         for d in active:
             pred = noise[start : start + d.rows]
             start += d.rows
-            if d.cfg:
+            if d.cond.cfg:
                 uncond, text = pred.chunk(2)
                 pred = uncond + d.guidance_scale * (text - uncond)
-            t = d.timesteps[d.index]
-            d.latents = d.scheduler.step(pred, t, d.latents, **d.step_kwargs, return_dict=False)[0]
+            t = d.sampler.timesteps[d.index]
+            d.latents = d.sampler.scheduler.step(pred, t, d.latents, **d.sampler.step_kwargs, return_dict=False)[0]
             d.index += 1
         # The step's time is shared by the UNet rows each request had in it.
         seconds = time.perf_counter() - started
@@ -270,7 +290,7 @@ class DenoisingLoop:
             images = _decode_sdxl(pipe, latents)
         else:
             image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, d.embeds.dtype)
+            image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, d.cond.embeds.dtype)
             denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
             images = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=denormalize)
         d.decode_seconds = time.perf_counter() - started

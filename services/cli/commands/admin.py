@@ -173,13 +173,13 @@ def _shown_once(args: argparse.Namespace, data: dict, *lines: str) -> int:
 
 
 def create_tenant(args, settings, session) -> int:
-    # lazy: loads sqlalchemy
     """create a tenant and print its webhook signing secret and API key once
 
     Examples:
         krona admin create-tenant acme
         krona admin create-tenant acme --data-dir out/demo/krona-data
     """
+    # lazy: loads sqlalchemy
     from shared.tenants import create_tenant as create
 
     tenant, key = create(session, args.name)
@@ -196,12 +196,12 @@ def create_tenant(args, settings, session) -> int:
 
 
 def rotate_webhook_secret(args, settings, session) -> int:
-    # lazy: loads sqlalchemy
     """give a tenant a new webhook signing secret and print it once
 
     Examples:
         krona admin rotate-webhook-secret acme
     """
+    # lazy: loads sqlalchemy
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy
@@ -218,12 +218,12 @@ def rotate_webhook_secret(args, settings, session) -> int:
 
 
 def create_admin_key(args, settings, session) -> int:
-    # lazy: loads sqlalchemy
     """create an admin key (for `krona tenants` and /v1/tenants); shown once
 
     Examples:
         krona admin create-admin-key --name ops
     """
+    # lazy: loads sqlalchemy
     from shared.tenants import new_api_key
 
     key, row = new_api_key(session, None, name=args.name, role="admin")
@@ -233,12 +233,12 @@ def create_admin_key(args, settings, session) -> int:
 
 
 def create_tenant_key(args, settings, session) -> int:
-    # lazy: loads sqlalchemy
     """create an API key for a tenant and print it once
 
     Examples:
         krona admin create-key acme --name ci
     """
+    # lazy: loads sqlalchemy
     from shared.tenants import new_api_key
 
     tenant = _find_tenant(session, args.tenant)
@@ -249,12 +249,12 @@ def create_tenant_key(args, settings, session) -> int:
 
 
 def list_tenant_keys(args, settings, session) -> int:
-    # lazy: loads sqlalchemy, pydantic
     """a tenant's API keys (prefix, name, times; never the key)
 
     Examples:
         krona admin list-keys acme
     """
+    # lazy: loads sqlalchemy, pydantic
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy
@@ -277,12 +277,12 @@ def list_tenant_keys(args, settings, session) -> int:
 
 
 def revoke_tenant_key(args, settings, session) -> int:
-    # lazy: loads sqlalchemy, fastapi, pydantic, …
     """revoke an API key (its next request answers 401)
 
     Examples:
         krona admin revoke-key key_…
     """
+    # lazy: loads sqlalchemy, fastapi, pydantic, …
     from services.gateway.services.tenants import revoke_key
 
     try:
@@ -294,12 +294,12 @@ def revoke_tenant_key(args, settings, session) -> int:
 
 
 def list_all_tenants(args, settings, session) -> int:
-    # lazy: loads sqlalchemy, pydantic
     """every tenant with its weight and limit overrides
 
     Examples:
         krona admin list-tenants
     """
+    # lazy: loads sqlalchemy, pydantic
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy
@@ -322,7 +322,6 @@ def list_all_tenants(args, settings, session) -> int:
 
 
 def set_limits(args, settings, session) -> int:
-    # lazy: loads sqlalchemy, fastapi, pydantic, …
     """set a tenant's weight and limit overrides (others are kept)
 
     Set a tenant's fair-share weight and overrides of the server's limits; --clear NAME puts a limit back to the
@@ -332,6 +331,7 @@ def set_limits(args, settings, session) -> int:
         krona admin set-limits acme --weight 2 --max-queued-jobs 500
         krona admin set-limits acme --clear weight
     """
+    # lazy: loads sqlalchemy, fastapi, pydantic, …
     from pydantic import ValidationError
 
     # lazy: loads sqlalchemy, fastapi
@@ -374,12 +374,12 @@ def set_limits(args, settings, session) -> int:
 
 
 def delete_tenant(args, settings, session) -> int:
-    # lazy: loads sqlalchemy, fastapi, pydantic, …
     """delete a tenant with all its rows and files (no undo)
 
     Examples:
         krona admin delete-tenant acme --yes
     """
+    # lazy: loads sqlalchemy, fastapi, pydantic, …
     from services.gateway.services.tenants import delete_tenant as delete
 
     tenant = _find_tenant(session, args.tenant)
@@ -402,12 +402,12 @@ def delete_tenant(args, settings, session) -> int:
 
 
 def tenant_usage(args, settings, session) -> int:
-    # lazy: loads sqlalchemy
     """worker time and work done per tenant and period
 
     Examples:
         krona admin usage --tenant acme --granularity month
     """
+    # lazy: loads sqlalchemy
     from sqlalchemy import select
 
     # lazy: loads sqlalchemy

@@ -179,12 +179,12 @@ def _sha256(path: Path) -> str:
 
 
 def inspect_file(args: argparse.Namespace) -> int:
-    # lazy: loads torch, numpy, safetensors, …
     """describe an adapter file (native or LyCORIS LoKr)
 
     Examples:
         krona inspect sks.safetensors --layers
     """
+    # lazy: loads torch, numpy, safetensors, …
     from shared.krona import FORMAT, load_adapter
     from shared.krona.io import read_safetensors
     from shared.krona.lycoris import from_lycoris
@@ -221,12 +221,12 @@ def inspect_file(args: argparse.Namespace) -> int:
 
 
 def export_file(args: argparse.Namespace) -> int:
-    # lazy: loads torch, numpy, safetensors, …
     """convert a native adapter to the kohya/LyCORIS LoKr format
 
     Examples:
         krona export sks.safetensors -o sks-lokr.safetensors
     """
+    # lazy: loads torch, numpy, safetensors, …
     from safetensors.torch import save_file
 
     # lazy: loads torch
@@ -251,12 +251,12 @@ def export_file(args: argparse.Namespace) -> int:
 
 
 def import_file(args: argparse.Namespace) -> int:
-    # lazy: loads torch, numpy, safetensors, …
     """convert a kohya/LyCORIS LoKr file to a native adapter
 
     Examples:
         krona import lokr.safetensors -o native.safetensors --base-model tiny-sd
     """
+    # lazy: loads torch, numpy, safetensors, …
     from shared.krona import KronaConfig, from_lycoris, save_adapter
     from shared.krona.io import read_safetensors
     from shared.krona.model import group_factors
@@ -275,13 +275,13 @@ def import_file(args: argparse.Namespace) -> int:
 
 
 def count_parameters(args: argparse.Namespace) -> int:
-    # lazy: loads torch, numpy, tqdm
     """trainable parameters of a KronA adapter on a base model (no weights loaded)
 
     Examples:
         krona count --base sdxl --a1 64 --a2 4
         krona count --base sd15 --target-modules to_q,to_v
     """
+    # lazy: loads torch, numpy, tqdm
     from shared.krona import KronaConfig, count_adapter_parameters, meta_unet, target_layer_shapes
 
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
@@ -341,7 +341,6 @@ def _training_bar(total: int):
 
 
 def train_adapter(args: argparse.Namespace) -> int:
-    # lazy: loads torch, diffusers
     """DreamBooth-train a KronA adapter on subject photos, in this process
 
     Train only the Kronecker factors of the UNet (text encoders frozen). Defaults are the paper's: AdamW learning rate
@@ -352,6 +351,7 @@ def train_adapter(args: argparse.Namespace) -> int:
         krona train --base tiny-sd --images photos/ --prompt "a photo of sks toy" --steps 100 --out a.safetensors
         krona train ... --resume a.safetensors.checkpoints      # continue after a crash or Ctrl-C
     """
+    # lazy: loads torch, diffusers
     from workers.training import (
         TrainingCanceled,
         TrainingSpec,
@@ -523,31 +523,36 @@ def evaluate_adapter(args: argparse.Namespace) -> int:
     rows.append(["mean", *(f"{report.scores[m]:.4f}" for m in METRICS)])
     print_table(["prompt", "CLIP-I", "CLIP-T", "DINO"], rows)
     if loss_sets:
-        # lazy: loads torch, numpy, safetensors, …
-        from workers.training.heldout import heldout_losses
-
-        report.heldout_loss = heldout_losses(
-            args.base,
-            args.adapter,
-            loss_sets,
-            adapter_scale=args.adapter_scale,
-            resolution=args.resolution,
-            seed=args.seed,
-            samples=args.loss_samples,
-            device=args.device,
-        )
-        print()
-        print_table(
-            ["held-out denoising loss", "images", "base", "adapter"],
-            [
-                [name, r["images"], f"{r['base']:.5f}", f"{r['adapter']:.5f}" if "adapter" in r else "-"]
-                for name, r in report.heldout_loss.items()
-            ],
-        )
+        _print_heldout_losses(args, report, loss_sets)
     json_path = Path(args.json) if args.json else Path(args.out) / "eval.json"
     write_report(report, json_path)
     print(f"wrote {json_path} and {report.grid} ({len(report.prompts)} prompts x {report.per_prompt} images)")
     return 0
+
+
+def _print_heldout_losses(args: argparse.Namespace, report, loss_sets: dict) -> None:
+    """The held-out denoising loss of the base and the adapter on each set of --heldout-images, kept in the report."""
+    # lazy: loads torch, numpy, safetensors, …
+    from workers.training.heldout import heldout_losses
+
+    report.heldout_loss = heldout_losses(
+        args.base,
+        args.adapter,
+        loss_sets,
+        adapter_scale=args.adapter_scale,
+        resolution=args.resolution,
+        seed=args.seed,
+        samples=args.loss_samples,
+        device=args.device,
+    )
+    print()
+    print_table(
+        ["held-out denoising loss", "images", "base", "adapter"],
+        [
+            [name, r["images"], f"{r['base']:.5f}", f"{r['adapter']:.5f}" if "adapter" in r else "-"]
+            for name, r in report.heldout_loss.items()
+        ],
+    )
 
 
 def _heldout_sets(args: argparse.Namespace) -> dict:
