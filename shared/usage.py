@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shared.db import UsageRecord, utcnow
+from shared.errors import BadRequest
 
 __all__ = ["GRANULARITIES", "MAX_DAYS", "Usage", "default_range", "new_record", "parse_day", "usage_totals"]
 
@@ -57,11 +58,11 @@ def usage_totals(
     tenant with ``tenant_id=None``). Each entry: period, tenant_id, kind, jobs, worker_seconds, images, steps,
     pixels, devices ({device: seconds}). Periods without usage are left out."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity is one of {', '.join(GRANULARITIES)}")
+        raise BadRequest("invalid_range", f"granularity is one of {', '.join(GRANULARITIES)}")
     if end < start:
-        raise ValueError("end is before start")
+        raise BadRequest("invalid_range", "end is before start")
     if (end - start).days + 1 > MAX_DAYS:
-        raise ValueError(f"at most {MAX_DAYS} days at once")
+        raise BadRequest("invalid_range", f"at most {MAX_DAYS} days at once")
     query = (
         select(
             UsageRecord.tenant_id,
@@ -121,14 +122,16 @@ def default_range(today: date | None = None) -> tuple[date, date]:
 
 def report_range(start: str | None, end: str | None, names: tuple[str, str] = ("start", "end")) -> tuple[date, date]:
     """The days a usage report covers: ``start`` to ``end`` (YYYY-MM-DD, both included), by default the 30 days up
-    to ``end`` (itself today by default); ValueError naming the bad one (``names``: what the caller calls them)."""
+    to ``end`` (itself today by default); BadRequest ``invalid_range`` naming the bad one (``names``: what the
+    caller calls them)."""
     first, last = parse_day(start, names[0]), parse_day(end, names[1])
     default_first, default_last = default_range(last)
     return first or default_first, last or default_last
 
 
 def parse_day(text: str | None, what: str) -> date | None:
-    """A YYYY-MM-DD date (or an ISO timestamp, whose UTC date is taken); ValueError naming ``what``."""
+    """A YYYY-MM-DD date (or an ISO timestamp, whose UTC date is taken); BadRequest ``invalid_range`` naming
+    ``what``."""
     if text is None or text == "":
         return None
     try:
@@ -136,7 +139,7 @@ def parse_day(text: str | None, what: str) -> date | None:
             date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text.replace("Z", "+00:00")).date()
         )
     except ValueError:
-        raise ValueError(f"{what} is not a date (YYYY-MM-DD)") from None
+        raise BadRequest("invalid_range", f"{what} is not a date (YYYY-MM-DD)") from None
     if not EARLIEST_DAY <= day <= LATEST_DAY:  # date arithmetic near year 1 or 9999 overflows
-        raise ValueError(f"{what} must be between {EARLIEST_DAY} and {LATEST_DAY}")
+        raise BadRequest("invalid_range", f"{what} must be between {EARLIEST_DAY} and {LATEST_DAY}")
     return day

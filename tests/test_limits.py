@@ -104,13 +104,14 @@ def test_a_usage_range_defaults_to_the_30_days_up_to_its_end_and_names_a_bad_day
     from datetime import date, timedelta
 
     from shared.db import utcnow
+    from shared.errors import BadRequest
     from shared.usage import report_range
 
     today = utcnow().date()
     assert report_range(None, None) == (today - timedelta(days=29), today)
     assert report_range(None, "2026-03-31") == (date(2026, 3, 2), date(2026, 3, 31))
     assert report_range("2026-01-01", "2026-01-31") == (date(2026, 1, 1), date(2026, 1, 31))
-    with pytest.raises(ValueError, match="--end is not a date"):
+    with pytest.raises(BadRequest, match="--end is not a date"):
         report_range(None, "2026-02-30", ("--start", "--end"))
 
 
