@@ -50,7 +50,11 @@ _requested = threading.Event()
 def request_drain(reason: str = "SIGTERM") -> None:
     """Ask the running job to stop at its next safe point (the worker is shutting down)."""
     if not _requested.is_set():
-        log.warning("draining (%s): the running training checkpoints and hands over; a batch finishes", reason)
+        log.warning(
+            "draining (%s): no new job is taken; a running training checkpoints and hands over, running generations "
+            "finish",
+            reason,
+        )
     _requested.set()
 
 
