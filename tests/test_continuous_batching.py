@@ -189,6 +189,35 @@ def test_running_requests_keep_their_slots(tiny_folders, sd_files):
     assert loop.leave("b").key == "b" and [d.key for d in loop.step()] == ["c"]
 
 
+def test_loops_of_two_sizes_share_the_slots_and_the_bound_on_images(tiny_folders, sd_files, tmp_path):
+    """A group's 64x64 and 96x96 loops: a slot that one loop's request uses is pinned for the other, the bound on
+    images is the group's, and each request still gets its images alone."""
+    from workers.inference.loop import LoopGroup
+
+    folder = tiny_folders["tiny-sd"]
+    engine = Engine(_pipeline(folder), fetch=sd_files.__getitem__, slots=2)
+    group = LoopGroup(engine, max_images=3)
+    small, large = group.loop(64, 64), group.loop(96, 96)
+    a = Request(PROMPT, adapter_id="adp_0", seed=3)
+    b = Request(PROMPT, adapter_id="adp_1", seed=4, num_images=2)
+    small.join("a", a, steps=2, guidance_scale=5.0)
+    large.join("b", b, steps=3, guidance_scale=5.0)
+    slots = {d.slot for d in [*small.active, *large.active]}
+    assert group.room == 0 and small.room == 0 and len(slots) == 2
+    assert group.pinned() == small.pinned() == large.pinned() == slots
+    assert not small.can_host("adp_2") and not large.can_host("adp_2")  # both slots are in use, across loops
+    with pytest.raises(ValueError, match="do not fit"):
+        small.join("c", Request(PROMPT), steps=2, guidance_scale=5.0)
+    finished = {}
+    while group.active:
+        for loop in group.running():
+            finished.update({d.key: loop.decode(d) for d in loop.step()})
+    assert group.running() == [] and group.room == 3
+    for key, request, steps, size in (("a", a, 2, 64), ("b", b, 3, 96)):
+        want = _alone(folder, sd_files, tmp_path, request, steps, 5.0, size=size)
+        np.testing.assert_allclose(np.stack(finished[key]), want, atol=1e-4)
+
+
 def test_each_request_is_charged_its_share_of_the_steps_it_took_part_in(tiny_folders, sd_files):
     engine = Engine(_pipeline(tiny_folders["tiny-sd"]), fetch=sd_files.__getitem__, slots=2)
     loop = DenoisingLoop(engine, width=64, height=64)

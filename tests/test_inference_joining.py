@@ -1,7 +1,8 @@
 """The inference worker's step-level joining (workers/inference/job.py): requests that arrive while a loop runs join
-it at the next step, the fair scheduler picks who joins, a tenant's running cap holds, a fairer request of another
-size stops joins, drain lets the running requests finish and takes no new one, a canceled request leaves, and a
-bad adapter fails only its request. On PostgreSQL and SQLite, with the real tiny-sd engine."""
+it at the next step, the fair scheduler picks who joins, a tenant's running cap holds, a request of another size
+runs in a loop of its own beside the first, drain lets the running requests finish and takes no new one, a
+canceled request leaves, and a bad adapter fails only its request. On PostgreSQL and SQLite, with the real tiny-sd
+engine."""
 
 from __future__ import annotations
 
@@ -107,6 +108,14 @@ def _row(rt, job_id: str) -> Generation:
         return row
 
 
+def _pixels(rt, job_id: str) -> np.ndarray:
+    """The generation's stored images, as integers."""
+    from PIL import Image
+
+    images = _row(rt, job_id).images
+    return np.stack([np.asarray(Image.open(io.BytesIO(rt.storage.get_bytes(i["key"])))) for i in images]).astype(int)
+
+
 def run_generation_job_(rt, job_id: str) -> str:
     from workers.inference.job import run_generation_job
 
@@ -201,27 +210,35 @@ def test_the_fair_pick_joins_first_and_a_capped_tenant_stays_capped(rt, between_
     assert all(joined[job_id] >= 2 for job_id in flood[2:])
 
 
-def test_a_fairer_request_of_another_size_stops_joins(rt, between_steps):
-    """The fairest waiting request is 96x96: nobody joins the 64x64 loop (not even a 64x64 request behind it);
-    the loop ends, and the next messages serve the 96x96 one, then the other."""
+def test_a_request_of_another_size_runs_in_a_loop_of_its_own_beside_the_first(rt, adapter_files, between_steps):
+    """A 96x96 request (the fairest) and a 64x64 one arrive while a 64x64 loop runs: the 64x64 one joins that
+    loop, the 96x96 one starts a loop of its own at once (no waiting for the first to end); the loops take turns,
+    a step each, and every request gets the images it gets alone."""
     hooks, steps = between_steps
     tenant = _tenant(rt)
-    first = _submit(rt, tenant, steps=3)
+    adapter = _adapter(rt, tenant, adapter_files["good"])
+    first = _submit(rt, tenant, steps=4, adapter_id=adapter)
     late = {}
 
     def arrive():
-        late["other_size"] = _submit(rt, tenant, steps=2, size=96)
-        late["same_size"] = _submit(rt, tenant, steps=2)
+        late["other_size"] = _submit(rt, tenant, steps=3, size=96, seed=5, adapter_id=adapter)
+        late["same_size"] = _submit(rt, tenant, steps=2, seed=7)
 
     hooks[1] = arrive
     assert run_generation_job_(rt, first) == "succeeded"
-    assert all(members == [first] for members in steps)
-    assert _row(rt, late["other_size"]).status == "queued" and _row(rt, late["same_size"]).status == "queued"
-    steps.clear()
-    assert run_generation_job_(rt, late["same_size"]) == "succeeded"  # its message serves the fairest: 96x96
-    assert steps == [[late["other_size"]], [late["other_size"]]]
-    assert run_generation_job_(rt, late["other_size"]) == "succeeded"
-    assert _row(rt, late["same_size"]).status == "succeeded"
+    # Steps 0 and 1: the first alone; then the 64x64 loop [first, same_size] and the 96x96 loop take turns until
+    # the 64x64 requests are done (4 and 2 steps), and the 96x96 one takes its third step alone.
+    assert steps[:2] == [[first], [first]]
+    assert steps[2:6] == [[first, late["same_size"]], [late["other_size"]]] * 2
+    assert steps[6:] == [[late["other_size"]]]
+    rows = {job_id: _row(rt, job_id) for job_id in [first, *late.values()]}
+    assert all(row.status == "succeeded" for row in rows.values())
+    # The same images as alone: run each again by itself (a fresh loop, the same seed).
+    for job_id, row in rows.items():
+        again = _submit(rt, tenant, steps=row.steps, size=row.width, seed=row.seed, adapter_id=row.adapter_id)
+        steps.clear()
+        assert run_generation_job_(rt, again) == "succeeded" and all(members == [again] for members in steps)
+        assert np.abs(_pixels(rt, again) - _pixels(rt, job_id)).max() <= 1  # float noise may round apart
 
 
 def test_drain_lets_the_running_requests_finish_and_takes_no_new_one(rt, between_steps):

@@ -1,16 +1,16 @@
-"""Generation jobs on the resident engine, served by step-level joining (one running loop per task).
+"""Generation jobs on the resident engine, served by step-level joining (one group of running loops per task).
 
 A task's message wakes the worker; it claims the job the fair scheduler picks (the oldest queued request of the
 tenant served least so far, shared/scheduler.py) and runs a denoising loop for that job's size
 (``DenoisingLoop``, workers/inference/loop.py). The loop never waits for company:
 
-- joining: at every step boundary, while the loop has room (``KRONA_ENGINE_MAX_BATCH`` images), the worker asks
-  the fair scheduler for its next pick among all queued generations (the running-jobs cap of each tenant
-  applies, so a tenant's share of the loop stays capped). If that request is of this loop's size (any adapter,
-  scale, seed, steps or guidance) and its adapter can get a slot, it is claimed (its tenant charged) and joins
-  before the next step. If the fairest request is of another size, nobody joins: the loop finishes what it runs
-  and the task ends, so that the next message (every queued job has one; messages only wake workers) serves
-  that size. A tenant's requests therefore never overtake a fairer one of another size for long;
+- joining: at every step boundary, while there is room (``KRONA_ENGINE_MAX_BATCH`` images in flight), the worker
+  asks the fair scheduler for its next pick among all queued generations (the running-jobs cap of each tenant
+  applies, so a tenant's share stays capped). If its adapter can get a slot, it is claimed (its tenant charged)
+  and joins before the next step: the loop of its size (any adapter, scale, seed, steps or guidance), or a loop of
+  its own beside the others when it is of another size (``LoopGroup``: the loops take turns, a step each, and
+  share the bound on images and the adapter slots). If the fairest request cannot join now (no room for its
+  images, no free slot), nobody joins until a request leaves: no tenant overtakes a fairer one;
 - leaving: a finished request leaves at once; its images are decoded, then stored and its row finished (with
   its usage, by the lease owner, in one transaction) by a background thread while the loop goes on;
 - each request has its own lease with a heartbeat; one whose lease was taken over, or whose cancel was asked
@@ -106,7 +106,8 @@ def _device(engine) -> str:
 
 
 def run_generation_job(rt: Runtime, generation_id: str) -> str:
-    """Claim the fairest queued generation and run a denoising loop for its size that others join (module doc).
+    """Claim the fairest queued generation and run a denoising loop for its size that others join, of its size
+    or in loops of their own (module doc).
     Returns succeeded (at least one request succeeded), failed, canceled, or skipped (nothing to claim)."""
     with rt.sessions() as session:
         # The message wakes this worker; the fair scheduler says which job it serves (shared/scheduler.py).
@@ -136,7 +137,7 @@ UNFIT_RECHECK_SECONDS = 0.5
 
 
 class _LoopServer:
-    """One task's denoising loop and the leases, rows and usage of the requests in it."""
+    """One task's denoising loops (one per size) and the leases, rows and usage of the requests in them."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -146,6 +147,7 @@ class _LoopServer:
         self.outcomes: dict[str, str] = {}
         self.tenants: set[str] = set()
         self.steps = 0
+        self.sizes: set[str] = set()  # of the loops it ran
         self.cancel_checked = 0.0
         self.next_look = 0.0  # when to look for requests to join next (UNFIT_RECHECK_SECONDS)
         self.claim_fault_logged = False
@@ -157,7 +159,7 @@ class _LoopServer:
 
     def serve(self, first_id: str) -> str:
         # lazy: loads torch, diffusers, PIL, …
-        from .loop import DenoisingLoop
+        from .loop import LoopGroup
 
         first = self._read(first_id)
         self.tenants.add(first.tenant_id)
@@ -167,54 +169,27 @@ class _LoopServer:
             self._end_unjoined(first, JobStatus.FAILED, error_code="base_model_not_found", error_message=str(exc))
             return JobStatus.FAILED
         self.device = _device(engine)
-        loop = DenoisingLoop(
-            engine,
-            width=first.width,
-            height=first.height,
-            max_images=max(self.rt.settings.engine_max_batch, first.num_images),
-        )
+        loops = LoopGroup(engine, max_images=max(self.rt.settings.engine_max_batch, first.num_images))
         try:
-            self._admit(loop, first)
+            self._admit(loops, first)
             while True:
-                self._admit_joiners(loop)
-                self._drop_stopped(loop)
-                if not loop.active:
+                self._admit_joiners(loops)
+                self._drop_stopped(loops)
+                if not loops.active:
                     # Requests still being stored count against their tenants' running caps: once they are
                     # finished, look again for someone to join before the loop ends.
                     if self._wait_for_stores():
                         continue
                     break
-                try:
-                    finished = loop.step()
-                except (ValueError, RuntimeError) as exc:  # the UNet batch itself failed (out of memory, ...)
-                    log.exception("a denoising step failed; failing the %d requests in it", len(loop.active))
-                    for d in list(loop.active):
-                        loop.leave(d.key)
-                        self._end_member(
-                            d.key, d, JobStatus.FAILED, error_code="generation_failed", error_message=str(exc)
-                        )
-                    break
-                self.steps += 1
-                if finished:
-                    self.next_look = 0.0  # room, or a slot, was freed
-                for d in finished:
-                    try:
-                        images = loop.decode(d)
-                    except (ValueError, RuntimeError) as exc:
-                        log.exception("generation %s: decoding failed", d.key)
-                        self._end_member(
-                            d.key, d, JobStatus.FAILED, error_code="generation_failed", error_message=str(exc)
-                        )
-                        continue
-                    # Stored by the store thread while the loop takes its next step.
-                    self.storing.append(self.stores.submit(self._store, self.members.pop(d.key), d, images))
+                for loop in loops.running():  # a step each, in turn
+                    self._step(loop)
         finally:
             self.stores.shutdown(wait=True)
             for member in self.members.values():  # only after an unexpected error: their leases expire, the
                 member.heartbeat.__exit__(None, None, None)  # reaper sends them again
         wake_if_capped(self.rt, Generation, GENERATE_TASK, self.tenants)
         _prefetch(self.rt, engine)
-        log.info("loop %dx%d: %d generations in %d steps (%s); cache %s", loop.width, loop.height,
+        log.info("loops %s: %d generations in %d steps (%s); cache %s", ", ".join(sorted(self.sizes)),
                  len(self.outcomes), self.steps, _count(self.outcomes.values()), engine.stats())  # fmt: skip
         if JobStatus.SUCCEEDED in self.outcomes.values():
             return JobStatus.SUCCEEDED
@@ -224,6 +199,29 @@ class _LoopServer:
             else JobStatus.FAILED
         )
 
+    def _step(self, loop) -> None:
+        """One step of one loop; its finished requests are decoded, then stored by the store thread."""
+        try:
+            finished = loop.step()
+        except (ValueError, RuntimeError) as exc:  # the UNet batch itself failed (out of memory, ...)
+            log.exception("a denoising step failed; failing the %d requests in it", len(loop.active))
+            for d in list(loop.active):
+                loop.leave(d.key)
+                self._end_member(d.key, d, JobStatus.FAILED, error_code="generation_failed", error_message=str(exc))
+            return
+        self.steps += 1
+        if finished:
+            self.next_look = 0.0  # room, or a slot, was freed
+        for d in finished:
+            try:
+                images = loop.decode(d)
+            except (ValueError, RuntimeError) as exc:
+                log.exception("generation %s: decoding failed", d.key)
+                self._end_member(d.key, d, JobStatus.FAILED, error_code="generation_failed", error_message=str(exc))
+                continue
+            # Stored by the store thread while the loops take their next steps.
+            self.storing.append(self.stores.submit(self._store, self.members.pop(d.key), d, images))
+
     def _wait_for_stores(self) -> bool:
         """Wait for the requests being stored; whether there were any."""
         pending = [future for future in self.storing if not future.done()]
@@ -232,15 +230,15 @@ class _LoopServer:
             wait(pending)
         return bool(pending)
 
-    def _admit_joiners(self, loop) -> None:
-        """Claim the fair scheduler's next picks while they are for this loop and fit (module doc), and join them."""
+    def _admit_joiners(self, loops) -> None:
+        """Claim the fair scheduler's next picks while they fit (module doc), and join each to its size's loop."""
         if drain_requested():  # SIGTERM: the running requests finish, nobody new joins
             return
         if time.monotonic() < self.next_look:
             return
-        while loop.room > 0:
+        while loops.room > 0:
             try:
-                job_id = self._claim_joiner(loop)
+                job_id = self._claim_joiner(loops)
             except Exception as exc:  # the database is away: the running requests go on; try at the next step
                 if not self.claim_fault_logged:
                     log.warning("could not look for requests to join (%s); the loop goes on", exc.__class__.__name__)
@@ -248,10 +246,11 @@ class _LoopServer:
                 return
             if job_id is None:
                 return
-            self._admit(loop, self._read(job_id))
+            self._admit(loops, self._read(job_id))
 
-    def _claim_joiner(self, loop) -> str | None:
-        """Claim the fairest queued generation if it can join this loop now; else None (nobody joins)."""
+    def _claim_joiner(self, loops) -> str | None:
+        """Claim the fairest queued generation if it can join now (room for its images, a slot for its adapter;
+        of any size: it joins the loop of its size, or starts one); else None (nobody joins)."""
         rt = self.rt
         with rt.sessions() as session:
             for _ in range(8):
@@ -264,13 +263,8 @@ class _LoopServer:
                         Generation.id == candidate.job_id
                     )
                 ).one_or_none()
-                fits = (
-                    row is not None
-                    and (row.width, row.height) == (loop.width, loop.height)
-                    and row.num_images <= loop.room
-                    and loop.can_host(row.adapter_id)
-                )
-                if not fits:  # the fairest request is not for this loop (now): nobody overtakes it
+                fits = row is not None and row.num_images <= loops.room and loops.can_host(row.adapter_id)
+                if not fits:  # the fairest request cannot join now: nobody overtakes it
                     session.rollback()
                     self.next_look = time.monotonic() + UNFIT_RECHECK_SECONDS
                     return None
@@ -281,12 +275,15 @@ class _LoopServer:
                 session.rollback()  # another worker took it first: pick again
         return None
 
-    def _admit(self, loop, row: Generation) -> None:
-        """Start the request's lease heartbeat and join it to the loop; a request that cannot join fails alone."""
+    def _admit(self, loops, row: Generation) -> None:
+        """Start the request's lease heartbeat and join it to the loop of its size (started if need be); a request
+        that cannot join fails alone."""
         # lazy: loads torch, tqdm
         from .engine import AdapterShapeError, Request
 
         self.tenants.add(row.tenant_id)
+        loop = loops.loop(row.width, row.height)
+        self.sizes.add(f"{loop.width}x{loop.height}")
         member = _Member(row, Heartbeat(self.rt.sessions, Generation, row.id, self.rt.owner, self.lease))
         member.heartbeat.__enter__()
         self.members[row.id] = member
@@ -308,7 +305,7 @@ class _LoopServer:
             except DependencyUnavailable as exc:
                 return failed(exc.code, str(exc))
             if owner != row.tenant_id:
-                loop.engine.evict(row.adapter_id, loop.pinned())  # its factors need not stay cached
+                loops.engine.evict(row.adapter_id, loops.pinned())  # its factors need not stay cached
                 return failed("adapter_not_found", f"adapter {row.adapter_id} was deleted")
         request = Request(
             prompt=row.prompt,
@@ -331,12 +328,12 @@ class _LoopServer:
             return failed("generation_failed", f"{exc.__class__.__name__}: {exc}")
         member.own_seconds += time.perf_counter() - started
 
-    def _drop_stopped(self, loop) -> None:
+    def _drop_stopped(self, loops) -> None:
         """Requests whose lease another worker took over leave without a word; canceled ones end as canceled."""
         for job_id, member in list(self.members.items()):
             if member.heartbeat.lost:
                 log.warning("generation %s: lease lost to another worker; it leaves the loop", job_id)
-                loop.leave(job_id)
+                loops.leave(job_id)
                 self.members.pop(job_id).heartbeat.__exit__(None, None, None)
                 self.next_look = 0.0
         now = time.monotonic()  # POST /v1/generations/{id}/cancel sets cancel_requested on a running one
@@ -353,7 +350,7 @@ class _LoopServer:
         except Exception:  # the database is away: look again later
             return
         for job_id in canceled:
-            d = loop.leave(job_id)
+            d = loops.leave(job_id)
             if d is not None:
                 self._end_member(job_id, d, JobStatus.CANCELED)
                 self.next_look = 0.0

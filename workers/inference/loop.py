@@ -43,7 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .engine import Engine, Request
 
-__all__ = ["Conditioning", "Denoising", "DenoisingLoop", "Sampler"]
+__all__ = ["Conditioning", "Denoising", "DenoisingLoop", "LoopGroup", "Sampler"]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,13 @@ class DenoisingLoop:
     """A running denoising loop for one shape bucket (width x height) of one engine's pipeline."""
 
     def __init__(
-        self, engine: Engine, *, width: int | None = None, height: int | None = None, max_images: int | None = None
+        self,
+        engine: Engine,
+        *,
+        width: int | None = None,
+        height: int | None = None,
+        max_images: int | None = None,
+        group: LoopGroup | None = None,
     ) -> None:
         pipe = engine.pipe
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -109,6 +115,7 @@ class DenoisingLoop:
         self.width = width or default
         self.height = height or default
         self.max_images = max_images or engine.max_batch
+        self.group = group  # the loops of other sizes beside it: one bound on images, one set of pinned slots
         self.active: list[Denoising] = []
         self.sdxl = pipe.unet.config.get("addition_embed_type") == "text_time"
 
@@ -120,11 +127,12 @@ class DenoisingLoop:
 
     @property
     def room(self) -> int:
-        """Images that may still join."""
-        return self.max_images - self.images
+        """Images that may still join (in a group: the group's room)."""
+        return self.group.room if self.group is not None else self.max_images - self.images
 
     def pinned(self) -> set[int]:
-        return {d.slot for d in self.active}
+        """The slots of the running requests (in a group: of every loop's), which no adapter may take."""
+        return self.group.pinned() if self.group is not None else {d.slot for d in self.active}
 
     def can_host(self, adapter_id: str | None) -> bool:
         """Whether a request for this adapter can get a slot now (the running requests' slots are pinned)."""
@@ -295,6 +303,54 @@ class DenoisingLoop:
             images = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=denormalize)
         d.decode_seconds = time.perf_counter() - started
         return list(images)
+
+
+class LoopGroup:
+    """The running loops of one engine, one per size (a UNet batch holds one latent shape): a request of another
+    size starts a loop of its own instead of waiting for the running one to end, and the loops take turns, a step
+    each. They share one bound on the images in flight (``max_images``) and the engine's slots: a slot that a
+    request of any loop uses is pinned for all."""
+
+    def __init__(self, engine: Engine, max_images: int | None = None) -> None:
+        self.engine = engine
+        self.max_images = max_images or engine.max_batch
+        self.loops: dict[tuple[int, int], DenoisingLoop] = {}
+
+    def loop(self, width: int, height: int) -> DenoisingLoop:
+        """The loop of this size, started if there is none."""
+        key = (width, height)
+        if key not in self.loops:
+            self.loops[key] = DenoisingLoop(
+                self.engine, width=width, height=height, max_images=self.max_images, group=self
+            )
+        return self.loops[key]
+
+    @property
+    def active(self) -> list[Denoising]:
+        return [d for loop in self.loops.values() for d in loop.active]
+
+    @property
+    def room(self) -> int:
+        return self.max_images - sum(loop.images for loop in self.loops.values())
+
+    def pinned(self) -> set[int]:
+        return {d.slot for loop in self.loops.values() for d in loop.active}
+
+    def can_host(self, adapter_id: str | None) -> bool:
+        return self.engine.can_host(adapter_id, self.pinned())
+
+    def running(self) -> list[DenoisingLoop]:
+        """The loops with requests in them, in the order they started (the order of their turns); empty ones go."""
+        for key in [key for key, loop in self.loops.items() if not loop.active]:
+            del self.loops[key]
+        return list(self.loops.values())
+
+    def leave(self, key: Hashable) -> Denoising | None:
+        for loop in self.loops.values():
+            d = loop.leave(key)
+            if d is not None:
+                return d
+        return None
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict[str, Any]:
