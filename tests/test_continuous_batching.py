@@ -227,3 +227,23 @@ def test_each_request_is_charged_its_share_of_the_steps_it_took_part_in(tiny_fol
     loop.step()
     loop.step()
     assert cfg.unet_seconds == pytest.approx(4 * plain.unet_seconds)
+
+
+def test_the_mixed_sizes_benchmark_serves_both_sizes_in_one_task(tmp_path, model_cache):
+    """benchmarks/mixed_sizes.py runs (it cannot rot), and on the worker's real path a request of another size
+    is served beside the running loop, in the same task (before the loop per size it took three)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mixed_sizes.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "mixed_sizes.py"), "--backlog", "2", "--rounds", "1",
+         "--json", str(out)],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["statuses"] == ["succeeded"] and run["tasks"] == 1
