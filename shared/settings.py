@@ -167,8 +167,7 @@ class Settings(BaseSettings):
         8,
         ge=1,
         le=256,
-        description="images in flight on an inference worker, in its denoising loops together (one per image "
-        "size, one UNet batch each); requests join between steps",
+        description="images in flight on a worker, in all its denoising loops (one per size); joined between steps",
     )
     # The A shape (a1 x a2) of the engine's adapter slots: the one adapter shape this deployment serves; the gateway
     # refuses trainings and uploads of another shape (422 unservable_adapter).
