@@ -147,7 +147,7 @@ class _LoopServer:
         self.outcomes: dict[str, str] = {}
         self.tenants: set[str] = set()
         self.steps = 0
-        self.sizes: set[str] = set()  # of the loops it ran
+        self.sizes: set[str] = set()  # of the loops requests joined (the log line)
         self.cancel_checked = 0.0
         self.next_look = 0.0  # when to look for requests to join next (UNFIT_RECHECK_SECONDS)
         self.claim_fault_logged = False
@@ -283,7 +283,6 @@ class _LoopServer:
 
         self.tenants.add(row.tenant_id)
         loop = loops.loop(row.width, row.height)
-        self.sizes.add(f"{loop.width}x{loop.height}")
         member = _Member(row, Heartbeat(self.rt.sessions, Generation, row.id, self.rt.owner, self.lease))
         member.heartbeat.__enter__()
         self.members[row.id] = member
@@ -327,6 +326,7 @@ class _LoopServer:
             log.exception("generation %s could not join the loop", row.id)
             return failed("generation_failed", f"{exc.__class__.__name__}: {exc}")
         member.own_seconds += time.perf_counter() - started
+        self.sizes.add(f"{loop.width}x{loop.height}")
 
     def _drop_stopped(self, loops) -> None:
         """Requests whose lease another worker took over leave without a word; canceled ones end as canceled."""
